@@ -1,0 +1,101 @@
+"""MoEConfig: every knob of one MoE layer, validated at construction. Reads no environment."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+ROUTERS = ("softmax", "sigmoid", "group_limited", "top_p")
+ACTIVATIONS = ("swiglu", "gelu")
+TRANSPORTS = ("auto", "local", "collective", "nvshmem", "reference")
+EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
+ERROR_CHECKS = ("eager", "deferred")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    hidden_size: int
+    ffn_hidden_size: int
+    num_experts: int
+    top_k: int = 2
+
+    # Shared (always-on) experts, DeepSeekMoE style: one dense FFN of num_shared_experts * shared size.
+    num_shared_experts: int = 0
+    shared_ffn_hidden_size: int | None = None  # None: ffn_hidden_size
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x @ w_gate) scales the shared output
+
+    # Routing.
+    router: str = "softmax"
+    norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1
+    routed_scaling_factor: float = 1.0
+    num_expert_groups: int = 1  # group-limited routing: experts split into groups...
+    topk_groups: int = 1  # ...and each token may only use experts of its best topk_groups groups
+    top_p: float = 0.5  # router="top_p": take experts until their probability mass reaches top_p
+    router_bias_update_rate: float = 1e-3  # router="sigmoid": aux-loss-free bias step (0 disables)
+    aux_loss_coef: float = 1e-2
+    z_loss_coef: float = 0.0
+    capacity_factor: float | None = None  # None = dropless
+
+    # Experts and execution.
+    activation: str = "swiglu"
+    expert_backend: str = "auto"
+    transport: str = "auto"
+    num_chunks: int = 1  # >1: pipeline dispatch / experts / combine over token chunks (overlap)
+    max_tokens_per_rank: int = 16384  # sizes the nvshmem transport's symmetric buffers
+    check_finite: bool = True  # NaN/Inf router logits raise instead of routing garbage
+    error_check: str = "eager"  # "deferred": record errors on device, raise at the next check (no sync)
+    init_seed_offset: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "num_expert_groups",
+                     "topk_groups", "num_chunks", "max_tokens_per_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.shared_ffn_hidden_size is not None and self.shared_ffn_hidden_size < 1:
+            raise ValueError(f"shared_ffn_hidden_size must be >= 1, got {self.shared_ffn_hidden_size}")
+        _one_of("router", self.router, ROUTERS)
+        _one_of("activation", self.activation, ACTIVATIONS)
+        _one_of("transport", self.transport, TRANSPORTS)
+        _one_of("expert_backend", self.expert_backend, EXPERT_BACKENDS)
+        _one_of("error_check", self.error_check, ERROR_CHECKS)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if self.num_experts % self.num_expert_groups:
+            raise ValueError(f"num_experts ({self.num_experts}) must be divisible by "
+                             f"num_expert_groups ({self.num_expert_groups})")
+        if self.topk_groups > self.num_expert_groups:
+            raise ValueError(f"topk_groups ({self.topk_groups}) must be <= "
+                             f"num_expert_groups ({self.num_expert_groups})")
+        experts_reachable = self.topk_groups * (self.num_experts // self.num_expert_groups)
+        if self.top_k > experts_reachable:
+            raise ValueError(f"top_k ({self.top_k}) exceeds the {experts_reachable} experts reachable "
+                             f"in topk_groups ({self.topk_groups}) groups of "
+                             f"{self.num_experts // self.num_expert_groups}")
+        if self.router == "group_limited" and self.num_expert_groups == 1:
+            raise ValueError("router='group_limited' needs num_expert_groups > 1")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
+        for name in ("aux_loss_coef", "z_loss_coef", "router_bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def shared_hidden(self) -> int:
+        """Width of the fused shared-expert FFN (0 when there is none)."""
+        return self.num_shared_experts * (self.shared_ffn_hidden_size or self.ffn_hidden_size)
+
+    def replace(self, **changes) -> "MoEConfig":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise ValueError(f"unknown MoEConfig fields: {sorted(unknown)}")
+        values.update(changes)
+        return MoEConfig(**values)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -1,0 +1,63 @@
+"""Errors the runtime raises, and device-side error flags for paths that must not synchronise.
+
+A no-sync path (CUDA-graph capture, the nvshmem transport) cannot raise from inside a kernel, so it
+ORs a bit into a small device tensor; `check()` reads it at a point where the host waits anyway and
+raises naming the layer, the step and what went wrong."""
+from __future__ import annotations
+
+import torch
+
+
+class MoERuntimeError(RuntimeError):
+    """A runtime condition that would otherwise corrupt results or hang: raised, never ignored."""
+
+
+class NonFiniteRouterLogits(MoERuntimeError, FloatingPointError):
+    pass
+
+
+class BufferOverflow(MoERuntimeError):
+    pass
+
+
+class PeerTimeout(MoERuntimeError):
+    pass
+
+
+NONFINITE_LOGITS = 1
+BUFFER_OVERFLOW = 2
+PEER_TIMEOUT = 4
+_MESSAGES = {
+    NONFINITE_LOGITS: (NonFiniteRouterLogits, "router logits contained NaN or Inf"),
+    BUFFER_OVERFLOW: (BufferOverflow, "more tokens were routed than the transport's receive buffer holds"),
+    PEER_TIMEOUT: (PeerTimeout, "a peer's signal did not arrive before the timeout"),
+}
+
+
+class DeviceErrorFlags:
+    """int32 words on the device: word 0 holds error bits, word 1 the step, word 2 a detail (e.g. peer)."""
+
+    def __init__(self, layer_name: str, device: torch.device | str):
+        self.layer_name = layer_name
+        self.words = torch.zeros(3, dtype=torch.int32, device=device)
+
+    def record(self, code: int, failed: torch.Tensor, step: int, detail: torch.Tensor | int = -1) -> None:
+        """Sets `code` where the 0-dim bool tensor `failed` is true. Stays on the device."""
+        failed = failed.to(torch.int32)
+        first = failed * (self.words[0] == 0).to(torch.int32)  # keep the first error's step and detail
+        self.words[0] |= failed * code
+        self.words[1] += first * (step - self.words[1])
+        self.words[2] += first * (torch.as_tensor(detail, device=self.words.device, dtype=torch.int32)
+                                  - self.words[2])
+
+    def check(self) -> None:
+        """Raises the first recorded error. Synchronises with the device (that is its job)."""
+        bits, step, detail = (int(v) for v in self.words.tolist())
+        if bits == 0:
+            return
+        self.words.zero_()
+        for code, (exc, text) in _MESSAGES.items():
+            if bits & code:
+                where = f" (peer {detail})" if code == PEER_TIMEOUT and detail >= 0 else ""
+                raise exc(f"MoE layer '{self.layer_name}', step {step}: {text}{where}")
+        raise MoERuntimeError(f"MoE layer '{self.layer_name}', step {step}: error bits {bits:#x}")

@@ -1,0 +1,80 @@
+"""Expert FFNs: the routed experts of one rank (grouped) and the dense shared expert.
+
+Weights are stored [out, in] per expert, like nn.Linear, so a dense FFN's weights drop straight in.
+Legend: M rows, H hidden, F ffn hidden, G local experts.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gemm import grouped_mm, grouped_mm_supported, loop_mm
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h)
+
+
+def _init_uniform_(w: torch.Tensor, fan_in: int, generator: torch.Generator | None) -> None:
+    # nn.Linear's default scale, drawn from an explicit generator so EP=N matches EP=1 (see layer.py).
+    bound = 1.0 / math.sqrt(fan_in)
+    w.uniform_(-bound, bound, generator=generator)
+
+
+class GroupedExperts(nn.Module):
+    """The experts this rank holds: global experts [first_expert, first_expert + num_local)."""
+
+    def __init__(self, hidden: int, ffn_hidden: int, num_local: int, first_expert: int, activation: str,
+                 backend: str, seeds: list[int], device=None, dtype=None):
+        super().__init__()
+        self.hidden, self.ffn_hidden, self.activation = hidden, ffn_hidden, activation
+        self.num_local, self.first_expert, self.backend = num_local, first_expert, backend
+        in_width = 2 * ffn_hidden if activation == "swiglu" else ffn_hidden
+        w_in = torch.empty(num_local, in_width, hidden, dtype=dtype or torch.float32)
+        w_out = torch.empty(num_local, hidden, ffn_hidden, dtype=dtype or torch.float32)
+        for g, seed in enumerate(seeds):
+            gen = torch.Generator().manual_seed(seed)
+            _init_uniform_(w_in[g], hidden, gen)
+            _init_uniform_(w_out[g], ffn_hidden, gen)
+        self.w_in = nn.Parameter(w_in.to(device))
+        self.w_out = nn.Parameter(w_out.to(device))
+
+    def resolved_backend(self, x: torch.Tensor) -> str:
+        if self.backend != "auto":
+            return self.backend
+        ok, _ = grouped_mm_supported(x.device, x.dtype, self.hidden, self.ffn_hidden)
+        return "grouped_mm" if ok else "loop"
+
+    def forward(self, x_MH: torch.Tensor, counts_G: torch.Tensor) -> torch.Tensor:
+        mm = grouped_mm if self.resolved_backend(x_MH) == "grouped_mm" else loop_mm
+        h = activate(mm(x_MH, self.w_in, counts_G), self.activation)
+        return mm(h, self.w_out, counts_G)
+
+
+class DenseFFN(nn.Module):
+    """Shared experts fused into one FFN (their hidden units side by side), plus an optional gate."""
+
+    def __init__(self, hidden: int, ffn_hidden: int, activation: str, gate: bool, device=None, dtype=None):
+        super().__init__()
+        self.activation = activation
+        in_width = 2 * ffn_hidden if activation == "swiglu" else ffn_hidden
+        self.w_in = nn.Parameter(torch.empty(in_width, hidden, device=device, dtype=dtype))
+        self.w_out = nn.Parameter(torch.empty(hidden, ffn_hidden, device=device, dtype=dtype))
+        self.gate = nn.Parameter(torch.empty(1, hidden, device=device, dtype=dtype)) if gate else None
+        with torch.no_grad():
+            _init_uniform_(self.w_in, hidden, None)
+            _init_uniform_(self.w_out, ffn_hidden, None)
+            if self.gate is not None:
+                _init_uniform_(self.gate, hidden, None)
+
+    def forward(self, x_MH: torch.Tensor) -> torch.Tensor:
+        y = F.linear(activate(F.linear(x_MH, self.w_in), self.activation), self.w_out)
+        if self.gate is not None:
+            y = torch.sigmoid(F.linear(x_MH, self.gate)) * y
+        return y

@@ -1,0 +1,54 @@
+"""Transports move tokens to their experts and back; one interface (base.py), several paths."""
+from __future__ import annotations
+
+import torch
+
+from .base import Transport
+from .collective import CollectiveTransport
+from .local import LocalTransport
+from .reference import ReferenceTransport
+
+
+def nvshmem_unavailable_reason(device: torch.device | None) -> str | None:
+    """Why the nvshmem transport cannot run here, or None when it can."""
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return "it needs CUDA tensors on a GPU (this layer is on %s)" % (device or "cpu")
+    try:
+        import nvshmem.core  # noqa: F401
+    except ImportError as e:
+        return f"nvshmem4py is not importable ({e}); pip install nvshmem4py-cu13"
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable ({e})"
+    return None
+
+
+def build_transport(kind: str, num_experts: int, groups, device: torch.device | None, cfg=None) -> Transport:
+    """`groups=None` means one process (EP=1). "auto" = nvshmem where it can run, else collective."""
+    ep_size = 1 if groups is None else groups.ep_size
+    load_group = None if groups is None else groups.dp_group
+    if kind == "reference":
+        return ReferenceTransport(num_experts, None if groups is None else groups.ep_group, load_group)
+    if kind == "auto":
+        if ep_size == 1:
+            kind = "local"
+        else:
+            kind = "nvshmem" if nvshmem_unavailable_reason(device) is None else "collective"
+    if kind == "local":
+        if ep_size != 1:
+            raise ValueError(f"transport='local' holds every expert on one rank; ep_size is {ep_size}")
+        return LocalTransport(num_experts, load_group)
+    if kind == "nvshmem":
+        reason = nvshmem_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"transport='nvshmem' cannot run: {reason}. Use transport='auto' or 'collective'.")
+        from .nvshmem import NvshmemTransport
+        return NvshmemTransport(num_experts, groups, device, cfg)
+    if groups is None:
+        return LocalTransport(num_experts, None)  # collective over a world of one is the local case
+    return CollectiveTransport(num_experts, groups.ep_group, load_group)
+
+
+__all__ = ["CollectiveTransport", "LocalTransport", "ReferenceTransport", "Transport", "build_transport",
+           "nvshmem_unavailable_reason"]
