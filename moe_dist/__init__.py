@@ -5,5 +5,17 @@ from .layer import MoELayer, MoEOutput, is_expert_param
 from .parallel import ParallelGroups, init_distributed
 
 __version__ = "0.1.0"
+
+# Heavier parts load on first use, so `import moe_dist` stays light and optional deps stay optional.
+_LAZY = {"clip_grad_norm_": ("moe_dist.clip", "clip_grad_norm_")}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'moe_dist' has no attribute {name!r}")
+
 __all__ = ["BufferOverflow", "MoEConfig", "MoELayer", "MoEOutput", "MoERuntimeError", "NonFiniteRouterLogits",
-           "ParallelGroups", "PeerTimeout", "init_distributed", "is_expert_param"]
+           "ParallelGroups", "PeerTimeout", "clip_grad_norm_", "init_distributed", "is_expert_param"]

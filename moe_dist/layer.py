@@ -58,6 +58,7 @@ class MoELayer(nn.Module):
             mark_expert_param(p, ep_size)
         self.step = 0
         self.error_flags: DeviceErrorFlags | None = None
+        self._observers: list = []
 
     # -- the forward, in data-flow order -------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> MoEOutput:
@@ -89,7 +90,17 @@ class MoELayer(nn.Module):
     def routed_experts(self, x_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         tokens_MH, counts_G, handle = self.transport.dispatch(x_TH, plan)
         y_MH = self.experts(tokens_MH, counts_G)
+        for observe in self._observers:
+            observe(self, x_TH, plan, counts_G, y_MH)
         return self.transport.combine(y_MH, handle)
+
+    def add_observer(self, fn) -> None:
+        """fn(layer, x_TH, plan, counts_G, y_MH) runs after the experts of every forward (telemetry).
+        y_MH holds this rank's local-expert outputs, grouped by local expert, counts_G rows each."""
+        self._observers.append(fn)
+
+    def remove_observer(self, fn) -> None:
+        self._observers.remove(fn)
 
     # -- errors ------------------------------------------------------------------------------------------
     def _check_finite(self, logits_TE: torch.Tensor) -> None:
