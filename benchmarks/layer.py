@@ -118,6 +118,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--skip", default="", help="comma-separated variants to skip")
     p.add_argument("--out", default=None, help="directory for layer.json")
+    p.add_argument("--profile", action="store_true", help="print where moe_dist's time goes (torch.profiler)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -137,6 +138,14 @@ def main(argv=None):
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for _ in range(3):
+                    variants["moe_dist"]()
+            key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=60))
         base = row["moe_dist"]["median_ms"]
         row["ratio_to_floor"] = base / row["floor"]["median_ms"]
         for peer in ("hf_loop", "deepspeed"):

@@ -40,6 +40,8 @@ class MoEConfig:
     transport: str = "auto"
     num_chunks: int = 1  # >1: pipeline dispatch / experts / combine over token chunks (overlap)
     max_tokens_per_rank: int = 16384  # sizes the nvshmem transport's symmetric buffers
+    nvshmem_recv_capacity: int | None = None  # rows a PE can receive; None = worst case (see README)
+    peer_timeout_s: float = 60.0  # nvshmem: a wait longer than this records a PeerTimeout error
     check_finite: bool = True  # NaN/Inf router logits raise instead of routing garbage
     error_check: str = "eager"  # "deferred": record errors on device, raise at the next check (no sync)
     init_seed_offset: int = 0
@@ -74,6 +76,10 @@ class MoEConfig:
                              f"{self.num_experts // self.num_expert_groups}")
         if self.router == "group_limited" and self.num_expert_groups == 1:
             raise ValueError("router='group_limited' needs num_expert_groups > 1")
+        if self.nvshmem_recv_capacity is not None and self.nvshmem_recv_capacity < 1:
+            raise ValueError(f"nvshmem_recv_capacity must be >= 1 or None, got {self.nvshmem_recv_capacity}")
+        if not self.peer_timeout_s > 0:
+            raise ValueError(f"peer_timeout_s must be > 0, got {self.peer_timeout_s}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:

@@ -47,8 +47,7 @@ class DeviceErrorFlags:
         first = failed * (self.words[0] == 0).to(torch.int32)  # keep the first error's step and detail
         self.words[0] |= failed * code
         self.words[1] += first * (step - self.words[1])
-        self.words[2] += first * (torch.as_tensor(detail, device=self.words.device, dtype=torch.int32)
-                                  - self.words[2])
+        self.words[2] += first * (detail - self.words[2])  # int or device tensor: no host copy
 
     def check(self) -> None:
         """Raises the first recorded error. Synchronises with the device (that is its job)."""

@@ -48,6 +48,8 @@ class MoELayer(nn.Module):
         self.shared_experts = (DenseFFN(cfg.hidden_size, cfg.shared_hidden, cfg.activation, cfg.shared_expert_gate,
                                         device=device, dtype=dtype) if cfg.num_shared_experts else None)
         self.transport = build_transport(cfg.transport, cfg.num_experts, groups, device, cfg)
+        if getattr(self.transport, "error_flags", None) is not None:
+            self.transport.error_flags.layer_name = name
         base_seed = int(torch.randint(0, 2**62, (1,)).item()) + cfg.init_seed_offset
         num_local = cfg.num_experts // ep_size
         first = self.transport.ep_rank * num_local

@@ -14,10 +14,35 @@ from torch import nn
 from .gemm import grouped_mm, grouped_mm_supported, loop_mm
 
 
-def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "swiglu":
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up that saves only its input: autograd's version also keeps silu(gate), one more
+    [rows, F] activation per layer. The backward recomputes it (elementwise, cheap)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        out = torch.empty_like(h)
+        d_gate, d_up = out.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        torch.mul(grad, gate * sig, out=d_up)  # d/d up = silu(gate)
+        # d/d gate = grad * up * silu'(gate), silu' = sig * (1 + gate * (1 - sig)); written in place
+        torch.mul(grad * up, sig * (1 + gate * (1 - sig)), out=d_gate)
+        return out
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "swiglu":
+        if h.is_cuda:
+            from .swiglu_triton import SwiGLUTriton  # one fused pass each way
+            return SwiGLUTriton.apply(h)
+        return _SwiGLU.apply(h)
     return F.gelu(h)
 
 

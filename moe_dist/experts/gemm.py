@@ -13,7 +13,9 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -
     """Whether torch._grouped_mm runs for these operands; the reason when it does not."""
     if not hasattr(torch, "_grouped_mm"):
         return False, f"torch {torch.__version__} has no torch._grouped_mm"
-    ok_dtypes = (torch.bfloat16, torch.float32) if device.type == "cuda" else (torch.float32,)
+    # CUDA: only bf16 has a real grouped kernel (other dtypes fall back to a per-group loop that
+    # reads the offsets on the host). CPU: float32.
+    ok_dtypes = (torch.bfloat16,) if device.type == "cuda" else (torch.float32,)
     if dtype not in ok_dtypes:
         return False, f"torch._grouped_mm on {device.type} supports {ok_dtypes}, not {dtype}"
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):

@@ -27,7 +27,8 @@ def drop_over_capacity(idx_TK: torch.Tensor, weights_TK: torch.Tensor, num_exper
     # Two stable sorts = lexicographic (expert ascending, weight descending, slot ascending).
     by_weight = torch.argsort(-w_S, stable=True)
     order = by_weight[torch.argsort(key_S[by_weight], stable=True)]
-    counts = torch.bincount(key_S, minlength=num_experts + 1)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=key_S.device)
+    counts.scatter_add_(0, key_S, torch.ones_like(key_S))  # not bincount: that syncs on CUDA
     starts = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.empty_like(order)
     rank_in_expert[order] = torch.arange(order.numel(), device=order.device) - starts[key_S[order]]

@@ -17,6 +17,22 @@ from .plan import RoutingPlan
 from .select import group_limited_topk, sigmoid_topk, softmax_topk, top_p_select
 
 
+class _Fp32Gate(torch.autograd.Function):
+    """logits = x @ w^T in float32, saving x in its own dtype (not an fp32 copy of every token)."""
+
+    @staticmethod
+    def forward(ctx, x_TH, w_EH):
+        ctx.save_for_backward(x_TH, w_EH)
+        return F.linear(x_TH.float(), w_EH.float())
+
+    @staticmethod
+    def backward(ctx, grad_TE):
+        x_TH, w_EH = ctx.saved_tensors
+        grad_x = (grad_TE @ w_EH.float()).to(x_TH.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (grad_TE.t() @ x_TH.float()).to(w_EH.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
 class Router(nn.Module):
     def __init__(self, cfg: MoEConfig, device=None, dtype=None):
         super().__init__()
@@ -31,7 +47,7 @@ class Router(nn.Module):
 
     def logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         # fp32 gate: top-k on bf16 logits flips near-ties, which would break EP=N == EP=1 comparisons.
-        return F.linear(x_TH.float(), self.weight.float())
+        return _Fp32Gate.apply(x_TH, self.weight)
 
     def forward(self, x_TH: torch.Tensor, logits_TE: torch.Tensor | None = None) -> RoutingPlan:
         cfg = self.cfg

@@ -43,7 +43,7 @@ def build_transport(kind: str, num_experts: int, groups, device: torch.device | 
         reason = nvshmem_unavailable_reason(device)
         if reason is not None:
             raise RuntimeError(f"transport='nvshmem' cannot run: {reason}. Use transport='auto' or 'collective'.")
-        from .nvshmem import NvshmemTransport
+        from .nvshmem.transport import NvshmemTransport
         return NvshmemTransport(num_experts, groups, device, cfg)
     if groups is None:
         return LocalTransport(num_experts, None)  # collective over a world of one is the local case

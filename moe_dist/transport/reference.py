@@ -112,7 +112,7 @@ class ReferenceTransport:
         y_TKH = y_MH.new_zeros(T * K, y_MH.shape[-1]).index_put(
             (all_tok[mine] * K + all_slot[mine],), all_y[mine])
         y_TKH = y_TKH.view(T, K, y_MH.shape[-1])
-        return (y_TKH * h.weights_TK.to(y_TKH.dtype).unsqueeze(-1)).sum(1)
+        return (y_TKH * h.weights_TK.to(y_TKH.dtype).unsqueeze(-1)).sum(1)  # plain autograd: the oracle
 
     def global_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tokens_per_expert_E.clone(), self.load_group)

@@ -1,0 +1,134 @@
+"""NVSHMEM for the whole process: one init (uid over torch.distributed, or MPI), one symmetric heap
+shared by every layer, symmetric workspaces cached by shape, and teardown that frees them.
+
+PE ids are global torch.distributed ranks, so an EP group's peers are its global ranks.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+
+import torch
+import torch.distributed as dist
+
+_state = {"initialized": False, "workspaces": {}}
+
+
+def ensure_initialized(device: torch.device) -> None:
+    """Collective over the world the first time it is called (every rank must call it)."""
+    if _state["initialized"]:
+        return
+    import nvshmem.core as nv
+    from cuda.core import Device
+
+    cu_dev = Device(device.index if device.index is not None else torch.cuda.current_device())
+    cu_dev.set_current()
+    method = os.environ.get("MOE_DIST_NVSHMEM_BOOTSTRAP", "uid")
+    if method == "mpi":
+        from mpi4py import MPI
+        nv.init(device=cu_dev, mpi_comm=MPI.COMM_WORLD, initializer_method="mpi")
+    elif method == "uid":
+        rank, world = dist.get_rank(), dist.get_world_size()
+        uid = nv.get_unique_id(empty=rank != 0)
+        box = [uid if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        nv.init(device=cu_dev, uid=box[0], rank=rank, nranks=world, initializer_method="uid")
+    else:
+        raise ValueError(f"MOE_DIST_NVSHMEM_BOOTSTRAP must be 'uid' or 'mpi', got {method!r}")
+    _state["initialized"] = True
+    atexit.register(finalize)
+
+
+def finalize() -> None:
+    """Frees every workspace and the NVSHMEM runtime. Safe to call twice."""
+    if not _state["initialized"]:
+        return
+    import nvshmem.core as nv
+
+    torch.cuda.synchronize()
+    for ws in _state["workspaces"].values():
+        ws.free()
+    _state["workspaces"].clear()
+    nv.finalize()
+    _state["initialized"] = False
+
+
+class SymmetricWorkspace:
+    """Symmetric staging for one (EP group, shape) combination, double-buffered by call parity.
+
+    Per parity: fwd_rows [C, H] + fwd_meta [C] (dispatch-direction rows, at final positions),
+    ret_rows [T_max*K, H] (combine-direction rows, at the owner's slot), counts [N, E] (int64),
+    and flags [3, N] (count / dispatch / return channels, int64 epochs, monotonic, never reset).
+    Bytes per PE = 2 * (C*H + T_max*K*H) * itemsize + 2 * (8*C + 8*N*E + 24*N).
+    """
+
+    def __init__(self, pes: list[int], me: int, hidden: int, num_experts: int, max_tokens: int, top_k: int,
+                 capacity: int, dtype: torch.dtype):
+        import nvshmem.core as nv
+
+        self.pes, self.me, self.n = pes, me, len(pes)
+        self.hidden, self.capacity, self.max_slots = hidden, capacity, max_tokens * top_k
+        self._tensors = []
+
+        def sym(shape, dt):
+            t = nv.tensor(shape, dtype=dt)
+            t.zero_()
+            self._tensors.append(t)
+            return t
+
+        self.fwd_rows = sym((2, capacity, hidden), dtype)
+        self.fwd_meta = sym((2, capacity), torch.int64)
+        self.ret_rows = sym((2, self.max_slots, hidden), dtype)
+        self.counts = sym((2, self.n, num_experts), torch.int64)
+        self.flags = sym((2, 3, self.n), torch.int64)
+        torch.cuda.synchronize()
+        dist.barrier()  # every PE has zeroed its flags before anyone signals
+
+        def peer_views(t):
+            # Own PE: the tensor itself (get_peer_tensor on one's own PE would pin it past free_tensor).
+            return [t if i == me else nv.get_peer_tensor(t, pe) for i, pe in enumerate(pes)]
+
+        def addresses(t):  # [2, N] int64: address of parity p of `t` on each EP peer
+            peers = peer_views(t)
+            return torch.tensor([[int(p[par].data_ptr()) for p in peers] for par in range(2)],
+                                dtype=torch.int64, device=t.device)
+
+        self.fwd_rows_at, self.fwd_meta_at = addresses(self.fwd_rows), addresses(self.fwd_meta)
+        self.ret_rows_at, self.counts_at = addresses(self.ret_rows), addresses(self.counts)
+        # flags: one address per (parity, channel, peer)
+        peers = peer_views(self.flags)
+        self.flags_at = torch.tensor([[[int(p[par, ch].data_ptr()) for p in peers] for ch in range(3)]
+                                      for par in range(2)], dtype=torch.int64, device=self.flags.device)
+        # Every PE makes the same sequence of calls, so epochs agree. The value lives on the device
+        # (bumped by a stream op, so CUDA-graph replays advance it); parity alternates on the host,
+        # and a forward or backward makes an even number of calls, so replays alternate too.
+        self.epoch_dev = torch.zeros(1, dtype=torch.int64, device=self.flags.device)
+        self.calls = 0
+
+    def next_epoch(self) -> int:
+        """Starts a call; returns the parity of the buffers it uses."""
+        self.calls += 1
+        self.epoch_dev.add_(1)
+        return self.calls % 2
+
+    def bytes_per_pe(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors)
+
+    def free(self) -> None:
+        import nvshmem.core as nv
+
+        for t in self._tensors:
+            nv.free_tensor(t)
+        self._tensors.clear()
+
+
+def workspace(pes: list[int], me: int, hidden: int, num_experts: int, max_tokens: int, top_k: int,
+              capacity: int, dtype: torch.dtype) -> SymmetricWorkspace:
+    """Shared by every layer of the same shape: consecutive layers alternate parity, and a PE cannot
+    run two calls ahead of a peer (each call waits on every peer's flag), so parity p is never
+    overwritten while a peer still reads it."""
+    key = (tuple(pes), hidden, num_experts, max_tokens, top_k, capacity, dtype)
+    if key not in _state["workspaces"]:
+        _state["workspaces"][key] = SymmetricWorkspace(pes, me, hidden, num_experts, max_tokens, top_k,
+                                                       capacity, dtype)
+    return _state["workspaces"][key]

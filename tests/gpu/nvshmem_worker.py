@@ -1,0 +1,142 @@
+"""Runs under torchrun on ONE GPU with N processes (NVSHMEM PEs sharing the GPU): the nvshmem transport
+against the reference transport, forward and backward; no host sync; CUDA-graph capture; overflow and
+timeout errors. Prints 'NVSHMEM WORKER OK <n>' on success. Used by tests/gpu/test_nvshmem.py."""
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from moe_dist import BufferOverflow, MoEConfig, MoELayer, ParallelGroups, PeerTimeout
+
+H, F, E = 64, 32, 8
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))  # NCCL refuses 2 ranks on 1 GPU
+torch.cuda.set_device(0)
+dev = torch.device("cuda", 0)
+groups = ParallelGroups(ep_size=world)
+checks = []
+
+
+def tokens(r, seed, skew=False):
+    T = [9, 0, 17, 5][r % 4] + seed % 3
+    g = torch.Generator().manual_seed(1000 * seed + r)
+    x = torch.randn(T, H, generator=g)
+    x[:, 0], x[:, 1] = r, torch.arange(T, dtype=torch.float32)  # stamps: source rank, token index
+    return (x + (3.0 if skew else 0.0)).to(dev)
+
+
+def pair(cfg, seed, dtype=torch.float32):
+    torch.manual_seed(seed)
+    fast = MoELayer(cfg.replace(transport="nvshmem"), groups, name="fast", device=dev, dtype=dtype)
+    torch.manual_seed(seed)
+    ref = MoELayer(cfg.replace(transport="reference"), groups, name="ref", device=dev, dtype=dtype)
+    return fast, ref
+
+
+def compare(cfg, seed, skew=False):
+    fast, ref = pair(cfg, seed)
+    if skew:
+        for layer in (fast, ref):
+            with torch.no_grad():
+                layer.router.weight.zero_()
+                layer.router.weight[3] = 5.0
+    x = tokens(rank, seed, skew)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(dev)
+    outs = []
+    for layer in (fast, ref):
+        xi = x.clone().requires_grad_(True)
+        y, aux, counts = layer(xi)
+        (y * g).sum().add(aux).backward()
+        outs.append((y.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    fast.check_errors()
+    (y1, gx1, gp1), (y2, gx2, gp2) = outs
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-5)
+    for n in gp1:
+        torch.testing.assert_close(gp1[n], gp2[n], rtol=1e-5, atol=1e-5, msg=lambda m: f"grad {n}: {m}")
+    # stamps: the rows dispatched are the reference's rows, in the reference's order
+    plan = fast.router(x)
+    tok, counts, _ = fast.transport.dispatch(x, plan)
+    rtok, rcounts, _ = ref.transport.dispatch(x, plan)
+    n = int(counts.sum())
+    assert torch.equal(counts, rcounts), (counts, rcounts)
+    assert torch.equal(tok[:n], rtok), f"rank {rank}: got (src, token) {tok[:n, :2].tolist()} want {rtok[:, :2].tolist()}"
+    checks.append(f"equal cfg={cfg.router}/k{cfg.top_k} skew={skew}")
+
+
+base = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=2, max_tokens_per_rank=64,
+                 expert_backend="loop", peer_timeout_s=20.0)
+compare(base, 1)
+compare(base.replace(num_shared_experts=1), 2)
+compare(base.replace(router="top_p", top_k=3, top_p=0.6), 3)
+compare(base.replace(top_k=1), 4, skew=True)
+compare(base, 5, skew=True)
+
+# No host synchronisation between router and combine output, forward and backward (bf16 fast path).
+fast_cfg = base.replace(expert_backend="auto", error_check="deferred", hidden_size=64, ffn_hidden_size=32)
+torch.manual_seed(7)
+layer = MoELayer(fast_cfg.replace(transport="nvshmem"), groups, name="nosync", device=dev, dtype=torch.bfloat16)
+x = tokens(rank, 7).to(torch.bfloat16).requires_grad_(True)
+for _ in range(2):  # warm-up compiles the Triton kernels (compilation itself may sync)
+    layer(x).output.float().sum().backward()
+torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode("error")
+y = layer(x).output
+y.float().sum().backward()
+torch.cuda.set_sync_debug_mode(0)
+layer.check_errors()
+checks.append("no host sync in forward+backward")
+
+# CUDA-graph capture of a forward, replayed on new data.
+static_x = tokens(rank, 8).to(torch.bfloat16)
+with torch.no_grad():
+    eager = layer(static_x).output.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x).output
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_y, eager, rtol=2e-2, atol=2e-2)
+layer.check_errors()
+checks.append("CUDA graph capture + replay")
+
+# Overflow: a receive buffer too small for the rows routed is an error, not silent loss.
+torch.manual_seed(9)
+small = MoELayer(base.replace(transport="nvshmem", nvshmem_recv_capacity=4, error_check="deferred"), groups,
+                 name="tiny_buffer", device=dev)
+small(tokens(rank, 9) + 0.0)
+try:
+    small.check_errors()
+    raise AssertionError("overflow not reported")
+except BufferOverflow as e:
+    assert "tiny_buffer" in str(e), e
+    checks.append(f"overflow raises: {e}")
+
+# Timeout: rank 0 dispatches alone; it must get an error naming a peer, not hang.
+if world > 1:
+    torch.manual_seed(10)
+    lonely = MoELayer(base.replace(transport="nvshmem", peer_timeout_s=2.0, error_check="deferred",
+                                   max_tokens_per_rank=32), groups, name="lonely", device=dev)
+    dist.barrier()
+    if rank == 0:
+        with torch.no_grad():
+            lonely(tokens(0, 11))
+        try:
+            lonely.check_errors()
+            raise AssertionError("timeout not reported")
+        except PeerTimeout as e:
+            assert "lonely" in str(e) and "peer" in str(e), e
+            checks.append(f"timeout raises: {e}")
+    dist.barrier()
+    os._exit(0 if rank else (print(f"NVSHMEM WORKER OK {world}: " + "; ".join(checks), flush=True) or 0))
+
+print(f"NVSHMEM WORKER OK {world}: " + "; ".join(checks), flush=True)
+dist.barrier()
