@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from .layer import MoELayer
 
@@ -61,6 +61,8 @@ def _expert_tensors(model: nn.Module) -> dict[str, MoELayer]:
 def _local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(this rank's rows of an expert tensor, index of the first among the EP rank's local experts)."""
     if isinstance(t, DTensor):
+        if any(isinstance(p, Shard) and p.dim != 0 for p in t.placements):
+            raise ValueError(f"expert tensors must be sharded on the expert dim (0) only, got {t.placements}")
         chunks = t.__create_chunk_list__()  # where DCP itself reads a DTensor shard's offsets
         offset = chunks[0].offsets[0] if chunks else 0
         return t.to_local(), int(offset)
@@ -75,8 +77,8 @@ def _split_experts(key: str, t: torch.Tensor, layer: MoELayer) -> dict[str, torc
 
 
 # -- state <-> flat dict of tensors ----------------------------------------------------------------------------
-def _flat_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, list | None]:
-    """(flat {key: tensor} with experts split per global index, optimizer param_groups or None)."""
+def _flat_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
+    """(flat {key: tensor} with experts split per global index, the optimizer's state dict or None)."""
     experts = _expert_tensors(model)
     flat = {}
     for fqn, t in get_model_state_dict(model).items():
@@ -97,10 +99,6 @@ def _flat_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tu
             else:
                 flat[f"optimizer.state.{fqn}.{name}"] = t
     return flat, osd
-
-
-def _global_shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)  # a DTensor's .shape is already the global one
 
 
 def _expected_model_keys(model: nn.Module) -> set[str]:
@@ -196,16 +194,17 @@ def load(model: nn.Module, path: str | os.PathLike, *, optimizer: torch.optim.Op
         raise CheckpointMismatch(f"checkpoint {path} holds no optimizer state; load it without optimizer=")
     flat, osd = _flat_state(model, optimizer)
     for key, t in flat.items():
+        want = tuple(t.shape)  # a DTensor's shape is the global one, as DCP stores it
         if key not in saved:
-            raise CheckpointMismatch(f"checkpoint {path} has no tensor '{key}' (model shape "
-                                     f"{list(_global_shape(t))}); was it saved from another model?")
+            raise CheckpointMismatch(f"checkpoint {path} has no tensor '{key}' (model shape {list(want)}); "
+                                     f"was it saved from another model?")
         saved_shape = tuple(getattr(saved[key], "size", ()))
-        want = _global_shape(t)
         if saved_shape != want:
             raise CheckpointMismatch(f"checkpoint tensor '{key}' has shape {list(saved_shape)}, but the model "
                                      f"expects {list(want)}")
     if strict:
-        unexpected = sorted(k for k in saved if k.startswith("model.") and k not in _expected_model_keys(model))
+        expected = _expected_model_keys(model)
+        unexpected = sorted(k for k in saved if k.startswith("model.") and k not in expected)
         if unexpected:
             more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
             raise CheckpointMismatch(f"checkpoint {path} holds tensors the model has no place for: "

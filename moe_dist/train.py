@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,11 +29,20 @@ from .clip import clip_grad_norm_
 from .data import ByteCorpus, local_rows, rows_per_rank
 from .models import ModelConfig, MoETransformer
 
-SIZES = {  # name: (d_model, layers, heads, experts, top_k, ffn, seq_len, global batch per rank)
-    "tiny": (64, 2, 4, 8, 2, 128, 64, 8),
-    "small": (512, 8, 8, 16, 2, 1024, 512, 16),
-    "medium": (1024, 16, 16, 64, 6, 704, 1024, 8),
+SIZES = {  # rows_per_rank: sequences per data-parallel rank (the global batch scales with the world)
+    "tiny": dict(d_model=64, layers=2, heads=4, experts=8, top_k=2, ffn=128, seq_len=64, rows_per_rank=8),
+    "small": dict(d_model=512, layers=8, heads=8, experts=16, top_k=2, ffn=1024, seq_len=512, rows_per_rank=16),
+    "medium": dict(d_model=1024, layers=16, heads=16, experts=64, top_k=6, ffn=704, seq_len=1024, rows_per_rank=8),
 }
+
+
+def preset(args, on_gpu: bool) -> dict:
+    """The --size preset (tiny on CPU, small on GPU by default) with the explicit flags applied."""
+    size = dict(SIZES[args.size or ("small" if on_gpu else "tiny")])
+    for name in size:
+        if getattr(args, name, None) is not None:
+            size[name] = getattr(args, name)
+    return size
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,14 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_configs(args, on_gpu: bool) -> tuple[ModelConfig, MoEConfig]:
-    d_model, layers, heads, experts, top_k, ffn, seq_len, _ = SIZES[args.size or ("small" if on_gpu else "tiny")]
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    d_model = pick(args.d_model, d_model)
-    model_cfg = ModelConfig(d_model=d_model, n_layers=pick(args.layers, layers), n_heads=pick(args.heads, heads),
-                            max_seq_len=pick(args.seq_len, seq_len))
-    moe_cfg = MoEConfig(hidden_size=d_model, ffn_hidden_size=pick(args.ffn, ffn),
-                        num_experts=pick(args.experts, experts), top_k=pick(args.top_k, top_k),
-                        num_shared_experts=args.shared_experts, router=args.router,
+    size = preset(args, on_gpu)
+    model_cfg = ModelConfig(d_model=size["d_model"], n_layers=size["layers"], n_heads=size["heads"],
+                            max_seq_len=size["seq_len"])
+    moe_cfg = MoEConfig(hidden_size=size["d_model"], ffn_hidden_size=size["ffn"], num_experts=size["experts"],
+                        top_k=size["top_k"], num_shared_experts=args.shared_experts, router=args.router,
                         num_expert_groups=2 if args.router == "group_limited" else 1,
                         capacity_factor=args.capacity_factor, transport=args.transport)
     return model_cfg, moe_cfg
@@ -235,6 +242,11 @@ def progress_line(step: int, total: int, loss: float, tok_s: float, load: torch.
 
 
 # -- the loop ------------------------------------------------------------------------------------------------
+def shutdown() -> None:
+    dist.barrier()  # no rank tears the process group down while a peer is still inside it
+    dist.destroy_process_group()
+
+
 def learning_rate(step: int, args) -> float:
     return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
 
@@ -244,8 +256,7 @@ def main(argv=None) -> int:
     rank, world, device = init_distributed()
     groups = ParallelGroups(ep_size=args.ep)
     model_cfg, moe_cfg = model_configs(args, device.type == "cuda")
-    per_rank = SIZES[args.size or ("small" if device.type == "cuda" else "tiny")][7]
-    batch_size = args.batch_size or per_rank * world
+    batch_size = args.batch_size or preset(args, device.type == "cuda")["rows_per_rank"] * world
     local_batch = rows_per_rank(batch_size, world)
     corpus = ByteCorpus.from_path(args.data, args.max_bytes)
 
@@ -265,7 +276,7 @@ def main(argv=None) -> int:
         say(f"resumed from {args.resume} at step {start_step}", flush=True)
         if start_step >= args.steps:
             say(f"nothing to do: the checkpoint is at step {start_step}, --steps is {args.steps}")
-            dist.destroy_process_group()
+            shutdown()
             return 0
     save_dir = Path(args.save) if args.save else None
     if save_dir is not None and rank == 0:
@@ -312,9 +323,16 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({**summary, "losses": losses, "args": vars(args)}, indent=1))
     say(f"final loss {final:.4f} (start {losses[0]:.4f}; final = mean of the last {len(losses[-10:])} steps) "
         f"after {args.steps} steps, {tok_s:,.0f} tokens/s", flush=True)
-    dist.destroy_process_group()
+    shutdown()
     return 0 if math.isfinite(final) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without interpreter finalization: with torch 2.13 over gloo, a worker thread that drops the last
+    # collective's tensors while Python finalizes aborts the process ("terminate called without an active
+    # exception", ~AsyncBarrierWork taking the GIL) in a few percent of runs. Output is flushed, the process
+    # group destroyed; nothing is left to finalize.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

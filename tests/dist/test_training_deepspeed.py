@@ -1,5 +1,6 @@
 """DeepSpeed integration: our groups in DeepSpeed's registry, MoE optimizer groups partitioned over EDP,
-DeepSpeed checkpoints that resume exactly and whose experts reload at another EP size, ZeRO-3 refused.
+DeepSpeed checkpoints that resume exactly and whose experts reload at another EP size, moe_dist checkpoints
+of an engine's model, ZeRO-3 refused.
 (EP=N == EP=1 training under ZeRO-0/1/2 is in test_training_equivalence.py.)
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_dist import MoEConfig
+from moe_dist import MoEConfig, checkpoint
 from moe_dist.integrations import deepspeed as moe_ds
 from moe_dist.models import ModelConfig, MoETransformer
 
@@ -37,6 +38,7 @@ def scenario_registry_and_checkpoints(root: str):
 
         first = train(base, groups, range(0, 2))
         engine.save_checkpoint(root, tag="step_2", client_state={"moe_dist": {"step": 2}})
+        checkpoint.save(engine, f"{root}/portable")  # moe_dist's own format, from the engine's model
         saved_logits = logits_of_everyone(base, groups)
         uninterrupted = train(base, groups, range(2, 4))
         assert uninterrupted[-1] < first[0]
@@ -56,6 +58,11 @@ def scenario_registry_and_checkpoints(root: str):
         torch.testing.assert_close(train(resumed, groups, range(2, 4)), uninterrupted, rtol=1e-5, atol=1e-5)
     finally:
         moe_ds.unregister_groups(groups)
+
+    # The portable checkpoint loads into an FSDP2 model at EP=1.
+    fsdp, groups = trainer(ep=1, backend="fsdp", seed=7)
+    checkpoint.load(fsdp.model, f"{root}/portable")
+    torch.testing.assert_close(logits_of_everyone(fsdp, groups), saved_logits, rtol=1e-5, atol=1e-5)
 
     # The weights alone reload at EP=4: each rank reads its experts' files by global index.
     other, groups = trainer(ep=4, backend="deepspeed", seed=7)
