@@ -13,6 +13,7 @@ from moe_dist import MoEConfig, MoELayer, ParallelGroups, is_expert_param
 from moe_dist.compress import merge_experts, prune_experts
 from moe_dist.telemetry import RoutingTelemetry
 
+from ..unit.test_compress import TinyModel  # the same two-block model the compress tests use
 from .harness import run_distributed
 
 H = 16
@@ -51,20 +52,6 @@ def scenario_telemetry(world: int):
 
 def test_telemetry_reduce_equals_ep1():
     run_distributed(scenario_telemetry, 2, 2)
-
-
-class TinyModel(nn.Module):
-    def __init__(self, cfg, groups=None):
-        super().__init__()
-        self.inp = nn.Linear(4, H)
-        self.blocks = nn.ModuleList(MoELayer(cfg, groups, name=f"blocks.{i}") for i in range(2))
-        self.out = nn.Linear(H, 3)
-
-    def forward(self, x):
-        h = self.inp(x)
-        for moe in self.blocks:
-            h = h + moe(h).output
-        return self.out(h)
 
 
 def load_full_state(model: nn.Module, state: dict, ep_rank: int, ep_size: int) -> None:

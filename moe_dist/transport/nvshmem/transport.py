@@ -174,7 +174,7 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, tr: NvshmemTransport, plan: RoutingPlan):
         T, K = plan.expert_idx_TK.shape
-        S, E = T * K, tr.num_experts
+        E = tr.num_experts
         ws = tr.workspace(x_TH.dtype)
         slots = sort_slots_by_expert(plan.expert_idx_TK, E)
         p = tr.new_call()  # the count exchange and the rows share this call's epoch (separate flags)
