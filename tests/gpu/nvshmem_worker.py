@@ -4,6 +4,7 @@ timeout errors. Prints 'NVSHMEM WORKER OK <n>' on success. Used by tests/gpu/tes
 import datetime
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,13 @@ torch.cuda.set_device(0)
 dev = torch.device("cuda", 0)
 groups = ParallelGroups(ep_size=world)
 checks = []
+T0 = time.monotonic()
+
+
+def passed(msg):
+    # Elapsed time per check shows where time-sliced multi-PE runs spend their time.
+    checks.append(msg)
+    print(f"[rank {rank}] {time.monotonic() - T0:6.1f}s {msg}", flush=True)
 
 
 def tokens(r, seed, skew=False):
@@ -63,7 +71,7 @@ def compare(cfg, seed, skew=False):
     n = int(counts.sum())
     assert torch.equal(counts, rcounts), (counts, rcounts)
     assert torch.equal(tok[:n], rtok), f"rank {rank}: got (src, token) {tok[:n, :2].tolist()} want {rtok[:, :2].tolist()}"
-    checks.append(f"equal cfg={cfg.router}/k{cfg.top_k} skew={skew}")
+    passed(f"equal cfg={cfg.router}/k{cfg.top_k} skew={skew}")
 
 
 base = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=2, max_tokens_per_rank=64,
@@ -87,7 +95,7 @@ y = layer(x).output
 y.float().sum().backward()
 torch.cuda.set_sync_debug_mode(0)
 layer.check_errors()
-checks.append("no host sync in forward+backward")
+passed("no host sync in forward+backward")
 
 # CUDA-graph capture of a forward, replayed on new data.
 static_x = tokens(rank, 8).to(torch.bfloat16)
@@ -106,7 +114,7 @@ with torch.no_grad():
     torch.cuda.synchronize()
     torch.testing.assert_close(static_y, eager, rtol=2e-2, atol=2e-2)
 layer.check_errors()
-checks.append("CUDA graph capture + replay")
+passed("CUDA graph capture + replay")
 
 # Overflow: a receive buffer too small for the rows routed is an error, not silent loss.
 torch.manual_seed(9)
@@ -118,7 +126,7 @@ try:
     raise AssertionError("overflow not reported")
 except BufferOverflow as e:
     assert "tiny_buffer" in str(e), e
-    checks.append(f"overflow raises: {e}")
+    passed(f"overflow raises: {e}")
 
 # Timeout: rank 0 dispatches alone; it must get an error naming a peer, not hang.
 if world > 1:
@@ -134,7 +142,7 @@ if world > 1:
             raise AssertionError("timeout not reported")
         except PeerTimeout as e:
             assert "lonely" in str(e) and "peer" in str(e), e
-            checks.append(f"timeout raises: {e}")
+            passed(f"timeout raises: {e}")
     dist.barrier()
     os._exit(0 if rank else (print(f"NVSHMEM WORKER OK {world}: " + "; ".join(checks), flush=True) or 0))
 
