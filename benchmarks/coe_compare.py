@@ -8,8 +8,9 @@ top_k = k (half the expert compute), shows where CoE sits between the two.
     python benchmarks/coe_compare.py --out benchmarks/results        # CPU, a couple of minutes
     python benchmarks/coe_compare.py --smoke                          # seconds (CI)
 
-The model is moe_dist.models.MoETransformer (the example model) with its MoE FFNs built by
-moe_dist.coe.build_moe_layer (a MoELayer, or a ChainOfExperts for iterations > 1); the text is the
+The model is moe_dist.models.MoETransformer (the example model that `python -m moe_dist.train` trains)
+with ModelConfig.coe_iterations set as the trainer's --coe-iterations sets it (its FFNs: a MoELayer, or a
+ChainOfExperts for iterations > 1); the text is the
 Python standard library's own source (moe_dist.data.ByteCorpus), so nothing is downloaded. Every
 variant starts from the same seed and sees the same batches. Writes coe_compare.json (loss curves,
 timing, environment) and coe_compare.png under --out. Step times on a shared CPU are indicative only.
@@ -27,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import save_results  # noqa: E402
 from moe_dist import MoEConfig  # noqa: E402
-from moe_dist.coe import build_moe_layer  # noqa: E402
 from moe_dist.data import ByteCorpus  # noqa: E402
 from moe_dist.models import ModelConfig, MoETransformer  # noqa: E402
 
@@ -53,11 +53,11 @@ class Variant:
         self.name, self.top_k, self.iterations = name, top_k, iterations
         moe_cfg = MoEConfig(hidden_size=c["d_model"], ffn_hidden_size=c["expert_ffn"], num_experts=c["experts"],
                             top_k=top_k, router="softmax", norm_topk_prob=True, aux_loss_coef=1e-2)
+        # coe_iterations is what the trainer's --coe-iterations sets: the model builds its FFNs itself.
         model_cfg = ModelConfig(d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"],
-                                max_seq_len=c["seq"])
+                                max_seq_len=c["seq"], coe_iterations=iterations)
         torch.manual_seed(seed)  # the same seed for every variant
-        self.model = MoETransformer(model_cfg, moe_cfg, moe_factory=lambda i: build_moe_layer(
-            moe_cfg, iterations=iterations, name=f"layers.{i}.moe"))
+        self.model = MoETransformer(model_cfg, moe_cfg)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=c["lr"], weight_decay=0.0, betas=(0.9, 0.95))
         warmup, steps = max(1, c["steps"] // 20), c["steps"]
         self.sched = torch.optim.lr_scheduler.LambdaLR(

@@ -8,6 +8,7 @@ The global batch is the same at every world and EP size, each data-parallel rank
 loss curves are comparable across parallel layouts. On CPU the default model is tiny (about a minute
 over two gloo processes); with GPUs it is larger, runs in bf16 and uses the fastest transport.
 
+--coe-iterations N (default 1) turns every MoE FFN into a Chain-of-Experts layer of N routed passes.
 Prints a progress line per --log-every steps (loss, tokens/s, expert load, dropped tokens) and ends with
 `final loss X (start Y) ...`. --json PATH writes the loss curve; --save DIR / --resume DIR checkpoint.
 """
@@ -65,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--router", default="softmax", choices=("softmax", "sigmoid", "group_limited", "top_p"))
     p.add_argument("--capacity-factor", type=float, default=None, help="drop tokens over capacity (default "
                    "dropless)")
+    p.add_argument("--coe-iterations", type=int, default=1, help="Chain-of-Experts: > 1 makes every MoE FFN "
+                   "route its tokens this many times through the same experts, each pass with its own router "
+                   "and a residual (expert compute per token = iterations x top-k: halve --top-k for equal "
+                   "compute)")
     p.add_argument("--transport", default="auto")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -77,13 +82,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=0, help="also save every N steps")
     p.add_argument("--resume", default=None, help="checkpoint directory to continue from")
     p.add_argument("--json", default=None, help="write the loss curve and summary here (rank 0)")
+    p.add_argument("--telemetry-every", type=int, default=50, help="routing telemetry (moe_dist.telemetry): "
+                   "its local-routing-consistency scan runs on every N-th forward of a layer; a summary line "
+                   "ends the run (0: off)")
     return p.parse_args(argv)
 
 
 def model_configs(args, on_gpu: bool) -> tuple[ModelConfig, MoEConfig]:
     size = preset(args, on_gpu)
     model_cfg = ModelConfig(d_model=size["d_model"], n_layers=size["layers"], n_heads=size["heads"],
-                            max_seq_len=size["seq_len"])
+                            max_seq_len=size["seq_len"], coe_iterations=args.coe_iterations)
     moe_cfg = MoEConfig(hidden_size=size["d_model"], ffn_hidden_size=size["ffn"], num_experts=size["experts"],
                         top_k=size["top_k"], num_shared_experts=args.shared_experts, router=args.router,
                         num_expert_groups=2 if args.router == "group_limited" else 1,
@@ -264,11 +272,17 @@ def main(argv=None) -> int:
     model = MoETransformer(model_cfg, moe_cfg, groups, device=device)
     backend = make_backend(args.backend, model, groups, args, device=device, micro_batch=local_batch)
     telemetry = ExpertTelemetry(backend.model, groups, moe_cfg.num_experts, device)
+    routing = None
+    if args.telemetry_every > 0:
+        from .telemetry import RoutingTelemetry
+        routing = RoutingTelemetry(backend.model, seq_len=model_cfg.max_seq_len, lrc_every=args.telemetry_every)
     say = print if rank == 0 else (lambda *a, **k: None)
     n_params = sum(p.numel() for p in model.parameters())
+    moe_kind = (f"Chain-of-Experts FFNs ({model_cfg.coe_iterations} iterations x top-{moe_cfg.top_k})"
+                if model_cfg.coe_iterations > 1 else f"MoE FFNs (top-{moe_cfg.top_k})")
     say(f"moe_dist.train: backend {args.backend}, world {world}, ep {args.ep}, device {device.type}, "
-        f"{n_params:,} parameters on rank 0, {len(corpus):,} bytes of text, global batch {batch_size} x "
-        f"{model_cfg.max_seq_len}", flush=True)
+        f"{n_params:,} parameters on rank 0, {moe_cfg.num_experts} experts, {moe_kind}, {len(corpus):,} bytes "
+        f"of text, global batch {batch_size} x {model_cfg.max_seq_len}", flush=True)
 
     start_step = 0
     if args.resume:
@@ -316,9 +330,14 @@ def main(argv=None) -> int:
         say(f"saved checkpoint to {save_dir}", flush=True)
 
     tok_s = sum(timed) / len(timed) if timed else tok_s
+    routing_summary = routing.reduce(groups.dp_group).summary() if routing is not None else None
+    if routing_summary is not None:
+        say(routing_summary, flush=True)
     final = sum(losses[-10:]) / len(losses[-10:])  # one step's loss is noisy: the mean of the last ten
     summary = {"first_loss": losses[0], "final_loss": final, "steps": args.steps, "start_step": start_step,
-               "tokens_per_s": tok_s, "world": world, "ep": args.ep, "backend": args.backend}
+               "tokens_per_s": tok_s, "world": world, "ep": args.ep, "backend": args.backend,
+               "coe_iterations": model_cfg.coe_iterations, "moe_layer": type(model.moe_layers()[0]).__name__,
+               "parameters": n_params, "routing": routing_summary}
     if rank == 0 and args.json:
         Path(args.json).write_text(json.dumps({**summary, "losses": losses, "args": vars(args)}, indent=1))
     say(f"final loss {final:.4f} (start {losses[0]:.4f}; final = mean of the last {len(losses[-10:])} steps) "

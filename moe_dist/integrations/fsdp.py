@@ -19,8 +19,8 @@ from ..layer import MoELayer, mark_expert_param
 def shard(model: nn.Module, groups, mp_policy: MixedPrecisionPolicy | None = None, *,
           units: list[nn.Module] | None = None, reshard_after_forward: bool = True) -> nn.Module:
     """Applies fully_shard in place (and returns the model): each MoELayer's experts over
-    groups.mesh["edp"], each module of `units` (default: every entry of the model's nn.ModuleLists,
-    i.e. the transformer blocks) and then the root over groups.dp_mesh."""
+    groups.mesh["edp"], each module of `units` (default: `default_units`, the transformer blocks) and
+    then the root over groups.dp_mesh."""
     moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if not moe_layers:
         raise ValueError(f"{type(model).__name__} holds no MoELayer; use fully_shard directly")
@@ -41,11 +41,24 @@ def shard(model: nn.Module, groups, mp_policy: MixedPrecisionPolicy | None = Non
         for p in layer.experts.parameters():
             mark_expert_param(p, groups.ep_size)
     if units is None:
-        units = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+        units = default_units(model)
     for unit in units:
         fully_shard(unit, mesh=groups.dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=groups.dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def default_units(model: nn.Module) -> list[nn.Module]:
+    """The entries of the model's outermost nn.ModuleLists (the transformer blocks). ModuleLists nested in
+    those (a Chain-of-Experts layer's extra routers) stay inside their block's unit: a router is called
+    through `router.logits(...)`, not forward, so as a unit of its own FSDP would never unshard it."""
+    units: list[nn.Module] = []
+    outer: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and not any(o == "" or name.startswith(o + ".") for o in outer):
+            outer.append(name)
+            units.extend(module)
+    return units
 
 
 def is_fsdp_sharded(model: nn.Module) -> bool:
@@ -53,4 +66,4 @@ def is_fsdp_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-__all__ = ["MixedPrecisionPolicy", "is_fsdp_sharded", "shard"]
+__all__ = ["MixedPrecisionPolicy", "default_units", "is_fsdp_sharded", "shard"]

@@ -2,7 +2,8 @@
 
 Pre-norm blocks of causal self-attention (F.scaled_dot_product_attention) and an MoE FFN, RMSNorm,
 learned positions, byte vocabulary by default. The model knows no process group: it hands `groups`
-to its MoE layers, which hand it to their transport.
+to its MoE layers, which hand it to their transport. With `ModelConfig.coe_iterations` > 1 every MoE
+FFN is a Chain-of-Experts layer (moe_dist.coe) of that many routed passes over the same experts.
 
 Legend: B batch, S sequence, D d_model, V vocabulary.
 """
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..coe import build_moe_layer
 from ..config import MoEConfig
-from ..layer import MoELayer
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,10 @@ class ModelConfig:
     n_heads: int = 4
     max_seq_len: int = 256
     norm_eps: float = 1e-6
+    coe_iterations: int = 1  # > 1: Chain-of-Experts FFNs (each pass its own router, the same experts)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "coe_iterations"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -82,7 +84,8 @@ class MoETransformer(nn.Module):
     """Decoder-only LM whose every FFN is an MoE layer.
 
     `moe_factory` swaps the MoE implementation (the benchmark puts DeepSpeed's MoE there); by default
-    each block gets a moe_dist MoELayer built from `moe_cfg` and `groups`. Under one torch.manual_seed
+    each block gets a moe_dist MoELayer built from `moe_cfg` and `groups`, or a ChainOfExperts around
+    one when `cfg.coe_iterations` > 1. Under one torch.manual_seed
     the model is EP-invariant, like MoELayer: every parameter is drawn in the same order at any EP size.
     """
 
@@ -95,7 +98,8 @@ class MoETransformer(nn.Module):
         self.cfg, self.moe_cfg = cfg, moe_cfg
         if moe_factory is None:
             def moe_factory(i):
-                return MoELayer(moe_cfg, groups, name=f"layers.{i}.moe", device=device, dtype=dtype)
+                return build_moe_layer(moe_cfg, groups, iterations=cfg.coe_iterations, name=f"layers.{i}.moe",
+                                       device=device, dtype=dtype)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, device=device, dtype=dtype)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model, device=device, dtype=dtype)
         self.layers = nn.ModuleList(Block(cfg, moe_factory(i), device=device, dtype=dtype)

@@ -1,7 +1,8 @@
 """Checkpoints reshard across EP sizes and resume training exactly (four gloo processes).
 
-- saved at EP=4 (FSDP2) after some training, loaded at EP=2 (FSDP2), EP=1 (FSDP2) and EP=1 replicated into
-  models built from another seed: the same logits;
+- saved at EP=4 (FSDP2) after some training, then passed along EP=2 (FSDP2) -> EP=1 (FSDP2) -> EP=1
+  replicated -> EP=4 (FSDP2), each loading the previous one's checkpoint into a model built from another
+  seed and saving its own: the same logits at every step;
 - model + optimizer saved at EP=4 after 2 steps and resumed at EP=4 and at EP=2: the next steps' losses
   equal those of the run that never stopped;
 - a checkpoint of another model shape fails naming the tensor.
@@ -59,14 +60,19 @@ def scenario_reshard_and_resume(root: str):
     uninterrupted = train(base, groups, range(2, 4))
     assert uninterrupted[-1] < first[0], (first, uninterrupted)
 
-    # Weights only: EP=2 and EP=1, FSDP or replicated, all give the saved model's logits.
-    for ep, kind in ((2, "fsdp"), (1, "fsdp"), (1, "none")):
+    # Weights only, along a chain EP=4 -> EP=2 -> EP=1 -> EP=4: each model loads the previous one's checkpoint,
+    # gives the first model's logits, and saves its own (at its EP size, FSDP-sharded or replicated).
+    source = "ep4"
+    for ep, kind in ((2, "fsdp"), (1, "fsdp"), (1, "none"), (4, "fsdp")):
         other, other_groups = trainer(ep, kind, seed=7)
         assert not torch.allclose(logits_of_everyone(other, other_groups), saved_logits)
-        extra = checkpoint.load(other.model, f"{root}/ep4")
+        extra = checkpoint.load(other.model, f"{root}/{source}")
         assert extra == {"step": 2}
         torch.testing.assert_close(logits_of_everyone(other, other_groups), saved_logits, rtol=1e-5, atol=1e-5,
-                                   msg=lambda m: f"EP=4 checkpoint loaded at EP={ep} ({kind}): {m}")
+                                   msg=lambda m: f"checkpoint {source} loaded at EP={ep} ({kind}): {m}")
+        if ep != 4:
+            source = f"ep{ep}_{kind}"
+            checkpoint.save(other.model, f"{root}/{source}", extra=extra)
 
     # Model + optimizer: resuming continues the curve, at the same EP size and at another one.
     for ep in (4, 2):

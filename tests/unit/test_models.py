@@ -1,11 +1,14 @@
 """The example MoE language model (moe_dist.models) and its byte-level data (moe_dist.data), one process."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
-from moe_dist import MoEConfig
+from moe_dist import MoEConfig, MoELayer
+from moe_dist.coe import ChainOfExperts
 from moe_dist.data import ByteCorpus, local_rows, stdlib_sources
 from moe_dist.models import ModelConfig, MoETransformer
 
@@ -28,6 +31,8 @@ def test_model_config_is_validated():
         ModelConfig(d_model=10, n_heads=4)
     with pytest.raises(ValueError, match=r"n_layers must be a positive int, got 0"):
         ModelConfig(n_layers=0)
+    with pytest.raises(ValueError, match=r"coe_iterations must be a positive int, got 0"):
+        ModelConfig(coe_iterations=0)
 
 
 def test_outputs_loss_and_expert_counts():
@@ -80,6 +85,31 @@ def test_same_seed_same_model_and_it_learns(one_thread):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_coe_iterations_make_chain_of_experts_ffns():
+    """ModelConfig.coe_iterations (the trainer's --coe-iterations): every FFN a ChainOfExperts over one
+    MoELayer's experts with an extra router per extra pass; 1 is the plain model, parameter for parameter."""
+    from moe_dist.integrations.fsdp import default_units
+
+    plain = make(5)
+    torch.manual_seed(5)
+    coe = MoETransformer(dataclasses.replace(CFG, coe_iterations=3), MOE)
+    assert all(isinstance(m, MoELayer) for m in plain.moe_layers())
+    assert all(isinstance(m, ChainOfExperts) and m.iterations == 3 for m in coe.moe_layers())
+    n_plain, n_coe = (sum(p.numel() for p in m.parameters()) for m in (plain, coe))
+    assert n_coe == n_plain + CFG.n_layers * 2 * MOE.num_experts * MOE.hidden_size
+    # The first pass of each CoE layer is the plain layer, drawn from the same seed stream.
+    torch.testing.assert_close(coe.layers[0].moe.moe.experts.w_in, plain.layers[0].moe.experts.w_in)
+    tokens = torch.randint(0, 256, (2, CFG.max_seq_len + 1))
+    out = coe(tokens[:, :-1], tokens[:, 1:])
+    assert [int(c.sum()) for c in out.tokens_per_expert] == [2 * CFG.max_seq_len * MOE.top_k * 3] * CFG.n_layers
+    assert not torch.allclose(out.logits, plain(tokens[:, :-1]).logits)
+    out.loss.backward()
+    assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0
+               for m in coe.moe_layers() for r in m.routers)  # every pass's router is trained
+    # FSDP2 units are the blocks only: a CoE's router list must stay inside its block's unit.
+    assert default_units(coe) == list(coe.layers)
 
 
 class DenseFFN(nn.Module):
