@@ -1,7 +1,14 @@
-"""Triton kernels of the one-sided transport. GPU threads store rows straight into peers' symmetric
-buffers (addresses from nvshmem_ptr, i.e. P2P over NVLink or the same GPU) and raise flags with
-system-scope release atomics; receivers spin on the flags with acquire loads and a time limit.
-See PROTOCOL.md beside this file for the message order.
+"""Triton kernels of the one-sided transport: a handful of launches per call, all sizes on the device.
+
+dispatch: count_and_rank -> signal_and_wait(COUNT) -> layout -> push_slots -> signal_and_wait(FORWARD)
+          -> copy_segments (peer rows out of the symmetric staging; skipped with one PE)
+combine:  return_segments (expert rows -> their owners' staging) -> signal_and_wait(RETURN) -> gather_reduce
+GPU threads store rows straight into peers' symmetric buffers (addresses from nvshmem_ptr: P2P over
+NVLink, or the same GPU) and raise flags with system-scope release atomics; receivers spin on the flags
+with acquire loads and a time limit. PROTOCOL.md beside this file gives the message order.
+Legend: S = T*K slots (slot s = token s // K, choice s % K), E experts, G = E/N local experts, N PEs,
+H hidden, C receive rows. Rows of one PE's own slots never touch the staging: they are written to (and
+read from) the regular tensors in place.
 """
 from __future__ import annotations
 
@@ -9,6 +16,8 @@ import triton
 import triton.language as tl
 
 PEER_TIMEOUT_BIT = tl.constexpr(4)  # moe_dist.errors.PEER_TIMEOUT
+BUFFER_OVERFLOW_BIT = tl.constexpr(2)  # moe_dist.errors.BUFFER_OVERFLOW
+ROW_BLOCK = 1024  # elements of a row per program: 2 KiB of bf16, 16-byte accesses with 4 warps
 
 
 @triton.jit
@@ -17,49 +26,34 @@ def _now_ns():
 
 
 @triton.jit
-def push_rows_kernel(src_ptr, src_row_ptr, dest_rank_ptr, dest_pos_ptr, peer_addr_ptr, self_out_ptr,
-                     meta_val_ptr, peer_meta_addr_ptr, self_meta_ptr, me, H,
-                     HAS_META: tl.constexpr, BLOCK: tl.constexpr):
-    """Item i: row src[src_row[i]] -> row dest_pos[i] of PE dest_rank[i] (own output when it is me)."""
-    item = tl.program_id(0)
-    chunk = tl.program_id(1)
-    rank = tl.load(dest_rank_ptr + item)
-    pos = tl.load(dest_pos_ptr + item)
-    row = tl.load(src_row_ptr + item)
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    m = (offs < H) & (rank >= 0)
-    vals = tl.load(src_ptr + row * H + offs, mask=m)
-    if rank == me:
-        tl.store(self_out_ptr + pos * H + offs, vals, mask=m)
-    else:
-        peer = tl.load(peer_addr_ptr + tl.maximum(rank, 0)).to(tl.pointer_type(src_ptr.dtype.element_ty))
-        tl.store(peer + pos * H + offs, vals, mask=m)
-    if HAS_META:
-        if (chunk == 0) & (rank >= 0):
-            meta = tl.load(meta_val_ptr + item)
-            if rank == me:
-                tl.store(self_meta_ptr + pos, meta)
-            else:
-                peer_meta = tl.load(peer_meta_addr_ptr + rank).to(tl.pointer_type(tl.int64))
-                tl.store(peer_meta + pos, meta)
+def count_and_rank_kernel(idx_ptr, S, rank_ptr, peer_counts_addr_ptr, me, N, E, BLOCK: tl.constexpr):
+    """Program e: rank_S[s] = how many earlier slots (token order) chose expert e, for the slots that
+    chose e (a stable counting sort without the sort); then counts[me, e] on every PE (own included)."""
+    e = tl.program_id(0)
+    running = 0
+    for start in range(0, S, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < S
+        hit = (tl.load(idx_ptr + offs, mask=inb, other=-1) == e).to(tl.int32)
+        before = tl.cumsum(hit, 0) - hit
+        tl.store(rank_ptr + offs, (running + before).to(tl.int64), mask=inb & (hit > 0))
+        running += tl.sum(hit, 0)
+    for q in range(N):
+        counts = tl.load(peer_counts_addr_ptr + q).to(tl.pointer_type(tl.int64))
+        tl.store(counts + me * E + e, running.to(tl.int64))
 
 
 @triton.jit
-def signal_peers_kernel(peer_flag_addr_ptr, me, epoch_ptr):
-    """Program q: flag[me] = epoch on PE q, released at system scope after everything this stream
-    wrote before. Epochs live in device memory so a replayed CUDA graph signals fresh ones (the push kernels ran to completion before this kernel started)."""
-    q = tl.program_id(0)
+def signal_and_wait_kernel(peer_flag_addr_ptr, flag_ptr, me, n, epoch_ptr, timeout_ns, err_ptr, step):
+    """flag[me] = epoch on every PE (release, system scope: everything earlier kernels of this stream
+    stored is visible first), then wait until flag[q] >= epoch for every q, at most timeout_ns in all.
+    On timeout: record PEER_TIMEOUT with the step and the first silent peer and return, so the stream
+    moves on and the host check raises instead of hanging. Epochs live in device memory, so a replayed
+    CUDA graph signals fresh ones."""
     epoch = tl.load(epoch_ptr)
-    flag = tl.load(peer_flag_addr_ptr + q).to(tl.pointer_type(tl.int64))
-    tl.atomic_xchg(flag + me, epoch, sem="release", scope="sys")
-
-
-@triton.jit
-def wait_flags_kernel(flag_ptr, n, epoch_ptr, timeout_ns, err_ptr, step):
-    """Waits until flag[q] >= epoch for every q, at most timeout_ns in all. On timeout it records
-    PEER_TIMEOUT with the step and the first silent peer in err_ptr (moe_dist.errors.DeviceErrorFlags)
-    and returns, so the stream moves on and the host check raises instead of hanging."""
-    epoch = tl.load(epoch_ptr)
+    for q in range(n):
+        flag = tl.load(peer_flag_addr_ptr + q).to(tl.pointer_type(tl.int64))
+        tl.atomic_xchg(flag + me, epoch, sem="release", scope="sys")
     start = _now_ns()
     timed_out = 0
     for q in range(n):
@@ -75,25 +69,155 @@ def wait_flags_kernel(flag_ptr, n, epoch_ptr, timeout_ns, err_ptr, step):
 
 
 @triton.jit
-def copy_from_peers_kernel(staging_ptr, out_ptr, src_of_row_ptr, staging_meta_ptr, out_meta_ptr, me, H,
-                           HAS_META: tl.constexpr, BLOCK: tl.constexpr):
-    """Rows that peers wrote into this PE's symmetric staging move to the regular output tensor (which
-    autograd may keep past the next layer's reuse of the staging). Own rows were written in place."""
-    row = tl.program_id(0)
+def layout_kernel(counts_ptr, me, N, E, G, capacity, offs_ptr, overflow_ptr, counts_G_ptr, seg_ptr, err_ptr, step,
+                  NB: tl.constexpr, EB: tl.constexpr):
+    """From the exchanged count matrix counts[src, e] (one program, [NB, EB] tiles):
+    offs_E[e]   row at e's receiver where this PE's first slot of expert e lands: the receiver's rows are
+                expert-major, then source, then slot (the reference order);
+    overflow_N  receiver r gets more than `capacity` rows: nobody writes to it, the error is recorded;
+    counts_G    rows this PE's local experts received (0 when it overflowed);
+    seg[0|1, s, g]  start and length of the rows source s sent to local expert g here."""
+    s = tl.arange(0, NB)[:, None]
+    e = tl.arange(0, EB)[None, :]
+    inb = (s < N) & (e < E)
+    c = tl.load(counts_ptr + s * E + e, mask=inb, other=0)
+    tot = tl.sum(c, 0)  # [EB] rows of expert e over all sources
+    in_r = (e // G == s) & (e < E)  # [NB, EB], reading s as a receiver index
+    rows_R = tl.sum(tl.where(in_r, tot[None, :], 0), 1)  # [NB] rows each receiver gets
+    start_R = tl.cumsum(rows_R, 0) - rows_R
+    block_start = tl.sum(tl.where(in_r, start_R[:, None], 0), 0)  # [EB] receiver's first row, globally
+    base = tl.cumsum(tot, 0) - tot - block_start  # [EB] first row of expert e at its receiver
+    src_prefix = tl.sum(tl.where(s < me, c, 0), 0)  # [EB] rows lower sources send before mine
+    ev = tl.arange(0, EB)
+    tl.store(offs_ptr + ev, base + src_prefix, mask=ev < E)
+    rv = tl.arange(0, NB)
+    over = ((rows_R > capacity) & (rv < N)).to(tl.int32)
+    tl.store(overflow_ptr + rv, over, mask=rv < N)
+    my_over = tl.sum(tl.where(rv == me, over, 0), 0)
+    mine = (ev >= me * G) & (ev < me * G + G)
+    tl.store(counts_G_ptr + ev - me * G, tl.where(my_over > 0, 0, tot), mask=mine)
+    seg_start = base[None, :] + tl.cumsum(c, 0) - c
+    seg_len = tl.where(my_over > 0, 0, c)
+    mine2 = inb & (e >= me * G) & (e < me * G + G)
+    tl.store(seg_ptr + s * G + (e - me * G), seg_start, mask=mine2)
+    tl.store(seg_ptr + N * G + s * G + (e - me * G), seg_len, mask=mine2)
+    if tl.max(over, 0) > 0:
+        if tl.atomic_or(err_ptr, BUFFER_OVERFLOW_BIT) == 0:
+            tl.store(err_ptr + 1, step)
+
+
+@triton.jit
+def push_slots_kernel(src_ptr, scale_ptr, idx_ptr, rank_ptr, offs_ptr, overflow_ptr, dest_rank_ptr, dest_pos_ptr,
+                      peer_rows_addr_ptr, own_out_ptr, peer_meta_addr_ptr, me, G, K, H,
+                      COMPUTE_DEST: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (slot, chunk): row src[slot // K] (times scale[slot] if SCALE) -> row dest_pos of PE
+    dest_rank: this PE's own rows into own_out, a peer's into its symmetric staging, with the slot id
+    beside it (the receiver sends the expert's answer back to that slot). COMPUTE_DEST: the destination
+    comes from the expert id, the slot's rank within its expert and offs_E (and is saved for later
+    calls); otherwise it is read from dest_rank/dest_pos."""
+    slot = tl.program_id(0)
     chunk = tl.program_id(1)
-    src = tl.load(src_of_row_ptr + row)
-    take = (src >= 0) & (src != me)
+    if COMPUTE_DEST:
+        e = tl.load(idx_ptr + slot)
+        r = tl.maximum(e, 0) // G
+        ok = (e >= 0) & (tl.load(overflow_ptr + r) == 0)
+        pos = tl.load(offs_ptr + tl.maximum(e, 0)) + tl.load(rank_ptr + slot)
+        r = tl.where(ok, r, -1)
+        pos = tl.where(ok, pos, 0)
+        if chunk == 0:
+            tl.store(dest_rank_ptr + slot, r.to(tl.int64))
+            tl.store(dest_pos_ptr + slot, pos)
+    else:
+        r = tl.load(dest_rank_ptr + slot)
+        pos = tl.load(dest_pos_ptr + slot)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    m = (offs < H) & take
-    tl.store(out_ptr + row * H + offs, tl.load(staging_ptr + row * H + offs, mask=m), mask=m)
-    if HAS_META:
-        if (chunk == 0) & take:
-            tl.store(out_meta_ptr + row, tl.load(staging_meta_ptr + row))
+    m = (offs < H) & (r >= 0)
+    vals = tl.load(src_ptr + (slot // K).to(tl.int64) * H + offs, mask=m)
+    if SCALE:
+        vals = (vals.to(tl.float32) * tl.load(scale_ptr + slot).to(tl.float32)).to(vals.dtype)
+    if r == me:
+        tl.store(own_out_ptr + pos * H + offs, vals, mask=m)
+    elif r >= 0:
+        peer = tl.load(peer_rows_addr_ptr + r).to(tl.pointer_type(src_ptr.dtype.element_ty))
+        tl.store(peer + pos * H + offs, vals, mask=m)
+        if chunk == 0:
+            meta = tl.load(peer_meta_addr_ptr + r).to(tl.pointer_type(tl.int64))
+            tl.store(meta + pos, slot.to(tl.int64))
 
 
-def row_grid(rows: int, H: int, block: int):
-    return (rows, triton.cdiv(H, block))
+@triton.jit
+def copy_segments_kernel(staging_ptr, out_ptr, staging_meta_ptr, out_meta_ptr, seg_ptr, me, N, G, H,
+                         HAS_META: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (segment, j, chunk): rows that source s wrote for local expert g into the staging move to
+    the regular output (autograd may keep it past the staging's reuse two calls later). Own rows were
+    written in place. The segment's rows are shared among SPLIT programs, row j, j+SPLIT, ..."""
+    seg = tl.program_id(0)
+    j = tl.program_id(1)
+    chunk = tl.program_id(2)
+    src = seg // G
+    if src != me:
+        start = tl.load(seg_ptr + seg)
+        length = tl.load(seg_ptr + N * G + seg)
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+        m = offs < H
+        for i in range(j, length.to(tl.int32), SPLIT):
+            row = start + i
+            tl.store(out_ptr + row * H + offs, tl.load(staging_ptr + row * H + offs, mask=m), mask=m)
+            if HAS_META:
+                if chunk == 0:
+                    tl.store(out_meta_ptr + row, tl.load(staging_meta_ptr + row))
 
 
-def pick_block(H: int) -> int:
-    return min(4096, triton.next_power_of_2(H))
+@triton.jit
+def return_segments_kernel(rows_ptr, slot_of_row_ptr, seg_ptr, peer_ret_addr_ptr, me, N, G, H,
+                           SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (segment, j, chunk): rows the experts here computed for a peer's slots go back into that
+    peer's return staging at the slot's index. Rows of this PE's own slots stay where they are: the
+    owner's gather reads them in place."""
+    seg = tl.program_id(0)
+    j = tl.program_id(1)
+    chunk = tl.program_id(2)
+    src = seg // G
+    if src != me:
+        start = tl.load(seg_ptr + seg)
+        length = tl.load(seg_ptr + N * G + seg)
+        dst = tl.load(peer_ret_addr_ptr + src).to(tl.pointer_type(rows_ptr.dtype.element_ty))
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+        m = offs < H
+        for i in range(j, length.to(tl.int32), SPLIT):
+            row = start + i
+            slot = tl.load(slot_of_row_ptr + row)
+            tl.store(dst + slot * H + offs, tl.load(rows_ptr + row * H + offs, mask=m), mask=m)
+
+
+@triton.jit
+def gather_reduce_kernel(own_rows_ptr, staging_ptr, dest_rank_ptr, dest_pos_ptr, w_ptr, out_ptr, slots_out_ptr,
+                         me, K, H, HAS_W: tl.constexpr, KEEP_SLOTS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (token, chunk): out[t] = sum_k w[t, k] * row(t, k) in float32, where row(t, k) is read in
+    place from own_rows (this PE's experts) or from the return staging (a peer's), and is exactly 0 for
+    a slot that was never sent (unused, dropped by overflow) whatever its weight. KEEP_SLOTS also
+    stores each row(t, k) (the weights' gradient needs them)."""
+    t = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    m = offs < H
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(K):
+        slot = (t * K + k).to(tl.int64)
+        r = tl.load(dest_rank_ptr + slot)
+        pos = tl.load(dest_pos_ptr + slot)
+        v_own = tl.load(own_rows_ptr + pos * H + offs, mask=m & (r == me), other=0.0)
+        v_peer = tl.load(staging_ptr + slot * H + offs, mask=m & (r >= 0) & (r != me), other=0.0)
+        v = v_own + v_peer
+        if KEEP_SLOTS:
+            tl.store(slots_out_ptr + slot * H + offs, v, mask=m)
+        if HAS_W:
+            w = tl.where(r >= 0, tl.load(w_ptr + slot).to(tl.float32), 0.0)
+            acc += v.to(tl.float32) * w
+        else:
+            acc += v.to(tl.float32)
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def row_chunks(H: int) -> int:
+    return triton.cdiv(H, ROW_BLOCK)

@@ -55,3 +55,43 @@ def sources_of_rows(counts_NE: torch.Tensor, me: int, capacity: int) -> torch.Te
     ids = torch.cat([torch.arange(N, device=counts_NE.device).repeat(G),
                      torch.full((1,), -1, device=counts_NE.device)])  # not torch.tensor([-1]): a blocking copy
     return torch.repeat_interleave(ids, torch.cat([lengths, pad]), output_size=capacity)
+
+
+# -- the same layout in slot order, as the Triton kernels compute it (kernels.py); these are their oracles --
+
+def ranks_in_expert(idx_S: torch.Tensor, num_experts: int):
+    """rank_S[s]: how many earlier slots chose the same expert (-1 for unused slots); counts_E."""
+    key = torch.where(idx_S >= 0, idx_S, num_experts)
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=idx_S.device).scatter_add_(
+        0, key, torch.ones_like(key))
+    start = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(key.numel(), device=idx_S.device) - start[key[order]]
+    rank_S = torch.empty_like(rank_sorted)
+    rank_S[order] = rank_sorted
+    return torch.where(idx_S >= 0, rank_S, -1), counts[:num_experts]
+
+
+def slot_destinations(counts_NE: torch.Tensor, me: int, idx_S: torch.Tensor, capacity: int):
+    """(dest_rank_S, dest_pos_S, overflow_N) in slot order: rank -1 (pos 0) for unused slots and for
+    slots bound to an overflowing receiver. Same positions as send_positions gives in sorted order."""
+    N, E = counts_NE.shape
+    G = E // N
+    rank_S, _ = ranks_in_expert(idx_S, E)
+    e_S = idx_S.clamp(min=0)
+    offs_E = expert_bases(counts_NE, N) + (torch.cumsum(counts_NE, 0) - counts_NE)[me]
+    overflow_N = receiver_totals(counts_NE) > capacity
+    dest_S = torch.div(e_S, G, rounding_mode="floor")
+    ok_S = (idx_S >= 0) & ~overflow_N[dest_S]
+    return torch.where(ok_S, dest_S, -1), torch.where(ok_S, offs_E[e_S] + rank_S, 0), overflow_N
+
+
+def segments(counts_NE: torch.Tensor, me: int, capacity: int) -> torch.Tensor:
+    """seg_2NG: start and length of the rows source s sent to local expert g of receiver `me`
+    (lengths 0 when `me` overflowed)."""
+    N, E = counts_NE.shape
+    G = E // N
+    mine_NG = counts_NE[:, me * G:(me + 1) * G]
+    start_NG = expert_bases(counts_NE, N)[me * G:(me + 1) * G] + torch.cumsum(mine_NG, 0) - mine_NG
+    overflow = receiver_totals(counts_NE)[me] > capacity
+    return torch.stack([start_NG, torch.where(overflow, torch.zeros_like(mine_NG), mine_NG)])

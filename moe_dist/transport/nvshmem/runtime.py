@@ -68,6 +68,7 @@ class SymmetricWorkspace:
 
         self.pes, self.me, self.n = pes, me, len(pes)
         self.hidden, self.capacity, self.max_slots = hidden, capacity, max_tokens * top_k
+        self.dtype = dtype
         self._tensors = []
 
         def sym(shape, dt):

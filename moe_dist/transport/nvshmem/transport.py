@@ -1,9 +1,11 @@
 """transport="nvshmem": device-initiated, one-sided all-to-all with no host synchronisation.
 
-dispatch (one epoch):  counts -> every peer, flag | wait all count flags | positions from the count
-                       matrix | rows -> final place at each peer, flag | wait all row flags | copy peer
-                       rows out of the symmetric staging
-combine  (one epoch):  expert rows -> owner's slot, flag | wait all | copy out | weighted sum
+dispatch (one epoch):  per-expert counts and each slot's rank within its expert -> counts to every
+                       peer, flag | wait all count flags | layout from the count matrix | rows ->
+                       final place at each peer, flag | wait all row flags | copy peer rows out of
+                       the symmetric staging
+combine  (one epoch):  expert rows -> owner's slot, flag | wait all | weighted sum, reading own rows
+                       in place and peers' rows from the staging
 backward: the gradient of dispatch travels like a combine (rows back to their slot) and the gradient
 of combine like a dispatch (to the same positions; no count exchange needed, the handle has them).
 Every peer signals every peer each epoch, rows or not, so nobody waits for a message that never comes;
@@ -18,28 +20,31 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ...errors import BUFFER_OVERFLOW, BufferOverflow, DeviceErrorFlags
+import triton
+
+from ...errors import BufferOverflow, DeviceErrorFlags
 from ...parallel.groups import all_reduce_sum
 from ...routing import RoutingPlan
-from ..permute import SlotOrder, slot_weight_grad, sort_slots_by_expert, sum_weighted_slots
+from ..permute import slot_weight_grad
 from . import kernels as K_
-from .layout import send_positions, sources_of_rows
-from .runtime import ensure_initialized, workspace
+from .runtime import SymmetricWorkspace, ensure_initialized, workspace
 
 COUNT, FORWARD, RETURN = 0, 1, 2  # flag channels
 
 
+SEGMENT_SPLIT = 16  # programs sharing one (source, local expert) segment of received rows
+
+
 @dataclass(frozen=True)
 class NvshmemHandle:
-    slots: SlotOrder
     weights_TK: torch.Tensor
-    dest_rank_S: torch.Tensor  # per sorted slot: receiving PE index in the EP group, -1 = not sent
-    dest_pos_S: torch.Tensor  # per sorted slot: row at the receiver
-    rank_of_slot_S: torch.Tensor  # per slot id (unsorted): same as dest_rank_S
-    src_of_row_C: torch.Tensor  # per received row: source PE index, -1 past the end
-    slot_of_row_C: torch.Tensor  # per received row: the slot id at its source
+    dest_rank_S: torch.Tensor  # per slot: receiving PE (index in the EP group), -1 = not sent
+    dest_pos_S: torch.Tensor  # per slot: row at the receiver
+    seg_2NG: torch.Tensor  # received rows: start and length of each (source, local expert) segment
+    slot_of_row_C: torch.Tensor  # per received row from a peer: the slot id at its source
     num_tokens: int
     top_k: int
+    ws: SymmetricWorkspace  # the symmetric buffers of this hidden size and dtype
 
 
 class NvshmemTransport:
@@ -66,21 +71,24 @@ class NvshmemTransport:
             from ...parallel import init_distributed
             init_distributed()  # NVSHMEM's uid bootstrap rides on a (world of one) process group
         ensure_initialized(device)
-        self._ws = None
+        self._workspaces: dict = {}
 
     @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.ep_size
 
-    def workspace(self, dtype: torch.dtype):
-        if self._ws is None:
-            self._ws = workspace(self.pes, self.ep_rank, self._hidden, self.num_experts, self.max_tokens,
-                                 self.top_k, self.capacity, dtype)
-        return self._ws
+    def workspace(self, dtype: torch.dtype, hidden: int) -> SymmetricWorkspace:
+        """The symmetric buffers for rows of this width and dtype (made on first use; every PE of the
+        group must make the same first uses in the same order, as it makes the same calls)."""
+        key = (dtype, hidden)
+        if key not in self._workspaces:
+            self._workspaces[key] = workspace(self.pes, self.ep_rank, hidden, self.num_experts, self.max_tokens,
+                                              self.top_k, self.capacity, dtype)
+        return self._workspaces[key]
 
     def memory_bytes_per_pe(self) -> int:
-        """Symmetric memory this transport's workspace takes on every PE (see SymmetricWorkspace)."""
-        return 0 if self._ws is None else self._ws.bytes_per_pe()
+        """Symmetric memory this transport's workspaces take on every PE (see SymmetricWorkspace)."""
+        return sum(ws.bytes_per_pe() for ws in self._workspaces.values())
 
     # -- public interface ----------------------------------------------------------------------------
     def dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
@@ -90,7 +98,6 @@ class NvshmemTransport:
                                  f"max_tokens_per_rank={self.max_tokens} that sized the nvshmem buffers")
         if K != self.top_k:
             raise ValueError(f"plan has {K} slots per token, transport was sized for top_k={self.top_k}")
-        self._hidden = x_TH.shape[1]
         tokens, counts_G, handle_box = _Dispatch.apply(x_TH, self, plan)
         return tokens, counts_G, handle_box.handle
 
@@ -100,69 +107,81 @@ class NvshmemTransport:
     def global_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tokens_per_expert_E.clone(), self.load_group)
 
-    # -- the two directions rows travel ---------------------------------------------------------------
-    def new_call(self) -> int:
+    # -- the steps of a call, in order -----------------------------------------------------------------
+    def new_call(self, ws: SymmetricWorkspace) -> int:
         """One epoch per dispatch, combine or backward step; returns the buffer parity."""
         self.calls += 1
-        return self._ws.next_epoch()
+        return ws.next_epoch()
 
-    def _signal_and_wait(self, channel: int, parity: int) -> None:
-        ws = self._ws
-        K_.signal_peers_kernel[(ws.n,)](ws.flags_at[parity, channel], ws.me, ws.epoch_dev)
-        K_.wait_flags_kernel[(1,)](ws.flags[parity, channel], ws.n, ws.epoch_dev, self.timeout_ns,
-                                   self.error_flags.words, self.calls)
+    def _signal_and_wait(self, ws: SymmetricWorkspace, channel: int, parity: int) -> None:
+        K_.signal_and_wait_kernel[(1,)](ws.flags_at[parity, channel], ws.flags[parity, channel], ws.me, ws.n,
+                                        ws.epoch_dev, self.timeout_ns, self.error_flags.words, self.calls)
 
-    def exchange_counts(self, counts_E: torch.Tensor, p: int) -> torch.Tensor:
-        ws = self._ws
-        n, E = ws.n, counts_E.numel()
-        peers = torch.arange(n, device=counts_E.device)
-        me = torch.full((n,), ws.me, device=counts_E.device, dtype=torch.int64)
-        zero = torch.zeros(n, device=counts_E.device, dtype=torch.int64)
-        K_.push_rows_kernel[K_.row_grid(n, E, K_.pick_block(E))](
-            counts_E.view(1, E), zero, peers, me, ws.counts_at[p], ws.counts[p], zero, zero, zero, ws.me, E,
-            HAS_META=False, BLOCK=K_.pick_block(E))
-        self._signal_and_wait(COUNT, p)
-        return ws.counts[p].clone()  # parity p is rewritten two calls from now
+    def route_and_layout(self, ws: SymmetricWorkspace, idx_S: torch.Tensor, p: int):
+        """Counts and in-expert ranks of this PE's slots, the count exchange, and the layout every later
+        step reads: (offs_E, overflow_N, counts_G, seg_2NG, rank_S)."""
+        E, G = self.num_experts, self.num_local_experts
+        dev = idx_S.device
+        rank_S = torch.empty(idx_S.numel(), dtype=torch.int64, device=dev)
+        K_.count_and_rank_kernel[(E,)](idx_S, idx_S.numel(), rank_S, ws.counts_at[p], ws.me, ws.n, E, BLOCK=1024)
+        self._signal_and_wait(ws, COUNT, p)
+        offs_E = torch.empty(E, dtype=torch.int64, device=dev)
+        overflow_N = torch.empty(ws.n, dtype=torch.int32, device=dev)
+        counts_G = torch.empty(G, dtype=torch.int64, device=dev)
+        seg_2NG = torch.empty(2, ws.n, G, dtype=torch.int64, device=dev)
+        K_.layout_kernel[(1,)](ws.counts[p], ws.me, ws.n, E, G, ws.capacity, offs_E, overflow_N, counts_G, seg_2NG,
+                               self.error_flags.words, self.calls, NB=triton.next_power_of_2(ws.n),
+                               EB=triton.next_power_of_2(E))
+        return offs_E, overflow_N, counts_G, seg_2NG, rank_S
 
-    def push_forward(self, p: int, rows: torch.Tensor, src_row: torch.Tensor, dest_rank: torch.Tensor,
-                     dest_pos: torch.Tensor, src_of_row_C: torch.Tensor, meta: torch.Tensor | None = None):
-        """Rows to their receivers' final positions. Returns (out_CH, out_meta_C or None)."""
-        ws = self._ws
-        H = rows.shape[1]
-        block = K_.pick_block(H)
-        out = torch.empty(ws.capacity, H, device=rows.device, dtype=rows.dtype)
-        out_meta = torch.empty(ws.capacity, device=rows.device, dtype=torch.int64) if meta is not None else None
-        has_meta = meta is not None
-        dummy = dest_rank
-        if src_row.numel():
-            K_.push_rows_kernel[K_.row_grid(src_row.numel(), H, block)](
-                rows, src_row, dest_rank, dest_pos, ws.fwd_rows_at[p], out,
-                meta if has_meta else dummy, ws.fwd_meta_at[p], out_meta if has_meta else dummy, ws.me, H,
-                HAS_META=has_meta, BLOCK=block)
-        self._signal_and_wait(FORWARD, p)
-        K_.copy_from_peers_kernel[K_.row_grid(ws.capacity, H, block)](
-            ws.fwd_rows[p], out, src_of_row_C, ws.fwd_meta[p], out_meta if has_meta else dummy, ws.me, H,
-            HAS_META=has_meta, BLOCK=block)
-        return out, out_meta
+    def push_slots(self, ws: SymmetricWorkspace, p: int, rows_TH: torch.Tensor, dest_rank_S: torch.Tensor,
+                   dest_pos_S: torch.Tensor, seg_2NG: torch.Tensor, *, scale_S=None, layout=None, idx_S=None,
+                   slot_of_row_C=None):
+        """Dispatch direction: one row per slot to its receiver (final position), flag, wait, then rows
+        from peers out of the staging. With `layout` the destinations are computed (and stored into
+        dest_rank_S / dest_pos_S); without, they are read from them. Returns the [C, H] rows received."""
+        rows_TH = rows_TH.to(ws.dtype).contiguous()  # the staging holds this dtype (a gradient may differ)
+        H = rows_TH.shape[1]
+        out_CH = torch.empty(ws.capacity, H, device=rows_TH.device, dtype=rows_TH.dtype)
+        S = dest_rank_S.numel()
+        if S:
+            offs_E, overflow_N, _, _, rank_S = layout if layout is not None else (dest_pos_S,) * 5
+            K_.push_slots_kernel[(S, K_.row_chunks(H))](
+                rows_TH, scale_S if scale_S is not None else dest_pos_S, idx_S if idx_S is not None else dest_pos_S,
+                rank_S, offs_E, overflow_N, dest_rank_S, dest_pos_S, ws.fwd_rows_at[p], out_CH, ws.fwd_meta_at[p],
+                ws.me, self.num_local_experts, self.top_k, H, COMPUTE_DEST=layout is not None,
+                SCALE=scale_S is not None, BLOCK=K_.ROW_BLOCK)
+        self._signal_and_wait(ws, FORWARD, p)
+        if ws.n > 1:
+            has_meta = slot_of_row_C is not None
+            K_.copy_segments_kernel[(ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))](
+                ws.fwd_rows[p], out_CH, ws.fwd_meta[p], slot_of_row_C if has_meta else seg_2NG, seg_2NG, ws.me,
+                ws.n, self.num_local_experts, H, HAS_META=has_meta, SPLIT=SEGMENT_SPLIT, BLOCK=K_.ROW_BLOCK)
+        return out_CH
 
-    def push_return(self, rows_CH: torch.Tensor, src_of_row_C: torch.Tensor, slot_of_row_C: torch.Tensor,
-                    rank_of_slot_S: torch.Tensor, num_slots: int) -> torch.Tensor:
-        """Row r goes back to PE src_of_row[r], into slot slot_of_row[r]. Returns [S, H] in slot order
-        (rows of slots that were never sent are left unwritten: callers mask them)."""
-        ws = self._ws
-        p = self.new_call()
+    def return_and_reduce(self, rows_CH: torch.Tensor, h: NvshmemHandle, weights_TK=None, keep_slots=False):
+        """Combine direction: rows computed here for peers' slots go back to the owners' staging, flag,
+        wait; then out[t] = sum_k w[t, k] * row(t, k) (w = 1 without weights). Returns (out_TH, rows of
+        every slot [T, K, H] when keep_slots, else None)."""
+        ws = h.ws
+        p = self.new_call(ws)
+        rows_CH = rows_CH.to(ws.dtype).contiguous()
         H = rows_CH.shape[1]
-        block = K_.pick_block(H)
-        out = torch.empty(num_slots, H, device=rows_CH.device, dtype=rows_CH.dtype)
-        rows_idx = torch.arange(ws.capacity, device=rows_CH.device)
-        K_.push_rows_kernel[K_.row_grid(ws.capacity, H, block)](
-            rows_CH, rows_idx, src_of_row_C, slot_of_row_C, ws.ret_rows_at[p], out,
-            rows_idx, rows_idx, rows_idx, ws.me, H, HAS_META=False, BLOCK=block)
-        self._signal_and_wait(RETURN, p)
-        if num_slots:
-            K_.copy_from_peers_kernel[K_.row_grid(num_slots, H, block)](
-                ws.ret_rows[p], out, rank_of_slot_S, rows_idx, rows_idx, ws.me, H, HAS_META=False, BLOCK=block)
-        return out
+        if ws.n > 1:
+            K_.return_segments_kernel[(ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))](
+                rows_CH, h.slot_of_row_C, h.seg_2NG, ws.ret_rows_at[p], ws.me, ws.n, self.num_local_experts, H,
+                SPLIT=SEGMENT_SPLIT, BLOCK=K_.ROW_BLOCK)
+        self._signal_and_wait(ws, RETURN, p)
+        T, K = h.num_tokens, h.top_k
+        out_TH = torch.empty(T, H, device=rows_CH.device, dtype=rows_CH.dtype)
+        slots_TKH = torch.empty(T, K, H, device=rows_CH.device, dtype=rows_CH.dtype) if keep_slots else None
+        if T:
+            K_.gather_reduce_kernel[(T, K_.row_chunks(H))](
+                rows_CH, ws.ret_rows[p], h.dest_rank_S, h.dest_pos_S,
+                weights_TK if weights_TK is not None else h.dest_pos_S, out_TH,
+                slots_TKH if keep_slots else out_TH, ws.me, K, H, HAS_W=weights_TK is not None,
+                KEEP_SLOTS=keep_slots, BLOCK=K_.ROW_BLOCK)
+        return out_TH, slots_TKH
 
 
 class _HandleBox:
@@ -174,57 +193,48 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, tr: NvshmemTransport, plan: RoutingPlan):
         T, K = plan.expert_idx_TK.shape
-        E = tr.num_experts
-        ws = tr.workspace(x_TH.dtype)
-        slots = sort_slots_by_expert(plan.expert_idx_TK, E)
-        p = tr.new_call()  # the count exchange and the rows share this call's epoch (separate flags)
-        counts_NE = tr.exchange_counts(slots.counts_E, p)
-        sorted_e_S = torch.where(plan.expert_idx_TK.reshape(-1) >= 0, plan.expert_idx_TK.reshape(-1), E)[slots.order_S]
-        dest_rank_S, dest_pos_S, overflow_R = send_positions(counts_NE, ws.me, sorted_e_S, ws.capacity)
-        tr.error_flags.record(BUFFER_OVERFLOW, overflow_R.any(), tr.calls)
-        src_of_row_C = sources_of_rows(counts_NE, ws.me, ws.capacity)
-        slot_ids_S = slots.order_S  # sorted position j carries slot order_S[j]
-        tokens_CH, slot_of_row_C = tr.push_forward(p, x_TH, slot_ids_S // K, dest_rank_S, dest_pos_S,
-                                                   src_of_row_C, meta=slot_ids_S)
-        slot_of_row_C = torch.where(src_of_row_C >= 0, slot_of_row_C, 0)
-        rank_of_slot_S = torch.empty_like(dest_rank_S)
-        rank_of_slot_S[slots.order_S] = dest_rank_S
-        G = tr.num_local_experts
-        counts_G = torch.where(overflow_R[ws.me], 0, counts_NE[:, ws.me * G:(ws.me + 1) * G].sum(0))
+        x_TH = x_TH.contiguous()
+        ws = tr.workspace(x_TH.dtype, x_TH.shape[1])
+        idx_S = plan.expert_idx_TK.reshape(-1).contiguous()
+        p = tr.new_call(ws)  # the count exchange and the rows share this call's epoch (separate flags)
+        layout = tr.route_and_layout(ws, idx_S, p)
+        counts_G, seg_2NG = layout[2], layout[3]
+        dest_rank_S = torch.empty(T * K, dtype=torch.int64, device=x_TH.device)
+        dest_pos_S = torch.empty(T * K, dtype=torch.int64, device=x_TH.device)
+        slot_of_row_C = torch.empty(tr.capacity, dtype=torch.int64, device=x_TH.device)
+        tokens_CH = tr.push_slots(ws, p, x_TH, dest_rank_S, dest_pos_S, seg_2NG, layout=layout, idx_S=idx_S,
+                                  slot_of_row_C=slot_of_row_C)
         box = _HandleBox()
-        box.handle = NvshmemHandle(slots, plan.weights_TK, dest_rank_S, dest_pos_S, rank_of_slot_S,
-                                   src_of_row_C, slot_of_row_C, T, K)
+        box.handle = NvshmemHandle(plan.weights_TK, dest_rank_S, dest_pos_S, seg_2NG, slot_of_row_C, T, K, ws)
         ctx.tr, ctx.handle = tr, box.handle
         ctx.mark_non_differentiable(counts_G)
         return tokens_CH, counts_G, box
 
     @staticmethod
     def backward(ctx, grad_tokens_CH, _grad_counts, _grad_box):
-        h, tr = ctx.handle, ctx.tr
-        grad_S = tr.push_return(grad_tokens_CH.contiguous(), h.src_of_row_C, h.slot_of_row_C, h.rank_of_slot_S,
-                                h.num_tokens * h.top_k)
-        sent = (h.rank_of_slot_S >= 0).view(h.num_tokens, h.top_k, 1)
-        grad_TKH = torch.where(sent, grad_S.view(h.num_tokens, h.top_k, -1), grad_S.new_zeros(()))
-        return grad_TKH.sum(1), None, None
+        # grad x[t] = sum over the slots of t that were sent of the gradient of their row.
+        grad_TH, _ = ctx.tr.return_and_reduce(grad_tokens_CH.contiguous(), ctx.handle)
+        return grad_TH, None, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_CH, weights_TK, tr: NvshmemTransport, h: NvshmemHandle):
-        T, K = h.num_tokens, h.top_k
-        y_S = tr.push_return(y_CH.contiguous(), h.src_of_row_C, h.slot_of_row_C, h.rank_of_slot_S, T * K)
-        sent_TK = (h.rank_of_slot_S >= 0).view(T, K)
-        y_TKH = torch.where(sent_TK.unsqueeze(-1), y_S.view(T, K, -1), y_S.new_zeros(()))
-        ctx.save_for_backward(y_TKH, weights_TK, sent_TK)
+        # The weights' gradient needs every slot's row; inference skips writing them.
+        out_TH, y_TKH = tr.return_and_reduce(y_CH.contiguous(), h, weights_TK.contiguous(),
+                                             keep_slots=ctx.needs_input_grad[1])
+        ctx.save_for_backward(y_TKH, weights_TK)
         ctx.tr, ctx.h = tr, h
-        return sum_weighted_slots(y_TKH, weights_TK)
+        return out_TH
 
     @staticmethod
     def backward(ctx, grad_TH):
-        y_TKH, weights_TK, sent_TK = ctx.saved_tensors
+        y_TKH, weights_TK = ctx.saved_tensors
         tr, h = ctx.tr, ctx.h
         grad_TH = grad_TH.contiguous()
-        grad_w = slot_weight_grad(y_TKH, grad_TH).to(weights_TK.dtype) * sent_TK
-        rows_SH = (weights_TK.to(grad_TH.dtype).unsqueeze(-1) * grad_TH.unsqueeze(1)).reshape(-1, grad_TH.shape[1])
-        grad_y, _ = tr.push_forward(tr.new_call(), rows_SH, h.slots.order_S, h.dest_rank_S, h.dest_pos_S, h.src_of_row_C)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = slot_weight_grad(y_TKH, grad_TH).to(weights_TK.dtype)  # unsent slots' rows are 0
+        grad_y = tr.push_slots(h.ws, tr.new_call(h.ws), grad_TH, h.dest_rank_S, h.dest_pos_S, h.seg_2NG,
+                               scale_S=weights_TK.contiguous().view(-1))
         return grad_y, grad_w, None, None
