@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # One lease, one call: the GPU tests and the benchmarks, results under $OUT (or benchmarks/results).
 # Run on the lent GPU machine after ../shared/device/fetch-wheels.sh put wheels in .whl/:
-#   bash benchmarks/gpu_session.sh [tests|layer|transport|train|overlap ...]   (default: all)
+#   bash benchmarks/gpu_session.sh [tests|layer|transport|train|overlap|sweep ...]   (default: tests transport sweep)
+# The device returns at most 8 files: JSON results and one log, session.log.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
-steps=${*:-tests layer transport}
-nvidia-smi -L
+log="$out/session.log"
+steps=${*:-tests transport sweep}
+nvidia-smi -L | tee -a "$log"
 for step in $steps; do
-  echo "=== $step"
+  echo "=== $step $(date +%T)" | tee -a "$log"
   case $step in
-    tests) timeout 300 python3 -m pytest -q -x tests/gpu 2>&1 | grep -v "^E  *File\|^W1124" | tail -60 ;;
-    layer) timeout 240 python3 benchmarks/layer.py --out "$out" --iters 10 ;;
-    transport) timeout 150 python3 benchmarks/transport.py --out "$out" --iters 10
-               timeout 120 torchrun --standalone --nproc-per-node 2 benchmarks/transport.py --backend gloo \
-                 --tokens 128,1024 --hidden 2048 --iters 3 --out "$out" ;;
-    train) timeout 200 python3 benchmarks/train_throughput.py --out "$out" ;;
-    overlap) timeout 200 python3 benchmarks/overlap.py --out "$out" ;;
+    tests) timeout 240 python3 -m pytest -q -rs tests/gpu 2>&1 | grep -v "^E  *File\|^W11" | tail -40 | tee -a "$log" ;;
+    layer) timeout 240 python3 benchmarks/layer.py --out "$out" --iters 10 2>&1 | tee -a "$log" | tail -20 ;;
+    transport) timeout 90 python3 benchmarks/transport.py --out "$out" --iters 20 2>&1 | tee -a "$log" | grep -v Warn | tail -8
+               timeout 60 torchrun --standalone --nproc-per-node 2 benchmarks/transport.py --backend gloo \
+                 --tokens 128,1024 --hidden 2048 --iters 3 --out "$out" 2>&1 | tee -a "$log" | grep -v Warn | tail -4 ;;
+    train) timeout 200 python3 benchmarks/train_throughput.py --out "$out" 2>&1 | tee -a "$log" | tail -10 ;;
+    overlap) timeout 200 python3 benchmarks/overlap.py --out "$out" 2>&1 | tee -a "$log" | tail -20 ;;
+    sweep) timeout 110 python3 benchmarks/sweep.py --tokens 1024,4096 --experts 8,64 --top-k 2,8 \
+             --transports local,nvshmem --peers deepspeed --iters 10 --warmup 3 --out "$out" 2>&1 | tee -a "$log" | tail -22
+           timeout 80 torchrun --standalone --nproc-per-node 2 benchmarks/sweep.py --backend gloo --tokens 256,1024 \
+             --experts 64 --top-k 2,8 --transports collective,nvshmem --peers none --iters 5 --warmup 2 \
+             --check-tokens 256 --out "$out" 2>&1 | tee -a "$log" | tail -10 ;;
   esac
 done
+echo "=== done $(date +%T)" | tee -a "$log"

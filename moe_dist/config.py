@@ -39,6 +39,7 @@ class MoEConfig:
     expert_backend: str = "auto"
     transport: str = "auto"
     num_chunks: int = 1  # >1: pipeline dispatch / experts / combine over token chunks (overlap)
+    shared_expert_overlap: bool = True  # CUDA: shared experts on a side stream while tokens travel
     max_tokens_per_rank: int = 16384  # sizes the nvshmem transport's symmetric buffers
     nvshmem_recv_capacity: int | None = None  # rows a PE can receive; None = worst case (see README)
     peer_timeout_s: float = 60.0  # nvshmem: a wait longer than this records a PeerTimeout error
@@ -52,6 +53,8 @@ class MoEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.shared_expert_overlap, bool):
+            raise ValueError(f"shared_expert_overlap must be a bool, got {self.shared_expert_overlap!r}")
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
         if self.shared_ffn_hidden_size is not None and self.shared_ffn_hidden_size < 1:

@@ -13,6 +13,7 @@ from torch import nn
 from .config import MoEConfig
 from .errors import NONFINITE_LOGITS, DeviceErrorFlags, NonFiniteRouterLogits
 from .experts import DenseFFN, GroupedExperts, grouped_mm_supported
+from .overlap import pipelined_moe, start_shared_experts
 from .routing import Router, RoutingPlan
 from .transport import build_transport
 
@@ -47,7 +48,7 @@ class MoELayer(nn.Module):
         self.router = Router(cfg, device=device, dtype=dtype)
         self.shared_experts = (DenseFFN(cfg.hidden_size, cfg.shared_hidden, cfg.activation, cfg.shared_expert_gate,
                                         device=device, dtype=dtype) if cfg.num_shared_experts else None)
-        self.transport = build_transport(cfg.transport, cfg.num_experts, groups, device, cfg)
+        self.transport = build_transport(cfg.transport, cfg.num_experts, groups, device, cfg, dtype)
         if getattr(self.transport, "error_flags", None) is not None:
             self.transport.error_flags.layer_name = name
         base_seed = int(torch.randint(0, 2**62, (1,)).item()) + cfg.init_seed_offset
@@ -68,14 +69,14 @@ class MoELayer(nn.Module):
             raise ValueError(f"input hidden size ({x.shape[-1]}) does not match MoEConfig.hidden_size "
                              f"({self.cfg.hidden_size}) in MoE layer '{self.name}'")
         x_TH = x.reshape(-1, x.shape[-1])
+        # On CUDA the shared experts run on a side stream from here on, while tokens route and travel.
+        shared = start_shared_experts(self, x_TH)
         plan = self.route(x_TH)
         if self.cfg.num_chunks > 1:
-            from .overlap import pipelined_moe
-            out_TH = pipelined_moe(self, x_TH, plan)
+            out_TH = pipelined_moe(self, x_TH, plan)  # dispatch/experts/combine of chunks overlapped
         else:
             out_TH = self.routed_experts(x_TH, plan)
-            if self.shared_experts is not None:
-                out_TH = out_TH + self.shared_experts(x_TH)
+        out_TH = shared.add_to(out_TH)
         self.step += 1
         return MoEOutput(out_TH.view(x.shape), plan.aux_loss, plan.tokens_per_expert_E)
 

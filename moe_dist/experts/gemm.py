@@ -34,11 +34,12 @@ def grouped_mm(x_MK: torch.Tensor, w_GNK: torch.Tensor, counts_G: torch.Tensor) 
 
 
 def loop_mm(x_MK: torch.Tensor, w_GNK: torch.Tensor, counts_G: torch.Tensor) -> torch.Tensor:
-    """Oracle: one matmul per expert (Hugging Face Mixtral style). Reads counts on the host."""
-    out = x_MK.new_zeros(x_MK.shape[0], w_GNK.shape[1])
-    start = 0
+    """Oracle: one matmul per expert (Hugging Face Mixtral style). Reads counts on the host.
+    Every expert joins the autograd graph, even with no rows: a rank whose experts got nothing must
+    still run the transport's backward calls, which are collective (its peers wait for them)."""
+    pieces, start = [], 0
     for g, n in enumerate(counts_G.tolist()):
-        if n:
-            out[start:start + n] = x_MK[start:start + n] @ w_GNK[g].t()
+        pieces.append(x_MK[start:start + n] @ w_GNK[g].t())
         start += n
-    return out
+    pieces.append(x_MK.new_zeros(x_MK.shape[0] - start, w_GNK.shape[1]))  # rows past the groups: unused
+    return torch.cat(pieces)

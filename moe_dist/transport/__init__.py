@@ -24,7 +24,8 @@ def nvshmem_unavailable_reason(device: torch.device | None) -> str | None:
     return None
 
 
-def build_transport(kind: str, num_experts: int, groups, device: torch.device | None, cfg=None) -> Transport:
+def build_transport(kind: str, num_experts: int, groups, device: torch.device | None, cfg=None,
+                    dtype: torch.dtype | None = None) -> Transport:
     """`groups=None` means one process (EP=1). "auto" = nvshmem where it can run, else collective."""
     ep_size = 1 if groups is None else groups.ep_size
     load_group = None if groups is None else groups.dp_group
@@ -44,7 +45,7 @@ def build_transport(kind: str, num_experts: int, groups, device: torch.device | 
         if reason is not None:
             raise RuntimeError(f"transport='nvshmem' cannot run: {reason}. Use transport='auto' or 'collective'.")
         from .nvshmem.transport import NvshmemTransport
-        return NvshmemTransport(num_experts, groups, device, cfg)
+        return NvshmemTransport(num_experts, groups, device, cfg, dtype)
     if groups is None:
         return LocalTransport(num_experts, None)  # collective over a world of one is the local case
     return CollectiveTransport(num_experts, groups.ep_group, load_group)

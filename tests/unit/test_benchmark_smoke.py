@@ -1,4 +1,5 @@
-"""Every benchmark's tiny CPU mode runs to completion and writes its JSON, so none can rot unseen."""
+"""Every benchmark's tiny CPU mode runs to completion and writes its JSON, so none can rot unseen; the
+sweep's plot step turns that JSON into PNGs and README tables, and the sweep runs under torchrun."""
 import json
 import subprocess
 import sys
@@ -7,15 +8,127 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCHMARKS = ["layer.py", "transport.py", "train_throughput.py", "coe_compare.py", "compression_report.py"]
+BENCHMARKS = ["layer.py", "transport.py", "train_throughput.py", "coe_compare.py", "compression_report.py", "sweep.py"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Runs `benchmarks/<script> --smoke --out DIR` once per module; returns (process, DIR)."""
+    done = {}
+
+    def run(script):
+        if script not in done:
+            out = tmp_path_factory.mktemp(script.replace(".py", ""))
+            proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=300)
+            done[script] = (proc, out)
+        return done[script]
+    return run
 
 
 @pytest.mark.parametrize("script", BENCHMARKS)
-def test_benchmark_smoke(script, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_benchmark_smoke(script, smoke):
+    proc, out = smoke(script)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    written = list(tmp_path.rglob("*.json"))
+    written = list(out.rglob("*.json"))
     assert written, f"{script} --smoke --out wrote no JSON"
     for path in written:
         assert json.loads(path.read_text()), f"{path} is empty"
+
+
+def _check_sweep_json(path: Path, ep: int) -> dict:
+    d = json.loads(path.read_text())
+    assert d["ep_size"] == ep and d["environment"]["torch"] and d["config"]["tokens"]
+    rows = [r for r in d["results"] if "variants" in r]
+    assert rows and {r["mode"] for r in rows} == {"weak", "strong"}
+    for r in rows:
+        v = r["variants"]
+        # the collective path (a2a + grouped GEMM) and DeepSpeed run on CPU, checked against the reference
+        for name in ("moe_dist:collective", "moe_dist:auto", "deepspeed"):
+            assert v[name]["status"] == "ok", (name, v[name])
+            assert v[name]["rel_err"] <= 1e-4 and v[name]["median_ms"] > 0
+        assert v["a2a_vdev_2d"]["status"] == "skipped" and "cpu" in v["a2a_vdev_2d"]["reason"]
+        assert v["moe_dist:nvshmem"]["status"] == "skipped" and v["moe_dist:nvshmem"]["reason"]
+    assert d["unavailable"]["a2a_vdev_2d"], "the JSON says why the symm_mem peer was not run"
+    return d
+
+
+def _check_pngs(out: Path, n: int = 4) -> None:
+    pngs = sorted(out.glob("sweep_*.png"))
+    assert len(pngs) == n, pngs
+    for png in pngs:
+        data = png.read_bytes()
+        assert len(data) > 1000 and data.startswith(PNG_MAGIC), f"{png} is not a PNG"
+
+
+def test_sweep_plot_and_readme(smoke, tmp_path):
+    proc, out = smoke("sweep.py")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (json_path,) = out.glob("sweep_*.json")
+    d = _check_sweep_json(json_path, ep=1)
+    assert all(r["variants"]["moe_dist:local"]["status"] == "ok" for r in d["results"] if "variants" in r)
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nhand-written text\n")
+    for _ in range(2):  # the second run replaces the section instead of appending another
+        plot = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(json_path),
+                               "--out", str(tmp_path / "figs"), "--readme", str(readme)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert plot.returncode == 0, (plot.stdout + plot.stderr)[-4000:]
+    _check_pngs(tmp_path / "figs")
+    text = readme.read_text()
+    assert text.startswith("# title\n\nhand-written text") and text.count("sweep:begin") == 1
+    assert "CPU smoke" in text and "figs/sweep_latency.png" in text and "| 64 |" in text
+
+
+def test_sweep_torchrun_two_processes(tmp_path, smoke):
+    """EP=2 over gloo with 2 CPU processes, then the plot step over EP=1 and EP=2 (scaling curves)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "benchmarks" / "sweep.py"), "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (json_path,) = tmp_path.glob("sweep_ep2_*.json")
+    d = _check_sweep_json(json_path, ep=2)
+    assert d["backend"] == "gloo" and d["world_size"] == 2
+    rows = [r for r in d["results"] if "variants" in r]
+    assert all(len(r["variants"]["moe_dist:collective"]["rank_median_ms"]) == 2 for r in rows)
+    assert all("local" in r["variants"]["moe_dist:local"]["reason"] for r in rows)
+    assert "[16/16]" in proc.stdout, "a progress line per point"
+    ep1_proc, ep1_out = smoke("sweep.py")
+    assert ep1_proc.returncode == 0
+    plot = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(json_path),
+                           *map(str, ep1_out.glob("sweep_*.json")), "--out", str(tmp_path / "figs")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert plot.returncode == 0, (plot.stdout + plot.stderr)[-4000:]
+    _check_pngs(tmp_path / "figs")
+
+
+WRONG_VARIANT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from benchmarks import sweep
+build = sweep.build_layer
+
+def wrong(ctx, p, transport):  # a 'fast' collective path whose expert weights are off by 1%
+    layer = build(ctx, p, transport)
+    if transport == "collective":
+        with torch.no_grad():
+            layer.experts.w_out.mul_(1.01)
+    return layer
+
+sweep.build_layer = wrong
+d = sweep.main("--device cpu --tokens 32 --experts 4 --top-k 2 --hidden 16 --ffn 32 --peers none "
+               "--transports local,collective --iters 1 --warmup 0".split())
+v = d["results"][0]["variants"]
+assert v["moe_dist:local"]["status"] == "ok", v
+bad = v["moe_dist:collective"]
+assert bad["status"] == "failed" and "reference" in bad["reason"] and "median_ms" not in bad, bad
+print("WRONG VARIANT REJECTED")
+"""
+
+
+def test_sweep_rejects_a_wrong_variant():
+    """A variant that disagrees with transport='reference' is recorded as failed and never timed."""
+    proc = subprocess.run([sys.executable, "-c", WRONG_VARIANT.format(root=str(ROOT))], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "WRONG VARIANT REJECTED" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]

@@ -136,3 +136,19 @@ def test_nvshmem_transport_without_gpu_says_what_is_missing():
         pytest.skip("this machine has a GPU; the message under test is for machines without one")
     with pytest.raises(RuntimeError, match="transport='nvshmem' cannot run: it needs CUDA"):
         MoELayer(make(transport="nvshmem"))
+
+
+def test_loop_experts_stay_in_the_graph_with_no_rows():
+    """A rank whose experts got no rows must still run the transport's backward calls (they are
+    collective): the loop oracle keeps every expert in the graph, giving zero gradients, not None."""
+    from moe_dist.experts.gemm import loop_mm
+    x = torch.randn(5, 4, requires_grad=True)
+    w = torch.randn(3, 6, 4, requires_grad=True)
+    out = loop_mm(x, w, torch.zeros(3, dtype=torch.long))
+    assert out.shape == (5, 6) and out.grad_fn is not None and not out.any()
+    out.sum().backward()
+    assert w.grad is not None and not w.grad.any() and x.grad is not None and not x.grad.any()
+    counts = torch.tensor([2, 0, 1])
+    y = loop_mm(x, w, counts)
+    want = torch.cat([x[:2] @ w[0].t(), x[2:3] @ w[2].t(), torch.zeros(2, 6)])
+    torch.testing.assert_close(y, want)

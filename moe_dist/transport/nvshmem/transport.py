@@ -50,7 +50,7 @@ class NvshmemHandle:
 class NvshmemTransport:
     name = "nvshmem"
 
-    def __init__(self, num_experts: int, groups, device: torch.device, cfg):
+    def __init__(self, num_experts: int, groups, device: torch.device, cfg, dtype: torch.dtype | None = None):
         self.num_experts = num_experts
         if groups is None:
             self.pes = [dist.get_rank() if dist.is_initialized() else 0]
@@ -72,14 +72,18 @@ class NvshmemTransport:
             init_distributed()  # NVSHMEM's uid bootstrap rides on a (world of one) process group
         ensure_initialized(device)
         self._workspaces: dict = {}
+        # Symmetric allocation is collective: made here, where every PE builds the layer, not lazily in a
+        # first dispatch that a silent peer would never join (that would hang instead of timing out).
+        self.workspace(dtype or torch.get_default_dtype(), cfg.hidden_size)
 
     @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.ep_size
 
     def workspace(self, dtype: torch.dtype, hidden: int) -> SymmetricWorkspace:
-        """The symmetric buffers for rows of this width and dtype (made on first use; every PE of the
-        group must make the same first uses in the same order, as it makes the same calls)."""
+        """The symmetric buffers for rows of this width and dtype: the layer's own are made at construction;
+        another (a layer cast to a new dtype) on first use, which every PE of the group makes in the same
+        order, as it makes the same calls."""
         key = (dtype, hidden)
         if key not in self._workspaces:
             self._workspaces[key] = workspace(self.pes, self.ep_rank, hidden, self.num_experts, self.max_tokens,
