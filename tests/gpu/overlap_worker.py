@@ -13,8 +13,9 @@ from moe_dist import MoEConfig, MoELayer, ParallelGroups
 H, F, E = 64, 32, 8
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))  # NCCL refuses 2 ranks on 1 GPU
-torch.cuda.set_device(0)
-dev = torch.device("cuda", 0)
+# One GPU: every PE shares it (time-sliced); several GPUs: one PE per GPU, peers over NVLink.
+dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+torch.cuda.set_device(dev)
 groups = ParallelGroups(ep_size=world)
 
 

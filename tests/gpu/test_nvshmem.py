@@ -21,7 +21,7 @@ def test_nvshmem_matches_reference(pes):
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={pes}",
                            str(ROOT / "tests/gpu/nvshmem_worker.py")], env=env, capture_output=True, text=True,
-                          timeout=400)
+                          timeout=180)
     out = proc.stdout + proc.stderr
     first_error = out.find("Traceback")
     assert proc.returncode == 0 and f"NVSHMEM WORKER OK {pes}" in out, out[max(0, first_error):][:6000]
