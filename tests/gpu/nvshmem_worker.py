@@ -1,7 +1,6 @@
 """Runs under torchrun on ONE GPU with N processes (NVSHMEM PEs sharing the GPU): the nvshmem transport
 against the reference transport, forward and backward; no host sync; CUDA-graph capture; overflow and
 timeout errors. Prints 'NVSHMEM WORKER OK <n>' on success. Used by tests/gpu/test_nvshmem.py."""
-import datetime
 import os
 import sys
 import time
@@ -9,15 +8,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from moe_dist import BufferOverflow, MoEConfig, MoELayer, ParallelGroups, PeerTimeout
+from moe_dist import BufferOverflow, MoEConfig, MoELayer, PeerTimeout
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torchrun_pes import setup_pe  # noqa: E402
 
 H, F, E = 64, 32, 8
-rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))  # NCCL refuses 2 ranks on 1 GPU
-# One GPU: every PE shares it (time-sliced); several GPUs: one PE per GPU, peers over NVLink.
-dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-torch.cuda.set_device(dev)
-groups = ParallelGroups(ep_size=world)
+rank, world, dev, groups = setup_pe()
 checks = []
 T0 = time.monotonic()
 

@@ -2,21 +2,19 @@
 pipelined over chunks (comm stream, per-chunk epochs) against the same transport unpipelined, forward
 and backward, two steps, uneven tokens and a rank with none. Prints 'OVERLAP WORKER OK <n>'.
 Used by tests/gpu/test_overlap_gpu.py. Legend: T tokens, H hidden, E experts."""
-import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
-from moe_dist import MoEConfig, MoELayer, ParallelGroups
+from moe_dist import MoEConfig, MoELayer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torchrun_pes import setup_pe  # noqa: E402
 
 H, F, E = 64, 32, 8
-rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))  # NCCL refuses 2 ranks on 1 GPU
-# One GPU: every PE shares it (time-sliced); several GPUs: one PE per GPU, peers over NVLink.
-dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-torch.cuda.set_device(dev)
-groups = ParallelGroups(ep_size=world)
+rank, world, dev, groups = setup_pe()
 
 
 def fwd_bwd(layer, x, g):

@@ -4,18 +4,14 @@ transport and its streams, backward ops on their forward's stream, and the nvshm
 
 Legend: T tokens, H hidden, E experts, C chunks.
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from moe_dist import MoEConfig, MoELayer
 from moe_dist.transport import nvshmem_unavailable_reason
 
-ROOT = Path(__file__).resolve().parents[2]
+from .torchrun_pes import run_worker
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -97,11 +93,4 @@ nv_reason = nvshmem_unavailable_reason(torch.device("cuda", 0) if torch.cuda.is_
 @pytest.mark.skipif(nv_reason is not None, reason=f"nvshmem transport cannot run here: {nv_reason}")
 @pytest.mark.parametrize("pes", [1, 2])
 def test_nvshmem_pipelined_equals_unpipelined(pes):
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={pes}",
-                           str(ROOT / "tests/gpu/overlap_worker.py")], env=env, capture_output=True, text=True,
-                          timeout=300)
-    out = proc.stdout + proc.stderr
-    first_error = out.find("Traceback")
-    assert proc.returncode == 0 and f"OVERLAP WORKER OK {pes}" in out, out[max(0, first_error):][:6000]
+    run_worker("overlap_worker.py", pes, f"OVERLAP WORKER OK {pes}")

@@ -1,0 +1,38 @@
+"""Shared by the multi-PE GPU tests: start a worker under torchrun (test side), and set up one NVSHMEM PE
+in the worker (worker side). One GPU: every PE shares it (time-sliced, correctness only); several GPUs:
+one PE per GPU, peers over NVLink. The process group is gloo, since NCCL refuses two ranks on one GPU."""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+# Never NVLink multicast on the lent machines (it can take a shared host's GPUs out of service).
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def run_worker(script: str, pes: int, ok_marker: str, timeout: int = 180) -> None:
+    """Runs tests/gpu/<script> with `pes` processes; fails with the first traceback unless it printed ok_marker."""
+    env = dict(os.environ, **NO_MULTICAST, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={pes}",
+                           str(ROOT / "tests/gpu" / script)], env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    first_error = out.find("Traceback")
+    assert proc.returncode == 0 and ok_marker in out, out[max(0, first_error):][:6000]
+
+
+def setup_pe():
+    """In a worker: (rank, world, device, groups) with a gloo process group and EP over the whole world."""
+    import torch
+    import torch.distributed as dist
+
+    from moe_dist import ParallelGroups
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    torch.cuda.set_device(dev)
+    return rank, world, dev, ParallelGroups(ep_size=world)
