@@ -135,7 +135,8 @@ except BufferOverflow as e:
 if world > 1:
     torch.manual_seed(10)
     lonely = MoELayer(base.replace(transport="nvshmem", peer_timeout_s=2.0, error_check="deferred",
-                                   max_tokens_per_rank=32), groups, name="lonely", device=dev)
+                                   max_tokens_per_rank=32), groups, name="lonely", device=dev,
+                      dtype=torch.float32)  # a dtype: buffers made now, by every PE (a silent peer never would)
     dist.barrier()
     if rank == 0:
         with torch.no_grad():

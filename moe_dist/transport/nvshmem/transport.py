@@ -72,18 +72,21 @@ class NvshmemTransport:
             init_distributed()  # NVSHMEM's uid bootstrap rides on a (world of one) process group
         ensure_initialized(device)
         self._workspaces: dict = {}
-        # Symmetric allocation is collective: made here, where every PE builds the layer, not lazily in a
-        # first dispatch that a silent peer would never join (that would hang instead of timing out).
-        self.workspace(dtype or torch.get_default_dtype(), cfg.hidden_size)
+        # Symmetric allocation is collective. With the layer's dtype known it is made here, where every PE
+        # builds the layer, not in a first dispatch that a silent peer would never join (that would hang
+        # instead of timing out). Without it (mixed precision casts the activations) it waits for the
+        # first call: a default-dtype set made now could go unused and cost gigabytes.
+        if dtype is not None:
+            self.workspace(dtype, cfg.hidden_size)
 
     @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.ep_size
 
     def workspace(self, dtype: torch.dtype, hidden: int) -> SymmetricWorkspace:
-        """The symmetric buffers for rows of this width and dtype: the layer's own are made at construction;
-        another (a layer cast to a new dtype) on first use, which every PE of the group makes in the same
-        order, as it makes the same calls."""
+        """The symmetric buffers for rows of this width and dtype: made at construction for a layer built
+        with a dtype, else on first use, which every PE of the group makes in the same order, as it makes
+        the same calls."""
         key = (dtype, hidden)
         if key not in self._workspaces:
             self._workspaces[key] = workspace(self.pes, self.ep_rank, hidden, self.num_experts, self.max_tokens,
