@@ -95,7 +95,8 @@ def model_configs(args, on_gpu: bool) -> tuple[ModelConfig, MoEConfig]:
     moe_cfg = MoEConfig(hidden_size=size["d_model"], ffn_hidden_size=size["ffn"], num_experts=size["experts"],
                         top_k=size["top_k"], num_shared_experts=args.shared_experts, router=args.router,
                         num_expert_groups=2 if args.router == "group_limited" else 1,
-                        capacity_factor=args.capacity_factor, transport=args.transport)
+                        capacity_factor=args.capacity_factor, transport=args.transport,
+                        error_check="deferred")  # no host sync inside a step; raised at each log line (train())
     return model_cfg, moe_cfg
 
 
@@ -309,6 +310,8 @@ def main(argv=None) -> int:
         pending.append(out.loss.detach().float())
         interval_steps += 1
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            for layer in model.moe_layers():  # errors recorded on the device (NaN logits, overflow, silent peer)
+                layer.check_errors()          # raise here, naming the layer and the step they happened at
             step_losses = torch.stack(pending)
             dist.all_reduce(step_losses, group=groups.dp_group)
             losses.extend((step_losses / world).tolist())

@@ -48,9 +48,12 @@ def signal_and_wait_kernel(peer_flag_addr_ptr, flag_ptr, me, n, epoch_ptr, timeo
     """flag[me] = epoch on every PE (release, system scope: everything earlier kernels of this stream
     stored is visible first), then wait until flag[q] >= epoch for every q, at most timeout_ns in all.
     On timeout: record PEER_TIMEOUT with the step and the first silent peer and return, so the stream
-    moves on and the host check raises instead of hanging. Epochs live in device memory, so a replayed
+    moves on and the host check raises instead of hanging. Once a wait of this layer has timed out (and
+    until the host check clears it), later waits do not wait: the PEs are out of step, the data is void,
+    and each further timeout would only delay the error. Epochs live in device memory, so a replayed
     CUDA graph signals fresh ones."""
     epoch = tl.load(epoch_ptr)
+    earlier_timeout = tl.load(err_ptr) & PEER_TIMEOUT_BIT
     for q in range(n):
         flag = tl.load(peer_flag_addr_ptr + q).to(tl.pointer_type(tl.int64))
         tl.atomic_xchg(flag + me, epoch, sem="release", scope="sys")
@@ -58,7 +61,7 @@ def signal_and_wait_kernel(peer_flag_addr_ptr, flag_ptr, me, n, epoch_ptr, timeo
     timed_out = 0
     for q in range(n):
         seen = tl.atomic_add(flag_ptr + q, 0, sem="acquire", scope="sys")
-        while (seen < epoch) & (timed_out == 0):
+        while (seen < epoch) & (timed_out == 0) & (earlier_timeout == 0):
             if _now_ns() - start > timeout_ns:
                 timed_out = 1
                 if tl.atomic_or(err_ptr, PEER_TIMEOUT_BIT) == 0:
