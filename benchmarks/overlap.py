@@ -135,6 +135,7 @@ def main(argv=None) -> None:
     shared["ratio_side_stream_on"] = shared["fwd_bwd"]["ratio_side_stream_on"]
     shared["goal"] = "ratio_side_stream_on <= 1.1 (forward+backward, one GPU)"
 
+    layer.check_errors()  # a run that overflowed or lost a peer is an error, not a figure
     if rank == 0:
         print(f"T={T}/rank H={H} F={args.ffn} E={args.experts} k={args.top_k} shared={args.shared} "
               f"ranks={world} transport={tr.name} {dtype} on {device}")
