@@ -152,3 +152,23 @@ def test_loop_experts_stay_in_the_graph_with_no_rows():
     y = loop_mm(x, w, counts)
     want = torch.cat([x[:2] @ w[0].t(), x[2:3] @ w[2].t(), torch.zeros(2, 6)])
     torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("mode", ["eager", "deferred"])
+def test_transport_errors_raise_at_the_end_of_an_eager_forward(mode):
+    """A transport that records errors on the device (nvshmem: overflow, silent peers) gets them raised
+    by the forward itself in eager mode, and only at check_errors() in deferred mode (no host sync)."""
+    from moe_dist.errors import BUFFER_OVERFLOW, BufferOverflow, DeviceErrorFlags
+    layer = MoELayer(make(error_check=mode), name="flagged")
+    layer.transport.error_flags = DeviceErrorFlags("flagged", "cpu")  # what the nvshmem transport carries
+    x = torch.randn(6, 16)
+    layer(x)  # nothing recorded: no error
+    layer.transport.error_flags.record(BUFFER_OVERFLOW, torch.tensor(True), step=1)
+    if mode == "eager":
+        with pytest.raises(BufferOverflow, match="'flagged', step 1"):
+            layer(x)
+    else:
+        layer(x)
+        with pytest.raises(BufferOverflow, match="'flagged', step 1"):
+            layer.check_errors()
+    layer(x)  # raised once, then cleared
