@@ -125,18 +125,26 @@ def plot_vs_tokens(rows, files, out: Path, field: str, ylabel: str, fname: str, 
             ax = axes[i][j]
             sel = sorted((r for r in weak if r["ep"] == ep and shape(r) == cfg),
                          key=lambda r: r["tokens_per_rank"])
-            for name in draw_order():
-                pts = [(r["tokens_per_rank"], ok(r["variants"].get(name), field)) for r in sel]
-                pts = [(t, y) for t, y in pts if y is not None]
-                if pts:
-                    c, ls, m = STYLE[name]
-                    ax.plot(*zip(*pts), color=c, linestyle=ls, marker=m, label=LABELS[name])
+            draw_variants(ax, sel, lambda r: r["tokens_per_rank"], field)
             ax.set_title(f"EP={ep}  E={cfg[0]} k={cfg[1]}  H={cfg[2]} F={cfg[3]}", fontsize=9)
             log_axes(ax, "tokens per rank", ylabel)
     legend_below(fig, axes)
     fig.suptitle(title(files, what), fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     return save(fig, out / fname)
+
+
+def draw_variants(ax, rows, x_of, field) -> dict:
+    """One line per variant through (x_of(row), its `field`) over `rows`; returns the points drawn."""
+    drawn = {}
+    for name in draw_order():
+        pts = [(x_of(r), ok(r["variants"].get(name), field)) for r in rows]
+        pts = [(x, y) for x, y in pts if y is not None]
+        if pts:
+            c, ls, m = STYLE[name]
+            ax.plot(*zip(*pts), color=c, linestyle=ls, marker=m, label=LABELS[name])
+            drawn[name] = pts
+    return drawn
 
 
 def plot_scaling(rows, files, out: Path) -> Path:
@@ -155,16 +163,11 @@ def plot_scaling(rows, files, out: Path) -> Path:
         size = max(sorted({size_of(r) for r in sel}), key=lambda n: (len({r["ep"] for r in sel if size_of(r) == n}), n))
         sel = sorted((r for r in sel if size_of(r) == size), key=lambda r: r["ep"])
         field = "median_ms" if mode == "weak" else "tokens_per_s"
-        for name in draw_order():
-            pts = [(r["ep"], ok(r["variants"].get(name), field)) for r in sel]
-            pts = [(e, y) for e, y in pts if y is not None]
-            if pts:
-                c, ls, m = STYLE[name]
-                ax.plot(*zip(*pts), color=c, linestyle=ls, marker=m, label=LABELS[name])
-                if name == HEADLINE[0] and mode == "strong":
-                    e0, y0 = pts[0]
-                    ax.plot([e for e, _ in pts], [y0 * e / e0 for e, _ in pts], color="grey", lw=0.8,
-                            linestyle="--", label="ideal (linear)")
+        pts = draw_variants(ax, sel, lambda r: r["ep"], field).get(HEADLINE[0])
+        if pts and mode == "strong":
+            e0, y0 = pts[0]
+            ax.plot([e for e, _ in pts], [y0 * e / e0 for e, _ in pts], color="grey", lw=0.8,
+                    linestyle="--", label="ideal (linear)")
         log_axes(ax, "EP size (ranks)", "latency (ms)" if mode == "weak" else "tokens/s (all ranks)")
         what = f"{size} tokens per rank" if mode == "weak" else f"{size} tokens in all"
         ax.set_title(f"{mode} scaling: {what}\nE={cfg[0]} k={cfg[1]} H={cfg[2]} F={cfg[3]}", fontsize=9)
