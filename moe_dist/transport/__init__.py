@@ -1,6 +1,8 @@
 """Transports move tokens to their experts and back; one interface (base.py), several paths."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .base import Transport
@@ -24,6 +26,16 @@ def nvshmem_unavailable_reason(device: torch.device | None) -> str | None:
     return None
 
 
+def ep_nodes(ep_ranks: list[int], env: dict[str, str] | None = None) -> int:
+    """How many nodes the EP group spans: ranks are laid out node by node (torchrun, mpirun), with
+    LOCAL_WORLD_SIZE (or Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE) ranks per node; unknown: one node."""
+    env = os.environ if env is None else env
+    local = int(env.get("LOCAL_WORLD_SIZE") or env.get("OMPI_COMM_WORLD_LOCAL_SIZE") or 0)
+    if local < 1:
+        return 1
+    return len({r // local for r in ep_ranks})
+
+
 def build_transport(kind: str, num_experts: int, groups, device: torch.device | None, cfg=None,
                     dtype: torch.dtype | None = None) -> Transport:
     """`groups=None` means one process (EP=1). "auto" = nvshmem where it can run, else collective."""
@@ -34,14 +46,19 @@ def build_transport(kind: str, num_experts: int, groups, device: torch.device | 
     if kind == "auto":
         if ep_size == 1:
             kind = "local"
-        else:
-            kind = "nvshmem" if nvshmem_unavailable_reason(device) is None else "collective"
+        else:  # the nvshmem transport stores through P2P pointers: peers on one node only (so far)
+            one_node = ep_nodes(groups.ep_ranks) == 1
+            kind = "nvshmem" if one_node and nvshmem_unavailable_reason(device) is None else "collective"
     if kind == "local":
         if ep_size != 1:
             raise ValueError(f"transport='local' holds every expert on one rank; ep_size is {ep_size}")
         return LocalTransport(num_experts, load_group)
     if kind == "nvshmem":
         reason = nvshmem_unavailable_reason(device)
+        if reason is None and groups is not None and ep_nodes(groups.ep_ranks) > 1:
+            reason = (f"its EP group (ranks {groups.ep_ranks}) spans {ep_nodes(groups.ep_ranks)} nodes, and rows "
+                      f"are stored through P2P pointers (NVLink or the same GPU); the put-with-signal path for "
+                      f"peers over a network is not built")
         if reason is not None:
             raise RuntimeError(f"transport='nvshmem' cannot run: {reason}. Use transport='auto' or 'collective'.")
         from .nvshmem.transport import NvshmemTransport
@@ -51,5 +68,5 @@ def build_transport(kind: str, num_experts: int, groups, device: torch.device | 
     return CollectiveTransport(num_experts, groups.ep_group, load_group)
 
 
-__all__ = ["CollectiveTransport", "LocalTransport", "ReferenceTransport", "Transport", "build_transport",
+__all__ = ["CollectiveTransport", "LocalTransport", "ReferenceTransport", "Transport", "build_transport", "ep_nodes",
            "nvshmem_unavailable_reason"]

@@ -89,3 +89,13 @@ def test_ranks_in_expert_are_stable_token_order():
     idx = torch.tensor([3, -1, 3, 0, 3, 0])
     rank, counts = ranks_in_expert(idx, 4)
     assert rank.tolist() == [0, -1, 1, 0, 2, 1] and counts.tolist() == [2, 0, 0, 3]
+
+
+def test_ep_nodes_from_the_launcher_environment():
+    """transport='auto' takes nvshmem only inside one node (P2P stores); this counts the nodes an EP group spans."""
+    from moe_dist.transport import ep_nodes
+    assert ep_nodes([0, 1, 2, 3], {"LOCAL_WORLD_SIZE": "8"}) == 1
+    assert ep_nodes([4, 5, 6, 7], {"LOCAL_WORLD_SIZE": "4"}) == 1
+    assert ep_nodes([2, 3, 4, 5], {"LOCAL_WORLD_SIZE": "4"}) == 2
+    assert ep_nodes(list(range(16)), {"OMPI_COMM_WORLD_LOCAL_SIZE": "8"}) == 2
+    assert ep_nodes([0, 1, 2], {}) == 1  # unknown layout: one node

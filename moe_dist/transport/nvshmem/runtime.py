@@ -87,7 +87,7 @@ class SymmetricWorkspace:
 
         def peer_views(t):
             # Own PE: the tensor itself (get_peer_tensor on one's own PE would pin it past free_tensor).
-            return [t if i == me else nv.get_peer_tensor(t, pe) for i, pe in enumerate(pes)]
+            return [t if i == me else _peer_view(nv, t, pe, pes[me]) for i, pe in enumerate(pes)]
 
         def addresses(t):  # [2, N] int64: address of parity p of `t` on each EP peer
             peers = peer_views(t)
@@ -121,6 +121,17 @@ class SymmetricWorkspace:
         for t in self._tensors:
             nv.free_tensor(t)
         self._tensors.clear()
+
+
+def _peer_view(nv, t, pe: int, my_pe: int):
+    """t on PE `pe`, addressable from here by loads and stores (nvshmem_ptr)."""
+    try:
+        return nv.get_peer_tensor(t, pe)
+    except Exception as e:  # noqa: BLE001 - nvshmem4py says only "Failed to retrieve peer buffer"
+        raise RuntimeError(f"NVSHMEM PE {pe} is not reachable by loads and stores from PE {my_pe} (nvshmem_ptr "
+                           f"gave no address: no NVLink/P2P path between their GPUs). The nvshmem transport needs "
+                           f"P2P peers; its put-with-signal path for network peers is not built: use "
+                           f"transport='collective'") from e
 
 
 def workspace(pes: list[int], me: int, hidden: int, num_experts: int, max_tokens: int, top_k: int,
