@@ -37,11 +37,12 @@ class _SwiGLU(torch.autograd.Function):
         return out
 
 
-def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+def activate(h: torch.Tensor, activation: str, rows_used: torch.Tensor | None = None) -> torch.Tensor:
+    """rows_used (device scalar): on CUDA the fused SwiGLU computes only rows [0, rows_used)."""
     if activation == "swiglu":
         if h.is_cuda:
             from .swiglu_triton import SwiGLUTriton  # one fused pass each way
-            return SwiGLUTriton.apply(h)
+            return SwiGLUTriton.apply(h, rows_used)
         return _SwiGLU.apply(h)
     return F.gelu(h)
 
@@ -78,7 +79,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_MH: torch.Tensor, counts_G: torch.Tensor) -> torch.Tensor:
         mm = grouped_mm if self.resolved_backend(x_MH) == "grouped_mm" else loop_mm
-        h = activate(mm(x_MH, self.w_in, counts_G), self.activation)
+        # Rows past sum(counts_G) (a shape-static transport's spare capacity) are skipped on CUDA.
+        rows_used = counts_G.sum() if x_MH.is_cuda else None
+        h = activate(mm(x_MH, self.w_in, counts_G), self.activation, rows_used)
         return mm(h, self.w_out, counts_G)
 
 

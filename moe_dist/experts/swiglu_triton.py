@@ -8,10 +8,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _swiglu_fwd(h_ptr, out_ptr, F, BLOCK: tl.constexpr):
+def _swiglu_fwd(h_ptr, out_ptr, rows_used_ptr, F, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < F
+    m = (offs < F) & (row < tl.load(rows_used_ptr))
     gate = tl.load(h_ptr + row * 2 * F + offs, mask=m).to(tl.float32)
     up = tl.load(h_ptr + row * 2 * F + F + offs, mask=m).to(tl.float32)
     silu = gate * tl.sigmoid(gate)
@@ -19,10 +19,10 @@ def _swiglu_fwd(h_ptr, out_ptr, F, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_bwd(h_ptr, g_ptr, dh_ptr, F, BLOCK: tl.constexpr):
+def _swiglu_bwd(h_ptr, g_ptr, dh_ptr, rows_used_ptr, F, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < F
+    m = (offs < F) & (row < tl.load(rows_used_ptr))
     gate = tl.load(h_ptr + row * 2 * F + offs, mask=m).to(tl.float32)
     up = tl.load(h_ptr + row * 2 * F + F + offs, mask=m).to(tl.float32)
     g = tl.load(g_ptr + row * F + offs, mask=m).to(tl.float32)
@@ -38,21 +38,28 @@ def _grid(rows, F, block):
 
 
 class SwiGLUTriton(torch.autograd.Function):
+    """rows_used (a device scalar, default all): only rows [0, rows_used) are computed; the rest are
+    left unwritten. A shape-static transport hands the experts a buffer sized for the worst case
+    (nvshmem: every rank's tokens), of which the received rows are a fraction; the grouped GEMMs
+    skip the rest already, and so does this."""
+
     @staticmethod
-    def forward(ctx, h):
+    def forward(ctx, h, rows_used=None):
         h = h.contiguous()
         rows, F = h.shape[0], h.shape[1] // 2
+        if rows_used is None:
+            rows_used = torch.full((), rows, dtype=torch.int64, device=h.device)
         out = torch.empty(rows, F, device=h.device, dtype=h.dtype)
         if rows:
-            _swiglu_fwd[_grid(rows, F, 1024)](h, out, F, BLOCK=1024)
-        ctx.save_for_backward(h)
+            _swiglu_fwd[_grid(rows, F, 1024)](h, out, rows_used, F, BLOCK=1024)
+        ctx.save_for_backward(h, rows_used)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (h,) = ctx.saved_tensors
+        h, rows_used = ctx.saved_tensors
         rows, F = h.shape[0], h.shape[1] // 2
         dh = torch.empty_like(h)
         if rows:
-            _swiglu_bwd[_grid(rows, F, 1024)](h, grad.contiguous(), dh, F, BLOCK=1024)
-        return dh
+            _swiglu_bwd[_grid(rows, F, 1024)](h, grad.contiguous(), dh, rows_used, F, BLOCK=1024)
+        return dh, None

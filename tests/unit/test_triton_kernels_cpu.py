@@ -1,8 +1,9 @@
 """The GPU-only Triton kernels, checked on a machine without a GPU:
 - every kernel compiles for Hopper (sm_90) through Triton's whole pipeline, ptxas included, so a type
   or lowering error in a CUDA-only path fails here, not first on a lent GPU;
-- the nvshmem transport's kernels run in Triton's interpreter on CPU tensors against the plain-torch
-  layout oracle (tests/gpu/test_nvshmem_kernels.py with TRITON_INTERPRET=1).
+- the nvshmem transport's kernels and the fused SwiGLU run in Triton's interpreter on CPU tensors
+  against their plain-torch oracles (tests/gpu/test_nvshmem_kernels.py and test_swiglu_kernel.py
+  with TRITON_INTERPRET=1).
 Both need triton (docker/install.sh --dev installs it); without it they skip, saying so."""
 import os
 import subprocess
@@ -23,13 +24,14 @@ def interpreter_works() -> str | None:
     return None
 
 
-def test_nvshmem_kernels_match_the_oracle_in_the_interpreter():
+@pytest.mark.parametrize("test_file", ["test_nvshmem_kernels.py", "test_swiglu_kernel.py"])
+def test_kernels_match_their_oracles_in_the_interpreter(test_file):
     reason = interpreter_works()
     if reason:
         pytest.skip(reason)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
-                           str(ROOT / "tests/gpu/test_nvshmem_kernels.py")], cwd=ROOT, env=env,
+                           str(ROOT / "tests/gpu" / test_file)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and " passed" in out and "skipped" not in out, out[-4000:]
@@ -74,9 +76,10 @@ def kernel_cases():
                 "own_rows_ptr": PBF, "staging_ptr": PBF, "dest_rank_ptr": P64, "dest_pos_ptr": P64, "w_ptr": PF32,
                 "out_ptr": PBF, "slots_out_ptr": PBF, **ints("me", "K", "H"), "HAS_W": "constexpr",
                 "KEEP_SLOTS": "constexpr", "BLOCK": "constexpr"}, {"HAS_W": w, "KEEP_SLOTS": keep, "BLOCK": K.ROW_BLOCK}
-    yield "swiglu_fwd", SW._swiglu_fwd, {"h_ptr": PBF, "out_ptr": PBF, "F": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}
-    yield "swiglu_bwd", SW._swiglu_bwd, {"h_ptr": PBF, "g_ptr": PBF, "dh_ptr": PBF, "F": "i32", "BLOCK": "constexpr"}, \
-        {"BLOCK": 1024}
+    yield "swiglu_fwd", SW._swiglu_fwd, {"h_ptr": PBF, "out_ptr": PBF, "rows_used_ptr": P64, "F": "i32",
+                                         "BLOCK": "constexpr"}, {"BLOCK": 1024}
+    yield "swiglu_bwd", SW._swiglu_bwd, {"h_ptr": PBF, "g_ptr": PBF, "dh_ptr": PBF, "rows_used_ptr": P64, "F": "i32",
+                                         "BLOCK": "constexpr"}, {"BLOCK": 1024}
 
 
 def test_every_kernel_compiles_for_hopper():
