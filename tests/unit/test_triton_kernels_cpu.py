@@ -47,9 +47,10 @@ def kernel_cases():
     yield "count_and_rank", K.count_and_rank_kernel, {
         "idx_ptr": P64, "S": "i32", "rank_ptr": P64, "peer_counts_addr_ptr": P64, **ints("me", "N", "E"),
         "BLOCK": "constexpr"}, {"BLOCK": 1024}
-    yield "signal_and_wait", K.signal_and_wait_kernel, {
-        "peer_flag_addr_ptr": P64, "flag_ptr": P64, **ints("me", "n"), "epoch_ptr": P64, "timeout_ns": "i64",
-        "err_ptr": P32, "step": "i32"}, {}
+    for bump in (False, True):
+        yield f"signal_and_wait(BUMP={bump})", K.signal_and_wait_kernel, {
+            "peer_flag_addr_ptr": P64, "flag_ptr": P64, **ints("me", "n"), "epoch_ptr": P64, "timeout_ns": "i64",
+            "err_ptr": P32, "step": "i32", "BUMP": "constexpr"}, {"BUMP": bump}
     yield "layout", K.layout_kernel, {
         "counts_ptr": P64, **ints("me", "N", "E", "G", "capacity"), "offs_ptr": P64, "overflow_ptr": P32,
         "counts_G_ptr": P64, "seg_ptr": P64, "err_ptr": P32, "step": "i32", "NB": "constexpr", "EB": "constexpr"}, \

@@ -1,7 +1,7 @@
 """Triton kernels of the one-sided transport: a handful of launches per call, all sizes on the device.
 
-dispatch: count_and_rank -> signal_and_wait(COUNT) -> layout -> push_slots -> signal_and_wait(FORWARD)
-          -> copy_segments (peer rows out of the symmetric staging; skipped with one PE)
+dispatch: count_and_rank -> signal_and_wait(COUNT; it bumps the epoch) -> layout -> push_slots
+          -> signal_and_wait(FORWARD) -> copy_segments (peer rows out of the staging; not with one PE)
 combine:  return_segments (expert rows -> their owners' staging) -> signal_and_wait(RETURN) -> gather_reduce
 GPU threads store rows straight into peers' symmetric buffers (addresses from nvshmem_ptr: P2P over
 NVLink, or the same GPU) and raise flags with system-scope release atomics; receivers spin on the flags
@@ -44,15 +44,19 @@ def count_and_rank_kernel(idx_ptr, S, rank_ptr, peer_counts_addr_ptr, me, N, E, 
 
 
 @triton.jit
-def signal_and_wait_kernel(peer_flag_addr_ptr, flag_ptr, me, n, epoch_ptr, timeout_ns, err_ptr, step):
+def signal_and_wait_kernel(peer_flag_addr_ptr, flag_ptr, me, n, epoch_ptr, timeout_ns, err_ptr, step,
+                           BUMP: tl.constexpr):
     """flag[me] = epoch on every PE (release, system scope: everything earlier kernels of this stream
     stored is visible first), then wait until flag[q] >= epoch for every q, at most timeout_ns in all.
     On timeout: record PEER_TIMEOUT with the step and the first silent peer and return, so the stream
     moves on and the host check raises instead of hanging. Once a wait of this layer has timed out (and
     until the host check clears it), later waits do not wait: the PEs are out of step, the data is void,
     and each further timeout would only delay the error. Epochs live in device memory, so a replayed
-    CUDA graph signals fresh ones."""
+    CUDA graph signals fresh ones; BUMP (the first wait of a call) advances the epoch first."""
     epoch = tl.load(epoch_ptr)
+    if BUMP:
+        epoch += 1
+        tl.store(epoch_ptr, epoch)
     earlier_timeout = tl.load(err_ptr) & PEER_TIMEOUT_BIT
     for q in range(n):
         flag = tl.load(peer_flag_addr_ptr + q).to(tl.pointer_type(tl.int64))

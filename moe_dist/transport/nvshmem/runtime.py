@@ -101,15 +101,16 @@ class SymmetricWorkspace:
         self.flags_at = torch.tensor([[[int(p[par, ch].data_ptr()) for p in peers] for ch in range(3)]
                                       for par in range(2)], dtype=torch.int64, device=self.flags.device)
         # Every PE makes the same sequence of calls, so epochs agree. The value lives on the device
-        # (bumped by a stream op, so CUDA-graph replays advance it); parity alternates on the host,
-        # and a forward or backward makes an even number of calls, so replays alternate too.
+        # (bumped by the first flag kernel of each call, so CUDA-graph replays advance it); parity
+        # alternates on the host, and a forward or backward makes an even number of calls, so replays
+        # alternate too.
         self.epoch_dev = torch.zeros(1, dtype=torch.int64, device=self.flags.device)
         self.calls = 0
 
     def next_epoch(self) -> int:
-        """Starts a call; returns the parity of the buffers it uses."""
+        """Starts a call; returns the parity of the buffers it uses. (The call's first
+        signal_and_wait_kernel bumps epoch_dev: one launch fewer than a separate add.)"""
         self.calls += 1
-        self.epoch_dev.add_(1)
         return self.calls % 2
 
     def bytes_per_pe(self) -> int:

@@ -120,9 +120,10 @@ class NvshmemTransport:
         self.calls += 1
         return ws.next_epoch()
 
-    def _signal_and_wait(self, ws: SymmetricWorkspace, channel: int, parity: int) -> None:
+    def _signal_and_wait(self, ws: SymmetricWorkspace, channel: int, parity: int, first_of_call: bool) -> None:
         K_.signal_and_wait_kernel[(1,)](ws.flags_at[parity, channel], ws.flags[parity, channel], ws.me, ws.n,
-                                        ws.epoch_dev, self.timeout_ns, self.error_flags.words, self.calls)
+                                        ws.epoch_dev, self.timeout_ns, self.error_flags.words, self.calls,
+                                        BUMP=first_of_call)
 
     def route_and_layout(self, ws: SymmetricWorkspace, idx_S: torch.Tensor, p: int):
         """Counts and in-expert ranks of this PE's slots, the count exchange, and the layout every later
@@ -131,7 +132,7 @@ class NvshmemTransport:
         dev = idx_S.device
         rank_S = torch.empty(idx_S.numel(), dtype=torch.int64, device=dev)
         K_.count_and_rank_kernel[(E,)](idx_S, idx_S.numel(), rank_S, ws.counts_at[p], ws.me, ws.n, E, BLOCK=1024)
-        self._signal_and_wait(ws, COUNT, p)
+        self._signal_and_wait(ws, COUNT, p, first_of_call=True)
         offs_E = torch.empty(E, dtype=torch.int64, device=dev)
         overflow_N = torch.empty(ws.n, dtype=torch.int32, device=dev)
         counts_G = torch.empty(G, dtype=torch.int64, device=dev)
@@ -158,7 +159,7 @@ class NvshmemTransport:
                 rank_S, offs_E, overflow_N, dest_rank_S, dest_pos_S, ws.fwd_rows_at[p], out_CH, ws.fwd_meta_at[p],
                 ws.me, self.num_local_experts, self.top_k, H, COMPUTE_DEST=layout is not None,
                 SCALE=scale_S is not None, BLOCK=K_.ROW_BLOCK)
-        self._signal_and_wait(ws, FORWARD, p)
+        self._signal_and_wait(ws, FORWARD, p, first_of_call=layout is None)  # dispatch: COUNT came first
         if ws.n > 1:
             has_meta = slot_of_row_C is not None
             K_.copy_segments_kernel[(ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))](
@@ -178,7 +179,7 @@ class NvshmemTransport:
             K_.return_segments_kernel[(ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))](
                 rows_CH, h.slot_of_row_C, h.seg_2NG, ws.ret_rows_at[p], ws.me, ws.n, self.num_local_experts, H,
                 SPLIT=SEGMENT_SPLIT, BLOCK=K_.ROW_BLOCK)
-        self._signal_and_wait(ws, RETURN, p)
+        self._signal_and_wait(ws, RETURN, p, first_of_call=True)
         T, K = h.num_tokens, h.top_k
         out_TH = torch.empty(T, H, device=rows_CH.device, dtype=rows_CH.dtype)
         slots_TKH = torch.empty(T, K, H, device=rows_CH.device, dtype=rows_CH.dtype) if keep_slots else None
