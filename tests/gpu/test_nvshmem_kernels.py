@@ -73,15 +73,19 @@ def test_count_and_rank_and_layout_match_oracle(seed):
         assert err[0].item() == (2 if want_over.any() else 0) and (err[1].item() == 5) == bool(want_over.any())
 
 
-@pytest.mark.parametrize("N,hot", [(1, None), (2, None), (3, None), (3, 4)])
-def test_emulated_dispatch_experts_combine(N, hot):
+@pytest.mark.parametrize("N,hot,capacity", [(1, None, None), (2, None, None), (3, None, None), (3, 4, None),
+                                            (3, 4, 12)])
+def test_emulated_dispatch_experts_combine(N, hot, capacity):
     """Every PE's steps in protocol order on emulated symmetric buffers: received rows are the reference
-    order (expert-major, then source, then token), and the weighted sum of f(row) comes back."""
+    order (expert-major, then source, then token), and the weighted sum of f(row) comes back; then both
+    backward directions (the combine's gradient travels like a dispatch, scaled by the weights; the
+    dispatch's like a combine, unweighted). With a small capacity the hot expert's receiver overflows:
+    nothing reaches it, its slots contribute exactly 0, and the others are unaffected."""
     gen = torch.Generator().manual_seed(N * 7 + (hot or 0))
     E, K, H = 6 * N, 3, 80  # H not a multiple of the row block: masked tails
     G = E // N
     T_of = [5, 0, 9][:N] if N > 1 else [11]
-    C = sum(T_of) * K
+    C = capacity or sum(T_of) * K
     dt = torch.bfloat16
     x = [torch.randn(T, H, generator=gen).to(dt).to(DEV) for T in T_of]
     for pe, xt in enumerate(x):
@@ -93,6 +97,12 @@ def test_emulated_dispatch_experts_combine(N, hot):
     fwd_meta = [torch.full((C,), -1, dtype=torch.int64, device=DEV) for _ in range(N)]
     ret_rows = [torch.full((max(T_of) * K, H), float("nan"), dtype=dt, device=DEV) for _ in range(N)]
     pe_state = []
+
+    def sent_mask(pe):  # slots that reach an expert: used, and not bound to an overflowing receiver
+        rows_to = [sum(int(((idx[s] >= 0) & (idx[s] // G == r)).sum()) for s in range(N)) for r in range(N)]
+        receiver_ok = torch.tensor([n <= C for n in rows_to], dtype=torch.bool, device=DEV)
+        return (idx[pe] >= 0) & receiver_ok[idx[pe].clamp(min=0) // G]
+
     for me in range(N):  # step 1 on every PE: counts and ranks, counts to everyone
         idx_S = idx[me].reshape(-1).contiguous()
         rank_S = torch.empty_like(idx_S)
@@ -118,6 +128,7 @@ def test_emulated_dispatch_experts_combine(N, hot):
                 st["dest_pos"], addresses(fwd_rows), st["out"], addresses(fwd_meta), me, G, K, H,
                 COMPUTE_DEST=True, SCALE=False, BLOCK=K_.ROW_BLOCK)
     sync()
+    assert bool(pe_state[0]["over"].any()) == (capacity is not None), "the small capacity must overflow a receiver"
     for me, st in enumerate(pe_state):  # step 3: peer rows out of the staging; check against the reference
         if N > 1:
             K_.copy_segments_kernel[(N * G, 4, K_.row_chunks(H))](
@@ -125,6 +136,9 @@ def test_emulated_dispatch_experts_combine(N, hot):
                 HAS_META=True, SPLIT=4, BLOCK=K_.ROW_BLOCK)
         want = [(e, src, t) for e in range(me * G, (me + 1) * G) for src in range(N)
                 for t in range(T_of[src]) for k in range(K) if idx[src][t, k].item() == e]
+        if len(want) > C:  # this receiver overflowed: it gets nothing
+            want = []
+        st["want"] = want
         n = len(want)
         got = [(src, t) for src, t in st["out"][:n, :2].float().cpu().long().tolist()]
         assert got == [(src, t) for _, src, t in want], f"PE {me}: rows (source, token) out of reference order"
@@ -144,10 +158,51 @@ def test_emulated_dispatch_experts_combine(N, hot):
             K_.gather_reduce_kernel[(T, K_.row_chunks(H))](
                 st["y"], ret_rows[me], st["dest_rank"], st["dest_pos"], w[me], out, slots, me, K, H,
                 HAS_W=True, KEEP_SLOTS=True, BLOCK=K_.ROW_BLOCK)
-        used = (idx[me] >= 0).unsqueeze(-1)
+        used = sent_mask(me).unsqueeze(-1)
         f = (x[me].float() * 2 + 1).to(dt).float()
         want_slots = torch.where(used, f.unsqueeze(1), 0.0)
         torch.testing.assert_close(slots.float(), want_slots, rtol=0, atol=0)
         want = (want_slots * w[me].unsqueeze(-1)).sum(1)
         torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
         assert not out.isnan().any(), "an output element was never written"
+
+    # Backward of the combine: grad rows w[t, k] * g[t] travel to the slots' expert rows (dispatch direction).
+    g = [torch.randn(T, H, generator=gen).to(dt).to(DEV) for T in T_of]
+    fwd_rows2 = [torch.full((C, H), float("nan"), dtype=dt, device=DEV) for _ in range(N)]
+    for me, st in enumerate(pe_state):
+        st["grad_y"] = torch.full((C, H), float("nan"), dtype=dt, device=DEV)
+        S = st["idx_S"].numel()
+        if S:
+            K_.push_slots_kernel[(S, K_.row_chunks(H))](
+                g[me], w[me].reshape(-1), st["dest_pos"], st["dest_pos"], st["dest_pos"], st["dest_pos"],
+                st["dest_rank"], st["dest_pos"], addresses(fwd_rows2), st["grad_y"], addresses(fwd_meta), me, G, K,
+                H, COMPUTE_DEST=False, SCALE=True, BLOCK=K_.ROW_BLOCK)
+    sync()
+    for me, st in enumerate(pe_state):
+        if N > 1:
+            K_.copy_segments_kernel[(N * G, 4, K_.row_chunks(H))](
+                fwd_rows2[me], st["grad_y"], fwd_meta[me], st["seg"], st["seg"], me, N, G, H,
+                HAS_META=False, SPLIT=4, BLOCK=K_.ROW_BLOCK)
+        slot_rows = [(src, t, k) for e, src, t in st["want"]
+                     for k in [next(k for k in range(K) if idx[src][t, k].item() == e)]]
+        want_g = [(g[src][t].float() * w[src][t, k]).to(dt).float() for src, t, k in slot_rows]
+        if want_g:
+            torch.testing.assert_close(st["grad_y"][:len(want_g)].float(), torch.stack(want_g), rtol=1e-2, atol=1e-2)
+    # Backward of the dispatch: expert-side gradient rows go back to their slots, summed per token.
+    ret_rows2 = [torch.full((max(T_of) * K, H), float("nan"), dtype=dt, device=DEV) for _ in range(N)]
+    for me, st in enumerate(pe_state):
+        if N > 1:
+            K_.return_segments_kernel[(N * G, 4, K_.row_chunks(H))](
+                st["grad_y"], st["slot_of_row"], st["seg"], addresses(ret_rows2), me, N, G, H, SPLIT=4,
+                BLOCK=K_.ROW_BLOCK)
+    sync()
+    for me, st in enumerate(pe_state):
+        T = T_of[me]
+        grad_x = torch.full((T, H), float("nan"), dtype=dt, device=DEV)
+        if T:
+            K_.gather_reduce_kernel[(T, K_.row_chunks(H))](
+                st["grad_y"], ret_rows2[me], st["dest_rank"], st["dest_pos"], st["dest_pos"], grad_x, grad_x, me, K,
+                H, HAS_W=False, KEEP_SLOTS=False, BLOCK=K_.ROW_BLOCK)
+        per_slot = (g[me].float().unsqueeze(1) * w[me].unsqueeze(-1)).to(dt).float()
+        want = torch.where(sent_mask(me).unsqueeze(-1), per_slot, 0.0).sum(1)
+        torch.testing.assert_close(grad_x.float(), want, rtol=1e-2, atol=1e-2)
