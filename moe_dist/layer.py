@@ -77,10 +77,10 @@ class MoELayer(nn.Module):
         else:
             out_TH = self.routed_experts(x_TH, plan)
         out_TH = shared.add_to(out_TH)
-        if self.cfg.error_check == "eager" and getattr(self.transport, "error_flags", None) is not None:
+        if self.cfg.error_check == "eager":
             # The nvshmem transport records overflow and timeouts on the device; eager mode raises them
-            # here (one host sync), also those of the previous backward. "deferred": at check_errors().
-            self.transport.error_flags.check()
+            # here (one host sync, only where flags exist), also those of the previous backward.
+            self.check_errors()
         self.step += 1
         return MoEOutput(out_TH.view(x.shape), plan.aux_loss, plan.tokens_per_expert_E)
 

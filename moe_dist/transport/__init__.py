@@ -55,8 +55,9 @@ def build_transport(kind: str, num_experts: int, groups, device: torch.device | 
         return LocalTransport(num_experts, load_group)
     if kind == "nvshmem":
         reason = nvshmem_unavailable_reason(device)
-        if reason is None and groups is not None and ep_nodes(groups.ep_ranks) > 1:
-            reason = (f"its EP group (ranks {groups.ep_ranks}) spans {ep_nodes(groups.ep_ranks)} nodes, and rows "
+        nodes = 1 if groups is None else ep_nodes(groups.ep_ranks)
+        if reason is None and nodes > 1:
+            reason = (f"its EP group (ranks {groups.ep_ranks}) spans {nodes} nodes, and rows "
                       f"are stored through P2P pointers (NVLink or the same GPU); the put-with-signal path for "
                       f"peers over a network is not built")
         if reason is not None:
