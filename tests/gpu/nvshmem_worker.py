@@ -74,7 +74,7 @@ def compare(cfg, seed, skew=False):
     n = int(counts.sum())
     assert torch.equal(counts, rcounts), (counts, rcounts)
     assert torch.equal(tok[:n], rtok), f"rank {rank}: got (src, token) {tok[:n, :2].tolist()} want {rtok[:, :2].tolist()}"
-    passed(f"equal cfg={cfg.router}/k{cfg.top_k} skew={skew}")
+    passed(f"equal cfg={cfg.router}/k{cfg.top_k} skew={skew} peers={cfg.nvshmem_peer_path}")
 
 
 base = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=2, max_tokens_per_rank=64,
@@ -84,21 +84,28 @@ compare(base.replace(num_shared_experts=1), 2)
 compare(base.replace(router="top_p", top_k=3, top_p=0.6), 3)
 compare(base.replace(top_k=1), 4, skew=True)
 compare(base, 5, skew=True)
+# The put-with-signal path (for peers without P2P), forced for every peer: NVSHMEM puts to PEs on the same GPU.
+put = base.replace(nvshmem_peer_path="put")
+compare(put, 6)
+compare(put.replace(router="top_p", top_k=3, top_p=0.6, num_shared_experts=1), 7)
+compare(put.replace(top_k=1), 8, skew=True)
 
 # No host synchronisation between router and combine output, forward and backward (bf16 fast path).
 fast_cfg = base.replace(expert_backend="auto", error_check="deferred", hidden_size=64, ffn_hidden_size=32)
-torch.manual_seed(7)
-layer = MoELayer(fast_cfg.replace(transport="nvshmem"), groups, name="nosync", device=dev, dtype=torch.bfloat16)
-x = tokens(rank, 7).to(torch.bfloat16).requires_grad_(True)
-for _ in range(2):  # warm-up compiles the Triton kernels (compilation itself may sync)
-    layer(x).output.float().sum().backward()
-torch.cuda.synchronize()
-torch.cuda.set_sync_debug_mode("error")
-y = layer(x).output
-y.float().sum().backward()
-torch.cuda.set_sync_debug_mode(0)
-layer.check_errors()
-passed("no host sync in forward+backward")
+for peer_path in ("put", "auto"):  # the last one's layer goes on to the CUDA-graph check
+    torch.manual_seed(7)
+    layer = MoELayer(fast_cfg.replace(transport="nvshmem", nvshmem_peer_path=peer_path), groups, name="nosync",
+                     device=dev, dtype=torch.bfloat16)
+    x = tokens(rank, 7).to(torch.bfloat16).requires_grad_(True)
+    for _ in range(2):  # warm-up compiles the Triton kernels (compilation itself may sync)
+        layer(x).output.float().sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    y = layer(x).output
+    y.float().sum().backward()
+    torch.cuda.set_sync_debug_mode(0)
+    layer.check_errors()
+    passed(f"no host sync in forward+backward (peers={peer_path})")
 
 # CUDA-graph capture of a forward, replayed on new data.
 static_x = tokens(rank, 8).to(torch.bfloat16)

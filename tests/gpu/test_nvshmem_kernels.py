@@ -96,6 +96,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
     fwd_rows = [torch.full((C, H), float("nan"), dtype=dt, device=DEV) for _ in range(N)]
     fwd_meta = [torch.full((C,), -1, dtype=torch.int64, device=DEV) for _ in range(N)]
     ret_rows = [torch.full((max(T_of) * K, H), float("nan"), dtype=dt, device=DEV) for _ in range(N)]
+    no_put = torch.zeros(N, dtype=torch.int32, device=DEV)  # every peer by stores (the put path needs NVSHMEM)
     pe_state = []
 
     def sent_mask(pe):  # slots that reach an expert: used, and not bound to an overflowing receiver
@@ -125,8 +126,8 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
         if S:
             K_.push_slots_kernel[(S, K_.row_chunks(H))](
                 x[me], st["dest_pos"], st["idx_S"], st["rank_S"], st["offs"], st["over"], st["dest_rank"],
-                st["dest_pos"], addresses(fwd_rows), st["out"], addresses(fwd_meta), me, G, K, H,
-                COMPUTE_DEST=True, SCALE=False, BLOCK=K_.ROW_BLOCK)
+                st["dest_pos"], addresses(fwd_rows), st["out"], addresses(fwd_meta), no_put, me, G,
+                K, H, COMPUTE_DEST=True, SCALE=False, HAS_PUT=False, BLOCK=K_.ROW_BLOCK)
     sync()
     assert bool(pe_state[0]["over"].any()) == (capacity is not None), "the small capacity must overflow a receiver"
     for me, st in enumerate(pe_state):  # step 3: peer rows out of the staging; check against the reference
@@ -148,7 +149,8 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
     for me, st in enumerate(pe_state):  # step 4: answers back to their owners
         if N > 1:
             K_.return_segments_kernel[(N * G, 4, K_.row_chunks(H))](
-                st["y"], st["slot_of_row"], st["seg"], addresses(ret_rows), me, N, G, H, SPLIT=4, BLOCK=K_.ROW_BLOCK)
+                st["y"], st["slot_of_row"], st["seg"], addresses(ret_rows), no_put, me, N, G, H, SPLIT=4,
+                HAS_PUT=False, BLOCK=K_.ROW_BLOCK)
     sync()
     for me, st in enumerate(pe_state):  # step 5: the owner's weighted sum
         T = T_of[me]
@@ -175,8 +177,8 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
         if S:
             K_.push_slots_kernel[(S, K_.row_chunks(H))](
                 g[me], w[me].reshape(-1), st["dest_pos"], st["dest_pos"], st["dest_pos"], st["dest_pos"],
-                st["dest_rank"], st["dest_pos"], addresses(fwd_rows2), st["grad_y"], addresses(fwd_meta), me, G, K,
-                H, COMPUTE_DEST=False, SCALE=True, BLOCK=K_.ROW_BLOCK)
+                st["dest_rank"], st["dest_pos"], addresses(fwd_rows2), st["grad_y"], addresses(fwd_meta), no_put, me,
+                G, K, H, COMPUTE_DEST=False, SCALE=True, HAS_PUT=False, BLOCK=K_.ROW_BLOCK)
     sync()
     for me, st in enumerate(pe_state):
         if N > 1:
@@ -193,8 +195,8 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
     for me, st in enumerate(pe_state):
         if N > 1:
             K_.return_segments_kernel[(N * G, 4, K_.row_chunks(H))](
-                st["grad_y"], st["slot_of_row"], st["seg"], addresses(ret_rows2), me, N, G, H, SPLIT=4,
-                BLOCK=K_.ROW_BLOCK)
+                st["grad_y"], st["slot_of_row"], st["seg"], addresses(ret_rows2), no_put, me, N, G, H,
+                SPLIT=4, HAS_PUT=False, BLOCK=K_.ROW_BLOCK)
     sync()
     for me, st in enumerate(pe_state):
         T = T_of[me]

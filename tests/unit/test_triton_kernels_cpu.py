@@ -55,22 +55,23 @@ def kernel_cases():
         "counts_ptr": P64, **ints("me", "N", "E", "G", "capacity"), "offs_ptr": P64, "overflow_ptr": P32,
         "counts_G_ptr": P64, "seg_ptr": P64, "err_ptr": P32, "step": "i32", "NB": "constexpr", "EB": "constexpr"}, \
         {"NB": 8, "EB": 256}
-    for compute in (False, True):
-        for scale in (False, True):
-            yield f"push_slots(COMPUTE_DEST={compute}, SCALE={scale})", K.push_slots_kernel, {
-                "src_ptr": PBF, "scale_ptr": PF32, "idx_ptr": P64, "rank_ptr": P64, "offs_ptr": P64,
-                "overflow_ptr": P32, "dest_rank_ptr": P64, "dest_pos_ptr": P64, "peer_rows_addr_ptr": P64,
-                "own_out_ptr": PBF, "peer_meta_addr_ptr": P64, **ints("me", "G", "K", "H"),
-                "COMPUTE_DEST": "constexpr", "SCALE": "constexpr", "BLOCK": "constexpr"}, \
-                {"COMPUTE_DEST": compute, "SCALE": scale, "BLOCK": K.ROW_BLOCK}
+    for compute, scale, put in ((False, True, False), (True, False, False), (False, True, True), (True, False, True)):
+        yield f"push_slots(COMPUTE_DEST={compute}, SCALE={scale}, HAS_PUT={put})", K.push_slots_kernel, {
+            "src_ptr": PBF, "scale_ptr": PF32, "idx_ptr": P64, "rank_ptr": P64, "offs_ptr": P64,
+            "overflow_ptr": P32, "dest_rank_ptr": P64, "dest_pos_ptr": P64, "peer_rows_addr_ptr": P64,
+            "own_out_ptr": PBF, "peer_meta_addr_ptr": P64, "via_put_ptr": P32, **ints("me", "G", "K", "H"),
+            "COMPUTE_DEST": "constexpr", "SCALE": "constexpr", "HAS_PUT": "constexpr", "BLOCK": "constexpr"}, \
+            {"COMPUTE_DEST": compute, "SCALE": scale, "HAS_PUT": put, "BLOCK": K.ROW_BLOCK}
     for meta in (False, True):
         yield f"copy_segments(HAS_META={meta})", K.copy_segments_kernel, {
             "staging_ptr": PBF, "out_ptr": PBF, "staging_meta_ptr": P64, "out_meta_ptr": P64, "seg_ptr": P64,
             **ints("me", "N", "G", "H"), "HAS_META": "constexpr", "SPLIT": "constexpr", "BLOCK": "constexpr"}, \
             {"HAS_META": meta, "SPLIT": 16, "BLOCK": K.ROW_BLOCK}
-    yield "return_segments", K.return_segments_kernel, {
-        "rows_ptr": PBF, "slot_of_row_ptr": P64, "seg_ptr": P64, "peer_ret_addr_ptr": P64, **ints("me", "N", "G", "H"),
-        "SPLIT": "constexpr", "BLOCK": "constexpr"}, {"SPLIT": 16, "BLOCK": K.ROW_BLOCK}
+    for put in (False, True):
+        yield f"return_segments(HAS_PUT={put})", K.return_segments_kernel, {
+            "rows_ptr": PBF, "slot_of_row_ptr": P64, "seg_ptr": P64, "peer_ret_addr_ptr": P64, "via_put_ptr": P32,
+            **ints("me", "N", "G", "H"), "SPLIT": "constexpr", "HAS_PUT": "constexpr", "BLOCK": "constexpr"}, \
+            {"SPLIT": 16, "HAS_PUT": put, "BLOCK": K.ROW_BLOCK}
     for w in (False, True):
         for keep in (False, True):
             yield f"gather_reduce(HAS_W={w}, KEEP_SLOTS={keep})", K.gather_reduce_kernel, {
@@ -81,6 +82,48 @@ def kernel_cases():
                                          "BLOCK": "constexpr"}, {"BLOCK": 1024}
     yield "swiglu_bwd", SW._swiglu_bwd, {"h_ptr": PBF, "g_ptr": PBF, "dh_ptr": PBF, "rows_used_ptr": P64, "F": "i32",
                                          "BLOCK": "constexpr"}, {"BLOCK": 1024}
+
+
+def put_kernel_cases():
+    from moe_dist.transport.nvshmem import put_kernels as PK
+    for bump, payload in ((True, True), (False, False)):
+        yield f"put_signal(BUMP={bump}, HAS_PAYLOAD={payload})", PK.put_signal_kernel, {
+            "via_put_ptr": P32, "peer_pe_ptr": P32, "me": "i32", "epoch_ptr": P64, "flag_addr": "i64",
+            "payload_addr": "i64", "payload_bytes": "i32", "BUMP": "constexpr", "HAS_PAYLOAD": "constexpr"}, \
+            {"BUMP": bump, "HAS_PAYLOAD": payload}
+    for scale, meta in ((False, True), (True, False)):
+        yield f"put_rows(SCALE={scale}, HAS_META={meta})", PK.put_rows_kernel, {
+            "src_ptr": PBF, "scale_ptr": PF32, "dest_rank_ptr": P64, "dest_pos_ptr": P64, "via_put_ptr": P32,
+            "peer_pe_ptr": P32, "send_addr": "i64", "send_meta_addr": "i64", "staging_addr": "i64",
+            "staging_meta_addr": "i64", "K": "i32", "H": "i32", "SCALE": "constexpr", "HAS_META": "constexpr",
+            "BLOCK": "constexpr"}, {"SCALE": scale, "HAS_META": meta, "BLOCK": 1024}
+    yield "put_return", PK.put_return_kernel, {
+        "rows_ptr": PBF, "slot_of_row_ptr": P64, "seg_ptr": P64, "via_put_ptr": P32, "peer_pe_ptr": P32,
+        "send_addr": "i64", "ret_addr": "i64", "me": "i32", "N": "i32", "G": "i32", "H": "i32", "SPLIT": "constexpr",
+        "BLOCK": "constexpr"}, {"SPLIT": 16, "BLOCK": 1024}
+
+
+def test_put_kernels_link_nvshmem_and_compile_for_hopper():
+    """The put-with-signal kernels, linked against NVSHMEM's device bitcode: the extern declarations
+    must match the library's functions, and the module must carry the device state that
+    nvshmemx_cumodule_init fills (the kernel-load hook relies on it)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from moe_dist.transport.nvshmem.device_lib import device_library_path, extern_libs
+    if device_library_path((9, 0)) is None:
+        pytest.skip("NVSHMEM's device bitcode is not installed (the nvidia-nvshmem-cu13 wheel, or "
+                    "MOE_DIST_NVSHMEM_DEVICE_BC); the GPU worker runs these kernels")
+    libs = tuple(extern_libs((9, 0)).items())
+    failures = []
+    for name, fn, signature, constants in put_kernel_cases():
+        try:
+            k = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                               options={"extern_libs": libs})
+            if "nvshmemi_device_state_d" not in k.asm["ptx"]:
+                failures.append(f"{name}: the PTX has no NVSHMEM device state: the library was not linked")
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"{name}: {type(e).__name__}: {str(e)[:800]}")
+    assert not failures, "\n".join(failures)
 
 
 def test_every_kernel_compiles_for_hopper():

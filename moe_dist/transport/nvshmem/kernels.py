@@ -115,13 +115,14 @@ def layout_kernel(counts_ptr, me, N, E, G, capacity, offs_ptr, overflow_ptr, cou
 
 @triton.jit
 def push_slots_kernel(src_ptr, scale_ptr, idx_ptr, rank_ptr, offs_ptr, overflow_ptr, dest_rank_ptr, dest_pos_ptr,
-                      peer_rows_addr_ptr, own_out_ptr, peer_meta_addr_ptr, me, G, K, H,
-                      COMPUTE_DEST: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+                      peer_rows_addr_ptr, own_out_ptr, peer_meta_addr_ptr, via_put_ptr, me, G, K, H,
+                      COMPUTE_DEST: tl.constexpr, SCALE: tl.constexpr, HAS_PUT: tl.constexpr, BLOCK: tl.constexpr):
     """Program (slot, chunk): row src[slot // K] (times scale[slot] if SCALE) -> row dest_pos of PE
     dest_rank: this PE's own rows into own_out, a peer's into its symmetric staging, with the slot id
     beside it (the receiver sends the expert's answer back to that slot). COMPUTE_DEST: the destination
     comes from the expert id, the slot's rank within its expert and offs_E (and is saved for later
-    calls); otherwise it is read from dest_rank/dest_pos."""
+    calls); otherwise it is read from dest_rank/dest_pos. HAS_PUT: rows for put peers (via_put) are left
+    to put_rows_kernel."""
     slot = tl.program_id(0)
     chunk = tl.program_id(1)
     if COMPUTE_DEST:
@@ -144,12 +145,16 @@ def push_slots_kernel(src_ptr, scale_ptr, idx_ptr, rank_ptr, offs_ptr, overflow_
         vals = (vals.to(tl.float32) * tl.load(scale_ptr + slot).to(tl.float32)).to(vals.dtype)
     if r == me:
         tl.store(own_out_ptr + pos * H + offs, vals, mask=m)
-    elif r >= 0:
-        peer = tl.load(peer_rows_addr_ptr + r).to(tl.pointer_type(src_ptr.dtype.element_ty))
-        tl.store(peer + pos * H + offs, vals, mask=m)
-        if chunk == 0:
-            meta = tl.load(peer_meta_addr_ptr + r).to(tl.pointer_type(tl.int64))
-            tl.store(meta + pos, slot.to(tl.int64))
+    else:
+        direct = r >= 0
+        if HAS_PUT:
+            direct = direct & (tl.load(via_put_ptr + tl.maximum(r, 0)) == 0)
+        if direct:
+            peer = tl.load(peer_rows_addr_ptr + r).to(tl.pointer_type(src_ptr.dtype.element_ty))
+            tl.store(peer + pos * H + offs, vals, mask=m)
+            if chunk == 0:
+                meta = tl.load(peer_meta_addr_ptr + r).to(tl.pointer_type(tl.int64))
+                tl.store(meta + pos, slot.to(tl.int64))
 
 
 @triton.jit
@@ -176,16 +181,19 @@ def copy_segments_kernel(staging_ptr, out_ptr, staging_meta_ptr, out_meta_ptr, s
 
 
 @triton.jit
-def return_segments_kernel(rows_ptr, slot_of_row_ptr, seg_ptr, peer_ret_addr_ptr, me, N, G, H,
-                           SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+def return_segments_kernel(rows_ptr, slot_of_row_ptr, seg_ptr, peer_ret_addr_ptr, via_put_ptr, me, N, G, H,
+                           SPLIT: tl.constexpr, HAS_PUT: tl.constexpr, BLOCK: tl.constexpr):
     """Program (segment, j, chunk): rows the experts here computed for a peer's slots go back into that
     peer's return staging at the slot's index. Rows of this PE's own slots stay where they are: the
-    owner's gather reads them in place."""
+    owner's gather reads them in place. HAS_PUT: segments of put peers are left to put_return_kernel."""
     seg = tl.program_id(0)
     j = tl.program_id(1)
     chunk = tl.program_id(2)
     src = seg // G
-    if src != me:
+    direct = src != me
+    if HAS_PUT:
+        direct = direct & (tl.load(via_put_ptr + src) == 0)
+    if direct:
         start = tl.load(seg_ptr + seg)
         length = tl.load(seg_ptr + N * G + seg)
         dst = tl.load(peer_ret_addr_ptr + src).to(tl.pointer_type(rows_ptr.dtype.element_ty))

@@ -60,10 +60,16 @@ class SymmetricWorkspace:
     ret_rows [T_max*K, H] (combine-direction rows, at the owner's slot), counts [N, E] (int64),
     and flags [3, N] (count / dispatch / return channels, int64 epochs, monotonic, never reset).
     Bytes per PE = 2 * (C*H + T_max*K*H) * itemsize + 2 * (8*C + 8*N*E + 24*N).
+    With put peers (peer_path "put", or "auto" where a peer has no P2P path) add one send buffer that
+    puts read from: max(C, T_max*K) * H * itemsize + 8 * T_max*K bytes.
+
+    peer_path: "p2p" = every peer by loads and stores (an error names a peer without a P2P path);
+    "put" = every other PE by NVSHMEM put-with-signal; "auto" = P2P where nvshmem_ptr gives an address,
+    put elsewhere.
     """
 
     def __init__(self, pes: list[int], me: int, hidden: int, num_experts: int, max_tokens: int, top_k: int,
-                 capacity: int, dtype: torch.dtype):
+                 capacity: int, dtype: torch.dtype, peer_path: str = "auto"):
         import nvshmem.core as nv
 
         self.pes, self.me, self.n = pes, me, len(pes)
@@ -85,9 +91,19 @@ class SymmetricWorkspace:
         torch.cuda.synchronize()
         dist.barrier()  # every PE has zeroed its flags before anyone signals
 
+        # Which peers take puts. A put peer's entries in the address tables below are this PE's own
+        # buffers: the P2P kernels skip put peers, and count_and_rank's store there is the put's source.
+        reach = [i == me or self._reachable(nv, self.flags, pes[i], peer_path) for i in range(self.n)]
+        self.via_put = torch.tensor([0 if ok else 1 for ok in reach], dtype=torch.int32, device=self.flags.device)
+        self.peer_pe = torch.tensor(pes, dtype=torch.int32, device=self.flags.device)
+        self.any_put = _any_rank(not all(reach))  # every PE allocates the send buffer, or none (collective)
+        if self.any_put:
+            self.send_rows = sym((max(capacity, self.max_slots), hidden), dtype)
+            self.send_meta = sym((self.max_slots,), torch.int64)
+
         def peer_views(t):
             # Own PE: the tensor itself (get_peer_tensor on one's own PE would pin it past free_tensor).
-            return [t if i == me else _peer_view(nv, t, pe, pes[me]) for i, pe in enumerate(pes)]
+            return [t if i == me or not reach[i] else _peer_view(nv, t, pe, pes[me]) for i, pe in enumerate(pes)]
 
         def addresses(t):  # [2, N] int64: address of parity p of `t` on each EP peer
             peers = peer_views(t)
@@ -106,6 +122,19 @@ class SymmetricWorkspace:
         # alternate too.
         self.epoch_dev = torch.zeros(1, dtype=torch.int64, device=self.flags.device)
         self.calls = 0
+
+    @staticmethod
+    def _reachable(nv, symmetric, pe: int, peer_path: str) -> bool:
+        """Whether PE `pe` takes loads and stores from here (else puts): nvshmem_ptr of a symmetric tensor."""
+        if peer_path == "put":
+            return False
+        if peer_path == "p2p":
+            return True  # _peer_view raises, naming both PEs, where it is not
+        try:
+            nv.get_peer_tensor(symmetric, pe)
+            return True
+        except Exception:  # noqa: BLE001 - nvshmem4py says only "Failed to retrieve peer buffer"
+            return False
 
     def next_epoch(self) -> int:
         """Starts a call; returns the parity of the buffers it uses. (The call's first
@@ -130,18 +159,27 @@ def _peer_view(nv, t, pe: int, my_pe: int):
         return nv.get_peer_tensor(t, pe)
     except Exception as e:  # noqa: BLE001 - nvshmem4py says only "Failed to retrieve peer buffer"
         raise RuntimeError(f"NVSHMEM PE {pe} is not reachable by loads and stores from PE {my_pe} (nvshmem_ptr "
-                           f"gave no address: no NVLink/P2P path between their GPUs). The nvshmem transport needs "
-                           f"P2P peers; its put-with-signal path for network peers is not built: use "
-                           f"transport='collective'") from e
+                           f"gave no address: no NVLink/P2P path between their GPUs), and nvshmem_peer_path='p2p' "
+                           f"allows nothing else: use 'auto' (puts for such peers) or 'put'") from e
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any (world-collective, like the symmetric allocations)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(flag)], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def workspace(pes: list[int], me: int, hidden: int, num_experts: int, max_tokens: int, top_k: int,
-              capacity: int, dtype: torch.dtype) -> SymmetricWorkspace:
+              capacity: int, dtype: torch.dtype, peer_path: str = "auto") -> SymmetricWorkspace:
     """Shared by every layer of the same shape: consecutive layers alternate parity, and a PE cannot
     run two calls ahead of a peer (each call waits on every peer's flag), so parity p is never
     overwritten while a peer still reads it."""
-    key = (tuple(pes), hidden, num_experts, max_tokens, top_k, capacity, dtype)
+    key = (tuple(pes), hidden, num_experts, max_tokens, top_k, capacity, dtype, peer_path)
     if key not in _state["workspaces"]:
         _state["workspaces"][key] = SymmetricWorkspace(pes, me, hidden, num_experts, max_tokens, top_k,
-                                                       capacity, dtype)
+                                                       capacity, dtype, peer_path)
     return _state["workspaces"][key]

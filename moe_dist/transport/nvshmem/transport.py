@@ -27,6 +27,8 @@ from ...parallel.groups import all_reduce_sum
 from ...routing import RoutingPlan
 from ..permute import slot_weight_grad
 from . import kernels as K_
+from . import put_kernels as P_
+from .device_lib import extern_libs, install_module_init_hook
 from .runtime import SymmetricWorkspace, ensure_initialized, workspace
 
 COUNT, FORWARD, RETURN = 0, 1, 2  # flag channels
@@ -65,6 +67,8 @@ class NvshmemTransport:
         self.top_k = cfg.top_k
         self.capacity = cfg.nvshmem_recv_capacity or cfg.max_tokens_per_rank * cfg.top_k * self.ep_size
         self.timeout_ns = int(cfg.peer_timeout_s * 1e9)
+        self.peer_path = cfg.nvshmem_peer_path
+        self._put_libs = None  # NVSHMEM's device bitcode, looked up when a workspace has put peers
         self.error_flags = DeviceErrorFlags("moe", device)
         self.calls = 0
         if not dist.is_initialized() and self.ep_size == 1:
@@ -89,8 +93,12 @@ class NvshmemTransport:
         the same calls."""
         key = (dtype, hidden)
         if key not in self._workspaces:
-            self._workspaces[key] = workspace(self.pes, self.ep_rank, hidden, self.num_experts, self.max_tokens,
-                                              self.top_k, self.capacity, dtype)
+            ws = workspace(self.pes, self.ep_rank, hidden, self.num_experts, self.max_tokens, self.top_k,
+                           self.capacity, dtype, self.peer_path)
+            if ws.any_put and self._put_libs is None:
+                self._put_libs = extern_libs(torch.cuda.get_device_capability(self.device))
+                install_module_init_hook()
+            self._workspaces[key] = ws
         return self._workspaces[key]
 
     def memory_bytes_per_pe(self) -> int:
@@ -121,6 +129,12 @@ class NvshmemTransport:
         return ws.next_epoch()
 
     def _signal_and_wait(self, ws: SymmetricWorkspace, channel: int, parity: int, first_of_call: bool) -> None:
+        if ws.any_put:  # put peers' flags (after their rows, and the counts with COUNT's), before the wait
+            counts = ws.counts[parity, ws.me]
+            P_.put_signal_kernel[(ws.n,)](ws.via_put, ws.peer_pe, ws.me, ws.epoch_dev,
+                                          ws.flags[parity, channel].data_ptr(), counts.data_ptr(),
+                                          counts.numel() * counts.element_size(), BUMP=first_of_call,
+                                          HAS_PAYLOAD=channel == COUNT, num_warps=1, extern_libs=self._put_libs)
         K_.signal_and_wait_kernel[(1,)](ws.flags_at[parity, channel], ws.flags[parity, channel], ws.me, ws.n,
                                         ws.epoch_dev, self.timeout_ns, self.error_flags.words, self.calls,
                                         BUMP=first_of_call)
@@ -157,8 +171,14 @@ class NvshmemTransport:
             K_.push_slots_kernel[(S, K_.row_chunks(H))](
                 rows_TH, scale_S if scale_S is not None else dest_pos_S, idx_S if idx_S is not None else dest_pos_S,
                 rank_S, offs_E, overflow_N, dest_rank_S, dest_pos_S, ws.fwd_rows_at[p], out_CH, ws.fwd_meta_at[p],
-                ws.me, self.num_local_experts, self.top_k, H, COMPUTE_DEST=layout is not None,
-                SCALE=scale_S is not None, BLOCK=K_.ROW_BLOCK)
+                ws.via_put, ws.me, self.num_local_experts, self.top_k, H, COMPUTE_DEST=layout is not None,
+                SCALE=scale_S is not None, HAS_PUT=ws.any_put, BLOCK=K_.ROW_BLOCK)
+            if ws.any_put:
+                P_.put_rows_kernel[(S, K_.row_chunks(H))](
+                    rows_TH, scale_S if scale_S is not None else dest_pos_S, dest_rank_S, dest_pos_S, ws.via_put,
+                    ws.peer_pe, ws.send_rows.data_ptr(), ws.send_meta.data_ptr(), ws.fwd_rows[p].data_ptr(),
+                    ws.fwd_meta[p].data_ptr(), self.top_k, H, SCALE=scale_S is not None,
+                    HAS_META=slot_of_row_C is not None, BLOCK=K_.ROW_BLOCK, extern_libs=self._put_libs)
         self._signal_and_wait(ws, FORWARD, p, first_of_call=layout is None)  # dispatch: COUNT came first
         if ws.n > 1:
             has_meta = slot_of_row_C is not None
@@ -177,8 +197,13 @@ class NvshmemTransport:
         H = rows_CH.shape[1]
         if ws.n > 1:
             K_.return_segments_kernel[(ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))](
-                rows_CH, h.slot_of_row_C, h.seg_2NG, ws.ret_rows_at[p], ws.me, ws.n, self.num_local_experts, H,
-                SPLIT=SEGMENT_SPLIT, BLOCK=K_.ROW_BLOCK)
+                rows_CH, h.slot_of_row_C, h.seg_2NG, ws.ret_rows_at[p], ws.via_put, ws.me, ws.n,
+                self.num_local_experts, H, SPLIT=SEGMENT_SPLIT, HAS_PUT=ws.any_put, BLOCK=K_.ROW_BLOCK)
+            if ws.any_put:
+                P_.put_return_kernel[(ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))](
+                    rows_CH, h.slot_of_row_C, h.seg_2NG, ws.via_put, ws.peer_pe, ws.send_rows.data_ptr(),
+                    ws.ret_rows[p].data_ptr(), ws.me, ws.n, self.num_local_experts, H, SPLIT=SEGMENT_SPLIT,
+                    BLOCK=K_.ROW_BLOCK, extern_libs=self._put_libs)
         self._signal_and_wait(ws, RETURN, p, first_of_call=True)
         T, K = h.num_tokens, h.top_k
         out_TH = torch.empty(T, H, device=rows_CH.device, dtype=rows_CH.dtype)
