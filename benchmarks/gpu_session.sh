@@ -27,22 +27,23 @@ for step in $steps; do
            timeout 80 torchrun --standalone --nproc-per-node 2 benchmarks/sweep.py --backend gloo --tokens 256,1024 \
              --experts 64 --top-k 2,8 --transports collective,nvshmem --peers none --iters 5 --warmup 2 \
              --check-tokens 256 --out "$out" 2>&1 | tee -a "$log" | tail -10 ;;
-    multi)  # several GPUs, one PE per GPU (NVLink), e.g. on nvidia-h100-x2: issue 7's runs that fit it
+    multi)  # several GPUs, one PE per GPU (NVLink), e.g. on nvidia-h100-x2: issue 7's runs that fit it,
+            # most important first (one device call is at most 10 minutes)
            n=$(nvidia-smi -L | wc -l)
-           for w in nvshmem_worker overlap_worker; do
-             timeout 150 torchrun --standalone --nproc-per-node "$n" tests/gpu/$w.py 2>&1 | tee -a "$log" \
-               | grep -E "WORKER OK|Error" | cut -c1-200
-           done
+           timeout 120 torchrun --standalone --nproc-per-node "$n" tests/gpu/nvshmem_worker.py 2>&1 | tee -a "$log" \
+             | grep -E "WORKER OK|Error" | cut -c1-200
            timeout 90 torchrun --standalone --nproc-per-node "$n" benchmarks/transport.py --tokens 128,4096 --hidden 7168 \
              --iters 20 --out "$out" 2>&1 | tee -a "$log" | grep -v Warn | tail -4
-           timeout 150 torchrun --standalone --nproc-per-node "$n" benchmarks/sweep.py --tokens 1024,4096 \
+           timeout 130 torchrun --standalone --nproc-per-node "$n" benchmarks/sweep.py --tokens 1024,4096 \
              --global-tokens 4096,16384 --experts 64 --top-k 2,8 --mode both --transports collective,nvshmem \
              --peers deepspeed --out "$out" 2>&1 | tee -a "$log" | tail -12
-           timeout 120 torchrun --standalone --nproc-per-node "$n" benchmarks/overlap.py --transport nvshmem \
+           timeout 90 torchrun --standalone --nproc-per-node "$n" tests/gpu/overlap_worker.py 2>&1 | tee -a "$log" \
+             | grep -E "WORKER OK|Error" | cut -c1-200
+           timeout 90 torchrun --standalone --nproc-per-node "$n" benchmarks/overlap.py --transport nvshmem \
              --out "$out" 2>&1 | tee -a "$log" | tail -12
-           timeout 100 torchrun --standalone --nproc-per-node "$n" -m moe_dist.train --ep "$n" --size tiny --batch-size 16 --steps 60 \
+           timeout 60 torchrun --standalone --nproc-per-node "$n" -m moe_dist.train --ep "$n" --size tiny --batch-size 16 --steps 60 \
              --json "$out/train_ep$n.json" 2>&1 | tee -a "$log" | tail -3
-           timeout 100 python3 -m moe_dist.train --size tiny --batch-size 16 --steps 60 --json "$out/train_ep1.json" 2>&1 \
+           timeout 60 python3 -m moe_dist.train --size tiny --batch-size 16 --steps 60 --json "$out/train_ep1.json" 2>&1 \
              | tee -a "$log" | tail -3 ;;
   esac
 done

@@ -4,6 +4,9 @@
     torchrun --nproc-per-node 2 benchmarks/transport.py --backend gloo ...      # PEs sharing one GPU (correctness-grade timings)
     python benchmarks/transport.py --smoke                                      # CPU: collective only (CI)
 
+With several PEs, `nvshmem_put` is the nvshmem transport with every peer on the put-with-signal path
+(nvshmem_peer_path="put"), the path taken for peers without a P2P route.
+
 Bandwidth counts the rows each phase reads and writes: dispatch reads S = T*top_k token rows and
 writes S rows, combine reads S expert rows and writes them back to their owners, so
 bytes = 4 * S * hidden * itemsize, the same read+write convention as the device copy bandwidth
@@ -73,6 +76,8 @@ def main(argv=None):
         max_t = max(int(t) for t in args.tokens.split(","))
         cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=E, top_k=K, max_tokens_per_rank=max_t)
         transports["nvshmem"] = NvshmemTransport(E, groups, device, cfg)
+        if world > 1:  # the put-with-signal path (for peers without P2P), forced for every peer
+            transports["nvshmem_put"] = NvshmemTransport(E, groups, device, cfg.replace(nvshmem_peer_path="put"))
     elif rank == 0:
         print(f"nvshmem skipped: {reason}")
     copy_gbs = copy_bandwidth_gbs(device) if device.type == "cuda" else None
