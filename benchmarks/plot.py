@@ -53,6 +53,13 @@ def load(paths: list[Path]) -> list[dict]:
     return sorted(files, key=lambda f: bool(f["config"].get("dispatch_only")))
 
 
+def run_device(f: dict) -> str:
+    """The device a file's numbers describe; PEs time-sliced on one GPU are not the same machine as one
+    PE per GPU, so their points are kept apart."""
+    shared = "share one GPU" in (f.get("note") or "")
+    return f["environment"]["device"] + (f" ({f['ep_size']} PEs sharing one GPU)" if shared else "")
+
+
 def point_key(device: str, r: dict) -> tuple:
     return (device, r["ep"], r["mode"], r["tokens_per_rank"]) + shape(r) + (r["dtype"],)
 
@@ -64,7 +71,7 @@ def shape(r: dict) -> tuple:
 def merge(files: list[dict]) -> list[dict]:
     rows: dict[tuple, dict] = {}
     for f in files:
-        device = f["environment"]["device"]
+        device = run_device(f)
         for r in f["results"]:
             if "variants" not in r:
                 continue
@@ -261,9 +268,9 @@ def markdown(rows, files, figures: list[Path], readme_dir: Path) -> str:
     for fig in figures:
         lines.append(f"![{fig.stem}]({os.path.relpath(fig, readme_dir)})")
     lines.append("")
-    for ep in sorted({r["ep"] for r in rows}):
+    for ep, device in sorted({(r["ep"], r["device"]) for r in rows}):
         for mode in ("weak", "strong"):
-            sel = [r for r in rows if r["ep"] == ep and r["mode"] == mode]
+            sel = [r for r in rows if r["ep"] == ep and r["device"] == device and r["mode"] == mode]
             if not sel or (mode == "strong" and ep == 1):
                 continue  # at EP=1 strong scaling is weak scaling
             lines += [f"**EP={ep}, {mode} scaling** ({sel[0]['device']}, {sel[0]['dtype']}, {sel[0]['pass']})", ""]

@@ -113,9 +113,12 @@ def main(argv=None):
                     for n in transports), flush=True)
     if rank == 0:
         print(f"device copy bandwidth (read+write): {copy_gbs} GB/s")
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        note = ("one PE: all traffic local" if world == 1 else
+                "several PEs on one GPU are time-sliced: correctness-grade timings" if gpus < world else
+                "one PE per GPU, peers over NVLink")
         save_results(f"transport_{world}pe" + ("_smoke" if args.smoke else ""),
-                     {"copy_bandwidth_GBps": copy_gbs, "note": "several PEs on one GPU are time-sliced: "
-                      "correctness-grade timings" if world > 1 else "one PE: all traffic local", "results": rows},
+                     {"copy_bandwidth_GBps": copy_gbs, "gpus": gpus, "note": note, "results": rows},
                      args.out)
     dist.barrier()
 
