@@ -46,8 +46,8 @@ def build_transport(kind: str, num_experts: int, groups, device: torch.device | 
     if kind == "auto":
         if ep_size == 1:
             kind = "local"
-        else:  # the nvshmem transport stores through P2P pointers: peers on one node only (so far)
-            one_node = ep_nodes(groups.ep_ranks) == 1
+        else:  # across nodes the peers take NVSHMEM puts, a path not yet measured over a real network:
+            one_node = ep_nodes(groups.ep_ranks) == 1  # "auto" keeps nvshmem to one node for now
             kind = "nvshmem" if one_node and nvshmem_unavailable_reason(device) is None else "collective"
     if kind == "local":
         if ep_size != 1:
@@ -56,10 +56,9 @@ def build_transport(kind: str, num_experts: int, groups, device: torch.device | 
     if kind == "nvshmem":
         reason = nvshmem_unavailable_reason(device)
         nodes = 1 if groups is None else ep_nodes(groups.ep_ranks)
-        if reason is None and nodes > 1:
-            reason = (f"its EP group (ranks {groups.ep_ranks}) spans {nodes} nodes, and rows "
-                      f"are stored through P2P pointers (NVLink or the same GPU); the put-with-signal path for "
-                      f"peers over a network is not built")
+        if reason is None and nodes > 1 and cfg is not None and cfg.nvshmem_peer_path == "p2p":
+            reason = (f"its EP group (ranks {groups.ep_ranks}) spans {nodes} nodes, and nvshmem_peer_path='p2p' "
+                      f"stores through P2P pointers only: use 'auto' (puts to peers without P2P) or 'put'")
         if reason is not None:
             raise RuntimeError(f"transport='nvshmem' cannot run: {reason}. Use transport='auto' or 'collective'.")
         from .nvshmem.transport import NvshmemTransport

@@ -208,3 +208,34 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
         per_slot = (g[me].float().unsqueeze(1) * w[me].unsqueeze(-1)).to(dt).float()
         want = torch.where(sent_mask(me).unsqueeze(-1), per_slot, 0.0).sum(1)
         torch.testing.assert_close(grad_x.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_p2p_kernels_leave_put_peers_to_the_put_kernels():
+    """With HAS_PUT, push_slots and return_segments store nothing for peers marked in via_put (their rows
+    go by NVSHMEM puts, which need a GPU: the worker checks that path) and everything else as before."""
+    N, G, K, H = 3, 2, 1, 40
+    S = 6
+    dest_rank = torch.tensor([0, 1, 2, 1, 2, -1], dtype=torch.int64, device=DEV)  # PE 1 sends; PE 2 is a put peer
+    dest_pos = torch.tensor([0, 0, 0, 1, 1, 0], dtype=torch.int64, device=DEV)
+    via_put = torch.tensor([0, 0, 1], dtype=torch.int32, device=DEV)
+    x = torch.arange(S * H, dtype=torch.float32, device=DEV).reshape(S, H)
+    staging = [torch.full((4, H), float("nan"), device=DEV) for _ in range(N)]
+    meta = [torch.full((4,), -1, dtype=torch.int64, device=DEV) for _ in range(N)]
+    own = torch.full((4, H), float("nan"), device=DEV)
+    K_.push_slots_kernel[(S, K_.row_chunks(H))](
+        x, dest_pos, dest_pos, dest_pos, dest_pos, dest_pos, dest_rank, dest_pos, addresses(staging), own,
+        addresses(meta), via_put, 1, G, K, H, COMPUTE_DEST=False, SCALE=False, HAS_PUT=True, BLOCK=K_.ROW_BLOCK)
+    sync()
+    assert torch.equal(staging[0][0], x[0]) and meta[0][0] == 0  # a P2P peer: stored, with the slot id
+    assert torch.equal(own[0], x[1]) and torch.equal(own[1], x[3])  # own rows in place
+    assert staging[2].isnan().all() and (meta[2] == -1).all()  # the put peer: untouched
+    # combine direction, at PE 0: segment (source, local expert); sources 1 (P2P) and 2 (put) sent one row each
+    seg = torch.tensor([[0, 0, 1, 0, 2, 0], [0, 0, 1, 0, 1, 0]], dtype=torch.int64, device=DEV)
+    rows = torch.randn(3, H, device=DEV)
+    slot_of_row = torch.tensor([0, 4, 5], dtype=torch.int64, device=DEV)
+    ret = [torch.full((S, H), float("nan"), device=DEV) for _ in range(N)]
+    K_.return_segments_kernel[(N * G, 2, K_.row_chunks(H))](
+        rows, slot_of_row, seg, addresses(ret), via_put, 0, N, G, H, SPLIT=2, HAS_PUT=True, BLOCK=K_.ROW_BLOCK)
+    sync()
+    assert torch.equal(ret[1][4], rows[1]) and ret[1].isnan().sum() == (S - 1) * H
+    assert ret[2].isnan().all() and ret[0].isnan().all()
