@@ -24,34 +24,33 @@ PUT_KERNELS = frozenset({"put_signal_kernel", "put_rows_kernel", "put_return_ker
 _I64, _U64, _I32 = core.dtype("int64"), core.dtype("uint64"), core.dtype("int32")
 
 
+def _nvshmem_call(symbol, args, types, _semantic):
+    """A call of NVSHMEM device function `symbol` (declared returning int32; its result is unused)."""
+    return core.extern_elementwise("", "", args, {types: (symbol, _I32)}, is_pure=False, _semantic=_semantic)
+
+
 @core.extern
 def _putmem_block(dst, src, nbytes, pe, _semantic=None):
     """nvshmemx_putmem_block: every thread of the program calls it; returns when src may be reused."""
-    return core.extern_elementwise("", "", [dst, src, nbytes, pe],
-                                   {(_I64, _I64, _I64, _I32): ("nvshmemx_putmem_block", _I32)},
-                                   is_pure=False, _semantic=_semantic)
+    return _nvshmem_call("nvshmemx_putmem_block", [dst, src, nbytes, pe], (_I64, _I64, _I64, _I32), _semantic)
 
 
 @core.extern
 def _putmem_signal_block(dst, src, nbytes, sig_addr, signal, sig_op, pe, _semantic=None):
     """nvshmemx_putmem_signal_block: the data, then the signal, delivered in that order."""
-    return core.extern_elementwise("", "", [dst, src, nbytes, sig_addr, signal, sig_op, pe],
-                                   {(_I64, _I64, _I64, _I64, _U64, _I32, _I32):
-                                    ("nvshmemx_putmem_signal_block", _I32)},
-                                   is_pure=False, _semantic=_semantic)
+    return _nvshmem_call("nvshmemx_putmem_signal_block", [dst, src, nbytes, sig_addr, signal, sig_op, pe],
+                         (_I64, _I64, _I64, _I64, _U64, _I32, _I32), _semantic)
 
 
 @core.extern
 def _signal_op(sig_addr, signal, sig_op, pe, _semantic=None):
-    return core.extern_elementwise("", "", [sig_addr, signal, sig_op, pe],
-                                   {(_I64, _U64, _I32, _I32): ("nvshmemx_signal_op", _I32)},
-                                   is_pure=False, _semantic=_semantic)
+    return _nvshmem_call("nvshmemx_signal_op", [sig_addr, signal, sig_op, pe], (_I64, _U64, _I32, _I32), _semantic)
 
 
 @core.extern
 def _quiet(_semantic=None):
     """nvshmem_quiet: every put this PE issued so far is complete (delivered) when it returns."""
-    return core.extern_elementwise("", "", [], {(): ("nvshmem_quiet", _I32)}, is_pure=False, _semantic=_semantic)
+    return _nvshmem_call("nvshmem_quiet", [], (), _semantic)
 
 
 # Typed entry points for kernels: the casts make every call match the declarations above.
