@@ -19,7 +19,9 @@
 set -euo pipefail
 
 # Pinned versions; nothing else is installed directly.
-GPU_PACKAGES=(nvshmem4py-cu13==0.4.1)
+# nvidia-nvshmem pinned to the GPU image's version: its device bitcode must parse with Triton 3.6's LLVM (3.8's does
+# not) and match the host library nvshmem4py loads.
+GPU_PACKAGES=(nvshmem4py-cu13==0.4.1 nvidia-nvshmem-cu13==3.4.5)
 PACKAGES=(deepspeed==0.19.8 mpi4py==4.1.2 matplotlib==3.11.2 pytest==9.0.3)
 # triton (+ numpy < 2.3, which Triton 3.6's interpreter needs): the tests compile the CUDA kernels for
 # sm_90 and run the transport's kernels in the interpreter on machines without a GPU. nvidia-nvshmem
