@@ -14,11 +14,20 @@ ROOT = Path(__file__).resolve().parents[2]
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def run_worker(script: str, pes: int, ok_marker: str, timeout: int = 180) -> None:
-    """Runs tests/gpu/<script> with `pes` processes; fails with the first traceback unless it printed ok_marker."""
-    env = dict(os.environ, **NO_MULTICAST, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={pes}",
-                           str(ROOT / "tests/gpu" / script)], env=env, capture_output=True, text=True, timeout=timeout)
+def run_worker(script: str, pes: int, ok_marker: str, timeout: int = 180, mpirun: str | None = None,
+               extra_env: dict[str, str] | None = None) -> None:
+    """Runs tests/gpu/<script> with `pes` processes, under torchrun or (given its path) Open MPI's mpirun;
+    fails with the first traceback unless it printed ok_marker."""
+    env = dict(os.environ, **NO_MULTICAST, **(extra_env or {}),
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    if mpirun:
+        names = ["PYTHONPATH", "PATH", "LD_LIBRARY_PATH", *NO_MULTICAST, *(extra_env or {})]
+        launcher = [mpirun, "-np", str(pes), "--oversubscribe", "--bind-to", "none", "--allow-run-as-root",
+                    *(a for n in names if n in env for a in ("-x", n)), sys.executable]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={pes}"]
+    proc = subprocess.run(launcher + [str(ROOT / "tests/gpu" / script)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
     out = proc.stdout + proc.stderr
     first_error = out.find("Traceback")
     assert proc.returncode == 0 and ok_marker in out, out[max(0, first_error):][:6000]
@@ -31,6 +40,10 @@ def setup_pe():
 
     from moe_dist import ParallelGroups
 
+    from moe_dist.parallel.bootstrap import launcher_environment
+
+    env = launcher_environment()  # torchrun's variables, or Open MPI's translated
+    os.environ.update({k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in env})
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())

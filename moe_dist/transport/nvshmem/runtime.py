@@ -11,7 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
-_state = {"initialized": False, "workspaces": {}}
+_state = {"initialized": False, "workspaces": {}, "bootstrap": None}
 
 
 def ensure_initialized(device: torch.device) -> None:
@@ -36,7 +36,13 @@ def ensure_initialized(device: torch.device) -> None:
     else:
         raise ValueError(f"MOE_DIST_NVSHMEM_BOOTSTRAP must be 'uid' or 'mpi', got {method!r}")
     _state["initialized"] = True
+    _state["bootstrap"] = method
     atexit.register(finalize)
+
+
+def bootstrap_method() -> str | None:
+    """How NVSHMEM was initialised in this process: "uid" or "mpi" (None before)."""
+    return _state["bootstrap"]
 
 
 def finalize() -> None:
