@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(reason is not None, reason=f"nvshmem transport c
 
 @pytest.mark.parametrize("pes", [1, 2, 4])
 def test_nvshmem_matches_reference(pes):
-    run_worker("nvshmem_worker.py", pes, f"NVSHMEM WORKER OK {pes}")
+    run_worker("nvshmem_worker.py", pes, f"NVSHMEM WORKER OK {pes}", timeout=300)
 
 
 def test_nvshmem_bootstraps_over_mpi():

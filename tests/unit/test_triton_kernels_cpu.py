@@ -5,6 +5,7 @@
   against their plain-torch oracles (tests/gpu/test_nvshmem_kernels.py and test_swiglu_kernel.py
   with TRITON_INTERPRET=1).
 Both need triton (docker/install.sh --dev installs it); without it they skip, saying so."""
+import itertools
 import os
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def kernel_cases():
         "counts_ptr": P64, **ints("me", "N", "E", "G", "capacity"), "offs_ptr": P64, "overflow_ptr": P32,
         "counts_G_ptr": P64, "seg_ptr": P64, "err_ptr": P32, "step": "i32", "NB": "constexpr", "EB": "constexpr"}, \
         {"NB": 8, "EB": 256}
-    for compute, scale, put in ((False, True, False), (True, False, False), (False, True, True), (True, False, True)):
+    for compute, scale, put in itertools.product((False, True), repeat=3):
         yield f"push_slots(COMPUTE_DEST={compute}, SCALE={scale}, HAS_PUT={put})", K.push_slots_kernel, {
             "src_ptr": PBF, "scale_ptr": PF32, "idx_ptr": P64, "rank_ptr": P64, "offs_ptr": P64,
             "overflow_ptr": P32, "dest_rank_ptr": P64, "dest_pos_ptr": P64, "peer_rows_addr_ptr": P64,

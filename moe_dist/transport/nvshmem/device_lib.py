@@ -30,9 +30,10 @@ def _nvshmem_call(symbol, args, types, _semantic):
 
 
 @core.extern
-def _putmem_block(dst, src, nbytes, pe, _semantic=None):
-    """nvshmemx_putmem_block: every thread of the program calls it; returns when src may be reused."""
-    return _nvshmem_call("nvshmemx_putmem_block", [dst, src, nbytes, pe], (_I64, _I64, _I64, _I32), _semantic)
+def _putmem_nbi_block(dst, src, nbytes, pe, _semantic=None):
+    """nvshmemx_putmem_nbi_block: every thread of the program calls it; returns at once. The source must
+    stay as it is, and the data counts as delivered, only after nvshmem_quiet."""
+    return _nvshmem_call("nvshmemx_putmem_nbi_block", [dst, src, nbytes, pe], (_I64, _I64, _I64, _I32), _semantic)
 
 
 @core.extern
@@ -55,8 +56,8 @@ def _quiet(_semantic=None):
 
 # Typed entry points for kernels: the casts make every call match the declarations above.
 @triton.jit
-def put_block(dst_addr, src_addr, nbytes, pe):
-    _putmem_block(tl.cast(dst_addr, tl.int64), tl.cast(src_addr, tl.int64), tl.cast(nbytes, tl.int64),
+def put_block_nbi(dst_addr, src_addr, nbytes, pe):
+    _putmem_nbi_block(tl.cast(dst_addr, tl.int64), tl.cast(src_addr, tl.int64), tl.cast(nbytes, tl.int64),
                   tl.cast(pe, tl.int32))
 
 
@@ -126,15 +127,22 @@ def install_module_init_hook() -> None:
     from triton import knobs
     from nvshmem import bindings
 
-    earlier = knobs.runtime.kernel_load_end_hook
-
     def init_nvshmem_module(module, function, name, metadata_group, hash):
-        if earlier is not None:
-            earlier(module, function, name, metadata_group, hash)
         if name in PUT_KERNELS:
             status = bindings.cumodule_init(int(module))
             if status:
                 raise RuntimeError(f"nvshmemx_cumodule_init failed ({status}) for Triton kernel {name}")
 
-    knobs.runtime.kernel_load_end_hook = init_nvshmem_module
+    chain = knobs.runtime.kernel_load_end_hook
+    if hasattr(chain, "add"):  # Triton's hook chain: other tools' hooks (e.g. Proton's) stay in it
+        chain.add(init_nvshmem_module)
+    else:
+        earlier = chain
+
+        def chained(*args):
+            if earlier is not None:
+                earlier(*args)
+            init_nvshmem_module(*args)
+
+        knobs.runtime.kernel_load_end_hook = chained
     _hook_installed[0] = True

@@ -4,16 +4,18 @@ or every peer under nvshmem_peer_path="put") get their rows and flags through NV
 These kernels run beside the P2P ones of kernels.py, which skip put peers (HAS_PUT), and keep the same
 message order (PROTOCOL.md): rows first, then the flag, and receivers wait on the same flags and read the
 same staging. A put's source must be symmetric memory on a network transport, so rows are first copied
-into this PE's symmetric send buffer, then put from there. Every put of a call is complete before its
-flag goes out: put_signal_kernel calls nvshmem_quiet first (the count exchange rides with its flag in one
-putmem_signal). Addresses are int64 symmetric addresses on this PE; NVSHMEM maps them to the peer.
+into this PE's symmetric send buffer, then put from there (non-blocking). Every put of a call is
+complete before its flag goes out: put_signal_kernel calls nvshmem_quiet first (the count exchange
+rides with its flag in one putmem_signal), and the send buffer is not written again before that.
+Unlike the flag waits, a put to a peer that is gone has no time limit: over a network a lost put peer
+can stall the stream instead of raising PeerTimeout. Addresses are int64 symmetric addresses on this PE; NVSHMEM maps them to the peer.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .device_lib import put_block, put_signal_block, quiet, signal_set
+from .device_lib import put_block_nbi, put_signal_block, quiet, signal_set
 
 
 @triton.jit
@@ -43,7 +45,7 @@ def put_rows_kernel(src_ptr, scale_ptr, dest_rank_ptr, dest_pos_ptr, via_put_ptr
     """Program (slot, chunk), dispatch direction, for a slot whose receiver is a put peer: row
     src[slot // K] (times scale[slot]) -> send buffer row `slot` -> the receiver's staging at
     dest_pos, with the slot id beside it (HAS_META). push_slots_kernel has stored the destinations."""
-    slot = tl.program_id(0)
+    slot = tl.program_id(0).to(tl.int64)  # byte offsets below pass 2**31 for large buffers
     chunk = tl.program_id(1)
     r = tl.load(dest_rank_ptr + slot)
     if r >= 0:
@@ -64,10 +66,10 @@ def put_rows_kernel(src_ptr, scale_ptr, dest_rank_ptr, dest_pos_ptr, via_put_ptr
             pe = tl.load(peer_pe_ptr + r).to(tl.int32)
             n = tl.minimum(BLOCK, H - chunk * BLOCK)
             first = chunk * BLOCK
-            put_block(staging_addr + (pos * H + first) * elem, send_addr + (slot * H + first) * elem, n * elem, pe)
+            put_block_nbi(staging_addr + (pos * H + first) * elem, send_addr + (slot * H + first) * elem, n * elem, pe)
             if HAS_META:
                 if chunk == 0:
-                    put_block(staging_meta_addr + pos * 8, send_meta_addr + slot * 8, 8, pe)
+                    put_block_nbi(staging_meta_addr + pos * 8, send_meta_addr + slot * 8, 8, pe)
 
 
 @triton.jit
@@ -95,4 +97,4 @@ def put_return_kernel(rows_ptr, slot_of_row_ptr, seg_ptr, via_put_ptr, peer_pe_p
             slot = tl.load(slot_of_row_ptr + row)
             tl.store(send + row * H + offs, tl.load(rows_ptr + row * H + offs, mask=m), mask=m)
             tl.debug_barrier()
-            put_block(ret_addr + (slot * H + first) * elem, send_addr + (row * H + first) * elem, n * elem, pe)
+            put_block_nbi(ret_addr + (slot * H + first) * elem, send_addr + (row * H + first) * elem, n * elem, pe)

@@ -12,6 +12,9 @@ import torch
 import torch.distributed as dist
 
 _state = {"initialized": False, "workspaces": {}, "bootstrap": None}
+# Tests only: PEs that workspaces made from now on treat as unreachable under "auto", so one GPU can run a
+# mix of P2P and put peers (tests/gpu/nvshmem_worker.py).
+TEST_PUT_PEERS: set[int] = set()
 
 
 def ensure_initialized(device: torch.device) -> None:
@@ -35,6 +38,9 @@ def ensure_initialized(device: torch.device) -> None:
         nv.init(device=cu_dev, uid=box[0], rank=rank, nranks=world, initializer_method="uid")
     else:
         raise ValueError(f"MOE_DIST_NVSHMEM_BOOTSTRAP must be 'uid' or 'mpi', got {method!r}")
+    if dist.is_initialized() and nv.my_pe() != dist.get_rank():  # PE ids are taken to be global ranks
+        raise RuntimeError(f"NVSHMEM gave this process PE {nv.my_pe()} but its torch.distributed rank is "
+                           f"{dist.get_rank()} (bootstrap {method!r}): launch so that MPI and torch ranks agree")
     _state["initialized"] = True
     _state["bootstrap"] = method
     atexit.register(finalize)
@@ -102,7 +108,7 @@ class SymmetricWorkspace:
         reach = [i == me or self._reachable(nv, self.flags, pes[i], peer_path) for i in range(self.n)]
         self.via_put = torch.tensor([0 if ok else 1 for ok in reach], dtype=torch.int32, device=self.flags.device)
         self.peer_pe = torch.tensor(pes, dtype=torch.int32, device=self.flags.device)
-        self.any_put = _any_rank(not all(reach))  # every PE allocates the send buffer, or none (collective)
+        self.any_put = _any_rank(not all(reach), self.flags.device)  # every PE allocates the send buffer, or none (collective)
         if self.any_put:
             self.send_rows = sym((max(capacity, self.max_slots), hidden), dtype)
             self.send_meta = sym((self.max_slots,), torch.int64)
@@ -136,6 +142,8 @@ class SymmetricWorkspace:
             return False
         if peer_path == "p2p":
             return True  # _peer_view raises, naming both PEs, where it is not
+        if pe in TEST_PUT_PEERS:
+            return False
         try:
             nv.get_peer_tensor(symmetric, pe)
             return True
@@ -169,11 +177,11 @@ def _peer_view(nv, t, pe: int, my_pe: int):
                            f"allows nothing else: use 'auto' (puts for such peers) or 'put'") from e
 
 
-def _any_rank(flag: bool) -> bool:
+def _any_rank(flag: bool, gpu: torch.device) -> bool:
     """True on every rank when it is true on any (world-collective, like the symmetric allocations)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev = gpu if dist.get_backend() == "nccl" else torch.device("cpu")
     t = torch.tensor([int(flag)], device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
