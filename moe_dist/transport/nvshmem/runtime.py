@@ -108,7 +108,8 @@ class SymmetricWorkspace:
         reach = [i == me or self._reachable(nv, self.flags, pes[i], peer_path) for i in range(self.n)]
         self.via_put = torch.tensor([0 if ok else 1 for ok in reach], dtype=torch.int32, device=self.flags.device)
         self.peer_pe = torch.tensor(pes, dtype=torch.int32, device=self.flags.device)
-        self.any_put = _any_rank(not all(reach), self.flags.device)  # every PE allocates the send buffer, or none (collective)
+        # Every PE allocates the send buffer, or none does: symmetric allocation is collective.
+        self.any_put = _any_rank(not all(reach), self.flags.device)
         if self.any_put:
             self.send_rows = sym((max(capacity, self.max_slots), hidden), dtype)
             self.send_meta = sym((self.max_slots,), torch.int64)
