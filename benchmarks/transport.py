@@ -111,7 +111,8 @@ def main(argv=None):
             if rank == 0:
                 print(f"T={T:5d} H={H:5d} k={K} PEs={world}: " + "  ".join(
                     f"{n}: dispatch {row[n]['dispatch_ms']:.3f} ms, d+c {row[n]['dispatch_combine_ms']:.3f} ms"
-                    + (f" (graph {row[n]['dispatch_combine_graph_ms']:.3f})" if "dispatch_combine_graph_ms" in row[n] else "")
+                    + (f" (graph {row[n]['dispatch_combine_graph_ms']:.3f})"
+                       if "dispatch_combine_graph_ms" in row[n] else "")
                     + ", "
                     f"{row[n]['GBps']:.0f} GB/s" + (f" ({row[n]['fraction_of_copy_bw']:.0%} of copy)" if copy_gbs else "")
                     for n in transports), flush=True)

@@ -43,7 +43,8 @@ def setup_pe():
     from moe_dist.parallel.bootstrap import launcher_environment
 
     env = launcher_environment()  # torchrun's variables, or Open MPI's translated
-    os.environ.update({k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in env})
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    os.environ.update({k: env[k] for k in names if k in env})
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
