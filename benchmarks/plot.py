@@ -60,6 +60,20 @@ def run_device(f: dict) -> str:
     return f["environment"]["device"] + (f" ({f['ep_size']} PEs sharing one GPU)" if shared else "")
 
 
+def shared_gpu(r: dict) -> bool:
+    return "sharing one GPU" in r["device"]
+
+
+def ep_group(r: dict) -> tuple:
+    """Points of one EP size on one kind of machine: PEs sharing a GPU are not a multi-GPU run."""
+    return r["ep"], shared_gpu(r)
+
+
+def ep_name(group: tuple) -> str:
+    ep, shared = group
+    return f"EP={ep}" + (" (PEs share one GPU)" if shared else "")
+
+
 def point_key(device: str, r: dict) -> tuple:
     return (device, r["ep"], r["mode"], r["tokens_per_rank"]) + shape(r) + (r["dtype"],)
 
@@ -125,15 +139,15 @@ def panel_grid(n_rows: int, n_cols: int):
 
 def plot_vs_tokens(rows, files, out: Path, field: str, ylabel: str, fname: str, what: str) -> Path:
     weak = [r for r in rows if r["mode"] == "weak"]
-    eps, cfgs = sorted({r["ep"] for r in weak}), configs(weak)[:4]
+    eps, cfgs = sorted({ep_group(r) for r in weak}), configs(weak)[:4]
     fig, axes = panel_grid(max(1, len(eps)), max(1, len(cfgs)))
     for i, ep in enumerate(eps):
         for j, cfg in enumerate(cfgs):
             ax = axes[i][j]
-            sel = sorted((r for r in weak if r["ep"] == ep and shape(r) == cfg),
+            sel = sorted((r for r in weak if ep_group(r) == ep and shape(r) == cfg),
                          key=lambda r: r["tokens_per_rank"])
             draw_variants(ax, sel, lambda r: r["tokens_per_rank"], field)
-            ax.set_title(f"EP={ep}  E={cfg[0]} k={cfg[1]}  H={cfg[2]} F={cfg[3]}", fontsize=9)
+            ax.set_title(f"{ep_name(ep)}  E={cfg[0]} k={cfg[1]}  H={cfg[2]} F={cfg[3]}", fontsize=9)
             log_axes(ax, "tokens per rank", ylabel)
     legend_below(fig, axes)
     fig.suptitle(title(files, what), fontsize=10)
@@ -158,8 +172,9 @@ def plot_scaling(rows, files, out: Path) -> Path:
     """Weak: latency vs EP at fixed tokens per rank (flat is ideal). Strong: throughput vs EP at fixed
     global tokens (linear is ideal). One expert config: the one measured at the most EP sizes."""
     fig, axes = panel_grid(1, 2)
+    real = [r for r in rows if not shared_gpu(r)] or rows  # time-sliced PEs say nothing about scaling
     for ax, mode in zip(axes[0], ("weak", "strong")):
-        sel = [r for r in rows if r["mode"] == mode]
+        sel = [r for r in real if r["mode"] == mode]
         cfgs = configs(sel)
         if not cfgs:
             ax.set_visible(False)
@@ -190,15 +205,15 @@ def plot_speedup(rows, files, out: Path) -> Path:
     fig, axes = panel_grid(1, max(1, len(peers)))
     weak = [r for r in rows if r["mode"] == "weak"]
     for ax, peer in zip(axes[0], peers):
-        eps = sorted({r["ep"] for r in weak})
+        eps = sorted({ep_group(r) for r in weak})
         cfgs = sorted({(r["experts"], r["top_k"]) for r in weak})
-        for ep in eps:  # colour: EP size; line and marker: expert config
+        for ep in eps:  # colour: EP size (and machine); line and marker: expert config
             for k, cfg in enumerate(cfgs):
                 pts = sorted((r["tokens_per_rank"], r["speedup"][peer]) for r in weak
-                             if r["ep"] == ep and (r["experts"], r["top_k"]) == cfg and peer in r["speedup"])
+                             if ep_group(r) == ep and (r["experts"], r["top_k"]) == cfg and peer in r["speedup"])
                 if pts:
                     ax.plot(*zip(*pts), color=f"C{eps.index(ep) % 10}", linestyle=("-", "--", ":", "-.")[k % 4],
-                            marker="osD^v"[k % 5], label=f"EP={ep} E={cfg[0]} k={cfg[1]}")
+                            marker="osD^v"[k % 5], label=f"{ep_name(ep)} E={cfg[0]} k={cfg[1]}")
         ax.axhline(1.0, color="grey", lw=0.8)
         log_axes(ax, "tokens per rank", "peer time / moe_dist time", log_y=False)
         ax.set_title(f"over {PEER_LABELS.get(peer, peer)}", fontsize=9)
