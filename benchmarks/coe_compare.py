@@ -8,10 +8,10 @@ top_k = k (half the expert compute), shows where CoE sits between the two.
     python benchmarks/coe_compare.py --out benchmarks/results        # CPU, a couple of minutes
     python benchmarks/coe_compare.py --smoke                          # seconds (CI)
 
-The model is moe_dist.models.MoETransformer (the example model that `python -m moe_dist.train` trains)
+The model is moe_dist.lm.MoETransformer (the example model that `python -m moe_dist.lm.train` trains)
 with ModelConfig.coe_iterations set as the trainer's --coe-iterations sets it (its FFNs: a MoELayer, or a
 ChainOfExperts for iterations > 1); the text is the
-Python standard library's own source (moe_dist.data.ByteCorpus), so nothing is downloaded. Every
+Python standard library's own source (moe_dist.lm.data.ByteCorpus), so nothing is downloaded. Every
 variant starts from the same seed and sees the same batches. Writes coe_compare.json (loss curves,
 timing, environment) and coe_compare.png under --out. Step times on a shared CPU are indicative only.
 """
@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import save_results  # noqa: E402
 from moe_dist import MoEConfig  # noqa: E402
-from moe_dist.data import ByteCorpus  # noqa: E402
-from moe_dist.models import ModelConfig, MoETransformer  # noqa: E402
+from moe_dist.lm.data import ByteCorpus  # noqa: E402
+from moe_dist.lm import ModelConfig, MoETransformer  # noqa: E402
 
 FULL = dict(d_model=64, n_layers=2, n_heads=4, seq=128, batch=16, experts=16, expert_ffn=64, k=2,
             steps=200, eval_every=20, eval_batches=8, lr=3e-3, data_bytes=3_000_000)

@@ -1,9 +1,9 @@
 """Expert compression report: output error and loss change versus experts kept, on the example byte-level
-MoE language model (moe_dist.models.MoETransformer) trained a little on the Python standard library.
+MoE language model (moe_dist.lm.MoETransformer) trained a little on the Python standard library.
 
 Methods, each applied to every MoE layer with the same number of experts kept:
-  prune        moe_dist.compress.prune_experts: EASY-EP importance (gate score x expert output norm)
-  merge        moe_dist.compress.merge_experts: MC-SMoE (logit-similarity groups, aligned, frequency-weighted)
+  prune        moe_dist.extensions.compress.prune_experts: EASY-EP importance (gate score x expert output norm)
+  merge        moe_dist.extensions.compress.merge_experts: MC-SMoE (logit-similarity groups, aligned, frequency-weighted)
   prune_freq   keep the most frequently routed experts (a simpler statistic, for reference)
   random       keep a random subset (the baseline; mean and spread over --random-trials draws)
 Calibration and evaluation batches are disjoint draws from the corpus. Output error is the relative L2
@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS_DIR, save_results  # noqa: E402
 from moe_dist import MoEConfig  # noqa: E402
-from moe_dist.compress import merge_experts, prune_experts, remove_experts, routing_statistics  # noqa: E402
-from moe_dist.compress.prune import top_experts  # noqa: E402
-from moe_dist.data import ByteCorpus  # noqa: E402
-from moe_dist.models import ModelConfig, MoETransformer  # noqa: E402
-from moe_dist.telemetry import RoutingTelemetry  # noqa: E402
+from moe_dist.extensions.compress import merge_experts, prune_experts, remove_experts, routing_statistics  # noqa: E402
+from moe_dist.extensions.compress.prune import top_experts  # noqa: E402
+from moe_dist.lm.data import ByteCorpus  # noqa: E402
+from moe_dist.lm import ModelConfig, MoETransformer  # noqa: E402
+from moe_dist.extensions.telemetry import RoutingTelemetry  # noqa: E402
 
 FULL = dict(d_model=64, layers=2, heads=4, experts=8, top_k=2, ffn=128, seq_len=64, batch=16, steps=400,
             lr=3e-3, calib_batches=8, eval_batches=8, max_bytes=4_000_000)

@@ -41,9 +41,9 @@ for step in $steps; do
              | grep -E "WORKER OK|Error" | cut -c1-200
            timeout 90 torchrun --standalone --nproc-per-node "$n" benchmarks/overlap.py --transport nvshmem \
              --out "$out" 2>&1 | tee -a "$log" | tail -12
-           timeout 60 torchrun --standalone --nproc-per-node "$n" -m moe_dist.train --ep "$n" --size tiny --batch-size 16 --steps 60 \
+           timeout 60 torchrun --standalone --nproc-per-node "$n" -m moe_dist.lm.train --ep "$n" --size tiny --batch-size 16 --steps 60 \
              --json "$out/train_ep$n.json" 2>&1 | tee -a "$log" | tail -3
-           timeout 60 python3 -m moe_dist.train --size tiny --batch-size 16 --steps 60 --json "$out/train_ep1.json" 2>&1 \
+           timeout 60 python3 -m moe_dist.lm.train --size tiny --batch-size 16 --steps 60 --json "$out/train_ep1.json" 2>&1 \
              | tee -a "$log" | tail -3 ;;
   esac
 done

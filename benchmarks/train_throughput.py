@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import environment, init_single_process_group, save_results, time_ms  # noqa: E402
 from moe_dist import MoEConfig  # noqa: E402
-from moe_dist.models import ModelConfig, MoETransformer  # noqa: E402
+from moe_dist.lm import ModelConfig, MoETransformer  # noqa: E402
 
 # name: model shape, MoE shape, batch. "mixtral-like" and "fine-grained" follow DESIGN.md's peer table
 # (scaled to a whole model that fits one GPU).

@@ -22,7 +22,7 @@
 #               (also DRY_RUN=1)
 #   -h, --help  print the calling script's header comment
 #
-# Overridable by environment: PYTHON (python3), MODULE (moe_dist.train), TORCHRUN (default
+# Overridable by environment: PYTHON (python3), MODULE (moe_dist.lm.train), TORCHRUN (default
 # "$PYTHON -m torch.distributed.run", which is torchrun run by the same interpreter, so a
 # virtualenv's torch is the one used).
 
@@ -37,7 +37,7 @@ MOE_DIST_ARGS=()
 if [[ -z ${PYTHON:-} ]]; then
   if command -v python3 >/dev/null 2>&1; then PYTHON=python3; else PYTHON=python; fi
 fi
-MODULE="${MODULE:-moe_dist.train}"
+MODULE="${MODULE:-moe_dist.lm.train}"
 
 moe_dist_die() {
   echo "$(basename -- "$0"): error: $*" >&2

@@ -4,7 +4,7 @@
 #
 #   launch/torchrun_single_node.sh [--dry-run] [--] [trainer args...]
 #
-# Environment: NPROC (processes; default GPUs found, else 2), MODULE (default moe_dist.train;
+# Environment: NPROC (processes; default GPUs found, else 2), MODULE (default moe_dist.lm.train;
 # another module, a benchmark say), PYTHON, TORCHRUN; the NCCL/NVSHMEM variables are described in
 # launch/common.sh. Examples:
 #   launch/torchrun_single_node.sh --ep 2 --steps 20

@@ -7,8 +7,8 @@ from .parallel import ParallelGroups, init_distributed
 __version__ = "0.1.0"
 
 # Heavier parts load on first use, so `import moe_dist` stays light and optional deps stay optional.
-_LAZY = {"clip_grad_norm_": ("moe_dist.clip", "clip_grad_norm_"),
-         "RoutingTelemetry": ("moe_dist.telemetry", "RoutingTelemetry")}
+_LAZY = {"clip_grad_norm_": ("moe_dist.training.clip", "clip_grad_norm_"),
+         "RoutingTelemetry": ("moe_dist.extensions.telemetry", "RoutingTelemetry")}
 
 
 def __getattr__(name):

@@ -8,6 +8,7 @@ import torch
 from .base import Transport
 from .collective import CollectiveTransport
 from .local import LocalTransport
+from .permute import sort_slots_by_expert
 from .reference import ReferenceTransport
 
 
@@ -69,4 +70,4 @@ def build_transport(kind: str, num_experts: int, groups, device: torch.device | 
 
 
 __all__ = ["CollectiveTransport", "LocalTransport", "ReferenceTransport", "Transport", "build_transport", "ep_nodes",
-           "nvshmem_unavailable_reason"]
+           "nvshmem_unavailable_reason", "sort_slots_by_expert"]

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from moe_dist import MoEConfig, ParallelGroups
-from moe_dist.coe import ChainOfExperts
+from moe_dist.extensions.coe import ChainOfExperts
 
 from .harness import run_distributed
 

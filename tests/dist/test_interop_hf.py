@@ -12,7 +12,7 @@ import torch.distributed as dist
 pytest.importorskip("transformers")
 
 from moe_dist import ParallelGroups  # noqa: E402
-from moe_dist.interop import HFMoEBlock, find_moe_blocks, replace_moe_blocks  # noqa: E402
+from moe_dist.extensions.interop import HFMoEBlock, find_moe_blocks, replace_moe_blocks  # noqa: E402
 from tests.unit.test_interop_hf import FAMILIES, assert_logits_close, tiny_model, token_ids  # noqa: E402
 
 from .harness import run_distributed  # noqa: E402

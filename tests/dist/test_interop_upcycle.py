@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_dist import ParallelGroups
-from moe_dist.interop import all_experts_output, upcycle
+from moe_dist.extensions.interop import all_experts_output, upcycle
 
 from .harness import run_distributed
 

@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_dist import MoEConfig, MoELayer, ParallelGroups, is_expert_param
-from moe_dist.compress import merge_experts, prune_experts
-from moe_dist.telemetry import RoutingTelemetry
+from moe_dist.extensions.compress import merge_experts, prune_experts
+from moe_dist.extensions.telemetry import RoutingTelemetry
 
 from ..unit.test_compress import TinyModel  # the same two-block model the compress tests use
 from .harness import run_distributed
@@ -68,8 +68,8 @@ def load_full_state(model: nn.Module, state: dict, ep_rank: int, ep_size: int) -
 
 def scenario_compressed_at_ep(world: int, path: str):
     """Every rank compresses the same EP=1 model (calibration is deterministic), saves it with
-    moe_dist.checkpoint (collective) and reloads it into an EP=2 model built from the new config."""
-    from moe_dist import checkpoint
+    moe_dist.training.checkpoint (collective) and reloads it into an EP=2 model built from the new config."""
+    from moe_dist.training import checkpoint
 
     rank = dist.get_rank()
     groups = ParallelGroups(ep_size=world)

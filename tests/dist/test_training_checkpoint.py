@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from moe_dist import ParallelGroups, checkpoint
-from moe_dist.models import ModelConfig, MoETransformer
-from moe_dist.train import make_backend, parse_args
+from moe_dist.lm import ModelConfig, MoETransformer
+from moe_dist.lm.train import make_backend, parse_args
 
 from .harness import run_distributed
 from .test_training_equivalence import MOE, MODEL, ROWS_PER_RANK, WORLD, global_batch

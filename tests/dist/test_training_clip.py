@@ -12,8 +12,8 @@ from torch.distributed.tensor import DTensor
 
 import moe_dist
 from moe_dist import ParallelGroups, is_expert_param
-from moe_dist.integrations.ddp import allreduce_gradients
-from moe_dist.integrations.fsdp import shard
+from moe_dist.training.ddp import allreduce_gradients
+from moe_dist.training.fsdp import shard
 
 from .harness import run_distributed
 from .test_training_equivalence import WORLD, build, global_batch

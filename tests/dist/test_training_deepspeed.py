@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from moe_dist import MoEConfig, checkpoint
-from moe_dist.integrations import deepspeed as moe_ds
-from moe_dist.models import ModelConfig, MoETransformer
+from moe_dist.training import deepspeed as moe_ds
+from moe_dist.lm import ModelConfig, MoETransformer
 
 from .harness import run_distributed
 from .test_training_checkpoint import logits_of_everyone, train, trainer

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from moe_dist import MoEConfig, ParallelGroups
-from moe_dist.models import ModelConfig, MoETransformer
-from moe_dist.train import make_backend, parse_args
+from moe_dist.lm import ModelConfig, MoETransformer
+from moe_dist.lm.train import make_backend, parse_args
 
 from .harness import run_distributed
 
@@ -75,7 +75,7 @@ def distributed_run(backend: str, ep: int, zero_stage: int = 1, steps: int = STE
             losses.append(loss.item() / WORLD)
     finally:
         if backend == "deepspeed":
-            from moe_dist.integrations.deepspeed import unregister_groups
+            from moe_dist.training.deepspeed import unregister_groups
             unregister_groups(groups)
     return losses, norms
 

@@ -1,4 +1,4 @@
-"""`python -m moe_dist.train` under a real torchrun (two gloo processes): the loss falls, the run ends with
+"""`python -m moe_dist.lm.train` under a real torchrun (two gloo processes): the loss falls, the run ends with
 its summary line and exit 0, and a run resumed from a mid-run checkpoint repeats the uninterrupted curve;
 --coe-iterations 2 trains the example model with Chain-of-Experts FFNs."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ def torchrun(*args: str, timeout: float = 240) -> str:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "moe_dist.train", *args]
+           "-m", "moe_dist.lm.train", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (f"{' '.join(cmd)} exited {proc.returncode}:\n"
                                   f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")

@@ -1,4 +1,4 @@
-"""moe_dist.checkpoint in one process: round trip with optimizer state, errors that name the tensor, and
+"""moe_dist.training.checkpoint in one process: round trip with optimizer state, errors that name the tensor, and
 loading that refuses to unpickle anything but DCP's own metadata classes. (Resharding across EP sizes and
 FSDP2 is tested over four processes in tests/dist/test_training_checkpoint.py.)"""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from moe_dist import MoEConfig, checkpoint
-from moe_dist.models import ModelConfig, MoETransformer
+from moe_dist.lm import ModelConfig, MoETransformer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 from moe_dist import MoEConfig, MoELayer
-from moe_dist.compress import (group_experts, match_units, merge_experts, merge_layer, prune_experts,
+from moe_dist.extensions.compress import (group_experts, match_units, merge_experts, merge_layer, prune_experts,
                                remove_experts, routing_statistics)
-from moe_dist.compress.merge import permute_units
+from moe_dist.extensions.compress.merge import permute_units
 
 H, F = 16, 12
 
@@ -121,7 +121,7 @@ def test_match_units_recovers_a_permutation(method, activation):
     perm = torch.randperm(F)
     inv = torch.argsort(perm)
     shuffled_in, shuffled_out = permute_units(w_in, w_out, perm, F)
-    from moe_dist.compress.merge import _unit_features
+    from moe_dist.extensions.compress.merge import _unit_features
     found = match_units(_unit_features(w_in, w_out, F), _unit_features(shuffled_in, shuffled_out, F), method)
     assert torch.equal(found, inv)
     back_in, back_out = permute_units(shuffled_in, shuffled_out, found, F)
@@ -167,7 +167,7 @@ def test_merge_weights_by_frequency_after_alignment():
     calib = batches(2, 13, (60, H))
     freq, _ = routing_statistics(layer, calib)[""]
     merged = merge_experts(layer, calib, 1)
-    from moe_dist.compress.merge import _unit_features
+    from moe_dist.extensions.compress.merge import _unit_features
     d, o = (0, 1) if freq[0] >= freq[1] else (1, 0)
     w = layer.experts
     perm = match_units(_unit_features(w.w_in[d], w.w_out[d], F), _unit_features(w.w_in[o], w.w_out[o], F))

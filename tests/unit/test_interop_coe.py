@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_dist import MoEConfig, MoELayer, is_expert_param
-from moe_dist.coe import ChainOfExperts, build_moe_layer
+from moe_dist.extensions.coe import ChainOfExperts, build_moe_layer
 
 H, FF, E = 16, 12, 8
 

@@ -12,7 +12,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from moe_dist import MoELayer  # noqa: E402
-from moe_dist.interop import HFMoEBlock, UnsupportedMoEBlock, find_moe_blocks, replace_moe_blocks  # noqa: E402
+from moe_dist.extensions.interop import HFMoEBlock, UnsupportedMoEBlock, find_moe_blocks, replace_moe_blocks  # noqa: E402
 
 COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               initializer_range=0.1, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)

@@ -8,8 +8,8 @@ from torch import nn
 
 from moe_dist import MoELayer
 from moe_dist.experts import DenseFFN
-from moe_dist.interop import all_experts_output, upcycle
-from moe_dist.interop.upcycle import dense_ffn_weights
+from moe_dist.extensions.interop import all_experts_output, upcycle
+from moe_dist.extensions.interop.upcycle import dense_ffn_weights
 
 H, FD = 16, 48
 

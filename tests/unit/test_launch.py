@@ -117,7 +117,7 @@ def test_single_node_without_gpus_runs_two_cpu_processes(fakebin):
     assert argv[1:3] == ["-m", "torch.distributed.run"]
     assert "--standalone" in argv
     assert opt(argv, "--nproc-per-node") == "2"
-    assert argv[-6:] == ["-m", "moe_dist.train", "--ep", "2", "--steps", "3"]
+    assert argv[-6:] == ["-m", "moe_dist.lm.train", "--ep", "2", "--steps", "3"]
 
 
 @pytest.mark.parametrize(
@@ -185,7 +185,7 @@ def test_multi_node_rendezvous(fakebin):
     assert opt(argv, "--nproc-per-node") == "8"
     assert opt(argv, "--rdzv-conf") == "is_host=true"
     assert "--standalone" not in argv
-    assert argv[-4:] == ["-m", "moe_dist.train", "--ep", "16"]
+    assert argv[-4:] == ["-m", "moe_dist.lm.train", "--ep", "16"]
 
     env = {**MULTI_NODE_ENV, "NODE_RANK": "1", "MASTER_PORT": "1234", "SLURM_JOB_ID": "42"}
     assigned, argv = dry(LAUNCH / "torchrun_multi_node.sh", fakebin, env=env)
@@ -227,7 +227,7 @@ def test_mpirun_single_host(fakebin):
     wanted = {*MULTICAST_OFF, "MASTER_ADDR", "MASTER_PORT", "NVSHMEM_SYMMETRIC_SIZE", "NCCL_DEBUG"}
     wanted |= {"MOE_DIST_NVSHMEM_BOOTSTRAP", "NVSHMEM_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
     assert wanted <= exported
-    assert argv[-5:] == ["python3", "-m", "moe_dist.train", "--ep", "2"]
+    assert argv[-5:] == ["python3", "-m", "moe_dist.lm.train", "--ep", "2"]
 
 
 def test_mpirun_hosts(fakebin, tmp_path):

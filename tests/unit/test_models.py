@@ -1,4 +1,4 @@
-"""The example MoE language model (moe_dist.models) and its byte-level data (moe_dist.data), one process."""
+"""The example MoE language model (moe_dist.lm) and its byte-level data (moe_dist.lm.data), one process."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from moe_dist import MoEConfig, MoELayer
-from moe_dist.coe import ChainOfExperts
-from moe_dist.data import ByteCorpus, local_rows, stdlib_sources
-from moe_dist.models import ModelConfig, MoETransformer
+from moe_dist.extensions.coe import ChainOfExperts
+from moe_dist.lm.data import ByteCorpus, local_rows, stdlib_sources
+from moe_dist.lm import ModelConfig, MoETransformer
 
 CFG = ModelConfig(d_model=16, n_layers=2, n_heads=2, max_seq_len=10)
 MOE = MoEConfig(hidden_size=16, ffn_hidden_size=24, num_experts=4, top_k=2, aux_loss_coef=0.1)
@@ -90,7 +90,7 @@ def test_same_seed_same_model_and_it_learns(one_thread):
 def test_coe_iterations_make_chain_of_experts_ffns():
     """ModelConfig.coe_iterations (the trainer's --coe-iterations): every FFN a ChainOfExperts over one
     MoELayer's experts with an extra router per extra pass; 1 is the plain model, parameter for parameter."""
-    from moe_dist.integrations.fsdp import default_units
+    from moe_dist.training.fsdp import default_units
 
     plain = make(5)
     torch.manual_seed(5)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_dist import MoEConfig, MoELayer
-from moe_dist.telemetry import (RoutingTelemetry, cache_depth_histogram, sch_from_histogram,
+from moe_dist.extensions.telemetry import (RoutingTelemetry, cache_depth_histogram, sch_from_histogram,
                                 segment_count_histogram, srp_from_histogram)
 
 

@@ -1,6 +1,6 @@
 """Train the example MoE language model on bytes of text:
 
-    torchrun --standalone --nproc-per-node 2 -m moe_dist.train --ep 2 --backend fsdp
+    torchrun --standalone --nproc-per-node 2 -m moe_dist.lm.train --ep 2 --backend fsdp
     launch/torchrun_single_node.sh --ep 2 --backend deepspeed --zero-stage 2 --steps 200
 
 By default it reads the Python standard library's sources (every machine has them); --data PATH for yours.
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import MoEConfig, MoELayer, ParallelGroups, init_distributed
-from .clip import clip_grad_norm_
+from moe_dist import MoEConfig, MoELayer, ParallelGroups, init_distributed
+from moe_dist.training.clip import clip_grad_norm_
 from .data import ByteCorpus, local_rows, rows_per_rank
-from .models import ModelConfig, MoETransformer
+from .model import ModelConfig, MoETransformer
 
 SIZES = {  # rows_per_rank: sequences per data-parallel rank (the global batch scales with the world)
     "tiny": dict(d_model=64, layers=2, heads=4, experts=8, top_k=2, ffn=128, seq_len=64, rows_per_rank=8),
@@ -47,7 +47,7 @@ def preset(args, on_gpu: bool) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m moe_dist.train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m moe_dist.lm.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (divides the world size)")
     p.add_argument("--backend", choices=("fsdp", "deepspeed", "none"), default="fsdp",
@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=0, help="also save every N steps")
     p.add_argument("--resume", default=None, help="checkpoint directory to continue from")
     p.add_argument("--json", default=None, help="write the loss curve and summary here (rank 0)")
-    p.add_argument("--telemetry-every", type=int, default=50, help="routing telemetry (moe_dist.telemetry): "
+    p.add_argument("--telemetry-every", type=int, default=50, help="routing telemetry (moe_dist.extensions.telemetry): "
                    "its local-routing-consistency scan runs on every N-th forward of a layer; a summary line "
                    "ends the run (0: off)")
     return p.parse_args(argv)
@@ -120,7 +120,7 @@ class ReplicatedBackend:
         return out
 
     def reduce_gradients(self):
-        from .integrations.ddp import allreduce_gradients
+        from moe_dist.training.ddp import allreduce_gradients
         allreduce_gradients(self.model, self.groups)
 
     def step(self, lr: float) -> float | None:
@@ -134,24 +134,24 @@ class ReplicatedBackend:
         return None if norm is None else float(norm)
 
     def save(self, directory: Path, step: int, extra: dict) -> None:
-        from . import checkpoint
+        from moe_dist.training import checkpoint
         checkpoint.save(self.model, directory / f"step_{step}", optimizer=self.optimizer, extra=extra)
         if self.groups.rank == 0:
             (directory / "latest").write_text(f"step_{step}")
 
     def load(self, directory: Path) -> dict:
-        from . import checkpoint
+        from moe_dist.training import checkpoint
         return checkpoint.load(self.model, _latest(directory), optimizer=self.optimizer)
 
 
 class FSDPBackend(ReplicatedBackend):
-    """FSDP2: experts over the EDP mesh, the rest over the DP mesh (integrations/fsdp.py)."""
+    """FSDP2: experts over the EDP mesh, the rest over the DP mesh (training/fsdp.py)."""
     name = "fsdp"
 
     def __init__(self, model, groups, args, param_dtype=None):
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        from .integrations.fsdp import shard
+        from moe_dist.training.fsdp import shard
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
         shard(model, groups, policy)
         super().__init__(model, groups, args)
@@ -161,11 +161,11 @@ class FSDPBackend(ReplicatedBackend):
 
 
 class DeepSpeedBackend:
-    """DeepSpeed ZeRO-0/1/2 through integrations/deepspeed.py; checkpoints are DeepSpeed's own."""
+    """DeepSpeed ZeRO-0/1/2 through training/deepspeed.py; checkpoints are DeepSpeed's own."""
     name = "deepspeed"
 
     def __init__(self, model, groups, args, bf16: bool = False, micro_batch: int = 1):
-        from .integrations import deepspeed as moe_ds
+        from moe_dist.training import deepspeed as moe_ds
         config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
                   "zero_optimization": {"stage": args.zero_stage}, "gradient_clipping": args.clip,
                   "bf16": {"enabled": bf16}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
@@ -275,13 +275,13 @@ def main(argv=None) -> int:
     telemetry = ExpertTelemetry(backend.model, groups, moe_cfg.num_experts, device)
     routing = None
     if args.telemetry_every > 0:
-        from .telemetry import RoutingTelemetry
+        from moe_dist.extensions.telemetry import RoutingTelemetry
         routing = RoutingTelemetry(backend.model, seq_len=model_cfg.max_seq_len, lrc_every=args.telemetry_every)
     say = print if rank == 0 else (lambda *a, **k: None)
     n_params = sum(p.numel() for p in model.parameters())
     moe_kind = (f"Chain-of-Experts FFNs ({model_cfg.coe_iterations} iterations x top-{moe_cfg.top_k})"
                 if model_cfg.coe_iterations > 1 else f"MoE FFNs (top-{moe_cfg.top_k})")
-    say(f"moe_dist.train: backend {args.backend}, world {world}, ep {args.ep}, device {device.type}, "
+    say(f"moe_dist.lm.train: backend {args.backend}, world {world}, ep {args.ep}, device {device.type}, "
         f"{n_params:,} parameters on rank 0, {moe_cfg.num_experts} experts, {moe_kind}, {len(corpus):,} bytes "
         f"of text, global batch {batch_size} x {model_cfg.max_seq_len}", flush=True)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layer import MoELayer
-from ..transport.permute import sort_slots_by_expert
+from moe_dist import MoELayer
+from moe_dist.transport import sort_slots_by_expert
 from .common import build_layer, check_count, moe_layers, replace_layers, run_calibration, shrunk_config
 
 

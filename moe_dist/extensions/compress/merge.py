@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layer import MoELayer
+from moe_dist import MoELayer
 from .common import build_layer, check_count, moe_layers, replace_layers, run_calibration, shrunk_config
 
 try:

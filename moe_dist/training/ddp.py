@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ..layer import is_expert_param
+from moe_dist.layer import is_expert_param
 
 
 @torch.no_grad()

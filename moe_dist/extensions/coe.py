@@ -23,9 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import MoEConfig
-from .layer import MoELayer, MoEOutput
-from .routing import Router, RoutingPlan
+from moe_dist import MoEConfig, MoELayer, MoEOutput
+from moe_dist.routing import Router, RoutingPlan
 
 
 class ChainOfExperts(nn.Module):
@@ -84,7 +83,7 @@ class ChainOfExperts(nn.Module):
     def experts_pass(self, h_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """One pass: routed experts (+ shared experts), exactly as in MoELayer.forward."""
         if self.cfg.num_chunks > 1:
-            from .overlap import pipelined_moe
+            from moe_dist.overlap import pipelined_moe
             return pipelined_moe(self.moe, h_TH, plan)
         out_TH = self.moe.routed_experts(h_TH, plan)
         if self.moe.shared_experts is not None:

@@ -30,7 +30,7 @@ import threading
 import torch
 from torch import nn
 
-from ..layer import MoELayer, is_expert_param
+from moe_dist.layer import MoELayer, is_expert_param
 
 _ENGINE_SWAP_LOCK = threading.Lock()
 
@@ -85,7 +85,7 @@ def checked_config(config: dict | str) -> dict:
     if stage == 3:
         raise ValueError("zero_optimization.stage 3 is not supported for models with MoE layers: DeepSpeed "
                          "refuses native MoE under ZeRO-3. Use stage 0, 1 or 2, or shard with FSDP2 "
-                         "(moe_dist.integrations.fsdp.shard), which shards experts over the EDP mesh.")
+                         "(moe_dist.training.fsdp.shard), which shards experts over the EDP mesh.")
     if stage not in (0, 1, 2):
         raise ValueError(f"zero_optimization.stage must be 0, 1 or 2, got {zero.get('stage')!r}")
     if stage == 2:
@@ -231,7 +231,7 @@ def initialize(model: nn.Module, groups, config: dict | str, **kwargs):
         if not any(g.get("moe") for g in optimizer.param_groups) and any(
                 is_expert_param(p) for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("the optimizer passed to initialize mixes expert and dense parameters in one group; "
-                             "build it on moe_dist.integrations.deepspeed.moe_param_groups(model)")
+                             "build it on moe_dist.training.deepspeed.moe_param_groups(model)")
     elif kwargs.get("model_parameters") is None:
         kwargs["model_parameters"] = moe_param_groups(model)
     with _engine_class_swapped(_engine_class()):

@@ -31,8 +31,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from ..config import MoEConfig
-from ..layer import MoELayer
+from moe_dist import MoEConfig, MoELayer
 
 
 class UnsupportedMoEBlock(NotImplementedError):

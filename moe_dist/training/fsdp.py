@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from ..layer import MoELayer, mark_expert_param
+from moe_dist.layer import MoELayer, mark_expert_param
 
 
 def shard(model: nn.Module, groups, mp_policy: MixedPrecisionPolicy | None = None, *,

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layer import MoELayer
+from moe_dist import MoELayer
 
 _INT_KEYS = ("tokens", "slots_E", "dropped", "coact_EE", "rows_E", "steps", "lrc_steps", "srp_hist",
              "sch_depth_hist", "sch_accesses")

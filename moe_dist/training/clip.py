@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from .layer import is_expert_param
+from moe_dist.layer import is_expert_param
 
 
 def _reduction_groups(p: torch.Tensor, grad: torch.Tensor, groups) -> tuple:

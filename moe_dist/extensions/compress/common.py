@@ -14,8 +14,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from ..config import MoEConfig
-from ..layer import MoELayer
+from moe_dist import MoEConfig, MoELayer
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoELayer]:

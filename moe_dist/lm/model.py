@@ -3,7 +3,7 @@
 Pre-norm blocks of causal self-attention (F.scaled_dot_product_attention) and an MoE FFN, RMSNorm,
 learned positions, byte vocabulary by default. The model knows no process group: it hands `groups`
 to its MoE layers, which hand it to their transport. With `ModelConfig.coe_iterations` > 1 every MoE
-FFN is a Chain-of-Experts layer (moe_dist.coe) of that many routed passes over the same experts.
+FFN is a Chain-of-Experts layer (moe_dist.extensions.coe) of that many routed passes over the same experts.
 
 Legend: B batch, S sequence, D d_model, V vocabulary.
 """
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..coe import build_moe_layer
-from ..config import MoEConfig
+from moe_dist.extensions.coe import build_moe_layer
+from moe_dist import MoEConfig
 
 
 @dataclass(frozen=True)

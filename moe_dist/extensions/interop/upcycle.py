@@ -20,10 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import MoEConfig
-from ..experts import DenseFFN
-from ..layer import MoELayer
-from ..routing import RoutingPlan
+from moe_dist import MoEConfig, MoELayer
+from moe_dist.experts import DenseFFN
+from moe_dist.routing import RoutingPlan
 
 
 def upcycle(ffn: nn.Module, num_experts: int, top_k: int, groups=None, *, router_init: str = "random",

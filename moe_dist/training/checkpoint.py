@@ -31,9 +31,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, Shard
 
-from .layer import MoELayer
+from moe_dist.layer import MoELayer
 
-FORMAT = "moe_dist.checkpoint/1"
+FORMAT = "moe_dist.training.checkpoint/1"
 META_FILE = "moe_dist.json"
 
 
