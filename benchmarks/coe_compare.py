@@ -1,4 +1,5 @@
-"""Standard MoE vs Chain-of-Experts (2 iterations) at equal compute, on the example byte-level model.
+"""Standard MoE vs Chain-of-Experts (2 iterations) at equal compute, on the example byte-level
+model.
 
 Equal compute: both variants evaluate the same number of expert FFNs per token per layer —
 MoE with top_k = 2k, CoE with 2 iterations of top_k = k over the same experts (the paper's
@@ -8,13 +9,13 @@ top_k = k (half the expert compute), shows where CoE sits between the two.
     python benchmarks/coe_compare.py --out benchmarks/results        # CPU, a couple of minutes
     python benchmarks/coe_compare.py --smoke                          # seconds (CI)
 
-The model is moe_dist.lm.MoETransformer (the example model that `python -m moe_dist.lm.train` trains)
-with ModelConfig.coe_iterations set as the trainer's --coe-iterations sets it (its FFNs: a MoELayer, or a
-ChainOfExperts for iterations > 1); the text is the
-Python standard library's own source (moe_dist.lm.data.ByteCorpus), so nothing is downloaded. Every
-variant starts from the same seed and sees the same batches. Writes coe_compare.json (loss curves,
-timing, environment) and coe_compare.png under --out. Step times on a shared CPU are indicative only.
-"""
+The model is moe_dist.lm.MoETransformer (the example model that `python -m moe_dist.lm.train`
+trains) with ModelConfig.coe_iterations set as the trainer's --coe-iterations sets it (its FFNs: a
+MoELayer, or a ChainOfExperts for iterations > 1); the text is the Python standard library's own
+source (moe_dist.lm.data.ByteCorpus), so nothing is downloaded. Every variant starts from the same
+seed and sees the same batches. Writes coe_compare.json (loss curves, timing, environment) and
+coe_compare.png under --out. Step times on a shared CPU are indicative only. """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,36 @@ from moe_dist import MoEConfig  # noqa: E402
 from moe_dist.lm.data import ByteCorpus  # noqa: E402
 from moe_dist.lm import ModelConfig, MoETransformer  # noqa: E402
 
-FULL = dict(d_model=64, n_layers=2, n_heads=4, seq=128, batch=16, experts=16, expert_ffn=64, k=2,
-            steps=200, eval_every=20, eval_batches=8, lr=3e-3, data_bytes=3_000_000)
-SMOKE = dict(d_model=32, n_layers=1, n_heads=2, seq=32, batch=4, experts=4, expert_ffn=16, k=1,
-             steps=6, eval_every=3, eval_batches=2, lr=3e-3, data_bytes=200_000)
+FULL = dict(
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    seq=128,
+    batch=16,
+    experts=16,
+    expert_ffn=64,
+    k=2,
+    steps=200,
+    eval_every=20,
+    eval_batches=8,
+    lr=3e-3,
+    data_bytes=3_000_000,
+)
+SMOKE = dict(
+    d_model=32,
+    n_layers=1,
+    n_heads=2,
+    seq=32,
+    batch=4,
+    experts=4,
+    expert_ffn=16,
+    k=1,
+    steps=6,
+    eval_every=3,
+    eval_batches=2,
+    lr=3e-3,
+    data_bytes=200_000,
+)
 
 
 class BytesSlice(ByteCorpus):
@@ -44,24 +71,43 @@ class BytesSlice(ByteCorpus):
         self.data, self.num_files = data, 0
 
 
-# -- training, all variants in lockstep ---------------------------------------------------------------------
+# -- training, all variants in lockstep
+# ---------------------------------------------------------------------
 class Variant:
     """One model + optimizer. Variants step in turn on the same batch, so a busy shared CPU slows
     them alike and their step times stay comparable."""
 
     def __init__(self, name: str, c: dict, top_k: int, iterations: int, seed: int):
         self.name, self.top_k, self.iterations = name, top_k, iterations
-        moe_cfg = MoEConfig(hidden_size=c["d_model"], ffn_hidden_size=c["expert_ffn"], num_experts=c["experts"],
-                            top_k=top_k, router="softmax", norm_topk_prob=True, aux_loss_coef=1e-2)
-        # coe_iterations is what the trainer's --coe-iterations sets: the model builds its FFNs itself.
-        model_cfg = ModelConfig(d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"],
-                                max_seq_len=c["seq"], coe_iterations=iterations)
+        moe_cfg = MoEConfig(
+            hidden_size=c["d_model"],
+            ffn_hidden_size=c["expert_ffn"],
+            num_experts=c["experts"],
+            top_k=top_k,
+            router="softmax",
+            norm_topk_prob=True,
+            aux_loss_coef=1e-2,
+        )
+        # coe_iterations is what the trainer's --coe-iterations sets: the model builds its FFNs
+        # itself.
+        model_cfg = ModelConfig(
+            d_model=c["d_model"],
+            n_layers=c["n_layers"],
+            n_heads=c["n_heads"],
+            max_seq_len=c["seq"],
+            coe_iterations=iterations,
+        )
         torch.manual_seed(seed)  # the same seed for every variant
         self.model = MoETransformer(model_cfg, moe_cfg)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=c["lr"], weight_decay=0.0, betas=(0.9, 0.95))
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=c["lr"], weight_decay=0.0, betas=(0.9, 0.95)
+        )
         warmup, steps = max(1, c["steps"] // 20), c["steps"]
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+            self.opt,
+            lambda s: min(1.0, (s + 1) / warmup)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))),
+        )
         self.train_loss, self.val_loss, self.step_s = [], [], []
 
     def step(self, batch: torch.Tensor) -> None:
@@ -83,12 +129,14 @@ class Variant:
         self.val_loss.append([step, sum(losses) / len(losses)])
 
     def summary(self, tokens_per_step: int) -> dict:
-        steady = sorted(self.step_s[len(self.step_s) // 10:])  # drop warm-up steps
+        steady = sorted(self.step_s[len(self.step_s) // 10 :])  # drop warm-up steps
         return {
-            "top_k": self.top_k, "iterations": self.iterations,
+            "top_k": self.top_k,
+            "iterations": self.iterations,
             "expert_ffns_per_token_per_layer": self.top_k * self.iterations,
             "params": sum(p.numel() for p in self.model.parameters()),
-            "train_loss": self.train_loss, "val_loss": self.val_loss,
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
             "final_val_loss": self.val_loss[-1][1],
             "median_step_ms": 1e3 * steady[len(steady) // 2],
             "tokens_per_s": tokens_per_step * len(self.step_s) / sum(self.step_s),
@@ -101,37 +149,54 @@ def train_all(c: dict, variants: dict, train: ByteCorpus, val: ByteCorpus, seed:
     for r in runs:
         r.evaluate(0, val_set)
     for step in range(1, c["steps"] + 1):
-        batch = train.global_batch(step, c["batch"], c["seq"], seed=1)  # the same batches for every variant
+        batch = train.global_batch(
+            step, c["batch"], c["seq"], seed=1
+        )  # the same batches for every variant
         for r in runs:
             r.step(batch)
         if step % c["eval_every"] == 0 or step == c["steps"]:
             for r in runs:
                 r.evaluate(step, val_set)
-            print(f"  step {step:4d}  " + "  ".join(f"{r.name} {r.train_loss[-1]:.3f}/{r.val_loss[-1][1]:.3f}"
-                                                    for r in runs) + "   (train/val)", flush=True)
+            print(
+                f"  step {step:4d}  "
+                + "  ".join(
+                    f"{r.name} {r.train_loss[-1]:.3f}/{r.val_loss[-1][1]:.3f}" for r in runs
+                )
+                + "   (train/val)",
+                flush=True,
+            )
     return {r.name: r.summary(c["batch"] * c["seq"]) for r in runs}
 
 
 def mean_curves(per_seed: list[dict]) -> dict:
-    """Per variant: train and val curves averaged over seeds, final val loss of each seed, and timing."""
+    """Per variant: train and val curves averaged over seeds, final val loss of each seed, and
+    timing."""
     out = {}
     for name in per_seed[0]:
         runs = [r[name] for r in per_seed]
         finals = [r["final_val_loss"] for r in runs]
-        out[name] = {k: runs[0][k] for k in ("top_k", "iterations", "expert_ffns_per_token_per_layer", "params")}
+        out[name] = {
+            k: runs[0][k]
+            for k in ("top_k", "iterations", "expert_ffns_per_token_per_layer", "params")
+        }
         out[name].update(
             train_loss=torch.tensor([r["train_loss"] for r in runs]).mean(0).tolist(),
-            val_loss=[[step, sum(r["val_loss"][i][1] for r in runs) / len(runs)]
-                      for i, (step, _) in enumerate(runs[0]["val_loss"])],
-            final_val_loss=sum(finals) / len(finals), final_val_loss_per_seed=finals,
+            val_loss=[
+                [step, sum(r["val_loss"][i][1] for r in runs) / len(runs)]
+                for i, (step, _) in enumerate(runs[0]["val_loss"])
+            ],
+            final_val_loss=sum(finals) / len(finals),
+            final_val_loss_per_seed=finals,
             median_step_ms=sorted(r["median_step_ms"] for r in runs)[len(runs) // 2],
-            tokens_per_s=sum(r["tokens_per_s"] for r in runs) / len(runs))
+            tokens_per_s=sum(r["tokens_per_s"] for r in runs) / len(runs),
+        )
     return out
 
 
 def plot(results: dict, path: Path, title: str) -> None:
     """Training loss (smoothed), validation loss, and validation loss minus the first variant's."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -142,13 +207,25 @@ def plot(results: dict, path: Path, title: str) -> None:
         label = f"{name} (top-{r['top_k']} x {r['iterations']} it.)"
         loss = torch.tensor(r["train_loss"])
         w = max(1, len(loss) // 20)  # moving average over 5% of the run
-        smooth = torch.nn.functional.avg_pool1d(loss.view(1, 1, -1), w, stride=1).flatten() if w > 1 else loss
+        smooth = (
+            torch.nn.functional.avg_pool1d(loss.view(1, 1, -1), w, stride=1).flatten()
+            if w > 1
+            else loss
+        )
         skip = len(loss) // 10  # the first steps fall from 5.5 and would squash the rest
         ax_train.plot(range(w + skip, len(loss) + 1), smooth[skip:].tolist(), label=label)
         steps, vals = zip(*r["val_loss"][1:])
         ax_val.plot(steps, vals, marker="o", markersize=3, label=label)
-        ax_diff.plot(steps, [v - b for v, b in zip(vals, base_vals[1:])], marker="o", markersize=3, label=label)
-    ax_train.set(xlabel="step", ylabel="nats/byte", title=f"train loss (moving average of {w} steps)")
+        ax_diff.plot(
+            steps,
+            [v - b for v, b in zip(vals, base_vals[1:])],
+            marker="o",
+            markersize=3,
+            label=label,
+        )
+    ax_train.set(
+        xlabel="step", ylabel="nats/byte", title=f"train loss (moving average of {w} steps)"
+    )
     ax_val.set(xlabel="step", ylabel="nats/byte", title="validation loss")
     ax_diff.set(xlabel="step", ylabel="nats/byte", title=f"validation loss minus {base_name}'s")
     ax_diff.axhline(0.0, color="grey", linewidth=0.8)
@@ -162,13 +239,23 @@ def plot(results: dict, path: Path, title: str) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="directory for coe_compare.json and coe_compare.png")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", default=None, help="directory for coe_compare.json and coe_compare.png"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps (seconds)")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="model seeds (default: 0 1 2; smoke: 0)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 is steadier "
-                        "on a busy shared CPU)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="model seeds (default: 0 1 2; smoke: 0)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's; 1 is steadier on a busy shared CPU)",
+    )
     args = parser.parse_args(argv)
     c = dict(SMOKE if args.smoke else FULL)
     if args.steps:
@@ -179,36 +266,57 @@ def main(argv=None) -> dict:
 
     corpus = ByteCorpus.from_path(None, max_bytes=c["data_bytes"])
     split = int(0.9 * len(corpus))
-    train, val = BytesSlice(corpus.data[:split]), BytesSlice(corpus.data[split:])  # held-out last 10%
+    train, val = BytesSlice(corpus.data[:split]), BytesSlice(
+        corpus.data[split:]
+    )  # held-out last 10%
     k = c["k"]
     variants = {  # name -> (top_k, iterations)
         f"moe_top{2 * k}": (2 * k, 1),
         f"coe2_top{k}": (k, 2),
         f"moe_top{k}": (k, 1),
     }
-    print(f"byte LM on {len(corpus) / 1e6:.1f} MB of stdlib source; seeds {seeds}; config {c}", flush=True)
+    print(
+        f"byte LM on {len(corpus) / 1e6:.1f} MB of stdlib source; seeds {seeds}; config {c}",
+        flush=True,
+    )
     per_seed = []
     for seed in seeds:
         print(f"seed {seed}", flush=True)
         per_seed.append(train_all(c, variants, train, val, seed))
     results = mean_curves(per_seed)
-    print(f"\nvariant        expert FFNs/token/layer  params   final val loss (mean of {len(seeds)} seeds: each)"
-          f"   median step ms")
+    print(
+        f"\nvariant        expert FFNs/token/layer  params   final val loss (mean of {len(seeds)}"
+        " seeds: each)   median step ms"
+    )
     for name, r in results.items():
         each = " ".join(f"{v:.4f}" for v in r["final_val_loss_per_seed"])
-        print(f"{name:14s} {r['expert_ffns_per_token_per_layer']:>10d}  {r['params']:>14,d}  "
-              f"{r['final_val_loss']:>8.4f}: {each}  {r['median_step_ms']:>10.1f}")
+        print(
+            f"{name:14s} {r['expert_ffns_per_token_per_layer']:>10d}  {r['params']:>14,d}  "
+            f"{r['final_val_loss']:>8.4f}: {each}  {r['median_step_ms']:>10.1f}"
+        )
     if args.out:
         out = Path(args.out)
-        payload = {"benchmark": "coe_compare", "smoke": args.smoke, "config": c, "seeds": seeds,
-                   "threads": torch.get_num_threads(),
-                   "note": "train/val curves are means over seeds; per_seed holds every run. Step times were "
-                           "taken on a shared CPU with the variants interleaved step by step.",
-                   "runs": results, "per_seed": dict(zip(map(str, seeds), per_seed))}
+        payload = {
+            "benchmark": "coe_compare",
+            "smoke": args.smoke,
+            "config": c,
+            "seeds": seeds,
+            "threads": torch.get_num_threads(),
+            "note": (
+                "train/val curves are means over seeds; per_seed holds every run. Step times were "
+                "taken on a shared CPU with the variants interleaved step by step."
+            ),
+            "runs": results,
+            "per_seed": dict(zip(map(str, seeds), per_seed)),
+        }
         path = save_results("coe_compare_smoke" if args.smoke else "coe_compare", payload, out)
         png = path.with_suffix(".png")
-        plot(results, png, f"Byte-level LM, {c['experts']} experts, mean of {len(seeds)} seeds: "
-                           f"MoE vs Chain-of-Experts at equal compute")
+        plot(
+            results,
+            png,
+            f"Byte-level LM, {c['experts']} experts, mean of {len(seeds)} seeds: "
+            "MoE vs Chain-of-Experts at equal compute",
+        )
         print(f"wrote {path} and {png}")
     return results
 

@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: timing with CUDA events (median after warm-up), peak memory, and
 result files that say where and when they were measured."""
+
 from __future__ import annotations
 
 import datetime
@@ -16,7 +17,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def time_ms(fn, warmup: int = 3, iters: int = 10) -> dict:
-    """Median / min / max milliseconds of fn(). CUDA: events around each call after warm-up; CPU: wall clock."""
+    """Median / min / max milliseconds of fn(). CUDA: events around each call after warm-up; CPU:
+    wall clock."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -34,8 +36,12 @@ def time_ms(fn, warmup: int = 3, iters: int = 10) -> dict:
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples),
-            "iters": iters}
+    return {
+        "median_ms": statistics.median(samples),
+        "min_ms": min(samples),
+        "max_ms": max(samples),
+        "iters": iters,
+    }
 
 
 def peak_memory_mb(fn) -> float | None:
@@ -51,9 +57,17 @@ def peak_memory_mb(fn) -> float | None:
 
 
 def environment() -> dict:
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
-    env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+    env["device"] = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({os.cpu_count()} cores)"
+    )
     for mod in ("triton", "deepspeed", "nvshmem"):
         try:
             m = __import__(mod)
@@ -66,7 +80,8 @@ def environment() -> dict:
 
 
 def save_results(name: str, payload: dict, out_dir: str | os.PathLike | None) -> Path | None:
-    """Writes {environment, **payload} as JSON to out_dir/name.json (nothing when out_dir is None)."""
+    """Writes {environment, **payload} as JSON to out_dir/name.json (nothing when out_dir is
+    None)."""
     if out_dir is None:
         return None
     path = Path(out_dir) / f"{name}.json"
@@ -82,4 +97,5 @@ def init_single_process_group() -> None:
     if dist.is_initialized():
         return
     from moe_dist.parallel import init_distributed
+
     init_distributed()

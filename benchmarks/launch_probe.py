@@ -1,8 +1,10 @@
-"""Host cost of one Triton launch from Python, which bounds small nvshmem calls (about ten launches per
-dispatch+combine): the JITFunction path every launch takes now, against the compiled kernel's handle.
+"""Host cost of one Triton launch from Python, which bounds small nvshmem calls (about ten launches
+per dispatch+combine): the JITFunction path every launch takes now, against the compiled kernel's
+handle.
 
     python benchmarks/launch_probe.py        # GPU only
 """
+
 import sys
 import time
 
@@ -20,7 +22,9 @@ idx = torch.randint(0, E, (S,), device=dev)
 z64 = torch.zeros(S, dtype=torch.int64, device=dev)
 offs = torch.zeros(E, dtype=torch.int64, device=dev)
 over = torch.zeros(N, dtype=torch.int32, device=dev)
-dr, dp = torch.zeros(S, dtype=torch.int64, device=dev), torch.zeros(S, dtype=torch.int64, device=dev)
+dr, dp = torch.zeros(S, dtype=torch.int64, device=dev), torch.zeros(
+    S, dtype=torch.int64, device=dev
+)
 out = torch.empty(S * N, H, device=dev, dtype=torch.bfloat16)
 addr = torch.tensor([out.data_ptr()] * N, dtype=torch.int64, device=dev)
 meta = torch.empty(S * N, dtype=torch.int64, device=dev)
@@ -31,8 +35,10 @@ kw = dict(COMPUTE_DEST=True, SCALE=False, HAS_PUT=False, BLOCK=1024)
 grid = (S, 2)
 k = K_.push_slots_kernel[grid](*args, **kw)
 torch.cuda.synchronize()
-for name, fn in [("jit launch", lambda: K_.push_slots_kernel[grid](*args, **kw)),
-                 ("compiled handle", lambda: k[(S, 2, 1)](*args, *kw.values()))]:
+for name, fn in [
+    ("jit launch", lambda: K_.push_slots_kernel[grid](*args, **kw)),
+    ("compiled handle", lambda: k[(S, 2, 1)](*args, *kw.values())),
+]:
     for _ in range(50):
         fn()
     torch.cuda.synchronize()

@@ -1,13 +1,14 @@
 """Forward+backward time and peak memory of one MoE layer (EP=1), against its peers in the same run:
 
-  moe_dist      MoELayer, transport "local", torch._grouped_mm experts
-  floor         only the expert matmuls through torch._grouped_mm on a perfectly balanced layout
-  hf_loop       Hugging Face Mixtral-style per-expert loop (same router and weights as moe_dist)
-  deepspeed     deepspeed.moe.layer.MoE, dropless top-2, same expert shape (SwiGLU)
+moe_dist      MoELayer, transport "local", torch._grouped_mm experts
+floor         only the expert matmuls through torch._grouped_mm on a perfectly balanced layout
+hf_loop       Hugging Face Mixtral-style per-expert loop (same router and weights as moe_dist)
+deepspeed     deepspeed.moe.layer.MoE, dropless top-2, same expert shape (SwiGLU)
 
-    python benchmarks/layer.py --out benchmarks/results          # GPU, bf16, DESIGN.md's two configs
-    python benchmarks/layer.py --smoke                           # tiny CPU run (CI)
+  python benchmarks/layer.py --out benchmarks/results          # GPU, bf16, DESIGN.md's two configs
+  python benchmarks/layer.py --smoke                           # tiny CPU run (CI)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import init_single_process_group, peak_memory_mb, save_results, time_ms  # noqa: E402
+from benchmarks.common import (
+    init_single_process_group,
+    peak_memory_mb,
+    save_results,
+    time_ms,
+)  # noqa: E402
 from moe_dist import MoEConfig, MoELayer  # noqa: E402
 
 CONFIGS = {  # tokens, hidden, ffn, experts, top-k (DESIGN.md)
@@ -59,7 +65,14 @@ def hf_loop_forward(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
 
 def build_variants(name, T, H, Fh, E, K, device, dtype):
     torch.manual_seed(0)
-    cfg = MoEConfig(hidden_size=H, ffn_hidden_size=Fh, num_experts=E, top_k=K, transport="local", aux_loss_coef=0.0)
+    cfg = MoEConfig(
+        hidden_size=H,
+        ffn_hidden_size=Fh,
+        num_experts=E,
+        top_k=K,
+        transport="local",
+        aux_loss_coef=0.0,
+    )
     layer = MoELayer(cfg, device=device, dtype=dtype)
     x = torch.randn(T, H, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(T, H, device=device, dtype=dtype)
@@ -77,7 +90,9 @@ def build_variants(name, T, H, Fh, E, K, device, dtype):
     offs = torch.arange(1, E + 1, device=device, dtype=torch.int32) * (S // E)
     offs[-1] = S
     w_in, w_out = layer.experts.w_in, layer.experts.w_out
-    g_h, g_y = torch.randn(S, w_in.shape[1], device=device, dtype=dtype), torch.randn(S, H, device=device, dtype=dtype)
+    g_h, g_y = torch.randn(S, w_in.shape[1], device=device, dtype=dtype), torch.randn(
+        S, H, device=device, dtype=dtype
+    )
 
     def run_floor():
         torch._grouped_mm(xs, w_in.transpose(-2, -1), offs=offs).backward(g_h)
@@ -100,9 +115,17 @@ def deepspeed_variant(layer: MoELayer, x, grad, k):
     from deepspeed.moe.layer import MoE
 
     E = layer.cfg.num_experts
-    ds = MoE(layer.cfg.hidden_size, SwiGLU(layer.experts.w_in[0].detach(), layer.experts.w_out[0].detach()),
-             num_experts=E, ep_size=1, k=k, capacity_factor=1.0, drop_tokens=False, use_rts=False,
-             top2_2nd_expert_sampling=False).to(x.device, x.dtype)
+    ds = MoE(
+        layer.cfg.hidden_size,
+        SwiGLU(layer.experts.w_in[0].detach(), layer.experts.w_out[0].detach()),
+        num_experts=E,
+        ep_size=1,
+        k=k,
+        capacity_factor=1.0,
+        drop_tokens=False,
+        use_rts=False,
+        top2_2nd_expert_sampling=False,
+    ).to(x.device, x.dtype)
 
     def run():
         out, _, _ = ds(x.unsqueeze(0))
@@ -112,13 +135,19 @@ def deepspeed_variant(layer: MoELayer, x, grad, k):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, fp32, few iterations (CPU CI)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny shapes, fp32, few iterations (CPU CI)"
+    )
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--skip", default="", help="comma-separated variants to skip")
     p.add_argument("--out", default=None, help="directory for layer.json")
-    p.add_argument("--profile", action="store_true", help="print where moe_dist's time goes (torch.profiler)")
+    p.add_argument(
+        "--profile", action="store_true", help="print where moe_dist's time goes (torch.profiler)"
+    )
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -128,8 +157,10 @@ def main(argv=None):
     for name in args.configs.split(","):
         T, H, Fh, E, K = table[name]
         variants, rel = build_variants(name, T, H, Fh, E, K, device, dtype)
-        row = {"config": dict(tokens=T, hidden=H, ffn=Fh, experts=E, top_k=K, dtype=str(dtype)),
-               "rel_error_vs_hf_loop": rel}
+        row = {
+            "config": dict(tokens=T, hidden=H, ffn=Fh, experts=E, top_k=K, dtype=str(dtype)),
+            "rel_error_vs_hf_loop": rel,
+        }
         for vname, fn in variants.items():
             if vname in args.skip.split(","):
                 continue
@@ -140,7 +171,10 @@ def main(argv=None):
                 torch.cuda.empty_cache()
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+            acts = [ProfilerActivity.CPU] + (
+                [ProfilerActivity.CUDA] if device.type == "cuda" else []
+            )
             with profile(activities=acts) as prof:
                 for _ in range(3):
                     variants["moe_dist"]()
@@ -156,10 +190,21 @@ def main(argv=None):
         for vname in variants:
             if vname in row:
                 mem = row[vname]["peak_mb"]
-                print(f"   {vname:10s} {row[vname]['median_ms']:9.3f} ms" + (f"  peak {mem:9.1f} MiB" if mem else ""))
-        print(f"   ratio to floor {row['ratio_to_floor']:.3f}" +
-              "".join(f"  speedup vs {k[11:]} {v:.2f}x" for k, v in row.items() if k.startswith("speedup_vs_")))
-        assert rel < (2e-2 if dtype == torch.bfloat16 else 1e-4), f"moe_dist disagrees with the HF loop: {rel}"
+                print(
+                    f"   {vname:10s} {row[vname]['median_ms']:9.3f} ms"
+                    + (f"  peak {mem:9.1f} MiB" if mem else "")
+                )
+        print(
+            f"   ratio to floor {row['ratio_to_floor']:.3f}"
+            + "".join(
+                f"  speedup vs {k[11:]} {v:.2f}x"
+                for k, v in row.items()
+                if k.startswith("speedup_vs_")
+            )
+        )
+        assert rel < (
+            2e-2 if dtype == torch.bfloat16 else 1e-4
+        ), f"moe_dist disagrees with the HF loop: {rel}"
     save_results("layer" + ("_smoke" if args.smoke else ""), {"results": results}, args.out)
     return results
 

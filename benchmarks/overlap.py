@@ -4,16 +4,21 @@
   t_compute     the routed experts alone, on tokens dispatched beforehand
   t_overlapped  the routed path pipelined over C chunks (C = 1, 2, 4, 8), routing done beforehand
   efficiency    (t_comm + t_compute - t_overlapped) / min(t_comm, t_compute): the fraction of the
-                shorter phase hidden under the longer one (1 = fully hidden, 0 = serial, < 0 = slower)
-  shared        routed path alone (route + experts), shared experts alone, and the layer with both with
-                the side stream on and off; ratio = t_layer / max(t_routed, t_shared) (goal: <= 1.1 on)
+                shorter phase hidden under the longer one (1 = fully hidden, 0 = serial, < 0 =
+                slower)
+  shared        routed path alone (route + experts), shared experts alone, and the layer with both
+  with
+                the side stream on and off; ratio = t_layer / max(t_routed, t_shared) (goal: <= 1.1
+                on)
 
     python benchmarks/overlap.py --out DIR                                   # one GPU, EP=1, bf16
-    torchrun --nproc-per-node 2 benchmarks/overlap.py --backend gloo --out DIR   # 2 PEs (nvshmem if present)
-    python benchmarks/overlap.py --smoke --out DIR                           # tiny CPU run (CI)
+    torchrun --nproc-per-node 2 benchmarks/overlap.py --backend gloo --out DIR   # 2 PEs (nvshmem if
+    present) python benchmarks/overlap.py --smoke --out DIR                           # tiny CPU run
+    (CI)
 
 Legend: T tokens per rank, H hidden, F expert ffn width, E experts, K top-k, C chunks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,15 +39,20 @@ MODES = ("fwd", "fwd_bwd")
 
 
 def timed(fn, mode: str, grad_of, iters: int, warmup: int) -> float:
-    """Median ms of fn() (mode 'fwd', under no_grad) or of fn() and its backward (mode 'fwd_bwd')."""
+    """Median ms of fn() (mode 'fwd', under no_grad) or of fn() and its backward (mode
+    'fwd_bwd')."""
     if mode == "fwd":
+
         def step():
             with torch.no_grad():
                 fn()
+
     else:
+
         def step():
             out = fn()
             out.backward(grad_of(out))
+
     return time_ms(step, warmup=warmup, iters=iters)["median_ms"]
 
 
@@ -51,7 +61,9 @@ def efficiency(t_comm: float, t_compute: float, t_overlapped: float) -> float:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, seconds")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per rank")
     p.add_argument("--hidden", type=int, default=2048)
@@ -62,15 +74,26 @@ def main(argv=None) -> None:
     p.add_argument("--chunks", default="1,2,4,8")
     p.add_argument("--transport", default="auto")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--backend", default=None, help="process-group backend (gloo for several PEs on one GPU)")
+    p.add_argument(
+        "--backend", default=None, help="process-group backend (gloo for several PEs on one GPU)"
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.smoke:
-        args.tokens, args.hidden, args.ffn, args.experts, args.top_k, args.iters = 64, 32, 16, 8, 2, 2
+        args.tokens, args.hidden, args.ffn, args.experts, args.top_k, args.iters = (
+            64,
+            32,
+            16,
+            8,
+            2,
+            2,
+        )
 
     rank, world, _ = init_distributed(backend=args.backend)
     if torch.cuda.is_available() and not args.smoke:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        device = torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        )
         torch.cuda.set_device(device)
         dtype = torch.bfloat16
     else:
@@ -78,9 +101,18 @@ def main(argv=None) -> None:
     warmup = 1 if args.smoke else 3
     groups = ParallelGroups(ep_size=world) if world > 1 else None
     T, H = args.tokens, args.hidden
-    cfg = MoEConfig(hidden_size=H, ffn_hidden_size=args.ffn, num_experts=args.experts, top_k=args.top_k,
-                    num_shared_experts=args.shared, transport=args.transport, max_tokens_per_rank=max(T, 1),
-                    router_bias_update_rate=0.0, check_finite=False, error_check="deferred")  # no host sync
+    cfg = MoEConfig(
+        hidden_size=H,
+        ffn_hidden_size=args.ffn,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        num_shared_experts=args.shared,
+        transport=args.transport,
+        max_tokens_per_rank=max(T, 1),
+        router_bias_update_rate=0.0,
+        check_finite=False,
+        error_check="deferred",
+    )  # no host sync
     torch.manual_seed(0)
     layer = MoELayer(cfg, groups, device=device, dtype=dtype)
     tr = layer.transport
@@ -105,24 +137,51 @@ def main(argv=None) -> None:
     for mode in MODES:
         t_comm = timed(comm, mode, ones, args.iters, warmup)
         t_compute = timed(compute, mode, ones, args.iters, warmup)
-        rows += [{"mode": mode, "what": "comm", "ms": t_comm}, {"mode": mode, "what": "compute", "ms": t_compute}]
-        s = summary[mode] = {"t_comm_ms": t_comm, "t_compute_ms": t_compute, "t_overlapped_ms": {},
-                             "efficiency": {}, "t_layer_ms": {}}
+        rows += [
+            {"mode": mode, "what": "comm", "ms": t_comm},
+            {"mode": mode, "what": "compute", "ms": t_compute},
+        ]
+        s = summary[mode] = {
+            "t_comm_ms": t_comm,
+            "t_compute_ms": t_compute,
+            "t_overlapped_ms": {},
+            "efficiency": {},
+            "t_layer_ms": {},
+        }
         for C in chunk_counts:
-            t_ov = timed(lambda: pipelined_moe(layer, x_g, plan, num_chunks=C), mode, ones, args.iters, warmup)
+            t_ov = timed(
+                lambda: pipelined_moe(layer, x_g, plan, num_chunks=C),
+                mode,
+                ones,
+                args.iters,
+                warmup,
+            )
             layer.cfg = cfg.replace(num_chunks=C)
             t_layer = timed(lambda: layer(x_g).output, mode, ones, args.iters, warmup)
             layer.cfg = cfg
             s["t_overlapped_ms"][C], s["efficiency"][C], s["t_layer_ms"][C] = (
-                t_ov, efficiency(t_comm, t_compute, t_ov), t_layer)
-            rows.append({"mode": mode, "what": "layer", "num_chunks": C, "t_overlapped_ms": t_ov,
-                         "efficiency": s["efficiency"][C], "t_layer_ms": t_layer})
+                t_ov,
+                efficiency(t_comm, t_compute, t_ov),
+                t_layer,
+            )
+            rows.append(
+                {
+                    "mode": mode,
+                    "what": "layer",
+                    "num_chunks": C,
+                    "t_overlapped_ms": t_ov,
+                    "efficiency": s["efficiency"][C],
+                    "t_layer_ms": t_layer,
+                }
+            )
         s["best_num_chunks"] = min(chunk_counts, key=lambda c: s["t_layer_ms"][c])
 
     # Shared experts: does the side stream hide the shared path under the routed one?
     shared = {}
     for mode in MODES:
-        t_routed = timed(lambda: layer.routed_experts(x_g, layer.route(x_g)), mode, ones, args.iters, warmup)
+        t_routed = timed(
+            lambda: layer.routed_experts(x_g, layer.route(x_g)), mode, ones, args.iters, warmup
+        )
         t_shared = timed(lambda: layer.shared_experts(x_g), mode, ones, args.iters, warmup)
         res = {"t_routed_ms": t_routed, "t_shared_ms": t_shared}
         for on in (True, False):
@@ -137,24 +196,52 @@ def main(argv=None) -> None:
 
     layer.check_errors()  # a run that overflowed or lost a peer is an error, not a figure
     if rank == 0:
-        print(f"T={T}/rank H={H} F={args.ffn} E={args.experts} k={args.top_k} shared={args.shared} "
-              f"ranks={world} transport={tr.name} {dtype} on {device}")
+        print(
+            f"T={T}/rank H={H} F={args.ffn} E={args.experts} k={args.top_k} shared={args.shared} "
+            f"ranks={world} transport={tr.name} {dtype} on {device}"
+        )
         for mode in MODES:
             s = summary[mode]
             print(f"[{mode}] comm {s['t_comm_ms']:.3f} ms, compute {s['t_compute_ms']:.3f} ms")
             print("   C  overlapped ms  efficiency  layer ms")
             for C in chunk_counts:
-                print(f"  {C:2d}  {s['t_overlapped_ms'][C]:13.3f}  {s['efficiency'][C]:10.2f}  {s['t_layer_ms'][C]:8.3f}")
+                print(
+                    f"  {C:2d}  {s['t_overlapped_ms'][C]:13.3f}  {s['efficiency'][C]:10.2f} "
+                    f" {s['t_layer_ms'][C]:8.3f}"
+                )
             sh = shared[mode]
-            print(f"  shared: routed {sh['t_routed_ms']:.3f} ms, shared {sh['t_shared_ms']:.3f} ms, layer "
-                  f"{sh['t_layer_side_stream_on_ms']:.3f} (side stream on, ratio {sh['ratio_side_stream_on']:.3f}) / "
-                  f"{sh['t_layer_side_stream_off_ms']:.3f} ms (off, ratio {sh['ratio_side_stream_off']:.3f})")
-        note = "several PEs on one GPU are time-sliced: correctness-grade timings" if world > 1 else "EP=1"
-        save_results("overlap" + (f"_{world}pe" if world > 1 else ""),
-                     {"config": {"tokens_per_rank": T, "hidden": H, "ffn": args.ffn, "experts": args.experts,
-                                 "top_k": args.top_k, "shared": args.shared, "ranks": world, "transport": tr.name,
-                                 "dtype": str(dtype)},
-                      "note": note, "results": rows, "summary": summary, "shared": shared}, args.out)
+            print(
+                f"  shared: routed {sh['t_routed_ms']:.3f} ms, shared {sh['t_shared_ms']:.3f} ms,"
+                f" layer {sh['t_layer_side_stream_on_ms']:.3f} (side stream on, ratio"
+                f" {sh['ratio_side_stream_on']:.3f}) / {sh['t_layer_side_stream_off_ms']:.3f} ms"
+                f" (off, ratio {sh['ratio_side_stream_off']:.3f})"
+            )
+        note = (
+            "several PEs on one GPU are time-sliced: correctness-grade timings"
+            if world > 1
+            else "EP=1"
+        )
+        save_results(
+            "overlap" + (f"_{world}pe" if world > 1 else ""),
+            {
+                "config": {
+                    "tokens_per_rank": T,
+                    "hidden": H,
+                    "ffn": args.ffn,
+                    "experts": args.experts,
+                    "top_k": args.top_k,
+                    "shared": args.shared,
+                    "ranks": world,
+                    "transport": tr.name,
+                    "dtype": str(dtype),
+                },
+                "note": note,
+                "results": rows,
+                "summary": summary,
+                "shared": shared,
+            },
+            args.out,
+        )
     if world > 1:
         dist.barrier()
 

@@ -1,29 +1,34 @@
-"""One sweep of the MoE layer over tokens, experts, top-k, EP size and transport, with its peers timed
-in the same run on the same tokens:
+"""One sweep of the MoE layer over tokens, experts, top-k, EP size and transport, with its peers
+timed in the same run on the same tokens:
 
   moe_dist:<t>   MoELayer with transport t = local | collective | nvshmem | auto
   collective     is also the "all_to_all_single + grouped GEMM, host sync on split sizes" peer
                  (torchtitan's approach): moe_dist's transport="collective" is exactly that
-  deepspeed      deepspeed.moe.layer.MoE, dropless, with moe_dist's router and expert weights copied in
-  a2a_vdev_2d    torch.ops.symm_mem.all_to_all_vdev_2d (PyTorch symmetric memory, NVSHMEM backend)
-                 moving the same rows as moe_dist's dispatch; compared with each transport's dispatch
+  deepspeed      deepspeed.moe.layer.MoE, dropless, with moe_dist's router and expert weights copied
+  in a2a_vdev_2d    torch.ops.symm_mem.all_to_all_vdev_2d (PyTorch symmetric memory, NVSHMEM
+  backend)
+                 moving the same rows as moe_dist's dispatch; compared with each transport's
+                 dispatch
 
 Correct first: before a variant is timed its output (and input gradient, with --fwd-bwd) is compared
 with transport="reference" on the same tokens (the first --check-tokens of each rank), and
-a2a_vdev_2d's received rows with the reference dispatch, so a fast wrong variant never enters the table.
-A variant that cannot run here is recorded as skipped with the reason; one that disagrees, as failed.
+a2a_vdev_2d's received rows with the reference dispatch, so a fast wrong variant never enters the
+table. A variant that cannot run here is recorded as skipped with the reason; one that disagrees, as
+failed.
 
 One EP size per run (EP = world size). Weak scaling: --tokens are per rank; strong scaling: --tokens
 are global (split evenly over the ranks). Timings: benchmarks.common.time_ms (CUDA events after
 warm-up on GPU, wall clock on CPU); each rank's median, the slowest rank's reported.
 
     python benchmarks/sweep.py --out benchmarks/results                                  # EP=1
-    torchrun --standalone --nproc-per-node 2 benchmarks/sweep.py --backend gloo ...      # 2 PEs on one GPU
-    torchrun --standalone --nproc-per-node 8 benchmarks/sweep.py --out ...               # EP=8, nccl
-    python benchmarks/sweep.py --smoke --out DIR                                         # CPU, seconds (CI)
+    torchrun --standalone --nproc-per-node 2 benchmarks/sweep.py --backend gloo ...      # 2 PEs on
+    one GPU torchrun --standalone --nproc-per-node 8 benchmarks/sweep.py --out ...               #
+    EP=8, nccl python benchmarks/sweep.py --smoke --out DIR
+    # CPU, seconds (CI)
 
 Legend: T tokens per rank, H hidden, F expert ffn, E experts, K top-k, N EP size, G = E/N, S = T*K.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,10 +53,24 @@ TRANSPORTS = ("local", "collective", "nvshmem", "auto")
 PEERS = ("deepspeed", "a2a_vdev_2d")
 # Which moe_dist variant speedups are quoted for: what users get by default, else the fastest path.
 HEADLINE = ("moe_dist:auto", "moe_dist:nvshmem", "moe_dist:local")
-PEER_LABELS = {"deepspeed": "DeepSpeed MoE", "moe_dist:collective": "a2a_single + grouped GEMM (torchtitan-style)",
-               "a2a_vdev_2d": "symm_mem all_to_all_vdev_2d (dispatch)"}
-SMOKE = dict(tokens="16,64", experts="4,8", top_k="1,2", hidden="32", ffn="64", mode="both",
-             transports=",".join(TRANSPORTS), peers=",".join(PEERS), iters=3, warmup=1, check_tokens=0)
+PEER_LABELS = {
+    "deepspeed": "DeepSpeed MoE",
+    "moe_dist:collective": "a2a_single + grouped GEMM (torchtitan-style)",
+    "a2a_vdev_2d": "symm_mem all_to_all_vdev_2d (dispatch)",
+}
+SMOKE = dict(
+    tokens="16,64",
+    experts="4,8",
+    top_k="1,2",
+    hidden="32",
+    ffn="64",
+    mode="both",
+    transports=",".join(TRANSPORTS),
+    peers=",".join(PEERS),
+    iters=3,
+    warmup=1,
+    check_tokens=0,
+)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -78,7 +97,8 @@ class Ctx:
     max_tokens: int  # per rank, over the grid: sizes nvshmem and symm_mem buffers once
 
 
-# -- agreement between ranks: every rank must take the same branch, since collectives follow ---------
+# -- agreement between ranks: every rank must take the same branch, since collectives follow
+# ---------
 def gather(ctx: Ctx, value):
     if ctx.world == 1:
         return [value]
@@ -107,10 +127,16 @@ def timed(ctx: Ctx, fn) -> dict:
         dist.barrier()
     r = time_ms(fn, warmup=ctx.args.warmup, iters=ctx.args.iters)
     medians = gather(ctx, r["median_ms"])
-    return {"median_ms": max(medians), "rank_median_ms": medians, "min_ms": r["min_ms"], "max_ms": r["max_ms"]}
+    return {
+        "median_ms": max(medians),
+        "rank_median_ms": medians,
+        "min_ms": r["min_ms"],
+        "max_ms": r["max_ms"],
+    }
 
 
-# -- the grid -------------------------------------------------------------------------------------------
+# -- the grid
+# ------------------------------------------------------------------------------------------------
 def ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v.strip()]
 
@@ -124,7 +150,8 @@ def names(s: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 
 
 def grid(args, world: int) -> list[Point | tuple[Point, str]]:
-    """Every point, or (point, why it is skipped). Strong scaling at EP=1 is weak scaling: measured once."""
+    """Every point, or (point, why it is skipped). Strong scaling at EP=1 is weak scaling: measured
+    once."""
     modes = ["weak", "strong"] if args.mode == "both" else [args.mode]
     out = []
     for mode in modes:
@@ -132,38 +159,70 @@ def grid(args, world: int) -> list[Point | tuple[Point, str]]:
             for F in ints(args.ffn):
                 for E in ints(args.experts):
                     for K in ints(args.top_k):
-                        for n in ints(args.tokens if mode == "weak" else args.global_tokens or args.tokens):
+                        for n in ints(
+                            args.tokens if mode == "weak" else args.global_tokens or args.tokens
+                        ):
                             T = n if mode == "weak" else n // world
                             p = Point(mode, world, T, T * world, E, K, H, F)
-                            why = (f"top_k ({K}) > experts ({E})" if K > E else
-                                   f"experts ({E}) not divisible by EP size ({world})" if E % world else
-                                   f"global tokens ({n}) not divisible by EP size ({world})"
-                                   if mode == "strong" and n % world else None)
+                            why = (
+                                f"top_k ({K}) > experts ({E})"
+                                if K > E
+                                else (
+                                    f"experts ({E}) not divisible by EP size ({world})"
+                                    if E % world
+                                    else (
+                                        f"global tokens ({n}) not divisible by EP size ({world})"
+                                        if mode == "strong" and n % world
+                                        else None
+                                    )
+                                )
+                            )
                             out.append((p, why) if why else p)
     return out
 
 
-# -- the variants -----------------------------------------------------------------------------------------
+# -- the variants
+# -----------------------------------------------------------------------------------------
 def build_layer(ctx: Ctx, p: Point, transport: str) -> MoELayer:
-    torch.manual_seed(ctx.args.seed)  # same seed for every variant and rank: the same weights (EP-invariant init)
-    cfg = MoEConfig(hidden_size=p.hidden, ffn_hidden_size=p.ffn, num_experts=p.experts, top_k=p.top_k,
-                    norm_topk_prob=p.top_k > 1,  # DeepSpeed's top-1 gate keeps the raw probability
-                    aux_loss_coef=0.0, transport=transport, max_tokens_per_rank=ctx.max_tokens,
-                    error_check="deferred")  # the no-sync path; an error shows as a mismatch with the reference
+    torch.manual_seed(
+        ctx.args.seed
+    )  # same seed for every variant and rank: the same weights (EP-invariant init)
+    cfg = MoEConfig(
+        hidden_size=p.hidden,
+        ffn_hidden_size=p.ffn,
+        num_experts=p.experts,
+        top_k=p.top_k,
+        norm_topk_prob=p.top_k > 1,  # DeepSpeed's top-1 gate keeps the raw probability
+        aux_loss_coef=0.0,
+        transport=transport,
+        max_tokens_per_rank=ctx.max_tokens,
+        error_check="deferred",
+    )  # the no-sync path; an error shows as a mismatch with the reference
     return MoELayer(cfg, ctx.groups, device=ctx.device, dtype=ctx.dtype)
 
 
 def deepspeed_layer(ctx: Ctx, ref: MoELayer):
-    """deepspeed.moe.layer.MoE holding exactly ref's router and local experts (SwiGLU, same layout)."""
+    """deepspeed.moe.layer.MoE holding exactly ref's router and local experts (SwiGLU, same
+    layout)."""
     import deepspeed
     from deepspeed.moe.layer import MoE
 
     from benchmarks.layer import SwiGLU
+
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing process group
     cfg = ref.cfg
-    ds = MoE(cfg.hidden_size, SwiGLU(ref.experts.w_in[0].detach(), ref.experts.w_out[0].detach()),
-             num_experts=cfg.num_experts, ep_size=ctx.world, k=cfg.top_k, capacity_factor=1.0,
-             drop_tokens=False, use_rts=False, noisy_gate_policy=None, top2_2nd_expert_sampling=False)
+    ds = MoE(
+        cfg.hidden_size,
+        SwiGLU(ref.experts.w_in[0].detach(), ref.experts.w_out[0].detach()),
+        num_experts=cfg.num_experts,
+        ep_size=ctx.world,
+        k=cfg.top_k,
+        capacity_factor=1.0,
+        drop_tokens=False,
+        use_rts=False,
+        noisy_gate_policy=None,
+        top2_2nd_expert_sampling=False,
+    )
     ds.set_deepspeed_parallelism()  # the engine would call it; there is no engine here
     ds = ds.to(ctx.device, ctx.dtype)
     with torch.no_grad():
@@ -175,8 +234,8 @@ def deepspeed_layer(ctx: Ctx, ref: MoELayer):
 
 
 class VDev2d:
-    """torch.ops.symm_mem.all_to_all_vdev_2d doing moe_dist's dispatch: sort slots by expert, pack the
-    rows into the symmetric input, exchange. Out: rows grouped by local expert, then source rank
+    """torch.ops.symm_mem.all_to_all_vdev_2d doing moe_dist's dispatch: sort slots by expert, pack
+    the rows into the symmetric input, exchange. Out: rows grouped by local expert, then source rank
     (out_splits_offsets[0] = splits, [1] = offsets, index g*N + src), the reference order."""
 
     def __init__(self, ctx: Ctx, reason: str | None):
@@ -186,11 +245,16 @@ class VDev2d:
 
     def _setup(self) -> str | None:
         try:
-            os.environ.setdefault("TORCH_SYMMMEM", "NVSHMEM")  # older torch reads the backend from here
+            os.environ.setdefault(
+                "TORCH_SYMMMEM", "NVSHMEM"
+            )  # older torch reads the backend from here
             import torch.distributed._symmetric_memory as symm_mem
+
             try:
                 symm_mem.set_backend("NVSHMEM")
-            except Exception:  # noqa: BLE001 - already chosen (by the variable above) is fine; else say so
+            except (
+                Exception
+            ):  # noqa: BLE001 - already chosen (by the variable above) is fine; else say so
                 get = getattr(symm_mem, "get_backend", None)
                 if get is not None and get(self.ctx.device) != "NVSHMEM":
                     raise
@@ -215,11 +279,15 @@ class VDev2d:
             k_max, e_max = max(ints(args.top_k)), max(ints(args.experts))
             rows_in = ctx.max_tokens * k_max
             # +16 rows per local expert: the op pads every expert to major_align (at least 1 row).
-            self.bufs[key] = (self._symm((rows_in, p.hidden), ctx.dtype),
-                              self._symm((rows_in * ctx.world + 16 * e_max, p.hidden), ctx.dtype))
+            self.bufs[key] = (
+                self._symm((rows_in, p.hidden), ctx.dtype),
+                self._symm((rows_in * ctx.world + 16 * e_max, p.hidden), ctx.dtype),
+            )
         if p.experts not in self.splits:
-            self.splits[p.experts] = (self._symm((p.experts,), torch.int64),
-                                      self._symm((2, p.experts), torch.int64))
+            self.splits[p.experts] = (
+                self._symm((p.experts,), torch.int64),
+                self._symm((2, p.experts), torch.int64),
+            )
         return self.bufs[key] + self.splits[p.experts]
 
     def dispatch(self, x_TH, plan, p: Point):
@@ -238,7 +306,10 @@ class VDev2d:
 
 def vdev_unavailable_reason(device: torch.device, nvshmem4py_in_use: bool) -> str | None:
     if device.type != "cuda":
-        return f"needs CUDA tensors, NCCL-capable torch and NVSHMEM symmetric memory; this run is on {device}"
+        return (
+            "needs CUDA tensors, NCCL-capable torch and NVSHMEM symmetric memory; this run is on"
+            f" {device}"
+        )
     try:
         import torch.distributed._symmetric_memory as symm_mem
     except ImportError as e:
@@ -246,21 +317,29 @@ def vdev_unavailable_reason(device: torch.device, nvshmem4py_in_use: bool) -> st
     if not hasattr(torch.ops.symm_mem, "all_to_all_vdev_2d"):
         return f"torch {torch.__version__} has no torch.ops.symm_mem.all_to_all_vdev_2d"
     if not symm_mem.is_nvshmem_available():
-        return "torch's symmetric memory reports NVSHMEM unavailable (symm_mem.is_nvshmem_available() is False)"
+        return (
+            "torch's symmetric memory reports NVSHMEM unavailable (symm_mem.is_nvshmem_available()"
+            " is False)"
+        )
     if nvshmem4py_in_use:
-        return ("moe_dist's nvshmem transport initialises NVSHMEM through nvshmem4py in this process and torch's "
-                "symmetric memory would start a second NVSHMEM runtime: time the peer in its own run "
-                "(--transports collective --peers a2a_vdev_2d)")
+        return (
+            "moe_dist's nvshmem transport initialises NVSHMEM through nvshmem4py in this process"
+            " and torch's symmetric memory would start a second NVSHMEM runtime: time the peer in"
+            " its own run (--transports collective --peers a2a_vdev_2d)"
+        )
     return None
 
 
-# -- one point ------------------------------------------------------------------------------------------------
+# -- one point
+# ------------------------------------------------------------------------------------------------
 def measure(ctx: Ctx, p: Point, vdev: VDev2d | None, ds_reason: str | None) -> dict:
     args, dev = ctx.args, ctx.device
     gen = torch.Generator().manual_seed(1000 * args.seed + 17 * ctx.rank + p.tokens_per_rank)
     x_TH = torch.randn(p.tokens_per_rank, p.hidden, generator=gen).to(dev, ctx.dtype)
     g_TH = torch.randn(p.tokens_per_rank, p.hidden, generator=gen).to(dev, ctx.dtype)
-    n_check = p.tokens_per_rank if args.check_tokens <= 0 else min(args.check_tokens, p.tokens_per_rank)
+    n_check = (
+        p.tokens_per_rank if args.check_tokens <= 0 else min(args.check_tokens, p.tokens_per_rank)
+    )
     xc_TH, gc_TH = x_TH[:n_check], g_TH[:n_check]
     backward, tol = not args.fwd_only, tolerance(ctx.dtype)
 
@@ -280,7 +359,11 @@ def measure(ctx: Ctx, p: Point, vdev: VDev2d | None, ds_reason: str | None) -> d
         y, gx = fwd(run, xc_TH)
         err = max(rel_err(y, y_ref), rel_err(gx, gx_ref) if backward else 0.0)
         err = max(gather(ctx, err))
-        return (None if err <= tol else f"differs from transport='reference': rel err {err:.2e} > {tol:.0e}"), err
+        return (
+            None
+            if err <= tol
+            else f"differs from transport='reference': rel err {err:.2e} > {tol:.0e}"
+        ), err
 
     x_full = x_TH.detach().clone().requires_grad_(backward)
 
@@ -290,6 +373,7 @@ def measure(ctx: Ctx, p: Point, vdev: VDev2d | None, ds_reason: str | None) -> d
                 y = run(x_full)
                 if backward:
                     y.backward(g_TH)
+
         return step
 
     variants = {}
@@ -305,13 +389,22 @@ def measure(ctx: Ctx, p: Point, vdev: VDev2d | None, ds_reason: str | None) -> d
             variants[name] = {"status": "skipped", "reason": err}
             continue
         entry["resolved"] = layer.transport.name
-        alias = next((n for n, v in variants.items() if t == "auto" and v.get("resolved") == entry["resolved"]
-                      and v.get("status") == "ok"), None)
+        alias = next(
+            (
+                n
+                for n, v in variants.items()
+                if t == "auto"
+                and v.get("resolved") == entry["resolved"]
+                and v.get("status") == "ok"
+            ),
+            None,
+        )
         if alias:  # auto picked a transport this point already timed: same code, same numbers
             variants[name] = {**variants[alias], "same_as": alias}
             continue
-        variants[name] = entry | timed_variant(ctx, lambda x, layer=layer: layer(x).output, check, layer_step,
-                                               layer, x_TH, p)
+        variants[name] = entry | timed_variant(
+            ctx, lambda x, layer=layer: layer(x).output, check, layer_step, layer, x_TH, p
+        )
         del layer
 
     if "deepspeed" in args.peer_list:
@@ -323,8 +416,11 @@ def measure(ctx: Ctx, p: Point, vdev: VDev2d | None, ds_reason: str | None) -> d
             except Exception as e:  # noqa: BLE001
                 run, err = None, f"{type(e).__name__}: {e}"
             err = agree(ctx, err)
-            variants["deepspeed"] = ({"status": "skipped", "reason": err} if err else
-                                     timed_variant(ctx, run, check, layer_step, None, x_TH, p))
+            variants["deepspeed"] = (
+                {"status": "skipped", "reason": err}
+                if err
+                else timed_variant(ctx, run, check, layer_step, None, x_TH, p)
+            )
             del run
 
     if "a2a_vdev_2d" in args.peer_list:
@@ -333,8 +429,13 @@ def measure(ctx: Ctx, p: Point, vdev: VDev2d | None, ds_reason: str | None) -> d
     for v in variants.values():
         if "median_ms" in v:
             v["tokens_per_s"] = p.global_tokens / (v["median_ms"] / 1e3)
-    row = {**asdict(p), "dtype": str(ctx.dtype).replace("torch.", ""), "pass": "dispatch" if args.dispatch_only else "fwd" if args.fwd_only else "fwd_bwd",
-           "checked_tokens_per_rank": n_check, "variants": variants}
+    row = {
+        **asdict(p),
+        "dtype": str(ctx.dtype).replace("torch.", ""),
+        "pass": "dispatch" if args.dispatch_only else "fwd" if args.fwd_only else "fwd_bwd",
+        "checked_tokens_per_rank": n_check,
+        "variants": variants,
+    }
     row["speedup"] = speedups(variants)
     del ref
     gc.collect()
@@ -344,7 +445,8 @@ def measure(ctx: Ctx, p: Point, vdev: VDev2d | None, ds_reason: str | None) -> d
 
 
 def timed_variant(ctx: Ctx, run, check, layer_step, layer: MoELayer | None, x_TH, p: Point) -> dict:
-    """Check against the reference, then time the layer (unless --dispatch-only) and its dispatch."""
+    """Check against the reference, then time the layer (unless --dispatch-only) and its
+    dispatch."""
     try:
         err, rel = check(run)
         if layer is not None:
@@ -360,7 +462,9 @@ def timed_variant(ctx: Ctx, run, check, layer_step, layer: MoELayer | None, x_TH
     if layer is not None:
         with torch.no_grad():
             plan = layer.route(x_TH)
-            out["dispatch_ms"] = timed(ctx, lambda: layer.transport.dispatch(x_TH, plan))["median_ms"]
+            out["dispatch_ms"] = timed(ctx, lambda: layer.transport.dispatch(x_TH, plan))[
+                "median_ms"
+            ]
         layer.check_errors()
     return out
 
@@ -374,7 +478,7 @@ def vdev_variant(ctx: Ctx, vdev: VDev2d | None, p: Point, x_TH, ref: MoELayer, x
             ref_tok, ref_counts, _ = ref.transport.dispatch(xc_TH, plan)
             out, so = vdev.dispatch(xc_TH, plan, p)
             splits, offsets = so[0].tolist(), so[1].tolist()
-            rows = torch.cat([out[o:o + s] for s, o in zip(splits, offsets)])
+            rows = torch.cat([out[o : o + s] for s, o in zip(splits, offsets)])
             counts_G = torch.tensor(splits).view(-1, ctx.world).sum(1)
             ok = torch.equal(counts_G, ref_counts.cpu()) and torch.equal(rows, ref_tok)
             err = None if ok else "received rows differ from the reference dispatch"
@@ -385,9 +489,12 @@ def vdev_variant(ctx: Ctx, vdev: VDev2d | None, p: Point, x_TH, ref: MoELayer, x
         return {"status": "failed", "reason": err}
     with torch.no_grad():
         plan = ref.route(x_TH)
-        return {"status": "ok", "rel_err": 0.0,
-                "dispatch_ms": timed(ctx, lambda: vdev.dispatch(x_TH, plan, p))["median_ms"],
-                "exchange_only_ms": timed(ctx, lambda: vdev.exchange_only(p))["median_ms"]}
+        return {
+            "status": "ok",
+            "rel_err": 0.0,
+            "dispatch_ms": timed(ctx, lambda: vdev.dispatch(x_TH, plan, p))["median_ms"],
+            "exchange_only_ms": timed(ctx, lambda: vdev.exchange_only(p))["median_ms"],
+        }
 
 
 def speedups(variants: dict) -> dict:
@@ -398,16 +505,22 @@ def speedups(variants: dict) -> dict:
         return {}
     out = {"moe_dist": head}
     h = variants[head]
-    for peer, field in (("deepspeed", "median_ms"), ("moe_dist:collective", "median_ms"),
-                        ("a2a_vdev_2d", "dispatch_ms")):
+    for peer, field in (
+        ("deepspeed", "median_ms"),
+        ("moe_dist:collective", "median_ms"),
+        ("a2a_vdev_2d", "dispatch_ms"),
+    ):
         v = variants.get(peer, {})
-        same = peer == head or f"moe_dist:{h.get('resolved')}" == peer  # auto may be the peer itself
+        same = (
+            peer == head or f"moe_dist:{h.get('resolved')}" == peer
+        )  # auto may be the peer itself
         if not same and v.get("status") == "ok" and field in v and field in h:
             out[peer] = v[field] / h[field]
     return out
 
 
-# -- output -----------------------------------------------------------------------------------------------------
+# -- output
+# ------------------------------------------------------------------------------------------------
 def fmt_variant(v: dict | None, field: str = "median_ms") -> str:
     if not v:
         return "-"
@@ -419,19 +532,30 @@ def fmt_variant(v: dict | None, field: str = "median_ms") -> str:
 
 
 def table(rows: list[dict], variant_names: list[str]) -> str:
-    """One line per point: each variant's layer ms, then dispatch ms; columns nobody filled are left out."""
-    cols = [(f"{n.replace('moe_dist:', '')} ms", n, "median_ms") for n in variant_names] + \
-        [(f"disp {n.replace('moe_dist:', '')}", n, "dispatch_ms") for n in variant_names]
+    """One line per point: each variant's layer ms, then dispatch ms; columns nobody filled are left
+    out."""
+    cols = [(f"{n.replace('moe_dist:', '')} ms", n, "median_ms") for n in variant_names] + [
+        (f"disp {n.replace('moe_dist:', '')}", n, "dispatch_ms") for n in variant_names
+    ]
     cols = [c for c in cols if any(c[2] in r["variants"].get(c[1], {}) for r in rows)]
-    head = ["mode", "EP", "T/rank", "E", "K", "H"] + [c[0] for c in cols] + ["speedup of " + HEADLINE[0][9:] + " over"]
+    head = (
+        ["mode", "EP", "T/rank", "E", "K", "H"]
+        + [c[0] for c in cols]
+        + ["speedup of " + HEADLINE[0][9:] + " over"]
+    )
     lines = ["  ".join(f"{c:>9}" for c in head)]
     for r in rows:
         cells = [r["mode"], r["ep"], r["tokens_per_rank"], r["experts"], r["top_k"], r["hidden"]]
         cells += [fmt_variant(r["variants"].get(n), field) for _, n, field in cols]
-        sp = " ".join(f"{PEER_LABELS.get(k, k).split()[0]} {v:.2f}x" for k, v in r["speedup"].items()
-                      if k != "moe_dist")
+        sp = " ".join(
+            f"{PEER_LABELS.get(k, k).split()[0]} {v:.2f}x"
+            for k, v in r["speedup"].items()
+            if k != "moe_dist"
+        )
         lines.append("  ".join(f"{c!s:>9}" for c in cells) + "  " + sp)
-    reasons = {f"{n}: {v['reason']}" for r in rows for n, v in r["variants"].items() if v.get("reason")}
+    reasons = {
+        f"{n}: {v['reason']}" for r in rows for n, v in r["variants"].items() if v.get("reason")
+    }
     return "\n".join(lines + [f"  not timed - {why}" for why in sorted(reasons)])
 
 
@@ -443,34 +567,70 @@ def device_tag(device: torch.device) -> str:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--smoke", action="store_true", help="tiny CPU grid, seconds (CI)")
-    p.add_argument("--tokens", default="128,512,2048", help="tokens per rank (weak) and, without --global-tokens, "
-                   "global tokens (strong)")
-    p.add_argument("--global-tokens", default=None, help="global tokens for strong scaling (default: --tokens)")
+    p.add_argument(
+        "--tokens",
+        default="128,512,2048",
+        help="tokens per rank (weak) and, without --global-tokens, global tokens (strong)",
+    )
+    p.add_argument(
+        "--global-tokens", default=None, help="global tokens for strong scaling (default: --tokens)"
+    )
     p.add_argument("--experts", default="8,64")
     p.add_argument("--top-k", default="2,8")
     p.add_argument("--hidden", default="2048")
     p.add_argument("--ffn", default="1408")
     p.add_argument("--transports", default="local,collective,nvshmem,auto")
-    p.add_argument("--peers", default="deepspeed,a2a_vdev_2d", help="subset of deepspeed,a2a_vdev_2d, or none")
+    p.add_argument(
+        "--peers", default="deepspeed,a2a_vdev_2d", help="subset of deepspeed,a2a_vdev_2d, or none"
+    )
     p.add_argument("--mode", choices=("weak", "strong", "both"), default="weak")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--fwd-bwd", dest="fwd_only", action="store_false", help="time forward + backward (default)")
-    g.add_argument("--fwd-only", dest="fwd_only", action="store_true", help="time forward only (no grad)")
-    g.add_argument("--dispatch-only", action="store_true", help="time only dispatch (transports and a2a_vdev_2d)")
+    g.add_argument(
+        "--fwd-bwd", dest="fwd_only", action="store_false", help="time forward + backward (default)"
+    )
+    g.add_argument(
+        "--fwd-only", dest="fwd_only", action="store_true", help="time forward only (no grad)"
+    )
+    g.add_argument(
+        "--dispatch-only",
+        action="store_true",
+        help="time only dispatch (transports and a2a_vdev_2d)",
+    )
     p.set_defaults(fwd_only=False)
-    p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument(
+        "--dtype",
+        choices=("auto",) + tuple(DTYPES),
+        default="auto",
+        help="auto: bf16 on GPU, fp32 on CPU",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--check-tokens", type=int, default=512,
-                   help="tokens per rank checked against the reference transport (0 = all)")
+    p.add_argument(
+        "--check-tokens",
+        type=int,
+        default=512,
+        help="tokens per rank checked against the reference transport (0 = all)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default=None, help="process-group backend (gloo for several PEs sharing one GPU)")
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="process-group backend (gloo for several PEs sharing one GPU)",
+    )
     p.add_argument("--out", default=None, help="directory for the JSON (e.g. benchmarks/results)")
-    p.add_argument("--name", default=None, help="JSON file name without .json "
-                   "(default sweep_ep<N>_<device>[_shared][_dispatch][_smoke]; _shared: several PEs on one GPU)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help=(
+            "JSON file name without .json (default"
+            " sweep_ep<N>_<device>[_shared][_dispatch][_smoke]; _shared: several PEs on one GPU)"
+        ),
+    )
     args = p.parse_args(argv)
     if args.smoke:
         for k, v in SMOKE.items():
@@ -483,14 +643,18 @@ def parse(argv=None):
 
 def setup(args) -> tuple[int, int, torch.device]:
     from moe_dist.parallel import init_distributed
+
     want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if want_cuda and world > torch.cuda.device_count() and args.backend != "gloo":
-        raise SystemExit(f"{world} processes share {torch.cuda.device_count()} GPU(s): NCCL refuses two ranks on "
-                         "one GPU; pass --backend gloo (the nvshmem transport still moves data through NVSHMEM)")
+        raise SystemExit(
+            f"{world} processes share {torch.cuda.device_count()} GPU(s): NCCL refuses two ranks on"
+            " one GPU; pass --backend gloo (the nvshmem transport still moves data through"
+            " NVSHMEM)"
+        )
     backend = args.backend or (None if want_cuda else "gloo")
     rank, world, _ = init_distributed(backend=backend, timeout_s=180.0)
     if want_cuda:
@@ -505,29 +669,40 @@ def main(argv=None) -> dict:
     args = parse(argv)
     t0 = time.perf_counter()
     rank, world, device = setup(args)
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype != "auto"
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
     points = grid(args, world)
     runnable = [p for p in points if isinstance(p, Point)]
     max_tokens = max([p.tokens_per_rank for p in runnable] or [1])
     ctx = Ctx(rank, world, device, dtype, ParallelGroups(ep_size=world), args, max_tokens)
 
     nvshmem_reason = nvshmem_unavailable_reason(device)
-    nvshmem4py_in_use = nvshmem_reason is None and ("nvshmem" in args.transport_list or
-                                                    ("auto" in args.transport_list and world > 1))
+    nvshmem4py_in_use = nvshmem_reason is None and (
+        "nvshmem" in args.transport_list or ("auto" in args.transport_list and world > 1)
+    )
     unavailable = {"nvshmem": nvshmem_reason}
     try:
         import deepspeed  # noqa: F401
+
         unavailable["deepspeed"] = None
     except ImportError as e:
-        unavailable["deepspeed"] = f"deepspeed is not importable ({e}); pip install deepspeed==0.19.8"
+        unavailable["deepspeed"] = (
+            f"deepspeed is not importable ({e}); pip install deepspeed==0.19.8"
+        )
     vdev = None
     if "a2a_vdev_2d" in args.peer_list:
         vdev = VDev2d(ctx, vdev_unavailable_reason(device, nvshmem4py_in_use))
         unavailable["a2a_vdev_2d"] = vdev.reason
     if rank == 0:
-        print(f"sweep: EP={world} on {device} ({dtype}), {len(runnable)} points of {len(points)}, "
-              f"{'dispatch only' if args.dispatch_only else 'fwd' if args.fwd_only else 'fwd+bwd'}; "
-              + "; ".join(f"{k} unavailable: {v}" for k, v in unavailable.items() if v), flush=True)
+        print(
+            f"sweep: EP={world} on {device} ({dtype}), {len(runnable)} points of {len(points)}, "
+            f"{'dispatch only' if args.dispatch_only else 'fwd' if args.fwd_only else 'fwd+bwd'}; "
+            + "; ".join(f"{k} unavailable: {v}" for k, v in unavailable.items() if v),
+            flush=True,
+        )
 
     rows, weak_rows = [], {}
     for i, p in enumerate(points, 1):
@@ -537,40 +712,82 @@ def main(argv=None) -> dict:
             continue
         key = (p.tokens_per_rank, p.experts, p.top_k, p.hidden, p.ffn)
         if p.mode == "strong" and world == 1 and key in weak_rows:
-            row = {**weak_rows[key], "mode": "strong", "same_as": "weak (at EP=1 strong and weak scaling coincide)"}
+            row = {
+                **weak_rows[key],
+                "mode": "strong",
+                "same_as": "weak (at EP=1 strong and weak scaling coincide)",
+            }
         else:
             row = measure(ctx, p, vdev, unavailable.get("deepspeed"))
         if p.mode == "weak":
             weak_rows[key] = row
         rows.append(row)
         if rank == 0:
-            cells = "  ".join(f"{n.replace('moe_dist:', '')} "
-                              f"{fmt_variant(v, 'median_ms' if 'median_ms' in v else 'dispatch_ms')}"
-                              for n, v in row["variants"].items() if v.get("status") != "skipped")
-            print(f"[{i}/{len(points)}] {p.mode} EP={world} T={p.tokens_per_rank} E={p.experts} K={p.top_k} "
-                  f"H={p.hidden}: {cells} ms  ({time.perf_counter() - t0:.1f} s)", flush=True)
+            cells = "  ".join(
+                f"{n.replace('moe_dist:', '')} "
+                f"{fmt_variant(v, 'median_ms' if 'median_ms' in v else 'dispatch_ms')}"
+                for n, v in row["variants"].items()
+                if v.get("status") != "skipped"
+            )
+            print(
+                f"[{i}/{len(points)}] {p.mode} EP={world} T={p.tokens_per_rank} E={p.experts}"
+                f" K={p.top_k} H={p.hidden}: {cells} ms  ({time.perf_counter() - t0:.1f} s)",
+                flush=True,
+            )
 
     measured = [r for r in rows if "variants" in r]
     variant_names = list(dict.fromkeys(n for r in measured for n in r["variants"]))
     payload = {
-        "benchmark": "sweep", "smoke": args.smoke, "ep_size": world, "world_size": world,
-        "backend": dist.get_backend(), "device_kind": device.type,
-        "note": ("several PEs share one GPU (time-sliced): correctness-grade timings"
-                 if device.type == "cuda" and world > torch.cuda.device_count() else None),
-        "config": {k: getattr(args, k) for k in ("tokens", "global_tokens", "experts", "top_k", "hidden", "ffn",
-                                                 "transports", "peers",
-                                                 "mode", "fwd_only", "dispatch_only", "iters", "warmup",
-                                                 "check_tokens", "seed")} | {"dtype": str(dtype)},
-        "unavailable": unavailable, "peer_labels": PEER_LABELS, "elapsed_s": time.perf_counter() - t0,
+        "benchmark": "sweep",
+        "smoke": args.smoke,
+        "ep_size": world,
+        "world_size": world,
+        "backend": dist.get_backend(),
+        "device_kind": device.type,
+        "note": (
+            "several PEs share one GPU (time-sliced): correctness-grade timings"
+            if device.type == "cuda" and world > torch.cuda.device_count()
+            else None
+        ),
+        "config": {
+            k: getattr(args, k)
+            for k in (
+                "tokens",
+                "global_tokens",
+                "experts",
+                "top_k",
+                "hidden",
+                "ffn",
+                "transports",
+                "peers",
+                "mode",
+                "fwd_only",
+                "dispatch_only",
+                "iters",
+                "warmup",
+                "check_tokens",
+                "seed",
+            )
+        } | {"dtype": str(dtype)},
+        "unavailable": unavailable,
+        "peer_labels": PEER_LABELS,
+        "elapsed_s": time.perf_counter() - t0,
         "results": rows,
     }
     if rank == 0:
         print(table(measured, variant_names))
-        name = args.name or (f"sweep_ep{world}_{device_tag(device)}" + ("_shared" if payload["note"] else "")
-                             + ("_dispatch" if args.dispatch_only else "") + ("_smoke" if args.smoke else ""))
+        name = args.name or (
+            f"sweep_ep{world}_{device_tag(device)}"
+            + ("_shared" if payload["note"] else "")
+            + ("_dispatch" if args.dispatch_only else "")
+            + ("_smoke" if args.smoke else "")
+        )
         path = save_results(name, payload, args.out)
-        print(f"{len(measured)} points in {payload['elapsed_s']:.1f} s" + (f"; wrote {path}" if path else ""),
-              flush=True)
+        print(
+            f"{len(measured)} points in {payload['elapsed_s']:.1f} s"
+            + (f"; wrote {path}" if path else ""),
+            flush=True,
+        )
     if world > 1:
         dist.barrier()
     return payload

@@ -1,5 +1,5 @@
-"""Training throughput of the example MoE language model: moe_dist's MoELayer vs DeepSpeed's MoE layer
-(deepspeed.moe.layer.MoE) in the same model, one process, same config, same batch.
+"""Training throughput of the example MoE language model: moe_dist's MoELayer vs DeepSpeed's MoE
+layer (deepspeed.moe.layer.MoE) in the same model, one process, same config, same batch.
 
 Each variant runs full training steps (forward, backward, AdamW step) on one fixed batch; timing is
 benchmarks.common.time_ms (CUDA events around each step after warm-up; the median is reported), and
@@ -8,9 +8,10 @@ capacity_factor=None, DeepSpeed with drop_tokens=False (it pads every expert to 
 deterministic top-k gating (no noisy gate, no second-expert sampling, no random token selection),
 SwiGLU experts of the same width, and the same aux-loss coefficient.
 
-    python benchmarks/train_throughput.py --out benchmarks/results       # GPU: bf16, the configs below
-    python benchmarks/train_throughput.py --smoke                        # CPU, seconds (CI)
+    python benchmarks/train_throughput.py --out benchmarks/results       # GPU: bf16, the configs
+    below python benchmarks/train_throughput.py --smoke                        # CPU, seconds (CI)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,19 +23,28 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import environment, init_single_process_group, save_results, time_ms  # noqa: E402
+from benchmarks.common import (
+    environment,
+    init_single_process_group,
+    save_results,
+    time_ms,
+)  # noqa: E402
 from moe_dist import MoEConfig  # noqa: E402
 from moe_dist.lm import ModelConfig, MoETransformer  # noqa: E402
 
-# name: model shape, MoE shape, batch. "mixtral-like" and "fine-grained" follow DESIGN.md's peer table
-# (scaled to a whole model that fits one GPU).
+# name: model shape, MoE shape, batch. "mixtral-like" and "fine-grained" follow DESIGN.md's peer
+# table (scaled to a whole model that fits one GPU).
 CONFIGS = {
-    "mixtral-like": dict(d_model=2048, n_layers=4, n_heads=16, seq=1024, batch=8,
-                         experts=8, ffn=7168, top_k=2),
-    "fine-grained": dict(d_model=2048, n_layers=4, n_heads=16, seq=1024, batch=8,
-                         experts=64, ffn=1408, top_k=2),
+    "mixtral-like": dict(
+        d_model=2048, n_layers=4, n_heads=16, seq=1024, batch=8, experts=8, ffn=7168, top_k=2
+    ),
+    "fine-grained": dict(
+        d_model=2048, n_layers=4, n_heads=16, seq=1024, batch=8, experts=64, ffn=1408, top_k=2
+    ),
 }
-SMOKE = {"smoke": dict(d_model=32, n_layers=2, n_heads=2, seq=32, batch=4, experts=4, ffn=48, top_k=2)}
+SMOKE = {
+    "smoke": dict(d_model=32, n_layers=2, n_heads=2, seq=32, batch=4, experts=4, ffn=48, top_k=2)
+}
 AUX_LOSS_COEF = 1e-2
 
 
@@ -52,17 +62,29 @@ class SwiGLUExpert(nn.Module):
 
 
 class DeepSpeedMoEFFN(nn.Module):
-    """deepspeed.moe.layer.MoE with moe_dist's return convention: (output, scaled aux loss, counts)."""
+    """deepspeed.moe.layer.MoE with moe_dist's return convention: (output, scaled aux loss,
+    counts)."""
 
     def __init__(self, c: dict):
         super().__init__()
         import deepspeed
         import torch.distributed as dist
         from deepspeed.moe.layer import MoE
-        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing process group
-        self.moe = MoE(c["d_model"], SwiGLUExpert(c["d_model"], c["ffn"]), num_experts=c["experts"], ep_size=1,
-                       k=c["top_k"], drop_tokens=False, use_rts=False, noisy_gate_policy=None,
-                       top2_2nd_expert_sampling=False)
+
+        deepspeed.init_distributed(
+            dist_backend=dist.get_backend()
+        )  # adopts the existing process group
+        self.moe = MoE(
+            c["d_model"],
+            SwiGLUExpert(c["d_model"], c["ffn"]),
+            num_experts=c["experts"],
+            ep_size=1,
+            k=c["top_k"],
+            drop_tokens=False,
+            use_rts=False,
+            noisy_gate_policy=None,
+            top2_2nd_expert_sampling=False,
+        )
         self.moe.set_deepspeed_parallelism()  # the engine would call it; there is no engine here
 
     def forward(self, x):
@@ -72,9 +94,18 @@ class DeepSpeedMoEFFN(nn.Module):
 
 def build(variant: str, c: dict, device, dtype) -> MoETransformer:
     torch.manual_seed(0)
-    model_cfg = ModelConfig(d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"], max_seq_len=c["seq"])
-    moe_cfg = MoEConfig(hidden_size=c["d_model"], ffn_hidden_size=c["ffn"], num_experts=c["experts"],
-                        top_k=c["top_k"], aux_loss_coef=AUX_LOSS_COEF, capacity_factor=None, transport="auto")
+    model_cfg = ModelConfig(
+        d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"], max_seq_len=c["seq"]
+    )
+    moe_cfg = MoEConfig(
+        hidden_size=c["d_model"],
+        ffn_hidden_size=c["ffn"],
+        num_experts=c["experts"],
+        top_k=c["top_k"],
+        aux_loss_coef=AUX_LOSS_COEF,
+        capacity_factor=None,
+        transport="auto",
+    )
     factory = (lambda i: DeepSpeedMoEFFN(c)) if variant == "deepspeed" else None
     return MoETransformer(model_cfg, moe_cfg, moe_factory=factory).to(device=device, dtype=dtype)
 
@@ -93,8 +124,12 @@ def measure(variant: str, c: dict, device, dtype, warmup: int, iters: int) -> di
 
     timing = time_ms(train_step, warmup=warmup, iters=iters)
     tokens = c["batch"] * c["seq"]
-    result = {**timing, "tokens_per_s": tokens / (timing["median_ms"] / 1e3), "tokens_per_step": tokens,
-              "parameters": sum(p.numel() for p in model.parameters())}
+    result = {
+        **timing,
+        "tokens_per_s": tokens / (timing["median_ms"] / 1e3),
+        "tokens_per_step": tokens,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
@@ -107,10 +142,13 @@ def main(argv=None) -> dict:
     p.add_argument("--configs", default=None, help=f"comma-separated subset of {sorted(CONFIGS)}")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--out", default=None, help="directory for train_throughput.json (e.g. benchmarks/results)")
+    p.add_argument(
+        "--out", default=None, help="directory for train_throughput.json (e.g. benchmarks/results)"
+    )
     args = p.parse_args(argv)
 
-    init_single_process_group()  # DeepSpeed's MoE layer wants torch.distributed, even for one process
+    # DeepSpeed's MoE layer wants torch.distributed, even for one process
+    init_single_process_group()
     on_gpu = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda") if on_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -129,14 +167,27 @@ def main(argv=None) -> dict:
         for variant in ("moe_dist", "deepspeed"):
             r = measure(variant, c, device, dtype, warmup, iters)
             results[name][variant] = r
-            print(f"{name:>13} {variant:>9}: {r['median_ms']:9.2f} ms/step  {r['tokens_per_s']:>12,.0f} tokens/s",
-                  flush=True)
-        speedup = results[name]["moe_dist"]["tokens_per_s"] / results[name]["deepspeed"]["tokens_per_s"]
+            print(
+                f"{name:>13} {variant:>9}: {r['median_ms']:9.2f} ms/step "
+                f" {r['tokens_per_s']:>12,.0f} tokens/s",
+                flush=True,
+            )
+        speedup = (
+            results[name]["moe_dist"]["tokens_per_s"] / results[name]["deepspeed"]["tokens_per_s"]
+        )
         results[name]["moe_dist_speedup"] = speedup
         print(f"{name:>13}   moe_dist / deepspeed tokens/s = {speedup:.2f}x", flush=True)
-    payload = {"benchmark": "train_throughput", "dtype": str(dtype).replace("torch.", ""), "warmup": warmup,
-               "iters": iters, "aux_loss_coef": AUX_LOSS_COEF, "results": results}
-    path = save_results("train_throughput_smoke" if args.smoke else "train_throughput", payload, args.out)
+    payload = {
+        "benchmark": "train_throughput",
+        "dtype": str(dtype).replace("torch.", ""),
+        "warmup": warmup,
+        "iters": iters,
+        "aux_loss_coef": AUX_LOSS_COEF,
+        "results": results,
+    }
+    path = save_results(
+        "train_throughput_smoke" if args.smoke else "train_throughput", payload, args.out
+    )
     if path is not None:
         print(f"wrote {path}")
     return {"environment": environment(), **payload}

@@ -1,8 +1,10 @@
-"""Dispatch and combine latency and bandwidth: nvshmem against collective (all_to_all_single) in one run.
+"""Dispatch and combine latency and bandwidth: nvshmem against collective (all_to_all_single) in one
+run.
 
     python benchmarks/transport.py --out benchmarks/results                     # one GPU, one PE
-    torchrun --nproc-per-node 2 benchmarks/transport.py --backend gloo ...      # PEs sharing one GPU (correctness-grade timings)
-    python benchmarks/transport.py --smoke                                      # CPU: collective only (CI)
+    torchrun --nproc-per-node 2 benchmarks/transport.py --backend gloo ...      # PEs sharing one
+    GPU (correctness-grade timings) python benchmarks/transport.py --smoke
+    # CPU: collective only (CI)
 
 With several PEs, `nvshmem_put` is the nvshmem transport with every peer on the put-with-signal path
 (nvshmem_peer_path="put"), the path taken for peers without a P2P route.
@@ -12,6 +14,7 @@ writes S rows, combine reads S expert rows and writes them back to their owners,
 bytes = 4 * S * hidden * itemsize, the same read+write convention as the device copy bandwidth
 measured in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,28 +43,43 @@ def copy_bandwidth_gbs(device) -> float:
 def random_plan(T, E, K, device, gen) -> RoutingPlan:
     idx = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :K].to(device)
     w = torch.rand(T, K, generator=gen).to(device)
-    counts = torch.zeros(E, dtype=torch.int64, device=device).scatter_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
-    return RoutingPlan(idx, w / w.sum(1, keepdim=True), counts, torch.zeros((), device=device),
-                       torch.zeros((), dtype=torch.int64, device=device), False)
+    counts = torch.zeros(E, dtype=torch.int64, device=device).scatter_add_(
+        0, idx.reshape(-1), torch.ones_like(idx.reshape(-1))
+    )
+    return RoutingPlan(
+        idx,
+        w / w.sum(1, keepdim=True),
+        counts,
+        torch.zeros((), device=device),
+        torch.zeros((), dtype=torch.int64, device=device),
+        False,
+    )
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--tokens", default="128,4096")
     p.add_argument("--hidden", default="2048,7168")
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--backend", default=None, help="process-group backend (gloo for several PEs on one GPU)")
+    p.add_argument(
+        "--backend", default=None, help="process-group backend (gloo for several PEs on one GPU)"
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.smoke:
         args.tokens, args.hidden, args.iters = "16", "32", 2
     from moe_dist.parallel import init_distributed
+
     rank, world, device = init_distributed(backend=args.backend)
     if torch.cuda.is_available() and not args.smoke:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        device = torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        )
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -73,11 +91,16 @@ def main(argv=None):
     if reason is None:
         from moe_dist import MoEConfig
         from moe_dist.transport.nvshmem.transport import NvshmemTransport
+
         max_t = max(int(t) for t in args.tokens.split(","))
-        cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=E, top_k=K, max_tokens_per_rank=max_t)
+        cfg = MoEConfig(
+            hidden_size=8, ffn_hidden_size=8, num_experts=E, top_k=K, max_tokens_per_rank=max_t
+        )
         transports["nvshmem"] = NvshmemTransport(E, groups, device, cfg)
         if world > 1:  # the put-with-signal path (for peers without P2P), forced for every peer
-            transports["nvshmem_put"] = NvshmemTransport(E, groups, device, cfg.replace(nvshmem_peer_path="put"))
+            transports["nvshmem_put"] = NvshmemTransport(
+                E, groups, device, cfg.replace(nvshmem_peer_path="put")
+            )
     elif rank == 0:
         print(f"nvshmem skipped: {reason}")
     copy_gbs = copy_bandwidth_gbs(device) if device.type == "cuda" else None
@@ -101,30 +124,54 @@ def main(argv=None):
                     d = time_ms(lambda: tr.dispatch(x, plan), warmup=3, iters=args.iters)
                     dc = time_ms(lambda: _round_trip(tr, x, plan), warmup=3, iters=args.iters)
                 moved = 4 * T * K * H * x.element_size()
-                row[name] = {"dispatch_ms": d["median_ms"], "dispatch_combine_ms": dc["median_ms"],
-                             "GBps": moved / dc["median_ms"] / 1e6}
-                if name.startswith("nvshmem") and device.type == "cuda":  # no host sync: it can be captured
-                    row[name]["dispatch_combine_graph_ms"] = _graph_round_trip_ms(tr, x, plan, args.iters)
+                row[name] = {
+                    "dispatch_ms": d["median_ms"],
+                    "dispatch_combine_ms": dc["median_ms"],
+                    "GBps": moved / dc["median_ms"] / 1e6,
+                }
+                if (
+                    name.startswith("nvshmem") and device.type == "cuda"
+                ):  # no host sync: it can be captured
+                    row[name]["dispatch_combine_graph_ms"] = _graph_round_trip_ms(
+                        tr, x, plan, args.iters
+                    )
                 if copy_gbs:
                     row[name]["fraction_of_copy_bw"] = row[name]["GBps"] / copy_gbs
             rows.append(row)
             if rank == 0:
-                print(f"T={T:5d} H={H:5d} k={K} PEs={world}: " + "  ".join(
-                    f"{n}: dispatch {row[n]['dispatch_ms']:.3f} ms, d+c {row[n]['dispatch_combine_ms']:.3f} ms"
-                    + (f" (graph {row[n]['dispatch_combine_graph_ms']:.3f})"
-                       if "dispatch_combine_graph_ms" in row[n] else "")
-                    + ", "
-                    f"{row[n]['GBps']:.0f} GB/s" + (f" ({row[n]['fraction_of_copy_bw']:.0%} of copy)" if copy_gbs else "")
-                    for n in transports), flush=True)
+                print(
+                    f"T={T:5d} H={H:5d} k={K} PEs={world}: "
+                    + "  ".join(
+                        f"{n}: dispatch {row[n]['dispatch_ms']:.3f} ms, d+c"
+                        f" {row[n]['dispatch_combine_ms']:.3f} ms"
+                        + (
+                            f" (graph {row[n]['dispatch_combine_graph_ms']:.3f})"
+                            if "dispatch_combine_graph_ms" in row[n]
+                            else ""
+                        )
+                        + f", {row[n]['GBps']:.0f} GB/s"
+                        + (f" ({row[n]['fraction_of_copy_bw']:.0%} of copy)" if copy_gbs else "")
+                        for n in transports
+                    ),
+                    flush=True,
+                )
     if rank == 0:
         print(f"device copy bandwidth (read+write): {copy_gbs} GB/s")
         gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-        note = ("one PE: all traffic local" if world == 1 else
-                "several PEs on one GPU are time-sliced: correctness-grade timings" if gpus < world else
-                "one PE per GPU, peers over NVLink")
-        save_results(f"transport_{world}pe" + ("_smoke" if args.smoke else ""),
-                     {"copy_bandwidth_GBps": copy_gbs, "gpus": gpus, "note": note, "results": rows},
-                     args.out)
+        note = (
+            "one PE: all traffic local"
+            if world == 1
+            else (
+                "several PEs on one GPU are time-sliced: correctness-grade timings"
+                if gpus < world
+                else "one PE per GPU, peers over NVLink"
+            )
+        )
+        save_results(
+            f"transport_{world}pe" + ("_smoke" if args.smoke else ""),
+            {"copy_bandwidth_GBps": copy_gbs, "gpus": gpus, "note": note, "results": rows},
+            args.out,
+        )
     dist.barrier()
 
 
@@ -134,8 +181,8 @@ def _round_trip(tr, x, plan):
 
 
 def _graph_round_trip_ms(tr, x, plan, iters) -> float:
-    """Dispatch+combine captured in a CUDA graph and replayed: the GPU time without Python's launch cost
-    (a round trip is two calls, so replays keep the buffer parity in step on every PE)."""
+    """Dispatch+combine captured in a CUDA graph and replayed: the GPU time without Python's launch
+    cost (a round trip is two calls, so replays keep the buffer parity in step on every PE)."""
     with torch.no_grad():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -1,4 +1,5 @@
 """moe_dist: an expert-parallel Mixture-of-Experts runtime for PyTorch."""
+
 from .config import MoEConfig
 from .errors import BufferOverflow, MoERuntimeError, NonFiniteRouterLogits, PeerTimeout
 from .layer import MoELayer, MoEOutput, is_expert_param
@@ -7,16 +8,32 @@ from .parallel import ParallelGroups, init_distributed
 __version__ = "0.1.0"
 
 # Heavier parts load on first use, so `import moe_dist` stays light and optional deps stay optional.
-_LAZY = {"clip_grad_norm_": ("moe_dist.training.clip", "clip_grad_norm_"),
-         "RoutingTelemetry": ("moe_dist.extensions.telemetry", "RoutingTelemetry")}
+_LAZY = {
+    "clip_grad_norm_": ("moe_dist.training.clip", "clip_grad_norm_"),
+    "RoutingTelemetry": ("moe_dist.extensions.telemetry", "RoutingTelemetry"),
+}
 
 
 def __getattr__(name):
     if name in _LAZY:
         import importlib
+
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'moe_dist' has no attribute {name!r}")
 
-__all__ = ["BufferOverflow", "MoEConfig", "MoELayer", "MoEOutput", "MoERuntimeError", "NonFiniteRouterLogits",
-           "ParallelGroups", "PeerTimeout", "RoutingTelemetry", "clip_grad_norm_", "init_distributed", "is_expert_param"]
+
+__all__ = [
+    "BufferOverflow",
+    "MoEConfig",
+    "MoELayer",
+    "MoEOutput",
+    "MoERuntimeError",
+    "NonFiniteRouterLogits",
+    "ParallelGroups",
+    "PeerTimeout",
+    "RoutingTelemetry",
+    "clip_grad_norm_",
+    "init_distributed",
+    "is_expert_param",
+]

@@ -1,4 +1,5 @@
 """MoEConfig: every knob of one MoE layer, validated at construction. Reads no environment."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -17,7 +18,8 @@ class MoEConfig:
     num_experts: int
     top_k: int = 2
 
-    # Shared (always-on) experts, DeepSeekMoE style: one dense FFN of num_shared_experts * shared size.
+    # Shared (always-on) experts, DeepSeekMoE style: one dense FFN of num_shared_experts * shared
+    # size.
     num_shared_experts: int = 0
     shared_ffn_hidden_size: int | None = None  # None: ffn_hidden_size
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x @ w_gate) scales the shared output
@@ -41,25 +43,43 @@ class MoEConfig:
     num_chunks: int = 1  # >1: pipeline dispatch / experts / combine over token chunks (overlap)
     shared_expert_overlap: bool = True  # CUDA: shared experts on a side stream while tokens travel
     max_tokens_per_rank: int = 16384  # sizes the nvshmem transport's symmetric buffers
-    nvshmem_recv_capacity: int | None = None  # rows a PE can receive; None = worst case (see README)
-    nvshmem_peer_path: str = "auto"  # "auto": loads/stores to P2P peers, put-with-signal to others; "p2p"; "put"
+    nvshmem_recv_capacity: int | None = (
+        None  # rows a PE can receive; None = worst case (see README)
+    )
+    nvshmem_peer_path: str = (
+        "auto"  # "auto": loads/stores to P2P peers, put-with-signal to others; "p2p"; "put"
+    )
     peer_timeout_s: float = 60.0  # nvshmem: a wait longer than this records a PeerTimeout error
     check_finite: bool = True  # NaN/Inf router logits raise instead of routing garbage
-    error_check: str = "eager"  # "deferred": record errors on device, raise at the next check (no sync)
+    error_check: str = (
+        "eager"  # "deferred": record errors on device, raise at the next check (no sync)
+    )
     init_seed_offset: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "num_expert_groups",
-                     "topk_groups", "num_chunks", "max_tokens_per_rank"):
+        for name in (
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_experts",
+            "top_k",
+            "num_expert_groups",
+            "topk_groups",
+            "num_chunks",
+            "max_tokens_per_rank",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(self.shared_expert_overlap, bool):
-            raise ValueError(f"shared_expert_overlap must be a bool, got {self.shared_expert_overlap!r}")
+            raise ValueError(
+                f"shared_expert_overlap must be a bool, got {self.shared_expert_overlap!r}"
+            )
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
         if self.shared_ffn_hidden_size is not None and self.shared_ffn_hidden_size < 1:
-            raise ValueError(f"shared_ffn_hidden_size must be >= 1, got {self.shared_ffn_hidden_size}")
+            raise ValueError(
+                f"shared_ffn_hidden_size must be >= 1, got {self.shared_ffn_hidden_size}"
+            )
         _one_of("router", self.router, ROUTERS)
         _one_of("activation", self.activation, ACTIVATIONS)
         _one_of("transport", self.transport, TRANSPORTS)
@@ -68,28 +88,40 @@ class MoEConfig:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         if self.num_experts % self.num_expert_groups:
-            raise ValueError(f"num_experts ({self.num_experts}) must be divisible by "
-                             f"num_expert_groups ({self.num_expert_groups})")
+            raise ValueError(
+                f"num_experts ({self.num_experts}) must be divisible by "
+                f"num_expert_groups ({self.num_expert_groups})"
+            )
         if self.topk_groups > self.num_expert_groups:
-            raise ValueError(f"topk_groups ({self.topk_groups}) must be <= "
-                             f"num_expert_groups ({self.num_expert_groups})")
+            raise ValueError(
+                f"topk_groups ({self.topk_groups}) must be <= "
+                f"num_expert_groups ({self.num_expert_groups})"
+            )
         experts_reachable = self.topk_groups * (self.num_experts // self.num_expert_groups)
         if self.top_k > experts_reachable:
-            raise ValueError(f"top_k ({self.top_k}) exceeds the {experts_reachable} experts reachable "
-                             f"in topk_groups ({self.topk_groups}) groups of "
-                             f"{self.num_experts // self.num_expert_groups}")
+            raise ValueError(
+                f"top_k ({self.top_k}) exceeds the {experts_reachable} experts reachable "
+                f"in topk_groups ({self.topk_groups}) groups of "
+                f"{self.num_experts // self.num_expert_groups}"
+            )
         if self.router == "group_limited" and self.num_expert_groups == 1:
             raise ValueError("router='group_limited' needs num_expert_groups > 1")
         if self.nvshmem_recv_capacity is not None and self.nvshmem_recv_capacity < 1:
-            raise ValueError(f"nvshmem_recv_capacity must be >= 1 or None, got {self.nvshmem_recv_capacity}")
+            raise ValueError(
+                f"nvshmem_recv_capacity must be >= 1 or None, got {self.nvshmem_recv_capacity}"
+            )
         if self.nvshmem_peer_path not in ("auto", "p2p", "put"):
-            raise ValueError(f"nvshmem_peer_path must be 'auto', 'p2p' or 'put', got {self.nvshmem_peer_path!r}")
+            raise ValueError(
+                f"nvshmem_peer_path must be 'auto', 'p2p' or 'put', got {self.nvshmem_peer_path!r}"
+            )
         if not self.peer_timeout_s > 0:
             raise ValueError(f"peer_timeout_s must be > 0, got {self.peer_timeout_s}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
+            raise ValueError(
+                f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}"
+            )
         for name in ("aux_loss_coef", "z_loss_coef", "router_bias_update_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -3,6 +3,7 @@
 A no-sync path (CUDA-graph capture, the nvshmem transport) cannot raise from inside a kernel, so it
 ORs a bit into a small device tensor; `check()` reads it at a point where the host waits anyway and
 raises naming the layer, the step and what went wrong."""
+
 from __future__ import annotations
 
 import torch
@@ -29,22 +30,30 @@ BUFFER_OVERFLOW = 2
 PEER_TIMEOUT = 4
 _MESSAGES = {
     NONFINITE_LOGITS: (NonFiniteRouterLogits, "router logits contained NaN or Inf"),
-    BUFFER_OVERFLOW: (BufferOverflow, "more tokens were routed than the transport's receive buffer holds"),
+    BUFFER_OVERFLOW: (
+        BufferOverflow,
+        "more tokens were routed than the transport's receive buffer holds",
+    ),
     PEER_TIMEOUT: (PeerTimeout, "a peer's signal did not arrive before the timeout"),
 }
 
 
 class DeviceErrorFlags:
-    """int32 words on the device: word 0 holds error bits, word 1 the step, word 2 a detail (e.g. peer)."""
+    """int32 words on the device: word 0 holds error bits, word 1 the step, word 2 a detail (e.g.
+    peer)."""
 
     def __init__(self, layer_name: str, device: torch.device | str):
         self.layer_name = layer_name
         self.words = torch.zeros(3, dtype=torch.int32, device=device)
 
-    def record(self, code: int, failed: torch.Tensor, step: int, detail: torch.Tensor | int = -1) -> None:
+    def record(
+        self, code: int, failed: torch.Tensor, step: int, detail: torch.Tensor | int = -1
+    ) -> None:
         """Sets `code` where the 0-dim bool tensor `failed` is true. Stays on the device."""
         failed = failed.to(torch.int32)
-        first = failed * (self.words[0] == 0).to(torch.int32)  # keep the first error's step and detail
+        first = failed * (self.words[0] == 0).to(
+            torch.int32
+        )  # keep the first error's step and detail
         self.words[0] |= failed * code
         self.words[1] += first * (step - self.words[1])
         self.words[2] += first * (detail - self.words[2])  # int or device tensor: no host copy

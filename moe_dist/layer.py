@@ -1,8 +1,9 @@
 """MoELayer: route -> dispatch -> experts -> combine (+ shared experts). Knows no process group:
 where tokens travel is its transport's business (transport/), which ranks exist is parallel/'s.
 
-Legend: T tokens on this rank, H hidden, E experts, K slots per token, M rows received by local experts.
-"""
+Legend: T tokens on this rank, H hidden, E experts, K slots per token, M rows received by local
+experts. """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -20,66 +21,101 @@ from .transport import build_transport
 
 class MoEOutput(NamedTuple):
     output: torch.Tensor  # same shape as the input
-    aux_loss: torch.Tensor  # scalar, already scaled by the coefficients; add it to the training loss
+    aux_loss: (
+        torch.Tensor
+    )  # scalar, already scaled by the coefficients; add it to the training loss
     tokens_per_expert: torch.Tensor  # int64 [E]: slots this rank routed to each (global) expert
 
 
 class MoELayer(nn.Module):
     """One expert-parallel MoE FFN.
 
-    EP-invariant initialisation: the router and shared experts draw from torch's global RNG in a fixed
-    order, then one base seed is drawn, and expert e is initialised from seed (base + e). So under one
-    torch.manual_seed an EP=N layer holds exactly the EP=1 weights of its local experts.
+    EP-invariant initialisation: the router and shared experts draw from torch's global RNG in a
+    fixed order, then one base seed is drawn, and expert e is initialised from seed (base + e). So
+    under one torch.manual_seed an EP=N layer holds exactly the EP=1 weights of its local experts.
     """
 
     def __init__(self, cfg: MoEConfig, groups=None, *, name: str = "moe", device=None, dtype=None):
         super().__init__()
         ep_size = 1 if groups is None else groups.ep_size
         if cfg.num_experts % ep_size:
-            raise ValueError(f"num_experts ({cfg.num_experts}) must be divisible by ep_size ({ep_size})")
+            raise ValueError(
+                f"num_experts ({cfg.num_experts}) must be divisible by ep_size ({ep_size})"
+            )
         device = torch.device(device) if device is not None else None
         if cfg.expert_backend == "grouped_mm":
-            ok, why = grouped_mm_supported(device or torch.device("cpu"), dtype or torch.float32,
-                                           cfg.hidden_size, cfg.ffn_hidden_size)
+            ok, why = grouped_mm_supported(
+                device or torch.device("cpu"),
+                dtype or torch.float32,
+                cfg.hidden_size,
+                cfg.ffn_hidden_size,
+            )
             if not ok:
-                raise ValueError(f"expert_backend='grouped_mm' (hidden_size={cfg.hidden_size}, "
-                                 f"ffn_hidden_size={cfg.ffn_hidden_size}): {why}")
+                raise ValueError(
+                    f"expert_backend='grouped_mm' (hidden_size={cfg.hidden_size}, "
+                    f"ffn_hidden_size={cfg.ffn_hidden_size}): {why}"
+                )
         self.cfg, self.name = cfg, name
         self.router = Router(cfg, device=device, dtype=dtype)
-        self.shared_experts = (DenseFFN(cfg.hidden_size, cfg.shared_hidden, cfg.activation, cfg.shared_expert_gate,
-                                        device=device, dtype=dtype) if cfg.num_shared_experts else None)
+        self.shared_experts = (
+            DenseFFN(
+                cfg.hidden_size,
+                cfg.shared_hidden,
+                cfg.activation,
+                cfg.shared_expert_gate,
+                device=device,
+                dtype=dtype,
+            )
+            if cfg.num_shared_experts
+            else None
+        )
         self.transport = build_transport(cfg.transport, cfg.num_experts, groups, device, cfg, dtype)
         if getattr(self.transport, "error_flags", None) is not None:
             self.transport.error_flags.layer_name = name
         base_seed = int(torch.randint(0, 2**62, (1,)).item()) + cfg.init_seed_offset
         num_local = cfg.num_experts // ep_size
         first = self.transport.ep_rank * num_local
-        self.experts = GroupedExperts(cfg.hidden_size, cfg.ffn_hidden_size, num_local, first, cfg.activation,
-                                      cfg.expert_backend, [base_seed + e for e in range(first, first + num_local)],
-                                      device=device, dtype=dtype)
+        self.experts = GroupedExperts(
+            cfg.hidden_size,
+            cfg.ffn_hidden_size,
+            num_local,
+            first,
+            cfg.activation,
+            cfg.expert_backend,
+            [base_seed + e for e in range(first, first + num_local)],
+            device=device,
+            dtype=dtype,
+        )
         for p in self.experts.parameters():
             mark_expert_param(p, ep_size)
         self.step = 0
         self.error_flags: DeviceErrorFlags | None = None
         self._observers: list = []
 
-    # -- the forward, in data-flow order -------------------------------------------------------------
+    # -- the forward, in data-flow order
+    # -------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> MoEOutput:
         if x.shape[-1] != self.cfg.hidden_size:
-            raise ValueError(f"input hidden size ({x.shape[-1]}) does not match MoEConfig.hidden_size "
-                             f"({self.cfg.hidden_size}) in MoE layer '{self.name}'")
+            raise ValueError(
+                f"input hidden size ({x.shape[-1]}) does not match MoEConfig.hidden_size "
+                f"({self.cfg.hidden_size}) in MoE layer '{self.name}'"
+            )
         x_TH = x.reshape(-1, x.shape[-1])
-        # On CUDA the shared experts run on a side stream from here on, while tokens route and travel.
+        # On CUDA the shared experts run on a side stream from here on, while tokens route and
+        # travel.
         shared = start_shared_experts(self, x_TH)
         plan = self.route(x_TH)
         if self.cfg.num_chunks > 1:
-            out_TH = pipelined_moe(self, x_TH, plan)  # dispatch/experts/combine of chunks overlapped
+            out_TH = pipelined_moe(
+                self, x_TH, plan
+            )  # dispatch/experts/combine of chunks overlapped
         else:
             out_TH = self.routed_experts(x_TH, plan)
         out_TH = shared.add_to(out_TH)
         if self.cfg.error_check == "eager":
-            # The nvshmem transport records overflow and timeouts on the device; eager mode raises them
-            # here (one host sync, only where flags exist), also those of the previous backward.
+            # The nvshmem transport records overflow and timeouts on the device; eager mode raises
+            # them here (one host sync, only where flags exist), also those of the previous
+            # backward.
             self.check_errors()
         self.step += 1
         return MoEOutput(out_TH.view(x.shape), plan.aux_loss, plan.tokens_per_expert_E)
@@ -90,7 +126,8 @@ class MoELayer(nn.Module):
             self._check_finite(logits_TE)
         plan = self.router(x_TH, logits_TE)
         if self.training and self.cfg.router == "sigmoid" and self.cfg.router_bias_update_rate > 0:
-            # The bias for the next step comes from this step's load over the whole batch (all ranks).
+            # The bias for the next step comes from this step's load over the whole batch (all
+            # ranks).
             self.router.update_bias(self.transport.global_load(plan.tokens_per_expert_E))
         return plan
 
@@ -102,14 +139,16 @@ class MoELayer(nn.Module):
         return self.transport.combine(y_MH, handle)
 
     def add_observer(self, fn) -> None:
-        """fn(layer, x_TH, plan, counts_G, y_MH) runs after the experts of every forward (telemetry).
-        y_MH holds this rank's local-expert outputs, grouped by local expert, counts_G rows each."""
+        """fn(layer, x_TH, plan, counts_G, y_MH) runs after the experts of every forward
+        (telemetry). y_MH holds this rank's local-expert outputs, grouped by local expert, counts_G
+        rows each."""
         self._observers.append(fn)
 
     def remove_observer(self, fn) -> None:
         self._observers.remove(fn)
 
-    # -- errors ------------------------------------------------------------------------------------------
+    # -- errors
+    # ------------------------------------------------------------------------------------------
     def _check_finite(self, logits_TE: torch.Tensor) -> None:
         bad = ~torch.isfinite(logits_TE).all()
         if self.cfg.error_check == "deferred":
@@ -118,8 +157,10 @@ class MoELayer(nn.Module):
             self.error_flags.record(NONFINITE_LOGITS, bad, self.step)
         elif bool(bad):
             rows = int((~torch.isfinite(logits_TE)).any(-1).sum())
-            raise NonFiniteRouterLogits(f"MoE layer '{self.name}', step {self.step}: router logits contain "
-                                        f"NaN or Inf for {rows} of {logits_TE.shape[0]} tokens")
+            raise NonFiniteRouterLogits(
+                f"MoE layer '{self.name}', step {self.step}: router logits contain "
+                f"NaN or Inf for {rows} of {logits_TE.shape[0]} tokens"
+            )
 
     def check_errors(self) -> None:
         """Raises what a deferred-check forward recorded on the device (synchronises)."""
@@ -129,7 +170,8 @@ class MoELayer(nn.Module):
 
 
 def mark_expert_param(p: nn.Parameter, ep_size: int) -> None:
-    """DeepSpeed/Megatron convention: expert parameters are not all-reduced over the data-parallel group."""
+    """DeepSpeed/Megatron convention: expert parameters are not all-reduced over the data-parallel
+    group."""
     p.allreduce = False
     p.group_name = f"ep_size_{ep_size}"
 

@@ -8,16 +8,17 @@ Streams on CUDA (one set per device, shared by every layer; see STREAMS below):
   compute  the caller's current stream: routing, experts (grouped GEMM), the final concatenation.
   comm     every transport call (dispatch and combine of every chunk), in one fixed order on every
            rank: d0, d1, c0, d2, c1, ..., c(C-1) (`issue_order`). One stream keeps collective calls
-           (NCCL) and nvshmem epochs/buffer parities in the same order on every rank, across layers too.
+           (NCCL) and nvshmem epochs/buffer parities in the same order on every rank, across layers
+           too.
   side     the shared experts: they need only x, so they run while tokens are routed and travel.
 
 What waits on what (forward):
-  comm    waits compute once at entry (x and the plan are ready);
-  experts_i (compute) waits the event recorded after dispatch_i (comm);
-  combine_i (comm)    waits the event recorded after experts_i (compute);
-  side    waits an event recorded on compute at the layer's entry (x is ready), nothing else;
-  compute waits comm after the last combine, and waits side before adding the shared output.
-  So while chunk i's experts run, the dispatch of chunk i+1 and the combine of chunk i-1 are in flight.
+  comm    waits compute once at entry (x and the plan are ready); experts_i (compute) waits the
+  event recorded after dispatch_i (comm); combine_i (comm)    waits the event recorded after
+  experts_i (compute); side    waits an event recorded on compute at the layer's entry (x is ready),
+  nothing else; compute waits comm after the last combine, and waits side before adding the shared
+  output. So while chunk i's experts run, the dispatch of chunk i+1 and the combine of chunk i-1 are
+  in flight.
 Backward: autograd runs each node's backward on the stream its forward ran on and makes a consumer
 stream wait for the producer's (the engine records the producer stream's event and calls
 record_stream on gradients it hands across streams). The engine runs the backward nodes of one
@@ -36,6 +37,7 @@ Why num_chunks defaults to 1: each chunk pays the transport's fixed costs (count
 launches, and for collective transports a host sync), so chunking pays only when both communication
 and expert compute are long (many tokens, EP > 1); benchmarks/overlap.py measures where it does.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +46,8 @@ import torch
 
 from .routing import RoutingPlan
 
-# Streams per (device index, role), made on first use. Shared by all layers so that transport calls of
-# different layers are also ordered (the nvshmem workspace, its epochs and parities, are shared).
+# Streams per (device index, role), made on first use. Shared by all layers so that transport calls
+# of different layers are also ordered (the nvshmem workspace, its epochs and parities, are shared).
 STREAMS: dict[tuple[int, str], "torch.cuda.Stream"] = {}
 
 
@@ -64,7 +66,8 @@ def _use(t, stream) -> None:
         t.record_stream(stream)
 
 
-# -- chunking (pure, tested on CPU) ----------------------------------------------------------------------
+# -- chunking (pure, tested on CPU)
+# ----------------------------------------------------------------------
 def issue_order(num_chunks: int) -> list[tuple[str, int]]:
     """The order in which the host issues the phases of C chunks: experts_i is issued before
     dispatch_(i+1), so a dispatch that syncs the host (collective transport) finds the GPU busy.
@@ -89,24 +92,40 @@ def _slots_per_expert(expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Te
 
 
 def split_plan(plan: RoutingPlan, num_chunks: int) -> list[RoutingPlan]:
-    """The plan of C contiguous token chunks (torch.tensor_split: uneven T, T < C and T == 0 all give
-    exactly C chunks, some maybe empty). A chunk plan carries its own slot counts; its aux loss and
-    dropped count are zero: those belong to the whole batch and the layer returns the full plan's."""
+    """The plan of C contiguous token chunks (torch.tensor_split: uneven T, T < C and T == 0 all
+    give exactly C chunks, some maybe empty). A chunk plan carries its own slot counts; its aux loss
+    and dropped count are zero: those belong to the whole batch and the layer returns the full
+    plan's. """
     E = plan.tokens_per_expert_E.numel()
     zero_loss = torch.zeros((), dtype=plan.aux_loss.dtype, device=plan.aux_loss.device)
-    zero_dropped = torch.zeros((), dtype=plan.dropped_tokens.dtype, device=plan.dropped_tokens.device)
-    return [dataclasses.replace(plan, expert_idx_TK=idx_TK, weights_TK=w_TK,
-                                tokens_per_expert_E=_slots_per_expert(idx_TK, E), aux_loss=zero_loss,
-                                dropped_tokens=zero_dropped)
-            for idx_TK, w_TK in zip(torch.tensor_split(plan.expert_idx_TK, num_chunks),
-                                    torch.tensor_split(plan.weights_TK, num_chunks))]
+    zero_dropped = torch.zeros(
+        (), dtype=plan.dropped_tokens.dtype, device=plan.dropped_tokens.device
+    )
+    return [
+        dataclasses.replace(
+            plan,
+            expert_idx_TK=idx_TK,
+            weights_TK=w_TK,
+            tokens_per_expert_E=_slots_per_expert(idx_TK, E),
+            aux_loss=zero_loss,
+            dropped_tokens=zero_dropped,
+        )
+        for idx_TK, w_TK in zip(
+            torch.tensor_split(plan.expert_idx_TK, num_chunks),
+            torch.tensor_split(plan.weights_TK, num_chunks),
+        )
+    ]
 
 
-# -- the pipeline ----------------------------------------------------------------------------------------
-def pipelined_moe(layer, x_TH: torch.Tensor, plan: RoutingPlan, num_chunks: int | None = None) -> torch.Tensor:
+# -- the pipeline
+# ----------------------------------------------------------------------------------------
+def pipelined_moe(
+    layer, x_TH: torch.Tensor, plan: RoutingPlan, num_chunks: int | None = None
+) -> torch.Tensor:
     """Routed experts of `layer` over `num_chunks` (default layer.cfg.num_chunks) token chunks, with
     dispatch / experts / combine of neighbouring chunks overlapped on CUDA. Returns out_TH (without
-    the shared experts). Every rank must call it with the same num_chunks (transport calls are collective)."""
+    the shared experts). Every rank must call it with the same num_chunks (transport calls are
+    collective). """
     C = layer.cfg.num_chunks if num_chunks is None else num_chunks
     if layer._observers:
         return layer.routed_experts(x_TH, plan)
@@ -158,17 +177,19 @@ def pipelined_moe(layer, x_TH: torch.Tensor, plan: RoutingPlan, num_chunks: int 
     return torch.cat(outs)
 
 
-# -- shared experts on a side stream ----------------------------------------------------------------------
+# -- shared experts on a side stream
+# ----------------------------------------------------------------------
 class SharedExperts:
     """The shared-expert output of one forward, added to the routed output by `add_to`.
 
     On CUDA (cfg.shared_expert_overlap) the event `x_ready` is recorded on compute when the forward
     starts, and `add_to` launches the shared experts on the side stream waiting only for that event:
     on the GPU they start as soon as x exists and run beside routing, dispatch, experts and combine.
-    They are launched last on the host on purpose: autograd runs backward nodes newest first, so their
-    backward is issued first and runs on side during the whole routed backward (launched first, it
-    would be issued last and overlap only the tail). Off CUDA, or with the side stream off, they are
-    computed inside `add_to` on the current stream, exactly as the plain layer does."""
+    They are launched last on the host on purpose: autograd runs backward nodes newest first, so
+    their backward is issued first and runs on side during the whole routed backward (launched
+    first, it would be issued last and overlap only the tail). Off CUDA, or with the side stream
+    off, they are computed inside `add_to` on the current stream, exactly as the plain layer
+    does."""
 
     def __init__(self, layer, x_TH: torch.Tensor):
         self.layer, self.x_TH, self.x_ready = layer, x_TH, None

@@ -3,6 +3,7 @@
 Weights are stored [out, in] per expert, like nn.Linear, so a dense FFN's weights drop straight in.
 Legend: M rows, H hidden, F ffn hidden, G local experts.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,18 +38,22 @@ class _SwiGLU(torch.autograd.Function):
         return out
 
 
-def activate(h: torch.Tensor, activation: str, rows_used: torch.Tensor | None = None) -> torch.Tensor:
+def activate(
+    h: torch.Tensor, activation: str, rows_used: torch.Tensor | None = None
+) -> torch.Tensor:
     """rows_used (device scalar): on CUDA the fused SwiGLU computes only rows [0, rows_used)."""
     if activation == "swiglu":
         if h.is_cuda:
             from .swiglu_triton import SwiGLUTriton  # one fused pass each way
+
             return SwiGLUTriton.apply(h, rows_used)
         return _SwiGLU.apply(h)
     return F.gelu(h)
 
 
 def _init_uniform_(w: torch.Tensor, fan_in: int, generator: torch.Generator | None) -> None:
-    # nn.Linear's default scale, drawn from an explicit generator so EP=N matches EP=1 (see layer.py).
+    # nn.Linear's default scale, drawn from an explicit generator so EP=N matches EP=1 (see
+    # layer.py).
     bound = 1.0 / math.sqrt(fan_in)
     w.uniform_(-bound, bound, generator=generator)
 
@@ -56,8 +61,18 @@ def _init_uniform_(w: torch.Tensor, fan_in: int, generator: torch.Generator | No
 class GroupedExperts(nn.Module):
     """The experts this rank holds: global experts [first_expert, first_expert + num_local)."""
 
-    def __init__(self, hidden: int, ffn_hidden: int, num_local: int, first_expert: int, activation: str,
-                 backend: str, seeds: list[int], device=None, dtype=None):
+    def __init__(
+        self,
+        hidden: int,
+        ffn_hidden: int,
+        num_local: int,
+        first_expert: int,
+        activation: str,
+        backend: str,
+        seeds: list[int],
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.hidden, self.ffn_hidden, self.activation = hidden, ffn_hidden, activation
         self.num_local, self.first_expert, self.backend = num_local, first_expert, backend
@@ -86,15 +101,20 @@ class GroupedExperts(nn.Module):
 
 
 class DenseFFN(nn.Module):
-    """Shared experts fused into one FFN (their hidden units side by side), plus an optional gate."""
+    """Shared experts fused into one FFN (their hidden units side by side), plus an optional
+    gate."""
 
-    def __init__(self, hidden: int, ffn_hidden: int, activation: str, gate: bool, device=None, dtype=None):
+    def __init__(
+        self, hidden: int, ffn_hidden: int, activation: str, gate: bool, device=None, dtype=None
+    ):
         super().__init__()
         self.activation = activation
         in_width = 2 * ffn_hidden if activation == "swiglu" else ffn_hidden
         self.w_in = nn.Parameter(torch.empty(in_width, hidden, device=device, dtype=dtype))
         self.w_out = nn.Parameter(torch.empty(hidden, ffn_hidden, device=device, dtype=dtype))
-        self.gate = nn.Parameter(torch.empty(1, hidden, device=device, dtype=dtype)) if gate else None
+        self.gate = (
+            nn.Parameter(torch.empty(1, hidden, device=device, dtype=dtype)) if gate else None
+        )
         with torch.no_grad():
             _init_uniform_(self.w_in, hidden, None)
             _init_uniform_(self.w_out, ffn_hidden, None)

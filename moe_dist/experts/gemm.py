@@ -1,9 +1,9 @@
 """Grouped GEMM over experts: y[rows of e] = x[rows of e] @ w[e]^T for every local expert e.
 
-Rows arrive grouped by expert (counts_G rows for group 0, then group 1, ...). Rows past the last group
-(unused slots a transport kept to stay shape-static) are not computed: callers mask them.
-Legend: M rows, K in-features, N out-features, G groups (local experts).
-"""
+Rows arrive grouped by expert (counts_G rows for group 0, then group 1, ...). Rows past the last
+group (unused slots a transport kept to stay shape-static) are not computed: callers mask them.
+Legend: M rows, K in-features, N out-features, G groups (local experts). """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +23,13 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -
     align = 16 // (torch.finfo(dtype).bits // 8)
     bad = [d for d in dims if d % align]
     if bad:
-        return False, f"torch._grouped_mm needs sizes divisible by {align} for {dtype} (16-byte strides), got {bad}"
+        return (
+            False,
+            (
+                f"torch._grouped_mm needs sizes divisible by {align} for {dtype} (16-byte strides),"
+                f" got {bad}"
+            ),
+        )
     return True, ""
 
 
@@ -39,7 +45,9 @@ def loop_mm(x_MK: torch.Tensor, w_GNK: torch.Tensor, counts_G: torch.Tensor) -> 
     still run the transport's backward calls, which are collective (its peers wait for them)."""
     pieces, start = [], 0
     for g, n in enumerate(counts_G.tolist()):
-        pieces.append(x_MK[start:start + n] @ w_GNK[g].t())
+        pieces.append(x_MK[start : start + n] @ w_GNK[g].t())
         start += n
-    pieces.append(x_MK.new_zeros(x_MK.shape[0] - start, w_GNK.shape[1]))  # rows past the groups: unused
+    pieces.append(
+        x_MK.new_zeros(x_MK.shape[0] - start, w_GNK.shape[1])
+    )  # rows past the groups: unused
     return torch.cat(pieces)

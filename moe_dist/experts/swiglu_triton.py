@@ -1,5 +1,6 @@
-"""Fused SwiGLU for CUDA: one pass forward (h -> silu(gate) * up), one pass backward (h, grad -> dh),
-no [rows, F] temporaries. Rows are [gate | up] halves of the first grouped GEMM's output."""
+"""Fused SwiGLU for CUDA: one pass forward (h -> silu(gate) * up), one pass backward (h, grad ->
+dh), no [rows, F] temporaries. Rows are [gate | up] halves of the first grouped GEMM's output."""
+
 from __future__ import annotations
 
 import torch

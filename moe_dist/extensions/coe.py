@@ -5,9 +5,11 @@ residual between passes:
 
     x_0 = x
     x_t = x_{t-1} + sum_k g_{t,k} E_{i_{t,k}}(x_{t-1})  [+ shared(x_{t-1})]      t = 1..C
-          (g_t, i_t: top-k of router t on x_{t-1}; experts E and shared experts are one set for all t)
+          (g_t, i_t: top-k of router t on x_{t-1}; experts E and shared experts are one set for all
+          t)
     output = x_C - x_0            (the layer's update: a transformer block adds x itself, so its
-                                   residual stream carries x_C, the paper's y; return_state=True gives x_C)
+                                   residual stream carries x_C, the paper's y; return_state=True
+                                   gives x_C)
 
 Every pass goes through the one MoELayer's transport and experts, so at EP > 1 a token may visit
 experts on several ranks across the chain. Compute per token is C x top_k expert FFNs: CoE with C=2,
@@ -18,6 +20,7 @@ passes. With iterations=1 the layer is exactly a MoELayer.
 
 Legend: T tokens on this rank, H hidden, E experts, C iterations.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,14 +38,25 @@ class ChainOfExperts(nn.Module):
     the global RNG after the MoELayer, hence identical on every rank under one seed.
     """
 
-    def __init__(self, cfg: MoEConfig, groups=None, iterations: int = 2, *, return_state: bool = False,
-                 name: str = "coe", device=None, dtype=None):
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        groups=None,
+        iterations: int = 2,
+        *,
+        return_state: bool = False,
+        name: str = "coe",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be a positive int, got {iterations!r}")
         self.iterations, self.return_state, self.name = iterations, return_state, name
         self.moe = MoELayer(cfg, groups, name=name, device=device, dtype=dtype)
-        self.routers = nn.ModuleList(Router(cfg, device=device, dtype=dtype) for _ in range(iterations - 1))
+        self.routers = nn.ModuleList(
+            Router(cfg, device=device, dtype=dtype) for _ in range(iterations - 1)
+        )
 
     @property
     def cfg(self) -> MoEConfig:
@@ -54,8 +68,10 @@ class ChainOfExperts(nn.Module):
     def forward(self, x: torch.Tensor) -> MoEOutput:
         cfg = self.cfg
         if x.shape[-1] != cfg.hidden_size:
-            raise ValueError(f"input hidden size ({x.shape[-1]}) does not match MoEConfig.hidden_size "
-                             f"({cfg.hidden_size}) in Chain-of-Experts layer '{self.name}'")
+            raise ValueError(
+                f"input hidden size ({x.shape[-1]}) does not match MoEConfig.hidden_size "
+                f"({cfg.hidden_size}) in Chain-of-Experts layer '{self.name}'"
+            )
         x_TH = x.reshape(-1, x.shape[-1])
         h_TH, update_TH, aux, counts_E = x_TH, None, None, None
         for t in range(self.iterations):
@@ -64,7 +80,11 @@ class ChainOfExperts(nn.Module):
             update_TH = u_TH if update_TH is None else update_TH + u_TH
             h_TH = h_TH + u_TH  # the inner residual: pass t+1 routes and computes on x_t
             aux = plan.aux_loss if aux is None else aux + plan.aux_loss
-            counts_E = plan.tokens_per_expert_E if counts_E is None else counts_E + plan.tokens_per_expert_E
+            counts_E = (
+                plan.tokens_per_expert_E
+                if counts_E is None
+                else counts_E + plan.tokens_per_expert_E
+            )
         self.moe.step += 1
         out_TH = h_TH if self.return_state else update_TH
         return MoEOutput(out_TH.view(x.shape), aux, counts_E)
@@ -84,6 +104,7 @@ class ChainOfExperts(nn.Module):
         """One pass: routed experts (+ shared experts), exactly as in MoELayer.forward."""
         if self.cfg.num_chunks > 1:
             from moe_dist.overlap import pipelined_moe
+
             return pipelined_moe(self.moe, h_TH, plan)
         out_TH = self.moe.routed_experts(h_TH, plan)
         if self.moe.shared_experts is not None:
@@ -103,8 +124,9 @@ class ChainOfExperts(nn.Module):
         return f"iterations={self.iterations}, return_state={self.return_state}"
 
 
-def build_moe_layer(cfg: MoEConfig, groups=None, *, iterations: int = 1, name: str = "moe", device=None,
-                    dtype=None) -> nn.Module:
+def build_moe_layer(
+    cfg: MoEConfig, groups=None, *, iterations: int = 1, name: str = "moe", device=None, dtype=None
+) -> nn.Module:
     """What a model or trainer calls to get its MoE FFN: a MoELayer, or a ChainOfExperts when
     iterations > 1. Both take x and return MoEOutput."""
     if iterations == 1:

@@ -1,8 +1,10 @@
-"""Byte-level text data: every machine has the Python standard library's sources, so that is the default.
+"""Byte-level text data: every machine has the Python standard library's sources, so that is the
+default.
 
-Batches are a pure function of (seed, step): every rank draws the same global batch and keeps its own
-rows, so a run's data does not depend on the world size, the EP size, or whether it was resumed.
+Batches are a pure function of (seed, step): every rank draws the same global batch and keeps its
+own rows, so a run's data does not depend on the world size, the EP size, or whether it was resumed.
 """
+
 from __future__ import annotations
 
 import sysconfig
@@ -14,7 +16,8 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
 def stdlib_sources() -> list[Path]:
-    """The standard library's *.py files in sorted order (installed third-party packages excluded)."""
+    """The standard library's *.py files in sorted order (installed third-party packages
+    excluded)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS & set(p.relative_to(root).parts))
     if not files:
@@ -42,7 +45,7 @@ class ByteCorpus:
         for f in files:
             data = f.read_bytes() + b"\0"
             if max_bytes is not None and total + len(data) > max_bytes:
-                chunks.append(data[:max_bytes - total])
+                chunks.append(data[: max_bytes - total])
                 break
             chunks.append(data)
             total += len(data)
@@ -57,10 +60,12 @@ class ByteCorpus:
         return self.data.numel()
 
     def global_batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-        """int64 [batch_size, seq_len + 1] windows at offsets drawn from (seed, step): inputs are [:, :-1],
-        next-byte targets [:, 1:]."""
+        """int64 [batch_size, seq_len + 1] windows at offsets drawn from (seed, step): inputs are
+        [:, :-1], next-byte targets [:, 1:]."""
         if len(self) < seq_len + 2:
-            raise ValueError(f"corpus has {len(self)} bytes, fewer than seq_len + 2 ({seq_len + 2})")
+            raise ValueError(
+                f"corpus has {len(self)} bytes, fewer than seq_len + 2 ({seq_len + 2})"
+            )
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         starts = torch.randint(0, len(self) - seq_len - 1, (batch_size,), generator=gen)
         idx = starts[:, None] + torch.arange(seq_len + 1)
@@ -69,12 +74,14 @@ class ByteCorpus:
 
 def rows_per_rank(batch_size: int, world_size: int) -> int:
     if batch_size % world_size:
-        raise ValueError(f"global batch size ({batch_size}) must be divisible by the data-parallel "
-                         f"world size ({world_size})")
+        raise ValueError(
+            f"global batch size ({batch_size}) must be divisible by the data-parallel "
+            f"world size ({world_size})"
+        )
     return batch_size // world_size
 
 
 def local_rows(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """This data-parallel rank's contiguous share of a global batch."""
     per_rank = rows_per_rank(batch.shape[0], world_size)
-    return batch[rank * per_rank:(rank + 1) * per_rank]
+    return batch[rank * per_rank : (rank + 1) * per_rank]

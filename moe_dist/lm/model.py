@@ -3,10 +3,12 @@
 Pre-norm blocks of causal self-attention (F.scaled_dot_product_attention) and an MoE FFN, RMSNorm,
 learned positions, byte vocabulary by default. The model knows no process group: it hands `groups`
 to its MoE layers, which hand it to their transport. With `ModelConfig.coe_iterations` > 1 every MoE
-FFN is a Chain-of-Experts layer (moe_dist.extensions.coe) of that many routed passes over the same experts.
+FFN is a Chain-of-Experts layer (moe_dist.extensions.coe) of that many routed passes over the same
+experts.
 
 Legend: B batch, S sequence, D d_model, V vocabulary.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,15 +30,26 @@ class ModelConfig:
     n_heads: int = 4
     max_seq_len: int = 256
     norm_eps: float = 1e-6
-    coe_iterations: int = 1  # > 1: Chain-of-Experts FFNs (each pass its own router, the same experts)
+    coe_iterations: int = (
+        1  # > 1: Chain-of-Experts FFNs (each pass its own router, the same experts)
+    )
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "coe_iterations"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "max_seq_len",
+            "coe_iterations",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
 
 
 class LMOutput(NamedTuple):
@@ -56,13 +69,16 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, heads, S, D/heads]
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + moe(norm(x)). `moe` returns (output, aux_loss, tokens_per_expert)."""
+    """x + attn(norm(x)), then x + moe(norm(x)). `moe` returns (output, aux_loss,
+    tokens_per_expert)."""
 
     def __init__(self, cfg: ModelConfig, moe: nn.Module, device=None, dtype=None):
         super().__init__()
@@ -83,29 +99,49 @@ MoEFactory = Callable[[int], nn.Module]  # layer index -> an MoE FFN module
 class MoETransformer(nn.Module):
     """Decoder-only LM whose every FFN is an MoE layer.
 
-    `moe_factory` swaps the MoE implementation (the benchmark puts DeepSpeed's MoE there); by default
-    each block gets a moe_dist MoELayer built from `moe_cfg` and `groups`, or a ChainOfExperts around
-    one when `cfg.coe_iterations` > 1. Under one torch.manual_seed
-    the model is EP-invariant, like MoELayer: every parameter is drawn in the same order at any EP size.
-    """
+    `moe_factory` swaps the MoE implementation (the benchmark puts DeepSpeed's MoE there); by
+    default each block gets a moe_dist MoELayer built from `moe_cfg` and `groups`, or a
+    ChainOfExperts around one when `cfg.coe_iterations` > 1. Under one torch.manual_seed the model
+    is EP-invariant, like MoELayer: every parameter is drawn in the same order at any EP size. """
 
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, groups=None, *, moe_factory: MoEFactory | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        moe_cfg: MoEConfig,
+        groups=None,
+        *,
+        moe_factory: MoEFactory | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if cfg.d_model != moe_cfg.hidden_size:
-            raise ValueError(f"ModelConfig.d_model ({cfg.d_model}) must equal MoEConfig.hidden_size "
-                             f"({moe_cfg.hidden_size})")
+            raise ValueError(
+                f"ModelConfig.d_model ({cfg.d_model}) must equal MoEConfig.hidden_size "
+                f"({moe_cfg.hidden_size})"
+            )
         self.cfg, self.moe_cfg = cfg, moe_cfg
         if moe_factory is None:
+
             def moe_factory(i):
-                return build_moe_layer(moe_cfg, groups, iterations=cfg.coe_iterations, name=f"layers.{i}.moe",
-                                       device=device, dtype=dtype)
+                return build_moe_layer(
+                    moe_cfg,
+                    groups,
+                    iterations=cfg.coe_iterations,
+                    name=f"layers.{i}.moe",
+                    device=device,
+                    dtype=dtype,
+                )
+
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, device=device, dtype=dtype)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(Block(cfg, moe_factory(i), device=device, dtype=dtype)
-                                    for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(
+            Block(cfg, moe_factory(i), device=device, dtype=dtype) for i in range(cfg.n_layers)
+        )
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps, device=device, dtype=dtype)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(
+            cfg.d_model, cfg.vocab_size, bias=False, device=device, dtype=dtype
+        )
         with torch.no_grad():  # small embeddings: the default N(0, 1) makes the first logits huge
             self.embed.weight.normal_(0.0, 0.02)
             self.pos_embed.weight.normal_(0.0, 0.02)

@@ -1,4 +1,5 @@
 """Process groups (EP / EDP / DP) and bootstrap from torchrun or mpirun."""
+
 from .bootstrap import init_distributed, launcher_environment
 from .groups import ParallelGroups, all_reduce_sum
 

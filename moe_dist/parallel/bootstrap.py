@@ -1,5 +1,6 @@
 """Start torch.distributed from whatever launched us: torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or
 Open MPI's mpirun (OMPI_COMM_WORLD_*). Picks NCCL when each process has a GPU, else gloo."""
+
 from __future__ import annotations
 
 import datetime
@@ -9,8 +10,12 @@ import socket
 import torch
 import torch.distributed as dist
 
-_OMPI = {"RANK": "OMPI_COMM_WORLD_RANK", "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE",
-         "LOCAL_RANK": "OMPI_COMM_WORLD_LOCAL_RANK", "LOCAL_WORLD_SIZE": "OMPI_COMM_WORLD_LOCAL_SIZE"}
+_OMPI = {
+    "RANK": "OMPI_COMM_WORLD_RANK",
+    "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE",
+    "LOCAL_RANK": "OMPI_COMM_WORLD_LOCAL_RANK",
+    "LOCAL_WORLD_SIZE": "OMPI_COMM_WORLD_LOCAL_SIZE",
+}
 
 
 def launcher_environment(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -32,23 +37,34 @@ def _rank0_host_via_mpi(world_size: int) -> str:
     try:
         from mpi4py import MPI
     except ImportError as e:
-        raise RuntimeError("launched by mpirun without MASTER_ADDR set and without mpi4py to agree on "
-                           "one: export MASTER_ADDR (launch/mpirun.sh does) or pip install mpi4py") from e
+        raise RuntimeError(
+            "launched by mpirun without MASTER_ADDR set and without mpi4py to agree on "
+            "one: export MASTER_ADDR (launch/mpirun.sh does) or pip install mpi4py"
+        ) from e
     return MPI.COMM_WORLD.bcast(socket.gethostname(), root=0)
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> tuple[int, int, torch.device]:
+def init_distributed(
+    backend: str | None = None, timeout_s: float = 300.0
+) -> tuple[int, int, torch.device]:
     """Initialise the default process group once; returns (rank, world_size, device).
 
     A process started alone (no launcher) becomes a world of one, so every entry point runs bare."""
     env = launcher_environment()
-    os.environ.update({k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-                       if k in env})
+    os.environ.update(
+        {
+            k: env[k]
+            for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+            if k in env
+        }
+    )
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
+        os.environ["MASTER_PORT"] = (
+            str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() > local_rank
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -56,8 +72,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> tu
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = backend or ("nccl" if use_cuda else "gloo")
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if backend == "nccl" else None,
+        )
     return dist.get_rank(), dist.get_world_size(), device
 
 

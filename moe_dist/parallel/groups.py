@@ -9,6 +9,7 @@ World of W ranks, expert-parallel size P, laid out as a (W/P) x P grid with EP r
 
 Groups are objects passed to layers and integrations, never module-level globals.
 """
+
 from __future__ import annotations
 
 from functools import cached_property
@@ -22,12 +23,16 @@ class ParallelGroups:
         if not isinstance(ep_size, int) or ep_size < 1:
             raise ValueError(f"ep_size must be a positive int, got {ep_size!r}")
         if not dist.is_initialized():
-            raise RuntimeError("ParallelGroups needs torch.distributed initialised first "
-                               "(moe_dist.parallel.init_distributed() or dist.init_process_group)")
+            raise RuntimeError(
+                "ParallelGroups needs torch.distributed initialised first "
+                "(moe_dist.parallel.init_distributed() or dist.init_process_group)"
+            )
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         if self.world_size % ep_size:
-            raise ValueError(f"world size ({self.world_size}) must be divisible by ep_size ({ep_size})")
+            raise ValueError(
+                f"world size ({self.world_size}) must be divisible by ep_size ({ep_size})"
+            )
         self.ep_size = ep_size
         self.edp_size = self.world_size // ep_size
         self.ep_rank = self.rank % ep_size
@@ -36,7 +41,10 @@ class ParallelGroups:
         self.device_type = "cuda" if self.backend == "nccl" else "cpu"
         # One DeviceMesh owns the sub-groups, so FSDP2 and DTensor see the very groups tokens use.
         from torch.distributed.device_mesh import init_device_mesh
-        self.mesh = init_device_mesh(self.device_type, (self.edp_size, ep_size), mesh_dim_names=("edp", "ep"))
+
+        self.mesh = init_device_mesh(
+            self.device_type, (self.edp_size, ep_size), mesh_dim_names=("edp", "ep")
+        )
         self.ep_group = self.mesh.get_group("ep")
         self.edp_group = self.mesh.get_group("edp")
         self.dp_group = dist.group.WORLD
@@ -45,6 +53,7 @@ class ParallelGroups:
     def dp_mesh(self):
         """1-D mesh over every rank, for sharding non-expert parameters (FSDP2)."""
         from torch.distributed.device_mesh import init_device_mesh
+
         return init_device_mesh(self.device_type, (self.world_size,), mesh_dim_names=("dp",))
 
     @property
@@ -56,8 +65,11 @@ class ParallelGroups:
         return list(range(self.ep_rank, self.world_size, self.ep_size))
 
     def __repr__(self) -> str:
-        return (f"ParallelGroups(world={self.world_size}, ep_size={self.ep_size}, edp_size={self.edp_size}, "
-                f"rank={self.rank}, ep_rank={self.ep_rank}, edp_rank={self.edp_rank})")
+        return (
+            f"ParallelGroups(world={self.world_size}, ep_size={self.ep_size},"
+            f" edp_size={self.edp_size}, rank={self.rank}, ep_rank={self.ep_rank},"
+            f" edp_rank={self.edp_rank})"
+        )
 
 
 def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:

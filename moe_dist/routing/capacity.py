@@ -2,6 +2,7 @@
 
 Legend: T tokens, K slots per token, E experts, S = T*K slots.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,9 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def drop_over_capacity(idx_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, capacity: int):
+def drop_over_capacity(
+    idx_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, capacity: int
+):
     """Returns (idx_TK, weights_TK, dropped) with dropped slots set to expert -1 and weight 0.
 
     Within an expert, slots are ranked by weight (highest first); ties keep token order, so the

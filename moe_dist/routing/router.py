@@ -2,6 +2,7 @@
 
 Legend: T tokens, H hidden, E experts, K slots per token.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,16 +38,21 @@ class Router(nn.Module):
     def __init__(self, cfg: MoEConfig, device=None, dtype=None):
         super().__init__()
         self.cfg = cfg
-        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, device=device, dtype=dtype))
+        self.weight = nn.Parameter(
+            torch.empty(cfg.num_experts, cfg.hidden_size, device=device, dtype=dtype)
+        )
         bound = 1.0 / math.sqrt(cfg.hidden_size)
         with torch.no_grad():
             self.weight.uniform_(-bound, bound)
         # Aux-loss-free load balancing (DeepSeek-V3): a per-expert bias that only steers selection.
         # A buffer, so checkpoints carry it and optimizers never touch it.
-        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, device=device, dtype=torch.float32))
+        self.register_buffer(
+            "expert_bias", torch.zeros(cfg.num_experts, device=device, dtype=torch.float32)
+        )
 
     def logits(self, x_TH: torch.Tensor) -> torch.Tensor:
-        # fp32 gate: top-k on bf16 logits flips near-ties, which would break EP=N == EP=1 comparisons.
+        # fp32 gate: top-k on bf16 logits flips near-ties, which would break EP=N == EP=1
+        # comparisons.
         return _Fp32Gate.apply(x_TH, self.weight)
 
     def forward(self, x_TH: torch.Tensor, logits_TE: torch.Tensor | None = None) -> RoutingPlan:
@@ -58,16 +64,27 @@ class Router(nn.Module):
             idx_TK, weights_TK, probs_TE = softmax_topk(logits_TE, k, cfg.norm_topk_prob)
         elif cfg.router == "group_limited":
             idx_TK, weights_TK, probs_TE = group_limited_topk(
-                logits_TE, k, cfg.num_expert_groups, cfg.topk_groups, cfg.norm_topk_prob)
+                logits_TE, k, cfg.num_expert_groups, cfg.topk_groups, cfg.norm_topk_prob
+            )
         elif cfg.router == "sigmoid":
             idx_TK, weights_TK, probs_TE = sigmoid_topk(
-                logits_TE, self.expert_bias, k, cfg.num_expert_groups, cfg.topk_groups, cfg.norm_topk_prob)
+                logits_TE,
+                self.expert_bias,
+                k,
+                cfg.num_expert_groups,
+                cfg.topk_groups,
+                cfg.norm_topk_prob,
+            )
         else:
             idx_TK, weights_TK, probs_TE = top_p_select(logits_TE, k, cfg.top_p, cfg.norm_topk_prob)
         if cfg.routed_scaling_factor != 1.0:
             weights_TK = weights_TK * cfg.routed_scaling_factor
 
-        aux = cfg.aux_loss_coef * load_balancing_loss(probs_TE, idx_TK, E) if cfg.aux_loss_coef else None
+        aux = (
+            cfg.aux_loss_coef * load_balancing_loss(probs_TE, idx_TK, E)
+            if cfg.aux_loss_coef
+            else None
+        )
         if cfg.z_loss_coef:
             z = cfg.z_loss_coef * router_z_loss(logits_TE)
             aux = z if aux is None else aux + z
@@ -80,8 +97,11 @@ class Router(nn.Module):
             idx_TK, weights_TK, dropped = drop_over_capacity(idx_TK, weights_TK, E, capacity)
 
         tokens_per_expert_E = torch.zeros(E + 1, dtype=torch.int64, device=idx_TK.device)
-        tokens_per_expert_E.scatter_add_(0, torch.where(idx_TK >= 0, idx_TK, E).reshape(-1),
-                                         torch.ones(idx_TK.numel(), dtype=torch.int64, device=idx_TK.device))
+        tokens_per_expert_E.scatter_add_(
+            0,
+            torch.where(idx_TK >= 0, idx_TK, E).reshape(-1),
+            torch.ones(idx_TK.numel(), dtype=torch.int64, device=idx_TK.device),
+        )
         return RoutingPlan(
             expert_idx_TK=idx_TK,
             weights_TK=weights_TK,
@@ -93,7 +113,8 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, global_tokens_per_expert_E: torch.Tensor) -> None:
-        """DeepSeek-V3's update: raise the bias of under-loaded experts, lower it for over-loaded ones.
-        Must be fed the load of the whole batch (all ranks) so every rank keeps the same bias."""
+        """DeepSeek-V3's update: raise the bias of under-loaded experts, lower it for over-loaded
+        ones. Must be fed the load of the whole batch (all ranks) so every rank keeps the same
+        bias."""
         load = global_tokens_per_expert_E.float()
         self.expert_bias += self.cfg.router_bias_update_rate * torch.sign(load.mean() - load)

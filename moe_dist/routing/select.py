@@ -1,7 +1,9 @@
-"""Expert selection: from router logits to (expert ids, weights) per token. Pure functions, no state.
+"""Expert selection: from router logits to (expert ids, weights) per token. Pure functions, no
+state.
 
 Legend: T tokens, E experts, K slots per token, G expert groups.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +17,11 @@ def softmax_topk(logits_TE: torch.Tensor, k: int, normalize: bool):
     return idx_TK, weights_TK, probs_TE
 
 
-def group_limited_topk(logits_TE: torch.Tensor, k: int, groups: int, topk_groups: int, normalize: bool):
-    """DeepSeek-V2: a token may only pick experts inside its `topk_groups` best groups (best = max prob)."""
+def group_limited_topk(
+    logits_TE: torch.Tensor, k: int, groups: int, topk_groups: int, normalize: bool
+):
+    """DeepSeek-V2: a token may only pick experts inside its `topk_groups` best groups (best = max
+    prob)."""
     probs_TE = logits_TE.softmax(dim=-1)
     allowed_TE = _allowed_by_group(probs_TE, groups, topk_groups, lambda s: s.amax(dim=-1))
     weights_TK, idx_TK = probs_TE.masked_fill(~allowed_TE, -1.0).topk(k, dim=-1)
@@ -25,9 +30,16 @@ def group_limited_topk(logits_TE: torch.Tensor, k: int, groups: int, topk_groups
     return idx_TK, weights_TK, probs_TE
 
 
-def sigmoid_topk(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, groups: int, topk_groups: int,
-                 normalize: bool):
-    """DeepSeek-V3: sigmoid affinities; the load-balancing bias steers selection only, never weights.
+def sigmoid_topk(
+    logits_TE: torch.Tensor,
+    bias_E: torch.Tensor,
+    k: int,
+    groups: int,
+    topk_groups: int,
+    normalize: bool,
+):
+    """DeepSeek-V3: sigmoid affinities; the load-balancing bias steers selection only, never
+    weights.
 
     With groups > 1 a group's score is the sum of its two best biased affinities (V3's rule)."""
     scores_TE = logits_TE.sigmoid()
@@ -35,8 +47,9 @@ def sigmoid_topk(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, groups: 
     if groups > 1:
         per_group = scores_TE.shape[-1] // groups
         best = min(2, per_group)
-        allowed_TE = _allowed_by_group(biased_TE, groups, topk_groups,
-                                       lambda s: s.topk(best, dim=-1).values.sum(dim=-1))
+        allowed_TE = _allowed_by_group(
+            biased_TE, groups, topk_groups, lambda s: s.topk(best, dim=-1).values.sum(dim=-1)
+        )
         biased_TE = biased_TE.masked_fill(~allowed_TE, float("-inf"))
     idx_TK = biased_TE.topk(k, dim=-1).indices
     weights_TK = scores_TE.gather(-1, idx_TK)
@@ -48,8 +61,9 @@ def sigmoid_topk(logits_TE: torch.Tensor, bias_E: torch.Tensor, k: int, groups: 
 
 
 def top_p_select(logits_TE: torch.Tensor, max_k: int, p: float, normalize: bool):
-    """Dynamic routing ("harder tokens need more experts"): take experts in order of probability until
-    their cumulative mass reaches p, at least one and at most max_k. Unused slots get expert -1, weight 0."""
+    """Dynamic routing ("harder tokens need more experts"): take experts in order of probability
+    until their cumulative mass reaches p, at least one and at most max_k. Unused slots get expert
+    -1, weight 0. """
     probs_TE = logits_TE.softmax(dim=-1)
     weights_TK, idx_TK = probs_TE.topk(max_k, dim=-1)
     mass_before_TK = weights_TK.cumsum(dim=-1) - weights_TK

@@ -1,12 +1,13 @@
 """The training zone: what a training loop around MoE layers needs. Each submodule loads on first
 use, so that deepspeed stays an optional dependency:
 
-    moe_dist.training.fsdp       shard(model, groups)        FSDP2: experts over EDP, the rest over DP
-    moe_dist.training.deepspeed  initialize(model, groups, config)   DeepSpeed ZeRO-0/1/2
+    moe_dist.training.fsdp       shard(model, groups)        FSDP2: experts over EDP, the rest over
+    DP moe_dist.training.deepspeed  initialize(model, groups, config)   DeepSpeed ZeRO-0/1/2
     moe_dist.training.ddp        allreduce_gradients(model, groups)  plain data parallelism
-    moe_dist.training.checkpoint save / load, resharding across EP sizes
-    moe_dist.training.clip       clip_grad_norm_ over expert and non-expert parameters
+    moe_dist.training.checkpoint save / load, resharding across EP sizes moe_dist.training.clip
+    clip_grad_norm_ over expert and non-expert parameters
 """
+
 from __future__ import annotations
 
 import importlib

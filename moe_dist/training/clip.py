@@ -1,14 +1,16 @@
-"""Gradient-norm clipping over expert and non-expert parameters: the norm of the whole model's gradient,
-as one process holding every parameter would compute it.
+"""Gradient-norm clipping over expert and non-expert parameters: the norm of the whole model's
+gradient, as one process holding every parameter would compute it.
 
-Where each piece of the gradient lives decides which ranks' pieces are summed (p-th powers; max for inf):
+Where each piece of the gradient lives decides which ranks' pieces are summed (p-th powers; max for
+inf):
   non-expert, plain tensor (replicated, e.g. after a DP all-reduce)   counted once, no reduction
-  non-expert, DTensor (FSDP shard)                                    summed over the mesh dims it is sharded on
-  expert, plain tensor (this EP rank's experts, replicated over EDP)  summed over the EP group only
-  expert, DTensor (FSDP shard over EDP)                               over its shard dims (EDP), then the EP group
-Expert norms are summed across the EP group (each rank holds other experts), never averaged, and never
-summed over EDP replicas, which hold copies.
-"""
+  non-expert, DTensor (FSDP shard)                                    summed over the mesh dims it
+  is sharded on expert, plain tensor (this EP rank's experts, replicated over EDP)  summed over the
+  EP group only expert, DTensor (FSDP shard over EDP)                               over its shard
+  dims (EDP), then the EP group
+Expert norms are summed across the EP group (each rank holds other experts), never averaged, and
+never summed over EDP replicas, which hold copies. """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +36,11 @@ def _reduction_groups(p: torch.Tensor, grad: torch.Tensor, groups) -> tuple:
 
 
 @torch.no_grad()
-def total_grad_norm(parameters: Iterable[torch.Tensor], groups, norm_type: float = 2.0) -> torch.Tensor:
-    """The global gradient norm (float32 scalar, identical on every rank). Collective: call on all ranks."""
+def total_grad_norm(
+    parameters: Iterable[torch.Tensor], groups, norm_type: float = 2.0
+) -> torch.Tensor:
+    """The global gradient norm (float32 scalar, identical on every rank). Collective: call on all
+    ranks."""
     norm_type = float(norm_type)
     is_inf = math.isinf(norm_type)
     # Parameters are visited in model order, the same on every rank, so every rank issues the same
@@ -61,18 +66,26 @@ def total_grad_norm(parameters: Iterable[torch.Tensor], groups, norm_type: float
     total = None
     for key, value in partial_by_groups.items():
         for group in key:
-            dist.all_reduce(value, op=dist.ReduceOp.MAX if is_inf else dist.ReduceOp.SUM, group=group)
-        total = value if total is None else (torch.maximum(total, value) if is_inf else total + value)
+            dist.all_reduce(
+                value, op=dist.ReduceOp.MAX if is_inf else dist.ReduceOp.SUM, group=group
+            )
+        total = (
+            value if total is None else (torch.maximum(total, value) if is_inf else total + value)
+        )
     if total is None:
         return torch.zeros((), dtype=torch.float32)
     return total if is_inf else total ** (1.0 / norm_type)
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float, groups,
-                    norm_type: float = 2.0) -> torch.Tensor:
-    """Scales gradients in place so that their global norm is at most max_norm; returns the norm before
-    clipping. `groups` is the ParallelGroups the model was built with (None: one process)."""
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor] | torch.Tensor,
+    max_norm: float,
+    groups,
+    norm_type: float = 2.0,
+) -> torch.Tensor:
+    """Scales gradients in place so that their global norm is at most max_norm; returns the norm
+    before clipping. `groups` is the ParallelGroups the model was built with (None: one process)."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     parameters = list(parameters)

@@ -1,10 +1,10 @@
 """Plain data parallelism for models holding MoELayers (no sharding): after backward, average every
 gradient the way one process on the whole global batch would have it.
 
-Non-expert gradients: mean over the DP group (all ranks). Expert gradients: summed over the EDP group
-and divided by the whole DP degree W, because the all-to-all backward has already summed the
-contributions of the EP row into each expert (fsdp.py explains the arithmetic).
-"""
+Non-expert gradients: mean over the DP group (all ranks). Expert gradients: summed over the EDP
+group and divided by the whole DP degree W, because the all-to-all backward has already summed the
+contributions of the EP row into each expert (fsdp.py explains the arithmetic). """
+
 from __future__ import annotations
 
 import torch
@@ -29,7 +29,8 @@ def _sum_and_scale(grads: list[torch.Tensor], group, scale: float) -> None:
 
 @torch.no_grad()
 def allreduce_gradients(model: nn.Module, groups) -> None:
-    """Collective over all ranks; parameters without a gradient get zeros so every rank sends the same."""
+    """Collective over all ranks; parameters without a gradient get zeros so every rank sends the
+    same."""
     dense, expert = [], []
     for p in model.parameters():
         if not p.requires_grad:

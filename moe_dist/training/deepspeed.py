@@ -1,7 +1,7 @@
 """DeepSpeed (ZeRO stage 0, 1, 2) for models holding moe_dist MoELayers.
 
-What DeepSpeed needs to treat our layers as MoE, and how it gets it here:
-- its group registry (deepspeed.utils.groups) holds, under the name "ep_size_N", the expert-parallel and
+What DeepSpeed needs to treat our layers as MoE, and how it gets it here: - its group registry
+(deepspeed.utils.groups) holds, under the name "ep_size_N", the expert-parallel and
   expert-data-parallel groups; DeepSpeed creates its own only where a name is missing, so
   `register_groups` puts moe_dist's there first and DeepSpeed uses our groups and rank order;
 - expert parameters carry allreduce=False and group_name="ep_size_N" (MoELayer tags them);
@@ -9,15 +9,17 @@ What DeepSpeed needs to treat our layers as MoE, and how it gets it here:
   the EDP group, and whose gradients it reduces over the EDP group only;
 - the engine must know the model has MoE layers. DeepSpeed only recognises its own MoE class, so the
   engine built here is a small subclass that also recognises MoELayer and stores our experts in
-  DeepSpeed's one-file-per-expert checkpoint layout (by global expert index, so a DeepSpeed checkpoint's
-  weights reload at another EP size). `initialize` has deepspeed.initialize build that subclass;
-- under ZeRO-0 in fp32 DeepSpeed clips with the mean of per-rank norms, which is not the global norm when
-  ranks hold different experts; the subclass clips with moe_dist.clip_grad_norm_ (ZeRO-1/2 and the bf16
-  optimizer already sum expert norms over the EP group).
+  DeepSpeed's one-file-per-expert checkpoint layout (by global expert index, so a DeepSpeed
+  checkpoint's weights reload at another EP size). `initialize` has deepspeed.initialize build that
+  subclass;
+- under ZeRO-0 in fp32 DeepSpeed clips with the mean of per-rank norms, which is not the global norm
+when
+  ranks hold different experts; the subclass clips with moe_dist.clip_grad_norm_ (ZeRO-1/2 and the
+  bf16 optimizer already sum expert norms over the EP group).
 
-DeepSpeed divides expert gradients by the whole data-parallel degree after summing them over EDP, which
-is what EP=N == EP=1 needs (fsdp.py has the arithmetic).
-"""
+DeepSpeed divides expert gradients by the whole data-parallel degree after summing them over EDP,
+which is what EP=N == EP=1 needs (fsdp.py has the arithmetic). """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,14 +37,16 @@ from moe_dist.layer import MoELayer, is_expert_param
 _ENGINE_SWAP_LOCK = threading.Lock()
 
 
-# -- groups -------------------------------------------------------------------------------------------------
+# -- groups
+# -------------------------------------------------------------------------------------------------
 def group_name(groups) -> str:
     return f"ep_size_{groups.ep_size}"
 
 
 def register_groups(groups) -> str:
     """Registers groups.ep_group / groups.edp_group in DeepSpeed's registry; returns the name used.
-    An entry already there under the same name is replaced: DeepSpeed must reduce over our groups."""
+    An entry already there under the same name is replaced: DeepSpeed must reduce over our groups.
+    """
     from deepspeed.utils import groups as ds_groups
 
     name = group_name(groups)
@@ -58,22 +62,30 @@ def unregister_groups(groups) -> None:
     from deepspeed.utils import groups as ds_groups
 
     name = group_name(groups)
-    for registry in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
-                     ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+    for registry in (
+        ds_groups._EXPERT_PARALLEL_GROUP,
+        ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+        ds_groups._EXPERT_DATA_PARALLEL_GROUP,
+        ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+    ):
         registry.pop(name, None)
 
 
-# -- optimizer parameter groups -------------------------------------------------------------------------------
+# -- optimizer parameter groups
+# -------------------------------------------------------------------------------
 def moe_param_groups(model: nn.Module, **options) -> list[dict]:
     """Parameter groups for the optimizer: the dense parameters, then one MoE group per "ep_size_N"
     (options such as lr or weight_decay apply to every group)."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
-    return split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "dense", **options})
+    return split_params_into_different_moe_groups_for_optimizer(
+        {"params": params, "name": "dense", **options}
+    )
 
 
-# -- config ------------------------------------------------------------------------------------------------
+# -- config
+# ------------------------------------------------------------------------------------------------
 def checked_config(config: dict | str) -> dict:
     """A copy of the DeepSpeed config with the MoE requirements checked and defaults filled in."""
     if isinstance(config, (str, os.PathLike)):
@@ -83,23 +95,29 @@ def checked_config(config: dict | str) -> dict:
     zero = config.setdefault("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     if stage == 3:
-        raise ValueError("zero_optimization.stage 3 is not supported for models with MoE layers: DeepSpeed "
-                         "refuses native MoE under ZeRO-3. Use stage 0, 1 or 2, or shard with FSDP2 "
-                         "(moe_dist.training.fsdp.shard), which shards experts over the EDP mesh.")
+        raise ValueError(
+            "zero_optimization.stage 3 is not supported for models with MoE layers: DeepSpeed "
+            "refuses native MoE under ZeRO-3. Use stage 0, 1 or 2, or shard with FSDP2 "
+            "(moe_dist.training.fsdp.shard), which shards experts over the EDP mesh."
+        )
     if stage not in (0, 1, 2):
         raise ValueError(f"zero_optimization.stage must be 0, 1 or 2, got {zero.get('stage')!r}")
     if stage == 2:
-        # DeepSpeed's MoE support under ZeRO-2 needs both (it asserts, without saying which config key).
+        # DeepSpeed's MoE support under ZeRO-2 needs both (it asserts, without saying which config
+        # key).
         for key in ("contiguous_gradients", "reduce_scatter"):
             if zero.get(key) is False:
-                raise ValueError(f"zero_optimization.{key} must be true for MoE under ZeRO stage 2, got false")
+                raise ValueError(
+                    f"zero_optimization.{key} must be true for MoE under ZeRO stage 2, got false"
+                )
             zero[key] = True
     if config.get("hybrid_engine", {}).get("enabled"):
         raise ValueError("hybrid_engine is not supported with moe_dist MoE layers")
     return config
 
 
-# -- the engine ------------------------------------------------------------------------------------------------
+# -- the engine
+# ------------------------------------------------------------------------------------------------
 def _moe_layers(module: nn.Module) -> list[tuple[str, MoELayer]]:
     return [(name, m) for name, m in module.named_modules() if isinstance(m, MoELayer)]
 
@@ -114,8 +132,9 @@ def _engine_class():
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     class MoEDistEngine(DeepSpeedEngine):
-        """DeepSpeedEngine that knows moe_dist's MoELayer: MoE gradient reduction and ZeRO MoE groups
-        switch on, and checkpoints store each expert in its own file under its global index."""
+        """DeepSpeedEngine that knows moe_dist's MoELayer: MoE gradient reduction and ZeRO MoE
+        groups switch on, and checkpoints store each expert in its own file under its global
+        index."""
 
         def _configure_distributed_model(self, model):
             super()._configure_distributed_model(model)
@@ -125,14 +144,20 @@ def _engine_class():
                 self.num_experts.extend(layer.cfg.num_experts for _, layer in layers)
 
         def clip_fp32_gradients(self):
-            # ZeRO-0 fp32: DeepSpeed averages the per-rank norms over the DP group, which is not the global
-            # norm when ranks hold different experts; ours sums expert norms over the EP group.
+            # ZeRO-0 fp32: DeepSpeed averages the per-rank norms over the DP group, which is not the
+            # global norm when ranks hold different experts; ours sums expert norms over the EP
+            # group.
             from ..clip import clip_grad_norm_
-            self._global_grad_norm = float(clip_grad_norm_(self.module.parameters(), self.gradient_clipping(),
-                                                           self.moe_dist_groups))
 
-        # Checkpoints: DeepSpeed's non-expert file must not carry our experts (it is written by DP rank 0
-        # alone and read by every rank), so they go to layer_{L}_expert_{e}_mp_rank_00_model_states.pt.
+            self._global_grad_norm = float(
+                clip_grad_norm_(
+                    self.module.parameters(), self.gradient_clipping(), self.moe_dist_groups
+                )
+            )
+
+        # Checkpoints: DeepSpeed's non-expert file must not carry our experts (it is written by DP
+        # rank 0 alone and read by every rank), so they go to
+        # layer_{L}_expert_{e}_mp_rank_00_model_states.pt.
         def _get_non_moe_state_dict(self, full_state_dict):
             full_state_dict = super()._get_non_moe_state_dict(full_state_dict)
             for name, layer in _moe_layers(self.module):
@@ -140,7 +165,9 @@ def _engine_class():
                     full_state_dict.pop(key, None)
             return full_state_dict
 
-        def _save_moe_checkpoint(self, save_dir, tag, client_state={}, exclude_frozen_parameters=False):
+        def _save_moe_checkpoint(
+            self, save_dir, tag, client_state={}, exclude_frozen_parameters=False
+        ):
             from deepspeed.utils import groups as ds_groups
 
             for layer_id, (name, layer) in enumerate(_moe_layers(self.module)):
@@ -149,13 +176,24 @@ def _engine_class():
                     continue  # EDP replicas hold the same experts; one of them writes
                 first = layer.experts.first_expert
                 for local in range(layer.experts.num_local):
-                    state = {key: getattr(layer.experts, key.rsplit(".", 1)[1])[local].detach().clone()
-                             for key in _expert_keys(name, layer)}
-                    path = self._get_expert_ckpt_name(save_dir, layer_id, first + local, tag,
-                                                      checkpoint_mp_rank=self.checkpoint_mp_rank)
+                    state = {
+                        key: getattr(layer.experts, key.rsplit(".", 1)[1])[local].detach().clone()
+                        for key in _expert_keys(name, layer)
+                    }
+                    path = self._get_expert_ckpt_name(
+                        save_dir,
+                        layer_id,
+                        first + local,
+                        tag,
+                        checkpoint_mp_rank=self.checkpoint_mp_rank,
+                    )
                     self.checkpoint_engine.save(state, path)
-            super()._save_moe_checkpoint(save_dir, tag, client_state=client_state,
-                                         exclude_frozen_parameters=exclude_frozen_parameters)
+            super()._save_moe_checkpoint(
+                save_dir,
+                tag,
+                client_state=client_state,
+                exclude_frozen_parameters=exclude_frozen_parameters,
+            )
 
         def _load_checkpoint(self, load_dir, tag, *args, **kwargs):
             self._moe_dist_loading = (load_dir, tag)
@@ -175,12 +213,17 @@ def _engine_class():
             out = {}
             for layer_id, (name, layer) in enumerate(_moe_layers(self.module)):
                 per_key = {key: [] for key in _expert_keys(name, layer)}
-                for e in range(layer.experts.first_expert, layer.experts.first_expert + layer.experts.num_local):
-                    path = self._get_expert_ckpt_name(load_dir, layer_id, e, tag,
-                                                      checkpoint_mp_rank=self.checkpoint_mp_rank)
+                for e in range(
+                    layer.experts.first_expert, layer.experts.first_expert + layer.experts.num_local
+                ):
+                    path = self._get_expert_ckpt_name(
+                        load_dir, layer_id, e, tag, checkpoint_mp_rank=self.checkpoint_mp_rank
+                    )
                     if not os.path.exists(path):
-                        raise FileNotFoundError(f"DeepSpeed checkpoint {load_dir!r} (tag {tag!r}) has no file for "
-                                                f"expert {e} of MoE layer '{name}': {path}")
+                        raise FileNotFoundError(
+                            f"DeepSpeed checkpoint {load_dir!r} (tag {tag!r}) has no file for "
+                            f"expert {e} of MoE layer '{name}': {path}"
+                        )
                     state = torch.load(path, map_location="cpu", weights_only=True)
                     for key in per_key:
                         per_key[key].append(state[key])
@@ -196,7 +239,8 @@ def layer_group_name(layer: MoELayer) -> str:
 
 @contextlib.contextmanager
 def _engine_class_swapped(engine_cls):
-    """deepspeed.initialize builds `deepspeed.DeepSpeedEngine`; for the length of one call that is ours."""
+    """deepspeed.initialize builds `deepspeed.DeepSpeedEngine`; for the length of one call that is
+    ours."""
     import deepspeed
 
     with _ENGINE_SWAP_LOCK:
@@ -212,26 +256,33 @@ def initialize(model: nn.Module, groups, config: dict | str, **kwargs):
     """deepspeed.initialize for a model holding MoELayers built with `groups`; the same return:
     (engine, optimizer, training_dataloader, lr_scheduler).
 
-    Without `model_parameters` and without an optimizer object, the optimizer named in the config gets
-    `moe_param_groups(model)`. An optimizer object you pass must already hold MoE groups (build it on
-    `moe_param_groups(model)`)."""
+    Without `model_parameters` and without an optimizer object, the optimizer named in the config
+    gets `moe_param_groups(model)`. An optimizer object you pass must already hold MoE groups (build
+    it on `moe_param_groups(model)`)."""
     import deepspeed
 
     config = checked_config(config)
     layers = _moe_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} holds no moe_dist MoELayer; call deepspeed.initialize directly")
+        raise ValueError(
+            f"{type(model).__name__} holds no moe_dist MoELayer; call deepspeed.initialize directly"
+        )
     for layer_name, layer in layers:
         if layer_group_name(layer) != group_name(groups):
-            raise ValueError(f"MoE layer '{layer_name}' was built for {layer_group_name(layer)}, but groups has "
-                             f"ep_size {groups.ep_size} ({group_name(groups)})")
+            raise ValueError(
+                f"MoE layer '{layer_name}' was built for {layer_group_name(layer)}, but groups has "
+                f"ep_size {groups.ep_size} ({group_name(groups)})"
+            )
     register_groups(groups)
     optimizer = kwargs.get("optimizer")
     if isinstance(optimizer, torch.optim.Optimizer):
         if not any(g.get("moe") for g in optimizer.param_groups) and any(
-                is_expert_param(p) for g in optimizer.param_groups for p in g["params"]):
-            raise ValueError("the optimizer passed to initialize mixes expert and dense parameters in one group; "
-                             "build it on moe_dist.training.deepspeed.moe_param_groups(model)")
+            is_expert_param(p) for g in optimizer.param_groups for p in g["params"]
+        ):
+            raise ValueError(
+                "the optimizer passed to initialize mixes expert and dense parameters in one group;"
+                " build it on moe_dist.training.deepspeed.moe_param_groups(model)"
+            )
     elif kwargs.get("model_parameters") is None:
         kwargs["model_parameters"] = moe_param_groups(model)
     with _engine_class_swapped(_engine_class()):

@@ -8,6 +8,7 @@ rank of its EP row, so after FSDP's reduce-scatter (a sum over the EDP column) e
 sum over all W ranks of dL_r/dw. FSDP's default would divide by the EDP size (W/P), leaving the
 gradient P times too large; dividing by W gives exactly the EP=1 gradient.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -16,22 +17,34 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from moe_dist.layer import MoELayer, mark_expert_param
 
 
-def shard(model: nn.Module, groups, mp_policy: MixedPrecisionPolicy | None = None, *,
-          units: list[nn.Module] | None = None, reshard_after_forward: bool = True) -> nn.Module:
+def shard(
+    model: nn.Module,
+    groups,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    *,
+    units: list[nn.Module] | None = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
     """Applies fully_shard in place (and returns the model): each MoELayer's experts over
-    groups.mesh["edp"], each module of `units` (default: `default_units`, the transformer blocks) and
-    then the root over groups.dp_mesh."""
+    groups.mesh["edp"], each module of `units` (default: `default_units`, the transformer blocks)
+    and then the root over groups.dp_mesh."""
     moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if not moe_layers:
         raise ValueError(f"{type(model).__name__} holds no MoELayer; use fully_shard directly")
     mp_policy = mp_policy or MixedPrecisionPolicy()
     for layer in moe_layers:
         if layer.experts.w_in.shape[0] != layer.cfg.num_experts // groups.ep_size:
-            raise ValueError(f"MoE layer '{layer.name}' holds {layer.experts.w_in.shape[0]} experts, but "
-                             f"num_experts ({layer.cfg.num_experts}) / ep_size ({groups.ep_size}) = "
-                             f"{layer.cfg.num_experts // groups.ep_size}: built with other groups?")
-        fully_shard(layer.experts, mesh=groups.mesh["edp"], mp_policy=mp_policy,
-                    reshard_after_forward=reshard_after_forward)
+            raise ValueError(
+                f"MoE layer '{layer.name}' holds {layer.experts.w_in.shape[0]} experts, but "
+                f"num_experts ({layer.cfg.num_experts}) / ep_size ({groups.ep_size}) = "
+                f"{layer.cfg.num_experts // groups.ep_size}: built with other groups?"
+            )
+        fully_shard(
+            layer.experts,
+            mesh=groups.mesh["edp"],
+            mp_policy=mp_policy,
+            reshard_after_forward=reshard_after_forward,
+        )
         layer.experts.set_gradient_divide_factor(float(groups.world_size))
         if groups.backend != "nccl" and groups.edp_size > 1:
             # A divide factor other than the group size becomes NCCL's PREMUL_SUM, which gloo lacks:
@@ -43,19 +56,29 @@ def shard(model: nn.Module, groups, mp_policy: MixedPrecisionPolicy | None = Non
     if units is None:
         units = default_units(model)
     for unit in units:
-        fully_shard(unit, mesh=groups.dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=groups.dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(
+            unit,
+            mesh=groups.dp_mesh,
+            mp_policy=mp_policy,
+            reshard_after_forward=reshard_after_forward,
+        )
+    fully_shard(
+        model, mesh=groups.dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward
+    )
     return model
 
 
 def default_units(model: nn.Module) -> list[nn.Module]:
-    """The entries of the model's outermost nn.ModuleLists (the transformer blocks). ModuleLists nested in
-    those (a Chain-of-Experts layer's extra routers) stay inside their block's unit: a router is called
-    through `router.logits(...)`, not forward, so as a unit of its own FSDP would never unshard it."""
+    """The entries of the model's outermost nn.ModuleLists (the transformer blocks). ModuleLists
+    nested in those (a Chain-of-Experts layer's extra routers) stay inside their block's unit: a
+    router is called through `router.logits(...)`, not forward, so as a unit of its own FSDP would
+    never unshard it. """
     units: list[nn.Module] = []
     outer: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and not any(o == "" or name.startswith(o + ".") for o in outer):
+        if isinstance(module, nn.ModuleList) and not any(
+            o == "" or name.startswith(o + ".") for o in outer
+        ):
             outer.append(name)
             units.extend(module)
     return units
@@ -63,6 +86,7 @@ def default_units(model: nn.Module) -> list[nn.Module]:
 
 def is_fsdp_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
+
     return isinstance(model, FSDPModule)
 
 

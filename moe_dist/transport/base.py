@@ -9,6 +9,7 @@ and are ignored. `handle` is immutable and carries everything combine needs: tra
 per-call state, so several dispatches may be in flight at once (micro-batches, pipelined chunks).
 Legend: T tokens on this rank, H hidden, M received rows, G local experts.
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol
@@ -27,7 +28,9 @@ class Transport(Protocol):
     @property
     def num_local_experts(self) -> int: ...
 
-    def dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
+    def dispatch(
+        self, x_TH: torch.Tensor, plan: RoutingPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
 
     def combine(self, y_MH: torch.Tensor, handle: Any) -> torch.Tensor: ...
 

@@ -3,6 +3,7 @@
 Shape-static and sync-free: all T*K slots become rows; unused slots (top-p, capacity drops) sort
 last and are masked in combine. This is the base case the distributed transports generalise.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -3,6 +3,7 @@ backward is the inverse permutation (a gather, never an atomic scatter).
 
 Legend: T tokens, K slots per token, S = T*K slots, E experts, H hidden.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 @dataclass(frozen=True)
 class SlotOrder:
     """Slots sorted by expert (stable: token order within an expert); unused slots (-1) last."""
+
     order_S: torch.Tensor  # sorted position -> slot id
     inverse_S: torch.Tensor  # slot id -> sorted position
     counts_E: torch.Tensor  # int64 routed slots per expert
@@ -43,7 +45,8 @@ class _PermuteRows(torch.autograd.Function):
 
 
 def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """x[index] for a bijection `index`; the backward gathers with `inverse` instead of scattering."""
+    """x[index] for a bijection `index`; the backward gathers with `inverse` instead of
+    scattering."""
     return _PermuteRows.apply(x, index, inverse)
 
 
@@ -57,7 +60,9 @@ class _GatherTokenCopies(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_SH):
         inverse_S, used_TK = ctx.saved_tensors
-        grad_TKH = grad_SH.index_select(0, inverse_S).view(grad_SH.shape[0] // ctx.k, ctx.k, grad_SH.shape[-1])
+        grad_TKH = grad_SH.index_select(0, inverse_S).view(
+            grad_SH.shape[0] // ctx.k, ctx.k, grad_SH.shape[-1]
+        )
         if used_TK is not None:
             # Rows of unused slots were never computed by the grouped GEMM: their "gradient" is
             # uninitialised memory, not zero, and must not reach the tokens.
@@ -65,15 +70,17 @@ class _GatherTokenCopies(torch.autograd.Function):
         return grad_TKH.sum(1), None, None, None, None
 
 
-def gather_token_copies(x_TH: torch.Tensor, slots: SlotOrder, k: int,
-                        used_TK: torch.Tensor | None = None) -> torch.Tensor:
+def gather_token_copies(
+    x_TH: torch.Tensor, slots: SlotOrder, k: int, used_TK: torch.Tensor | None = None
+) -> torch.Tensor:
     """One row per slot, in expert-sorted order: row i is the token of slot order_S[i].
     Pass `used_TK` when some slots are unused so their rows' gradients are ignored."""
     return _GatherTokenCopies.apply(x_TH, slots.order_S, slots.inverse_S, k, used_TK)
 
 
-def weighted_sum_of_slots(y_SH: torch.Tensor, slots: SlotOrder, weights_TK: torch.Tensor,
-                          used_TK: torch.Tensor | None) -> torch.Tensor:
+def weighted_sum_of_slots(
+    y_SH: torch.Tensor, slots: SlotOrder, weights_TK: torch.Tensor, used_TK: torch.Tensor | None
+) -> torch.Tensor:
     """Back to slot order, then out[t] = sum_k w[t, k] * y[t, k]. Unused slots contribute exactly 0,
     even where their rows were never computed (uninitialised memory may hold NaN)."""
     T, K = weights_TK.shape
@@ -84,8 +91,8 @@ def weighted_sum_of_slots(y_SH: torch.Tensor, slots: SlotOrder, weights_TK: torc
 
 
 class _WeightedSum(torch.autograd.Function):
-    """out[t] = sum_k w[t, k] * y[t, k]: K fused multiply-adds over rows. (An einsum becomes a bmm with
-    inner size K, and its backward an fp32 GEMM: several times slower for K = 2..8.)"""
+    """out[t] = sum_k w[t, k] * y[t, k]: K fused multiply-adds over rows. (An einsum becomes a bmm
+    with inner size K, and its backward an fp32 GEMM: several times slower for K = 2..8.)"""
 
     @staticmethod
     def forward(ctx, y_TKH, w_TK):
@@ -108,13 +115,15 @@ def sum_weighted_slots(y_TKH: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
     w = w_TK.to(y_TKH.dtype)
     out = y_TKH[:, 0] * w[:, :1]
     for k in range(1, y_TKH.shape[1]):
-        out.addcmul_(y_TKH[:, k], w[:, k:k + 1])
+        out.addcmul_(y_TKH[:, k], w[:, k : k + 1])
     return out
 
 
 def slot_weight_grad(y_TKH: torch.Tensor, grad_TH: torch.Tensor) -> torch.Tensor:
     """d out / d w[t, k] = <y[t, k], grad[t]>, accumulated in float32."""
-    return torch.stack([(y_TKH[:, k] * grad_TH).sum(-1, dtype=torch.float32) for k in range(y_TKH.shape[1])], 1)
+    return torch.stack(
+        [(y_TKH[:, k] * grad_TH).sum(-1, dtype=torch.float32) for k in range(y_TKH.shape[1])], 1
+    )
 
 
 def weighted_sum_over_slots(y_TKH: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:

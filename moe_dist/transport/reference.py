@@ -1,10 +1,12 @@
-"""Pure-torch oracle: every rank gathers everything and picks out its part. Slow and obviously right.
+"""Pure-torch oracle: every rank gathers everything and picks out its part. Slow and obviously
+right.
 
 Dispatch order (the contract every transport meets): rows grouped by local expert; within an expert,
 by source rank; within a source, by token then slot. Combine puts each row back at (source, token,
 slot) and takes the weighted sum. Works over any process group (gloo included).
 Legend: T tokens on this rank, K slots/token, H hidden, N ranks, G local experts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,7 +19,9 @@ from ..routing import RoutingPlan
 
 
 def _gather_sizes(n: int, group, device) -> list[int]:
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+    sizes = [
+        torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))
+    ]
     dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=device), group=group)
     return [int(s) for s in sizes]
 
@@ -39,11 +43,15 @@ class _AllGatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         chunks = grad.split(ctx.sizes)
-        padded = torch.stack([torch.cat([c, c.new_zeros((ctx.width - c.shape[0],) + tuple(c.shape[1:]))])
-                              for c in chunks])
+        padded = torch.stack(
+            [
+                torch.cat([c, c.new_zeros((ctx.width - c.shape[0],) + tuple(c.shape[1:]))])
+                for c in chunks
+            ]
+        )
         dist.all_reduce(padded, group=ctx.group)
         me = dist.get_rank(ctx.group)
-        return padded[me, :ctx.sizes[me]], None
+        return padded[me, : ctx.sizes[me]], None
 
 
 def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
@@ -61,8 +69,12 @@ class ReferenceHandle:
 class ReferenceTransport:
     name = "reference"
 
-    def __init__(self, num_experts: int, group: dist.ProcessGroup | None = None,
-                 load_group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        num_experts: int,
+        group: dist.ProcessGroup | None = None,
+        load_group: dist.ProcessGroup | None = None,
+    ):
         self.num_experts = num_experts
         self.group = group
         self.load_group = load_group
@@ -105,14 +117,17 @@ class ReferenceTransport:
 
     def combine(self, y_MH: torch.Tensor, h: ReferenceHandle) -> torch.Tensor:
         T, K = h.weights_TK.shape
-        y_MH = y_MH[:h.source_M.numel()]
+        y_MH = y_MH[: h.source_M.numel()]
         all_y = self._gather(y_MH)
         all_src, all_tok, all_slot = (self._gather(v) for v in (h.source_M, h.token_M, h.slot_M))
         mine = (all_src == self.ep_rank).nonzero().flatten()
         y_TKH = y_MH.new_zeros(T * K, y_MH.shape[-1]).index_put(
-            (all_tok[mine] * K + all_slot[mine],), all_y[mine])
+            (all_tok[mine] * K + all_slot[mine],), all_y[mine]
+        )
         y_TKH = y_TKH.view(T, K, y_MH.shape[-1])
-        return (y_TKH * h.weights_TK.to(y_TKH.dtype).unsqueeze(-1)).sum(1)  # plain autograd: the oracle
+        return (y_TKH * h.weights_TK.to(y_TKH.dtype).unsqueeze(-1)).sum(
+            1
+        )  # plain autograd: the oracle
 
     def global_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tokens_per_expert_E.clone(), self.load_group)

@@ -57,7 +57,8 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0) -> Non
     while not errors.empty():
         failures.append(errors.get())
     if failures:
-        # A crash on one rank makes its peers fail with 'connection closed': show the root cause first.
+        # A crash on one rank makes its peers fail with 'connection closed': show the root cause
+        # first.
         failures.sort(key=lambda f: ("closed by peer" in f[1] or "Connection reset" in f[1], f[0]))
         text = "\n".join(f"--- rank {r} of {world_size}:\n{tb}" for r, tb in failures)
         raise AssertionError(f"{len(failures)} rank(s) failed; first the likely root cause:\n{text}")

@@ -1,5 +1,5 @@
-"""Chain-of-Experts at EP=2 equals EP=1 (outputs, aux loss, counts, input and weight gradients, router
-biases after training steps), over gloo with 2 CPU processes; and EP=1 equals the plain-torch
+"""Chain-of-Experts at EP=2 equals EP=1 (outputs, aux loss, counts, input and weight gradients,
+router biases after training steps), over gloo with 2 CPU processes; and EP=1 equals the plain-torch
 reference (tests/unit/test_interop_coe.py), so EP=2 does too.
 
 Both layers are built under the same seed on every rank (EP-invariant initialisation, no copying).

@@ -1,8 +1,8 @@
-"""Hugging Face interop at EP=2 over gloo: every rank builds the same tiny random model, computes HF's
-logits on its own tokens (different batch shapes per rank), replaces the MoE blocks expert-parallel
-(each rank keeps only its half of the experts) and must get the same logits (fp32, rtol 1e-5).
-Training: the loss on each rank and, for expert weights, the gradient summed over ranks match HF.
-"""
+"""Hugging Face interop at EP=2 over gloo: every rank builds the same tiny random model, computes
+HF's logits on its own tokens (different batch shapes per rank), replaces the MoE blocks
+expert-parallel (each rank keeps only its half of the experts) and must get the same logits (fp32,
+rtol 1e-5). Training: the loss on each rank and, for expert weights, the gradient summed over ranks
+match HF. """
 from __future__ import annotations
 
 import pytest
@@ -56,9 +56,11 @@ def scenario_training(families):
         loss.backward()
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
         for (name, block_ref), (_, block) in zip(find_moe_blocks(ref), find_moe_blocks(model)):
-            # Router: this rank's tokens only (a data-parallel all-reduce is the trainer's business).
+            # Router: this rank's tokens only (a data-parallel all-reduce is the trainer's
+            # business).
             torch.testing.assert_close(block.moe.router.weight.grad, block_ref.gate.weight.grad, rtol=1e-4, atol=1e-6)
-            # Experts: this rank's experts saw every rank's tokens, so their gradient is HF's summed over ranks.
+            # Experts: this rank's experts saw every rank's tokens, so their gradient is HF's summed
+            # over ranks.
             for ours, theirs in ((block.moe.experts.w_in, block_ref.experts.gate_up_proj),
                                  (block.moe.experts.w_out, block_ref.experts.down_proj)):
                 total = theirs.grad.clone()

@@ -1,6 +1,7 @@
-"""Chunked pipeline over gloo (collective transport), EP=2 and EP=4: pipelined == unpipelined in outputs,
-aux loss, counts and gradients. Token counts differ per rank, one rank has none, and some chunks are
-empty on some ranks only: every rank must still make the same transport calls, or the run hangs.
+"""Chunked pipeline over gloo (collective transport), EP=2 and EP=4: pipelined == unpipelined in
+outputs, aux loss, counts and gradients. Token counts differ per rank, one rank has none, and some
+chunks are empty on some ranks only: every rank must still make the same transport calls, or the run
+hangs.
 
 Legend: T tokens on this rank, H hidden, E experts, C chunks.
 """

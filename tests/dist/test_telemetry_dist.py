@@ -1,5 +1,5 @@
-"""Over gloo: telemetry reduced across EP ranks equals EP=1 telemetry on everyone's tokens, and models
-compressed at EP=1 load and run at EP=2 with the EP=1 outputs."""
+"""Over gloo: telemetry reduced across EP ranks equals EP=1 telemetry on everyone's tokens, and
+models compressed at EP=1 load and run at EP=2 with the EP=1 outputs."""
 from __future__ import annotations
 
 import dataclasses
@@ -55,7 +55,8 @@ def test_telemetry_reduce_equals_ep1():
 
 
 def load_full_state(model: nn.Module, state: dict, ep_rank: int, ep_size: int) -> None:
-    """Loads an EP=1 state dict into an EP=N model: expert tensors keep this rank's slice of experts."""
+    """Loads an EP=1 state dict into an EP=N model: expert tensors keep this rank's slice of
+    experts."""
     params = dict(model.named_parameters())
     own = {}
     for key, value in state.items():
@@ -68,7 +69,8 @@ def load_full_state(model: nn.Module, state: dict, ep_rank: int, ep_size: int) -
 
 def scenario_compressed_at_ep(world: int, path: str):
     """Every rank compresses the same EP=1 model (calibration is deterministic), saves it with
-    moe_dist.training.checkpoint (collective) and reloads it into an EP=2 model built from the new config."""
+    moe_dist.training.checkpoint (collective) and reloads it into an EP=2 model built from the new
+    config."""
     from moe_dist.training import checkpoint
 
     rank = dist.get_rank()

@@ -1,9 +1,10 @@
 """Checkpoints reshard across EP sizes and resume training exactly (four gloo processes).
 
 - saved at EP=4 (FSDP2) after some training, then passed along EP=2 (FSDP2) -> EP=1 (FSDP2) -> EP=1
-  replicated -> EP=4 (FSDP2), each loading the previous one's checkpoint into a model built from another
-  seed and saving its own: the same logits at every step;
-- model + optimizer saved at EP=4 after 2 steps and resumed at EP=4 and at EP=2: the next steps' losses
+  replicated -> EP=4 (FSDP2), each loading the previous one's checkpoint into a model built from
+  another seed and saving its own: the same logits at every step;
+- model + optimizer saved at EP=4 after 2 steps and resumed at EP=4 and at EP=2: the next steps'
+losses
   equal those of the run that never stopped;
 - a checkpoint of another model shape fails naming the tensor.
 """
@@ -60,8 +61,9 @@ def scenario_reshard_and_resume(root: str):
     uninterrupted = train(base, groups, range(2, 4))
     assert uninterrupted[-1] < first[0], (first, uninterrupted)
 
-    # Weights only, along a chain EP=4 -> EP=2 -> EP=1 -> EP=4: each model loads the previous one's checkpoint,
-    # gives the first model's logits, and saves its own (at its EP size, FSDP-sharded or replicated).
+    # Weights only, along a chain EP=4 -> EP=2 -> EP=1 -> EP=4: each model loads the previous one's
+    # checkpoint, gives the first model's logits, and saves its own (at its EP size, FSDP-sharded or
+    # replicated).
     source = "ep4"
     for ep, kind in ((2, "fsdp"), (1, "fsdp"), (1, "none"), (4, "fsdp")):
         other, other_groups = trainer(ep, kind, seed=7)

@@ -1,8 +1,9 @@
-"""moe_dist.clip_grad_norm_ equals torch.nn.utils.clip_grad_norm_ of one process holding the whole model.
+"""moe_dist.clip_grad_norm_ equals torch.nn.utils.clip_grad_norm_ of one process holding the whole
+model.
 
-Four gloo processes, replicated and FSDP2-sharded models at EP=2 and EP=4, L2 and inf norms. The clipped
-gradients are gathered back to whole tensors (experts by global index) and compared element by element.
-"""
+Four gloo processes, replicated and FSDP2-sharded models at EP=2 and EP=4, L2 and inf norms. The
+clipped gradients are gathered back to whole tensors (experts by global index) and compared element
+by element. """
 from __future__ import annotations
 
 import pytest

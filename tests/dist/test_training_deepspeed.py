@@ -1,8 +1,7 @@
-"""DeepSpeed integration: our groups in DeepSpeed's registry, MoE optimizer groups partitioned over EDP,
-DeepSpeed checkpoints that resume exactly and whose experts reload at another EP size, moe_dist checkpoints
-of an engine's model, ZeRO-3 refused.
-(EP=N == EP=1 training under ZeRO-0/1/2 is in test_training_equivalence.py.)
-"""
+"""DeepSpeed integration: our groups in DeepSpeed's registry, MoE optimizer groups partitioned over
+EDP, DeepSpeed checkpoints that resume exactly and whose experts reload at another EP size, moe_dist
+checkpoints of an engine's model, ZeRO-3 refused. (EP=N == EP=1 training under ZeRO-0/1/2 is in
+test_training_equivalence.py.) """
 from __future__ import annotations
 
 import os

@@ -1,10 +1,11 @@
-"""Training at EP=2 and EP=4 equals EP=1 on the same global batch: FSDP2, DeepSpeed ZeRO-1/2, plain DP.
+"""Training at EP=2 and EP=4 equals EP=1 on the same global batch: FSDP2, DeepSpeed ZeRO-1/2, plain
+DP.
 
-Four gloo processes train the example model for a few AdamW steps (gradient clipping on) at each EP size;
-every rank also trains a single-process reference (no collectives, the global batch as one micro-batch
-per rank, losses averaged: what data parallelism computes) and the losses of every run must match it.
-Clipping is checked on its own against torch.nn.utils.clip_grad_norm_ of the same single-process gradient.
-"""
+Four gloo processes train the example model for a few AdamW steps (gradient clipping on) at each EP
+size; every rank also trains a single-process reference (no collectives, the global batch as one
+micro-batch per rank, losses averaged: what data parallelism computes) and the losses of every run
+must match it. Clipping is checked on its own against torch.nn.utils.clip_grad_norm_ of the same
+single-process gradient. """
 from __future__ import annotations
 
 import math

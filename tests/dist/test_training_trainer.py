@@ -1,6 +1,6 @@
-"""`python -m moe_dist.lm.train` under a real torchrun (two gloo processes): the loss falls, the run ends with
-its summary line and exit 0, and a run resumed from a mid-run checkpoint repeats the uninterrupted curve;
---coe-iterations 2 trains the example model with Chain-of-Experts FFNs."""
+"""`python -m moe_dist.lm.train` under a real torchrun (two gloo processes): the loss falls, the run
+ends with its summary line and exit 0, and a run resumed from a mid-run checkpoint repeats the
+uninterrupted curve; --coe-iterations 2 trains the example model with Chain-of-Experts FFNs."""
 from __future__ import annotations
 
 import json
@@ -63,8 +63,8 @@ def test_deepspeed_trainer_loss_falls_and_resume_repeats_the_curve(tmp_path):
 
 
 def test_trainer_selects_chain_of_experts_and_its_loss_falls(tmp_path):
-    """--coe-iterations 2 builds Chain-of-Experts FFNs (FSDP2, EP=2: the extra routers stay inside their
-    block's FSDP unit), says so, records it in the JSON, and trains."""
+    """--coe-iterations 2 builds Chain-of-Experts FFNs (FSDP2, EP=2: the extra routers stay inside
+    their block's FSDP unit), says so, records it in the JSON, and trains."""
     out = torchrun("--ep", "2", "--backend", "fsdp", "--steps", "20", "--coe-iterations", "2",
                    "--json", str(tmp_path / "coe.json"), *FAST)
     run = read_curve(tmp_path / "coe.json")
@@ -72,7 +72,8 @@ def test_trainer_selects_chain_of_experts_and_its_loss_falls(tmp_path):
     assert run["moe_layer"] == "ChainOfExperts", run
     assert "Chain-of-Experts FFNs (2 iterations x top-2)" in out, out
     assert "dropped 0" in out, out
-    # Routing telemetry sees every pass: 2 layers x 2 passes x 20 steps x 2 ranks forwards, no slot dropped.
+    # Routing telemetry sees every pass: 2 layers x 2 passes x 20 steps x 2 ranks forwards, no slot
+    # dropped.
     assert run["routing"].startswith("routing 2 layers 80 steps") and "dropped 0.00%" in run["routing"], run
     assert run["routing"] in out, out
     assert run["final_loss"] < run["first_loss"] - 1.0, run

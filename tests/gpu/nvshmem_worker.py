@@ -1,6 +1,8 @@
-"""Runs under torchrun on ONE GPU with N processes (NVSHMEM PEs sharing the GPU): the nvshmem transport
-against the reference transport, forward and backward; no host sync; CUDA-graph capture; overflow and
-timeout errors. Prints 'NVSHMEM WORKER OK <n>' on success. Used by tests/gpu/test_nvshmem.py."""
+"""Runs under torchrun on ONE GPU with N processes (NVSHMEM PEs sharing the GPU): the nvshmem
+transport against the reference transport, forward and backward; no host sync; CUDA-graph capture;
+overflow and timeout errors. Prints 'NVSHMEM WORKER OK <n>' on success. Used by
+tests/gpu/test_nvshmem.py."""
+
 import os
 import sys
 import time
@@ -44,7 +46,8 @@ def pair(cfg, seed, dtype=torch.float32):
 
 
 def _grad(p):
-    # The loop oracle leaves experts that got no rows out of the graph (grad None): that is a zero gradient.
+    # The loop oracle leaves experts that got no rows out of the graph (grad None): that is a zero
+    # gradient.
     return torch.zeros_like(p) if p.grad is None else p.grad.clone()
 
 
@@ -56,7 +59,9 @@ def compare(cfg, seed, skew=False, dtype=torch.float32):
                 layer.router.weight.zero_()
                 layer.router.weight[3] = 5.0
     x = tokens(rank, seed, skew, cfg.hidden_size).to(dtype)
-    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(dev, dtype)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(
+        dev, dtype
+    )
     outs = []
     for layer in (fast, ref):
         xi = x.clone().requires_grad_(True)
@@ -69,36 +74,59 @@ def compare(cfg, seed, skew=False, dtype=torch.float32):
         torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-5)
         for n in gp1:
-            torch.testing.assert_close(gp1[n], gp2[n], rtol=1e-5, atol=1e-5, msg=lambda m: f"grad {n}: {m}")
+            torch.testing.assert_close(
+                gp1[n], gp2[n], rtol=1e-5, atol=1e-5, msg=lambda m: f"grad {n}: {m}"
+            )
     else:  # bf16 rounds at different points (the combine sums in fp32): relative error of the whole tensor
-        for n, a, b in [("output", y1, y2), ("input grad", gx1, gx2)] + [(f"grad {n}", gp1[n], gp2[n]) for n in gp1]:
+        for n, a, b in [("output", y1, y2), ("input grad", gx1, gx2)] + [
+            (f"grad {n}", gp1[n], gp2[n]) for n in gp1
+        ]:
             err = (a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)
-            assert err < 2e-2, f"rank {rank}: {n} differs from the reference by {err:.3g} (relative)"
+            assert (
+                err < 2e-2
+            ), f"rank {rank}: {n} differs from the reference by {err:.3g} (relative)"
     # stamps: the rows dispatched are the reference's rows, in the reference's order
     plan = fast.router(x)
     tok, counts, _ = fast.transport.dispatch(x, plan)
     rtok, rcounts, _ = ref.transport.dispatch(x, plan)
     n = int(counts.sum())
     assert torch.equal(counts, rcounts), (counts, rcounts)
-    assert torch.equal(tok[:n], rtok), f"rank {rank}: got (src, token) {tok[:n, :2].tolist()} want {rtok[:, :2].tolist()}"
-    mixed = f" (put to PEs {sorted(nvshmem_runtime.TEST_PUT_PEERS)})" if nvshmem_runtime.TEST_PUT_PEERS else ""
-    passed(f"equal cfg={cfg.router}/k{cfg.top_k} H={cfg.hidden_size} {str(dtype)[6:]} skew={skew} "
-           f"peers={cfg.nvshmem_peer_path}{mixed}")
+    assert torch.equal(
+        tok[:n], rtok
+    ), f"rank {rank}: got (src, token) {tok[:n, :2].tolist()} want {rtok[:, :2].tolist()}"
+    mixed = (
+        f" (put to PEs {sorted(nvshmem_runtime.TEST_PUT_PEERS)})"
+        if nvshmem_runtime.TEST_PUT_PEERS
+        else ""
+    )
+    passed(
+        f"equal cfg={cfg.router}/k{cfg.top_k} H={cfg.hidden_size} {str(dtype)[6:]} skew={skew} "
+        f"peers={cfg.nvshmem_peer_path}{mixed}"
+    )
 
 
-base = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=2, max_tokens_per_rank=64,
-                 expert_backend="loop", peer_timeout_s=20.0)
+base = MoEConfig(
+    hidden_size=H,
+    ffn_hidden_size=F,
+    num_experts=E,
+    top_k=2,
+    max_tokens_per_rank=64,
+    expert_backend="loop",
+    peer_timeout_s=20.0,
+)
 compare(base, 1)
 compare(base.replace(num_shared_experts=1), 2)
 compare(base.replace(router="top_p", top_k=3, top_p=0.6), 3)
 compare(base.replace(top_k=1), 4, skew=True)
 compare(base, 5, skew=True)
-# The put-with-signal path (for peers without P2P), forced for every peer: NVSHMEM puts to PEs on the same GPU.
+# The put-with-signal path (for peers without P2P), forced for every peer: NVSHMEM puts to PEs on
+# the same GPU.
 put = base.replace(nvshmem_peer_path="put")
 compare(put, 6)
 compare(put.replace(router="top_p", top_k=3, top_p=0.6, num_shared_experts=1), 7)
 compare(put.replace(top_k=1), 8, skew=True)
-# Rows of two chunks (the second partial) in bf16, all puts; then a mix: odd PEs by puts, the rest by stores.
+# Rows of two chunks (the second partial) in bf16, all puts; then a mix: odd PEs by puts, the rest
+# by stores.
 compare(put.replace(hidden_size=1500), 9, dtype=torch.bfloat16)
 nvshmem_runtime.TEST_PUT_PEERS = {pe for pe in range(world) if pe % 2}
 compare(base.replace(hidden_size=1500), 10)
@@ -106,11 +134,18 @@ compare(base.replace(hidden_size=1500, top_k=1), 11, skew=True, dtype=torch.bflo
 nvshmem_runtime.TEST_PUT_PEERS = set()
 
 # No host synchronisation between router and combine output, forward and backward (bf16 fast path).
-fast_cfg = base.replace(expert_backend="auto", error_check="deferred", hidden_size=64, ffn_hidden_size=32)
+fast_cfg = base.replace(
+    expert_backend="auto", error_check="deferred", hidden_size=64, ffn_hidden_size=32
+)
 for peer_path in ("put", "auto"):  # the last one's layer goes on to the CUDA-graph check
     torch.manual_seed(7)
-    layer = MoELayer(fast_cfg.replace(transport="nvshmem", nvshmem_peer_path=peer_path), groups, name="nosync",
-                     device=dev, dtype=torch.bfloat16)
+    layer = MoELayer(
+        fast_cfg.replace(transport="nvshmem", nvshmem_peer_path=peer_path),
+        groups,
+        name="nosync",
+        device=dev,
+        dtype=torch.bfloat16,
+    )
     x = tokens(rank, 7).to(torch.bfloat16).requires_grad_(True)
     for _ in range(2):  # warm-up compiles the Triton kernels (compilation itself may sync)
         layer(x).output.float().sum().backward()
@@ -143,8 +178,12 @@ passed("CUDA graph capture + replay")
 
 # Overflow: a receive buffer too small for the rows routed is an error, not silent loss.
 torch.manual_seed(9)
-small = MoELayer(base.replace(transport="nvshmem", nvshmem_recv_capacity=4, error_check="deferred"), groups,
-                 name="tiny_buffer", device=dev)
+small = MoELayer(
+    base.replace(transport="nvshmem", nvshmem_recv_capacity=4, error_check="deferred"),
+    groups,
+    name="tiny_buffer",
+    device=dev,
+)
 small(tokens(rank, 9) + 0.0)
 try:
     small.check_errors()
@@ -156,9 +195,15 @@ except BufferOverflow as e:
 # Timeout: rank 0 dispatches alone; it must get an error naming a peer, not hang.
 if world > 1:
     torch.manual_seed(10)
-    lonely = MoELayer(base.replace(transport="nvshmem", peer_timeout_s=2.0, error_check="deferred",
-                                   max_tokens_per_rank=32), groups, name="lonely", device=dev,
-                      dtype=torch.float32)  # a dtype: buffers made now, by every PE (a silent peer never would)
+    lonely = MoELayer(
+        base.replace(
+            transport="nvshmem", peer_timeout_s=2.0, error_check="deferred", max_tokens_per_rank=32
+        ),
+        groups,
+        name="lonely",
+        device=dev,
+        dtype=torch.float32,
+    )  # a dtype: buffers made now, by every PE (a silent peer never would)
     dist.barrier()
     if rank == 0:
         with torch.no_grad():
@@ -171,10 +216,15 @@ if world > 1:
             passed(f"timeout raises: {e}")
     dist.barrier()
     if rank == 0:
-        print(f"NVSHMEM WORKER OK {world} (bootstrap {bootstrap_method()}): " + "; ".join(checks), flush=True)
+        print(
+            f"NVSHMEM WORKER OK {world} (bootstrap {bootstrap_method()}): " + "; ".join(checks),
+            flush=True,
+        )
     if "mpi4py.MPI" in sys.modules:  # mpirun counts an exit without MPI_Finalize as a failure
         sys.modules["mpi4py.MPI"].Finalize()
     os._exit(0)  # skip NVSHMEM's teardown: after the timeout check the PEs are out of step
 
-print(f"NVSHMEM WORKER OK {world} (bootstrap {bootstrap_method()}): " + "; ".join(checks), flush=True)
+print(
+    f"NVSHMEM WORKER OK {world} (bootstrap {bootstrap_method()}): " + "; ".join(checks), flush=True
+)
 dist.barrier()

@@ -1,7 +1,8 @@
 """Runs under torchrun on ONE GPU with N processes (NVSHMEM PEs sharing it): the nvshmem transport
-pipelined over chunks (comm stream, per-chunk epochs) against the same transport unpipelined, forward
-and backward, two steps, uneven tokens and a rank with none. Prints 'OVERLAP WORKER OK <n>'.
+pipelined over chunks (comm stream, per-chunk epochs) against the same transport unpipelined,
+forward and backward, two steps, uneven tokens and a rank with none. Prints 'OVERLAP WORKER OK <n>'.
 Used by tests/gpu/test_overlap_gpu.py. Legend: T tokens, H hidden, E experts."""
+
 import os
 import sys
 
@@ -25,9 +26,18 @@ def fwd_bwd(layer, x, g):
     return out.detach(), counts, xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
 
 
-base = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=2, num_shared_experts=1,
-                 transport="nvshmem", max_tokens_per_rank=64, expert_backend="loop", peer_timeout_s=20.0,
-                 router_bias_update_rate=0.0)
+base = MoEConfig(
+    hidden_size=H,
+    ffn_hidden_size=F,
+    num_experts=E,
+    top_k=2,
+    num_shared_experts=1,
+    transport="nvshmem",
+    max_tokens_per_rank=64,
+    expert_backend="loop",
+    peer_timeout_s=20.0,
+    router_bias_update_rate=0.0,
+)
 for chunks in (3, 5):
     torch.manual_seed(chunks)
     plain = MoELayer(base.replace(shared_expert_overlap=False), groups, name="plain", device=dev)
@@ -42,11 +52,17 @@ for chunks in (3, 5):
         piped.zero_grad()
         (y1, c1, gx1, gp1), (y2, c2, gx2, gp2) = fwd_bwd(piped, x, g), fwd_bwd(plain, x, g)
         label = f"rank {rank} chunks {chunks} step {step}"
-        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5, msg=lambda m: f"{label} output: {m}")
+        torch.testing.assert_close(
+            y1, y2, rtol=1e-5, atol=1e-5, msg=lambda m: f"{label} output: {m}"
+        )
         assert torch.equal(c1, c2), label
-        torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-5, msg=lambda m: f"{label} grad x: {m}")
+        torch.testing.assert_close(
+            gx1, gx2, rtol=1e-5, atol=1e-5, msg=lambda m: f"{label} grad x: {m}"
+        )
         for n in gp2:
-            torch.testing.assert_close(gp1[n], gp2[n], rtol=1e-5, atol=1e-5, msg=lambda m: f"{label} grad {n}: {m}")
+            torch.testing.assert_close(
+                gp1[n], gp2[n], rtol=1e-5, atol=1e-5, msg=lambda m: f"{label} grad {n}: {m}"
+            )
     print(f"[rank {rank}] chunks {chunks}: pipelined == unpipelined", flush=True)
 
 torch.cuda.synchronize()

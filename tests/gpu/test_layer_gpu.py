@@ -1,5 +1,7 @@
 """The CUDA fast paths against their oracles: fused SwiGLU vs the torch version, and the bf16 layer
-(grouped_mm + Triton SwiGLU) vs the per-expert loop, forward and backward, on fresh random inputs."""
+(grouped_mm + Triton SwiGLU) vs the per-expert loop, forward and backward, on fresh random inputs.
+"""
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_fused_swiglu_matches_torch():
     from moe_dist.experts.ffn import _SwiGLU
     from moe_dist.experts.swiglu_triton import SwiGLUTriton
+
     h = torch.randn(333, 2 * 1408, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(333, 1408, device="cuda", dtype=torch.bfloat16)
     a, b = h.clone().requires_grad_(), h.clone().requires_grad_()
@@ -22,7 +25,10 @@ def test_fused_swiglu_matches_torch():
 @pytest.mark.parametrize("router", ["softmax", "top_p"])
 def test_bf16_layer_matches_loop_oracle(router):
     from moe_dist import MoEConfig, MoELayer
-    cfg = MoEConfig(hidden_size=256, ffn_hidden_size=128, num_experts=16, top_k=2, router=router, top_p=0.6)
+
+    cfg = MoEConfig(
+        hidden_size=256, ffn_hidden_size=128, num_experts=16, top_k=2, router=router, top_p=0.6
+    )
     torch.manual_seed(0)
     fast = MoELayer(cfg, device="cuda", dtype=torch.bfloat16)
     torch.manual_seed(0)

@@ -1,5 +1,7 @@
-"""The nvshmem transport on a real GPU with 1, 2 and 4 NVSHMEM PEs sharing it (runs tests/gpu/nvshmem_worker.py
-under torchrun). Multi-PE runs on one GPU are time-sliced: they prove correctness, not speed."""
+"""The nvshmem transport on a real GPU with 1, 2 and 4 NVSHMEM PEs sharing it (runs
+tests/gpu/nvshmem_worker.py under torchrun). Multi-PE runs on one GPU are time-sliced: they prove
+correctness, not speed."""
+
 import shutil
 
 import pytest
@@ -10,7 +12,9 @@ from moe_dist.transport import nvshmem_unavailable_reason
 from .torchrun_pes import run_worker
 
 reason = nvshmem_unavailable_reason(torch.device("cuda", 0) if torch.cuda.is_available() else None)
-pytestmark = pytest.mark.skipif(reason is not None, reason=f"nvshmem transport cannot run here: {reason}")
+pytestmark = pytest.mark.skipif(
+    reason is not None, reason=f"nvshmem transport cannot run here: {reason}"
+)
 
 
 @pytest.mark.parametrize("pes", [1, 2, 4])
@@ -19,11 +23,16 @@ def test_nvshmem_matches_reference(pes):
 
 
 def test_nvshmem_bootstraps_over_mpi():
-    """Launched by mpirun with MOE_DIST_NVSHMEM_BOOTSTRAP=mpi: NVSHMEM initialises over MPI (mpi4py), and the
-    same checks pass."""
+    """Launched by mpirun with MOE_DIST_NVSHMEM_BOOTSTRAP=mpi: NVSHMEM initialises over MPI
+    (mpi4py), and the same checks pass."""
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         pytest.skip("Open MPI's mpirun is not installed")
     pytest.importorskip("mpi4py", reason="the MPI bootstrap needs mpi4py")
-    run_worker("nvshmem_worker.py", 2, "NVSHMEM WORKER OK 2 (bootstrap mpi)", mpirun=mpirun,
-               extra_env={"MOE_DIST_NVSHMEM_BOOTSTRAP": "mpi"})
+    run_worker(
+        "nvshmem_worker.py",
+        2,
+        "NVSHMEM WORKER OK 2 (bootstrap mpi)",
+        mpirun=mpirun,
+        extra_env={"MOE_DIST_NVSHMEM_BOOTSTRAP": "mpi"},
+    )

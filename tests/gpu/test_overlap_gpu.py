@@ -1,9 +1,11 @@
-"""The overlap pipeline on a real GPU: pipelined == unpipelined (forward and backward) with the local
-transport and its streams, backward ops on their forward's stream, and the nvshmem transport with 1 and
-2 PEs sharing one GPU (tests/gpu/overlap_worker.py under torchrun; time-sliced, so small shapes).
+"""The overlap pipeline on a real GPU: pipelined == unpipelined (forward and backward) with the
+local transport and its streams, backward ops on their forward's stream, and the nvshmem transport
+with 1 and 2 PEs sharing one GPU (tests/gpu/overlap_worker.py under torchrun; time-sliced, so small
+shapes).
 
 Legend: T tokens, H hidden, E experts, C chunks.
 """
+
 import pytest
 import torch
 
@@ -19,7 +21,12 @@ def fwd_bwd(layer, x, g):
     xi = x.clone().requires_grad_(True)
     out, aux, counts = layer(xi)
     ((out.float() * g).sum() + aux).backward()
-    return out.detach().float(), counts, xi.grad.float(), {n: p.grad.float() for n, p in layer.named_parameters()}
+    return (
+        out.detach().float(),
+        counts,
+        xi.grad.float(),
+        {n: p.grad.float() for n, p in layer.named_parameters()},
+    )
 
 
 def compare(a, b, tol, label):
@@ -27,24 +34,39 @@ def compare(a, b, tol, label):
     order of the bf16 weight-gradient sums over tokens."""
     (y1, c1, gx1, gp1), (y2, c2, gx2, gp2) = a, b
     assert torch.equal(c1, c2), label
-    pairs = [("output", y1, y2), ("grad x", gx1, gx2)] + [(f"grad {n}", gp1[n], gp2[n]) for n in gp2]
+    pairs = [("output", y1, y2), ("grad x", gx1, gx2)] + [
+        (f"grad {n}", gp1[n], gp2[n]) for n in gp2
+    ]
     for what, u, v in pairs:
         if tol is None:
             rel = ((u - v).norm() / v.norm().clamp(min=1e-30)).item()
             assert rel < 1e-2, f"{label} {what}: relative error {rel:.3g}"
         else:
-            torch.testing.assert_close(u, v, rtol=tol, atol=tol, msg=lambda m: f"{label} {what}: {m}")
+            torch.testing.assert_close(
+                u, v, rtol=tol, atol=tol, msg=lambda m: f"{label} {what}: {m}"
+            )
 
 
-@pytest.mark.parametrize("dtype,T,H,chunks", [(torch.float32, 301, 64, 3), (torch.float32, 2, 64, 5),
-                                              (torch.bfloat16, 8192, 256, 4)])
+@pytest.mark.parametrize(
+    "dtype,T,H,chunks",
+    [(torch.float32, 301, 64, 3), (torch.float32, 2, 64, 5), (torch.bfloat16, 8192, 256, 4)],
+)
 def test_local_pipelined_equals_unpipelined(dtype, T, H, chunks):
-    cfg = MoEConfig(hidden_size=H, ffn_hidden_size=128, num_experts=16, top_k=4, num_shared_experts=1,
-                    router_bias_update_rate=0.0, shared_expert_overlap=False)
+    cfg = MoEConfig(
+        hidden_size=H,
+        ffn_hidden_size=128,
+        num_experts=16,
+        top_k=4,
+        num_shared_experts=1,
+        router_bias_update_rate=0.0,
+        shared_expert_overlap=False,
+    )
     torch.manual_seed(0)
     plain = MoELayer(cfg, device="cuda", dtype=dtype)
     torch.manual_seed(0)
-    piped = MoELayer(cfg.replace(num_chunks=chunks, shared_expert_overlap=True), device="cuda", dtype=dtype)
+    piped = MoELayer(
+        cfg.replace(num_chunks=chunks, shared_expert_overlap=True), device="cuda", dtype=dtype
+    )
     x = torch.randn(T, H, device="cuda", dtype=dtype)
     g = torch.randn(T, H, device="cuda")
     tol = 1e-5 if dtype == torch.float32 else None
@@ -59,10 +81,18 @@ def test_local_pipelined_equals_unpipelined(dtype, T, H, chunks):
 
 
 def test_backward_runs_on_forward_streams():
-    """Autograd runs each backward node on its forward's stream: combine on comm, experts on compute,
-    shared experts on side. This is what gives the overlap in backward."""
+    """Autograd runs each backward node on its forward's stream: combine on comm, experts on
+    compute, shared experts on side. This is what gives the overlap in backward."""
     from moe_dist.overlap import STREAMS
-    cfg = MoEConfig(hidden_size=64, ffn_hidden_size=64, num_experts=8, top_k=2, num_shared_experts=1, num_chunks=2)
+
+    cfg = MoEConfig(
+        hidden_size=64,
+        ffn_hidden_size=64,
+        num_experts=8,
+        top_k=2,
+        num_shared_experts=1,
+        num_chunks=2,
+    )
     torch.manual_seed(0)
     layer = MoELayer(cfg, device="cuda")
     seen = {}
@@ -71,9 +101,13 @@ def test_backward_runs_on_forward_streams():
         def wrapped(*a, **kw):
             out = fn(*a, **kw)
             t = out[0] if isinstance(out, tuple) else out
-            t.grad_fn.register_prehook(lambda g: seen.setdefault(name, torch.cuda.current_stream()) and None)
+            t.grad_fn.register_prehook(
+                lambda g: seen.setdefault(name, torch.cuda.current_stream()) and None
+            )
             return out
+
         return wrapped
+
     layer.transport.combine = probe("combine", layer.transport.combine)
     layer.experts.forward = probe("experts", layer.experts.forward)
     layer.shared_experts.forward = probe("shared", layer.shared_experts.forward)
@@ -87,7 +121,9 @@ def test_backward_runs_on_forward_streams():
     assert seen["shared"] == STREAMS[(dev, "side")], seen
 
 
-nv_reason = nvshmem_unavailable_reason(torch.device("cuda", 0) if torch.cuda.is_available() else None)
+nv_reason = nvshmem_unavailable_reason(
+    torch.device("cuda", 0) if torch.cuda.is_available() else None
+)
 
 
 @pytest.mark.skipif(nv_reason is not None, reason=f"nvshmem transport cannot run here: {nv_reason}")

@@ -1,6 +1,8 @@
-"""Shared by the multi-PE GPU tests: start a worker under torchrun (test side), and set up one NVSHMEM PE
-in the worker (worker side). One GPU: every PE shares it (time-sliced, correctness only); several GPUs:
-one PE per GPU, peers over NVLink. The process group is gloo, since NCCL refuses two ranks on one GPU."""
+"""Shared by the multi-PE GPU tests: start a worker under torchrun (test side), and set up one
+NVSHMEM PE in the worker (worker side). One GPU: every PE shares it (time-sliced, correctness only);
+several GPUs: one PE per GPU, peers over NVLink. The process group is gloo, since NCCL refuses two
+ranks on one GPU. """
+
 from __future__ import annotations
 
 import datetime
@@ -11,30 +13,65 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # Never NVLink multicast on the lent machines (it can take a shared host's GPUs out of service).
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+NO_MULTICAST = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 
 
-def run_worker(script: str, pes: int, ok_marker: str, timeout: int = 180, mpirun: str | None = None,
-               extra_env: dict[str, str] | None = None) -> None:
-    """Runs tests/gpu/<script> with `pes` processes, under torchrun or (given its path) Open MPI's mpirun;
-    fails with the first traceback unless it printed ok_marker."""
-    env = dict(os.environ, **NO_MULTICAST, **(extra_env or {}),
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+def run_worker(
+    script: str,
+    pes: int,
+    ok_marker: str,
+    timeout: int = 180,
+    mpirun: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> None:
+    """Runs tests/gpu/<script> with `pes` processes, under torchrun or (given its path) Open MPI's
+    mpirun; fails with the first traceback unless it printed ok_marker."""
+    env = dict(
+        os.environ,
+        **NO_MULTICAST,
+        **(extra_env or {}),
+        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
     if mpirun:
         names = ["PYTHONPATH", "PATH", "LD_LIBRARY_PATH", *NO_MULTICAST, *(extra_env or {})]
-        launcher = [mpirun, "-np", str(pes), "--oversubscribe", "--bind-to", "none", "--allow-run-as-root",
-                    *(a for n in names if n in env for a in ("-x", n)), sys.executable]
+        launcher = [
+            mpirun,
+            "-np",
+            str(pes),
+            "--oversubscribe",
+            "--bind-to",
+            "none",
+            "--allow-run-as-root",
+            *(a for n in names if n in env for a in ("-x", n)),
+            sys.executable,
+        ]
     else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={pes}"]
-    proc = subprocess.run(launcher + [str(ROOT / "tests/gpu" / script)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={pes}",
+        ]
+    proc = subprocess.run(
+        launcher + [str(ROOT / "tests/gpu" / script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     out = proc.stdout + proc.stderr
     first_error = out.find("Traceback")
-    assert proc.returncode == 0 and ok_marker in out, out[max(0, first_error):][:6000]
+    assert proc.returncode == 0 and ok_marker in out, out[max(0, first_error) :][:6000]
 
 
 def setup_pe():
-    """In a worker: (rank, world, device, groups) with a gloo process group and EP over the whole world."""
+    """In a worker: (rank, world, device, groups) with a gloo process group and EP over the whole
+    world."""
     import torch
     import torch.distributed as dist
 

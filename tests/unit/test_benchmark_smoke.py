@@ -1,5 +1,7 @@
-"""Every benchmark's tiny CPU mode runs to completion and writes its JSON, so none can rot unseen; the
-sweep's plot step turns that JSON into PNGs and README tables, and the sweep runs under torchrun."""
+"""Every benchmark's tiny CPU mode runs to completion and writes its JSON, so none can rot unseen;
+the sweep's plot step turns that JSON into PNGs and README tables, and the sweep runs under
+torchrun."""
+
 import json
 import subprocess
 import sys
@@ -8,7 +10,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCHMARKS = ["layer.py", "transport.py", "train_throughput.py", "coe_compare.py", "compression_report.py", "sweep.py"]
+BENCHMARKS = [
+    "layer.py",
+    "transport.py",
+    "train_throughput.py",
+    "coe_compare.py",
+    "compression_report.py",
+    "sweep.py",
+]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -20,10 +29,16 @@ def smoke(tmp_path_factory):
     def run(script):
         if script not in done:
             out = tmp_path_factory.mktemp(script.replace(".py", ""))
-            proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
-                                  cwd=ROOT, capture_output=True, text=True, timeout=300)
+            proc = subprocess.run(
+                [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             done[script] = (proc, out)
         return done[script]
+
     return run
 
 
@@ -44,7 +59,8 @@ def _check_sweep_json(path: Path, ep: int) -> dict:
     assert rows and {r["mode"] for r in rows} == {"weak", "strong"}
     for r in rows:
         v = r["variants"]
-        # the collective path (a2a + grouped GEMM) and DeepSpeed run on CPU, checked against the reference
+        # the collective path (a2a + grouped GEMM) and DeepSpeed run on CPU, checked against the
+        # reference
         for name in ("moe_dist:collective", "moe_dist:auto", "deepspeed"):
             assert v[name]["status"] == "ok", (name, v[name])
             assert v[name]["rel_err"] <= 1e-4 and v[name]["median_ms"] > 0
@@ -67,13 +83,27 @@ def test_sweep_plot_and_readme(smoke, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     (json_path,) = out.glob("sweep_*.json")
     d = _check_sweep_json(json_path, ep=1)
-    assert all(r["variants"]["moe_dist:local"]["status"] == "ok" for r in d["results"] if "variants" in r)
+    assert all(
+        r["variants"]["moe_dist:local"]["status"] == "ok" for r in d["results"] if "variants" in r
+    )
     readme = tmp_path / "README.md"
     readme.write_text("# title\n\nhand-written text\n")
     for _ in range(2):  # the second run replaces the section instead of appending another
-        plot = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(json_path),
-                               "--out", str(tmp_path / "figs"), "--readme", str(readme)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        plot = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "plot.py"),
+                str(json_path),
+                "--out",
+                str(tmp_path / "figs"),
+                "--readme",
+                str(readme),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert plot.returncode == 0, (plot.stdout + plot.stderr)[-4000:]
     _check_pngs(tmp_path / "figs")
     text = readme.read_text()
@@ -82,9 +112,20 @@ def test_sweep_plot_and_readme(smoke, tmp_path):
 
 
 def test_sweep_torchrun_two_processes(tmp_path, smoke):
-    """EP=2 over gloo with 2 CPU processes, then the plot step over EP=1 and EP=2 (scaling curves)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "benchmarks" / "sweep.py"), "--smoke", "--out", str(tmp_path)]
+    """EP=2 over gloo with 2 CPU processes, then the plot step over EP=1 and EP=2 (scaling
+    curves)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(ROOT / "benchmarks" / "sweep.py"),
+        "--smoke",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     (json_path,) = tmp_path.glob("sweep_ep2_*.json")
@@ -96,9 +137,20 @@ def test_sweep_torchrun_two_processes(tmp_path, smoke):
     assert "[16/16]" in proc.stdout, "a progress line per point"
     ep1_proc, ep1_out = smoke("sweep.py")
     assert ep1_proc.returncode == 0
-    plot = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(json_path),
-                           *map(str, ep1_out.glob("sweep_*.json")), "--out", str(tmp_path / "figs")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    plot = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "plot.py"),
+            str(json_path),
+            *map(str, ep1_out.glob("sweep_*.json")),
+            "--out",
+            str(tmp_path / "figs"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert plot.returncode == 0, (plot.stdout + plot.stderr)[-4000:]
     _check_pngs(tmp_path / "figs")
 
@@ -129,6 +181,13 @@ print("WRONG VARIANT REJECTED")
 
 def test_sweep_rejects_a_wrong_variant():
     """A variant that disagrees with transport='reference' is recorded as failed and never timed."""
-    proc = subprocess.run([sys.executable, "-c", WRONG_VARIANT.format(root=str(ROOT))], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "WRONG VARIANT REJECTED" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
+    proc = subprocess.run(
+        [sys.executable, "-c", WRONG_VARIANT.format(root=str(ROOT))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "WRONG VARIANT REJECTED" in proc.stdout, (
+        proc.stdout + proc.stderr
+    )[-4000:]

@@ -1,11 +1,19 @@
 """Expert pruning and merging: identities, invariances and exact cases, on single-rank models."""
+
 import pytest
 import torch
 from torch import nn
 
 from moe_dist import MoEConfig, MoELayer
-from moe_dist.extensions.compress import (group_experts, match_units, merge_experts, merge_layer, prune_experts,
-                               remove_experts, routing_statistics)
+from moe_dist.extensions.compress import (
+    group_experts,
+    match_units,
+    merge_experts,
+    merge_layer,
+    prune_experts,
+    remove_experts,
+    routing_statistics,
+)
 from moe_dist.extensions.compress.merge import permute_units
 
 H, F = 16, 12
@@ -38,7 +46,9 @@ def batches(n=3, seed=0, shape=(2, 10, 4)):
     return [torch.randn(*shape, generator=gen) for _ in range(n)]
 
 
-@pytest.mark.parametrize("kw", [{}, {"router": "sigmoid", "num_shared_experts": 1, "activation": "gelu"}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"router": "sigmoid", "num_shared_experts": 1, "activation": "gelu"}]
+)
 def test_prune_to_all_experts_and_merge_to_all_are_identity(kw):
     torch.manual_seed(0)
     model = TinyModel(cfg_of(**kw))
@@ -71,6 +81,7 @@ def test_pruning_an_unused_expert_leaves_outputs_unchanged(router):
         x = batches(1, seed, (40, H))[0]
         x[:, 0] = 4.0 + x[:, 0].abs()
         return x
+
     calib = [inputs(s) for s in range(3)]
     pruned = prune_experts(layer, calib, keep=5)
     assert pruned.cfg.num_experts == 5 and pruned.cfg.top_k == 2
@@ -91,7 +102,9 @@ def test_remove_experts_reindexes_and_clips_top_k():
     assert small.blocks[0].cfg.num_experts == 2 and small.blocks[0].cfg.top_k == 2
     assert small.blocks[1].cfg.num_experts == 4 and small.blocks[1].cfg.top_k == 3
     torch.testing.assert_close(small.blocks[0].experts.w_out, model.blocks[0].experts.w_out[[1, 5]])
-    torch.testing.assert_close(small.blocks[1].router.weight, model.blocks[1].router.weight[[0, 2, 3, 4]])
+    torch.testing.assert_close(
+        small.blocks[1].router.weight, model.blocks[1].router.weight[[0, 2, 3, 4]]
+    )
     assert model.blocks[0].cfg.num_experts == 6  # the original is untouched
     with pytest.raises(ValueError, match=r"subset of \[0, 6\)"):
         remove_experts(model, {"blocks.0": [6]})
@@ -108,7 +121,11 @@ def test_group_limited_routing_keeps_groups_only_when_even():
     assert (even.cfg.router, even.cfg.num_expert_groups) == ("group_limited", 3)
     with pytest.warns(UserWarning, match="cannot keep 3-group routing"):
         uneven = remove_experts(layer, {"": [0, 1, 2, 4]})
-    assert (uneven.cfg.router, uneven.cfg.num_expert_groups, uneven.cfg.topk_groups) == ("softmax", 1, 1)
+    assert (uneven.cfg.router, uneven.cfg.num_expert_groups, uneven.cfg.topk_groups) == (
+        "softmax",
+        1,
+        1,
+    )
     uneven(torch.randn(5, H))
 
 
@@ -122,7 +139,10 @@ def test_match_units_recovers_a_permutation(method, activation):
     inv = torch.argsort(perm)
     shuffled_in, shuffled_out = permute_units(w_in, w_out, perm, F)
     from moe_dist.extensions.compress.merge import _unit_features
-    found = match_units(_unit_features(w_in, w_out, F), _unit_features(shuffled_in, shuffled_out, F), method)
+
+    found = match_units(
+        _unit_features(w_in, w_out, F), _unit_features(shuffled_in, shuffled_out, F), method
+    )
     assert torch.equal(found, inv)
     back_in, back_out = permute_units(shuffled_in, shuffled_out, found, F)
     assert torch.equal(back_in, w_in) and torch.equal(back_out, w_out)
@@ -139,13 +159,15 @@ def test_group_experts_by_frequency_and_logit_similarity():
 
 @pytest.mark.parametrize("method", ["scipy", "greedy"])
 def test_merging_identical_experts_is_exact(method):
-    """Experts 3, 4 are hidden-unit permutations of 0, 1 (the same functions), with the same router rows:
-    merging 5 -> 3 must give the layer's outputs back, and 2 stays alone."""
+    """Experts 3, 4 are hidden-unit permutations of 0, 1 (the same functions), with the same router
+    rows: merging 5 -> 3 must give the layer's outputs back, and 2 stays alone."""
     torch.manual_seed(5)
     layer = MoELayer(cfg_of(num_experts=5, top_k=1, num_shared_experts=1))
     with torch.no_grad():
         for src, dst in ((0, 3), (1, 4)):
-            w_in, w_out = permute_units(layer.experts.w_in[src], layer.experts.w_out[src], torch.randperm(F), F)
+            w_in, w_out = permute_units(
+                layer.experts.w_in[src], layer.experts.w_out[src], torch.randperm(F), F
+            )
             layer.experts.w_in[dst], layer.experts.w_out[dst] = w_in, w_out
             layer.router.weight[dst] = layer.router.weight[src]
     calib = batches(4, 11, (50, H))
@@ -155,7 +177,8 @@ def test_merging_identical_experts_is_exact(method):
     assert merged.cfg.num_experts == 3 and merged.cfg.top_k == 1
     x = batches(1, 12, (64, H))[0]
     torch.testing.assert_close(merged(x).output, layer(x).output, rtol=1e-5, atol=1e-6)
-    # Top-1 ties went to the lower id, so 3 and 4 never fired: average with weight on both members too.
+    # Top-1 ties went to the lower id, so 3 and 4 never fired: average with weight on both members
+    # too.
     both = merge_layer(layer, [[0, 3], [1, 4], [2]], torch.tensor([3, 1, 2, 5, 7]), method=method)
     torch.testing.assert_close(both.experts.w_in, layer.experts.w_in[:3], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(both(x).output, layer(x).output, rtol=1e-5, atol=1e-6)
@@ -168,14 +191,19 @@ def test_merge_weights_by_frequency_after_alignment():
     freq, _ = routing_statistics(layer, calib)[""]
     merged = merge_experts(layer, calib, 1)
     from moe_dist.extensions.compress.merge import _unit_features
+
     d, o = (0, 1) if freq[0] >= freq[1] else (1, 0)
     w = layer.experts
-    perm = match_units(_unit_features(w.w_in[d], w.w_out[d], F), _unit_features(w.w_in[o], w.w_out[o], F))
+    perm = match_units(
+        _unit_features(w.w_in[d], w.w_out[d], F), _unit_features(w.w_in[o], w.w_out[o], F)
+    )
     a_in, a_out = permute_units(w.w_in[o], w.w_out[o], perm, F)
     fd, fo = freq[d].item() / freq.sum().item(), freq[o].item() / freq.sum().item()
     torch.testing.assert_close(merged.experts.w_in[0], fd * w.w_in[d] + fo * a_in)
     torch.testing.assert_close(merged.experts.w_out[0], fd * w.w_out[d] + fo * a_out)
-    torch.testing.assert_close(merged.router.weight[0], layer.router.weight[d])  # the dominant's row
+    torch.testing.assert_close(
+        merged.router.weight[0], layer.router.weight[d]
+    )  # the dominant's row
 
 
 def test_compressed_model_saves_and_loads_into_a_fresh_model(tmp_path):

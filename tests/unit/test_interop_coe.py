@@ -1,5 +1,6 @@
-"""Chain-of-Experts: against a plain-torch reference (every expert on every token, then pick), and the
-properties that make it a drop-in for MoELayer. EP=2 is tests/dist/test_interop_coe.py."""
+"""Chain-of-Experts: against a plain-torch reference (every expert on every token, then pick), and
+the properties that make it a drop-in for MoELayer. EP=2 is tests/dist/test_interop_coe.py."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,8 @@ def make(**kw) -> MoEConfig:
     return MoEConfig(**{**dict(hidden_size=H, ffn_hidden_size=FF, num_experts=E, top_k=2), **kw})
 
 
-# -- the oracle --------------------------------------------------------------------------------------
+# -- the oracle
+# --------------------------------------------------------------------------------------
 def reference_select(cfg: MoEConfig, h, router_w, bias):
     logits = h.float() @ router_w.float().T
     k = cfg.top_k
@@ -46,7 +48,9 @@ def reference_coe(cfg: MoEConfig, coe: ChainOfExperts, x, iterations: int):
         router = coe.router_of(t)
         idx, w = reference_select(cfg, h, router.weight, router.expert_bias)
         gate, up = torch.einsum("th,efh->tef", h, w_in).chunk(2, dim=-1)
-        y_all = torch.einsum("tef,ehf->teh", F.silu(gate) * up, w_out)  # every expert on every token
+        y_all = torch.einsum(
+            "tef,ehf->teh", F.silu(gate) * up, w_out
+        )  # every expert on every token
         y = (y_all[torch.arange(h.shape[0])[:, None], idx] * w[..., None]).sum(1)
         if coe.moe.shared_experts is not None:
             s = coe.moe.shared_experts
@@ -59,8 +63,14 @@ def reference_coe(cfg: MoEConfig, coe: ChainOfExperts, x, iterations: int):
 CASES = {
     "softmax": make(),
     "softmax_unnormalised_shared": make(norm_topk_prob=False, num_shared_experts=1, top_k=3),
-    "sigmoid_grouped_scaled": make(router="sigmoid", num_expert_groups=4, topk_groups=2, routed_scaling_factor=2.5,
-                                   num_shared_experts=2, shared_ffn_hidden_size=8),
+    "sigmoid_grouped_scaled": make(
+        router="sigmoid",
+        num_expert_groups=4,
+        topk_groups=2,
+        routed_scaling_factor=2.5,
+        num_shared_experts=2,
+        shared_ffn_hidden_size=8,
+    ),
 }
 
 
@@ -126,7 +136,8 @@ def test_state_output_and_aux_loss():
     upd, aux, _ = update_coe(x)
     state, aux2, _ = state_coe(x)
     torch.testing.assert_close(state, x + upd)
-    # The aux loss sums every pass's router loss: pass 1 routes x, pass 2 routes x + update of pass 1.
+    # The aux loss sums every pass's router loss: pass 1 routes x, pass 2 routes x + update of pass
+    # 1.
     expected = update_coe.router_of(0)(x).aux_loss
     first = update_coe.experts_pass(x, update_coe.router_of(0)(x))
     expected = expected + update_coe.router_of(1)(x + first).aux_loss

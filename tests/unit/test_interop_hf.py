@@ -1,8 +1,9 @@
-"""Hugging Face interop: tiny random models built from their configs (nothing downloaded) compute the
-same logits (fp32, rtol 1e-5) before and after replace_moe_blocks, for every supported family.
+"""Hugging Face interop: tiny random models built from their configs (nothing downloaded) compute
+the same logits (fp32, rtol 1e-5) before and after replace_moe_blocks, for every supported family.
 
 The EP=2 version of the same comparison is tests/dist/test_interop_hf.py (it reuses tiny_model).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -12,59 +13,185 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from moe_dist import MoELayer  # noqa: E402
-from moe_dist.extensions.interop import HFMoEBlock, UnsupportedMoEBlock, find_moe_blocks, replace_moe_blocks  # noqa: E402
+from moe_dist.extensions.interop import (
+    HFMoEBlock,
+    UnsupportedMoEBlock,
+    find_moe_blocks,
+    replace_moe_blocks,
+)  # noqa: E402
 
-COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              initializer_range=0.1, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.1,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 MLA = dict(q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
 MOE = dict(intermediate_size=48, moe_intermediate_size=16)
 
-# family -> (config class, model class, config fields, MoE blocks expected). Routing choices differ per
-# family on purpose (renormalised or not, groups, scaling) so each reader's branch is exercised.
+# family -> (config class, model class, config fields, MoE blocks expected). Routing choices differ
+# per family on purpose (renormalised or not, groups, scaling) so each reader's branch is exercised.
 FAMILIES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
-                dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2), 2),
-    "minimax": ("MiniMaxConfig", "MiniMaxForCausalLM",
-                dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2), 2),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",  # layer 0 stays a dense MLP
-                  dict(**MOE, shared_expert_intermediate_size=40, num_experts=8, num_experts_per_tok=2,
-                       norm_topk_prob=False, mlp_only_layers=[0], num_hidden_layers=3), 2),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  dict(**MOE, num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, head_dim=8), 2),
-    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
-                   dict(**MOE, shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
-                        norm_topk_prob=True, head_dim=8, layer_types=["linear_attention", "full_attention"],
-                        linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
-                        linear_value_head_dim=8), 2),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
-              dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False), 2),
-    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM",
-                  dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True), 2),
-    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",  # layer 0 dense (first_k_dense_replace)
-                    dict(**MOE, **MLA, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, n_group=4,
-                         topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1,
-                         num_hidden_layers=3), 2),
-    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
-                 dict(**MOE, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-                      routed_scaling_factor=1.5, norm_topk_prob=False, first_k_dense_replace=1,
-                      num_hidden_layers=3, head_dim=8), 2),
-    "dots1": ("Dots1Config", "Dots1ForCausalLM",
-              dict(**MOE, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
-                   routed_scaling_factor=2.0, norm_topk_prob=True, first_k_dense_replace=0, head_dim=8), 2),
-    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
-                    dict(**MOE, **MLA, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
-                         topk_method="greedy", routed_scaling_factor=1.5, first_k_dense_replace=0), 2),
-    "deepseek_v2_grouped": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
-                            dict(**MOE, **MLA, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
-                                 topk_method="group_limited_greedy", n_group=4, topk_group=2,
-                                 routed_scaling_factor=1.5, first_k_dense_replace=0), 2),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2),
+        2,
+    ),
+    "minimax": (
+        "MiniMaxConfig",
+        "MiniMaxForCausalLM",
+        dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2),
+        2,
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",  # layer 0 stays a dense MLP
+        dict(
+            **MOE,
+            shared_expert_intermediate_size=40,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            mlp_only_layers=[0],
+            num_hidden_layers=3,
+        ),
+        2,
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(**MOE, num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, head_dim=8),
+        2,
+    ),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        dict(
+            **MOE,
+            shared_expert_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            head_dim=8,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_value_heads=2,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+        ),
+        2,
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+        2,
+    ),
+    "flex_olmo": (
+        "FlexOlmoConfig",
+        "FlexOlmoForCausalLM",
+        dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+        2,
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",  # layer 0 dense (first_k_dense_replace)
+        dict(
+            **MOE,
+            **MLA,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            num_experts_per_tok=3,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            first_k_dense_replace=1,
+            num_hidden_layers=3,
+        ),
+        2,
+    ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(
+            **MOE,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            norm_topk_prob=False,
+            first_k_dense_replace=1,
+            num_hidden_layers=3,
+            head_dim=8,
+        ),
+        2,
+    ),
+    "dots1": (
+        "Dots1Config",
+        "Dots1ForCausalLM",
+        dict(
+            **MOE,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=2.0,
+            norm_topk_prob=True,
+            first_k_dense_replace=0,
+            head_dim=8,
+        ),
+        2,
+    ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            **MOE,
+            **MLA,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            num_experts_per_tok=2,
+            topk_method="greedy",
+            routed_scaling_factor=1.5,
+            first_k_dense_replace=0,
+        ),
+        2,
+    ),
+    "deepseek_v2_grouped": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            **MOE,
+            **MLA,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=3,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+            first_k_dense_replace=0,
+        ),
+        2,
+    ),
 }
 
 
 def tiny_model(family: str, seed: int = 0) -> nn.Module:
-    """A tiny random fp32 model of `family`, in eval mode. MoE-block weights are drawn larger than HF's
-    init (so the blocks weigh in the logits and routing is decisive) and selection biases (DeepSeek-V3
-    style) non-zero (so that they matter)."""
+    """A tiny random fp32 model of `family`, in eval mode. MoE-block weights are drawn larger than
+    HF's init (so the blocks weigh in the logits and routing is decisive) and selection biases
+    (DeepSeek-V3 style) non-zero (so that they matter)."""
     config_cls, model_cls, fields, _ = FAMILIES[family]
     config = getattr(transformers, config_cls)(**{**COMMON, **fields})
     torch.manual_seed(seed)
@@ -79,7 +206,9 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
 
 
 def token_ids(batch: int, seq: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, COMMON["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, COMMON["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def assert_logits_close(actual, expected):
@@ -102,7 +231,8 @@ def test_logits_equal_after_replacement(family):
         actual = model(ids).logits
     assert_logits_close(actual, expected)
 
-    # The MoE layers matter to these logits (the comparison above is not vacuous): swap expert outputs.
+    # The MoE layers matter to these logits (the comparison above is not vacuous): swap expert
+    # outputs.
     with torch.no_grad():
         for b in blocks:
             b.moe.experts.w_out.copy_(b.moe.experts.w_out.roll(1, dims=0))
@@ -124,18 +254,28 @@ def test_gradients_equal_after_replacement(family):
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     for (name, block_ref), (_, block) in zip(find_moe_blocks(ref), find_moe_blocks(model)):
         moe: MoELayer = block.moe
-        pairs = [(moe.router.weight, block_ref.gate.weight),
-                 (moe.experts.w_in, block_ref.experts.gate_up_proj),
-                 (moe.experts.w_out, block_ref.experts.down_proj)]
-        shared_ref = getattr(block_ref, "shared_expert", None) or getattr(block_ref, "shared_experts", None)
+        pairs = [
+            (moe.router.weight, block_ref.gate.weight),
+            (moe.experts.w_in, block_ref.experts.gate_up_proj),
+            (moe.experts.w_out, block_ref.experts.down_proj),
+        ]
+        shared_ref = getattr(block_ref, "shared_expert", None) or getattr(
+            block_ref, "shared_experts", None
+        )
         if shared_ref is not None:
-            w_in_grad = torch.cat([shared_ref.gate_proj.weight.grad, shared_ref.up_proj.weight.grad])
-            torch.testing.assert_close(moe.shared_experts.w_in.grad, w_in_grad, rtol=1e-4, atol=1e-6)
+            w_in_grad = torch.cat(
+                [shared_ref.gate_proj.weight.grad, shared_ref.up_proj.weight.grad]
+            )
+            torch.testing.assert_close(
+                moe.shared_experts.w_in.grad, w_in_grad, rtol=1e-4, atol=1e-6
+            )
             pairs.append((moe.shared_experts.w_out, shared_ref.down_proj.weight))
         if getattr(block_ref, "shared_expert_gate", None) is not None:
             pairs.append((moe.shared_experts.gate, block_ref.shared_expert_gate.weight))
         for p, p_ref in pairs:
-            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}"
+            )
         for n in [n for n in ref_grads if n.startswith(name + ".")]:
             ref_grads.pop(n)
     # Everything outside the MoE blocks keeps its name and gets the same gradient.
@@ -178,7 +318,12 @@ def test_overrides_reach_the_layers_and_bad_ones_fail():
     assert all(type(b).__name__ == "DeepseekV3MoE" for _, b in find_moe_blocks(model))  # untouched
     replace_moe_blocks(model, router_bias_update_rate=1e-3, expert_backend="loop")
     cfg = next(m for m in model.modules() if isinstance(m, HFMoEBlock)).moe.cfg
-    assert (cfg.router, cfg.num_expert_groups, cfg.topk_groups, cfg.routed_scaling_factor) == ("sigmoid", 4, 2, 2.5)
+    assert (cfg.router, cfg.num_expert_groups, cfg.topk_groups, cfg.routed_scaling_factor) == (
+        "sigmoid",
+        4,
+        2,
+        2.5,
+    )
     assert cfg.router_bias_update_rate == 1e-3 and cfg.expert_backend == "loop"
 
 
@@ -192,10 +337,13 @@ def test_replacement_leaves_the_global_rng_alone():
 
 
 def test_unsupported_block_class_is_named_and_model_untouched():
-    config = transformers.PhimoeConfig(**{**COMMON, "intermediate_size": 24, "num_local_experts": 4,
-                                          "num_experts_per_tok": 2})
+    config = transformers.PhimoeConfig(
+        **{**COMMON, "intermediate_size": 24, "num_local_experts": 4, "num_experts_per_tok": 2}
+    )
     model = transformers.PhimoeForCausalLM(config)
-    with pytest.raises(UnsupportedMoEBlock, match=r"PhimoeSparseMoeBlock \(at 'model\.layers\.0\.mlp'\)"):
+    with pytest.raises(
+        UnsupportedMoEBlock, match=r"PhimoeSparseMoeBlock \(at 'model\.layers\.0\.mlp'\)"
+    ):
         replace_moe_blocks(model)
     assert not any(isinstance(m, HFMoEBlock) for m in model.modules())
 

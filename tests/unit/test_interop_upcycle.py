@@ -1,4 +1,6 @@
-"""Upcycling: a dense FFN split into fine-grained experts equals the dense FFN with every expert active."""
+"""Upcycling: a dense FFN split into fine-grained experts equals the dense FFN with every expert
+active."""
+
 from __future__ import annotations
 
 import pytest
@@ -65,7 +67,8 @@ def test_all_experts_active_equals_dense(kind, num_experts):
 
 @pytest.mark.parametrize("kind", ["llama_mlp", "gelu_sequential"])
 def test_uniform_router_with_top_k_all_is_the_dense_ffn(kind):
-    """router_init="zeros" + top_k = num_experts: the ordinary forward (not the helper) is the dense FFN."""
+    """router_init="zeros" + top_k = num_experts: the ordinary forward (not the helper) is the dense
+    FFN."""
     torch.manual_seed(1)
     dense = DENSE[kind]()
     for E in (4, 6):
@@ -91,12 +94,16 @@ def test_upcycled_layer_trains_and_keeps_dense_weights_untouched():
 
 
 def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match=r"hidden size \(48\) must be divisible by num_experts \(5\)"):
+    with pytest.raises(
+        ValueError, match=r"hidden size \(48\) must be divisible by num_experts \(5\)"
+    ):
         upcycle(LlamaStyleMLP(), 5, top_k=2)
     biased = nn.Sequential(nn.Linear(H, FD), nn.GELU(), nn.Linear(FD, H))
     with pytest.raises(ValueError, match="has biases"):
         upcycle(biased, 4, top_k=2)
-    tanh_gelu = nn.Sequential(nn.Linear(H, FD, bias=False), nn.GELU("tanh"), nn.Linear(FD, H, bias=False))
+    tanh_gelu = nn.Sequential(
+        nn.Linear(H, FD, bias=False), nn.GELU("tanh"), nn.Linear(FD, H, bias=False)
+    )
     with pytest.raises(ValueError, match="approximate='tanh'"):
         upcycle(tanh_gelu, 4, top_k=2)
     relu_mlp = LlamaStyleMLP()
@@ -112,7 +119,8 @@ def test_errors_name_the_problem():
 
 
 def test_dense_weights_layout_matches_densffn():
-    """The reader's [gate rows; up rows] layout is DenseFFN's: loading it back reproduces the MLP."""
+    """The reader's [gate rows; up rows] layout is DenseFFN's: loading it back reproduces the
+    MLP."""
     torch.manual_seed(3)
     mlp = LlamaStyleMLP()
     w_in, w_out, act = dense_ffn_weights(mlp)

@@ -266,8 +266,11 @@ def _fake_slurm(fakebin: Path) -> None:
 
 def test_slurm_example(fakebin):
     _fake_slurm(fakebin)
-    env = {"SLURM_JOB_NODELIST": "gpu-node-[07-08]", "SLURM_JOB_NUM_NODES": "2",
-           "SLURM_JOB_ID": "99"}
+    env = {
+        "SLURM_JOB_NODELIST": "gpu-node-[07-08]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_ID": "99",
+    }
     p = run(["bash", LAUNCH / "slurm_example.sbatch", "--dry-run", "--ep", "16"], fakebin, env)
     assert p.returncode == 0, p.stderr
     nodes = [parse(line) for line in p.stdout.strip().splitlines()]
@@ -321,8 +324,12 @@ def probe(tmp_path):
         pytest.skip("torch is needed to start torchrun")
     (tmp_path / "launch_probe.py").write_text(PROBE)
     (tmp_path / "out").mkdir()
-    return {"MODULE": "launch_probe", "PYTHONPATH": str(tmp_path), "PYTHON": sys.executable,
-            "PROBE_DIR": str(tmp_path / "out")}
+    return {
+        "MODULE": "launch_probe",
+        "PYTHONPATH": str(tmp_path),
+        "PYTHON": sys.executable,
+        "PROBE_DIR": str(tmp_path / "out"),
+    }
 
 
 def _probe_lines(probe: dict):
@@ -344,14 +351,25 @@ def test_single_node_really_starts_two_processes(fakebin, probe):
 
 @pytest.mark.slow
 def test_multi_node_really_meets_on_localhost(fakebin, probe):
-    env = {**probe, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "NNODES": "2",
-           "NPROC_PER_NODE": "1", "RDZV_ID": "test_launch"}
+    env = {
+        **probe,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "RDZV_ID": "test_launch",
+    }
     base = {k: v for k, v in os.environ.items() if not _SCRUB.search(k)}
     base["PATH"] = f"{fakebin}{os.pathsep}{base['PATH']}"
     procs = [
-        subprocess.Popen(["bash", str(LAUNCH / "torchrun_multi_node.sh")], cwd=ROOT,
-                         env={**base, **env, "NODE_RANK": str(n)}, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            ["bash", str(LAUNCH / "torchrun_multi_node.sh")],
+            cwd=ROOT,
+            env={**base, **env, "NODE_RANK": str(n)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for n in (1, 0)  # the non-host first: it must wait for the store, not fail
     ]
     for proc in procs:
@@ -393,11 +411,17 @@ def test_install_dry_run(fakebin):
         assert not [w for w in words[words.index("-c") + 2 :] if re.match(r"torch\b", w)], line
     assert pips[-1].endswith(f"-e {ROOT}[train,test,bench,mpi,interop,gpu]")
 
-    p = run(["bash", DOCKER / "install.sh", "--dry-run", "--no-editable"], fakebin,
-            {**env, "MOE_DIST_CPU_ONLY": "1"})
+    p = run(
+        ["bash", DOCKER / "install.sh", "--dry-run", "--no-editable"],
+        fakebin,
+        {**env, "MOE_DIST_CPU_ONLY": "1"},
+    )
     assert p.returncode == 0, p.stderr
     assert "nvshmem4py" not in p.stdout and "deepspeed==0.19.8" in p.stdout
-    assert p.stdout.rstrip().endswith(f" {ROOT}[train,test,bench,mpi,interop]") and " -e " not in p.stdout
+    assert (
+        p.stdout.rstrip().endswith(f" {ROOT}[train,test,bench,mpi,interop]")
+        and " -e " not in p.stdout
+    )
 
 
 def test_install_refuses_without_torch(fakebin, tmp_path):
@@ -423,8 +447,11 @@ def test_dockerfile_and_readme():
     for k, v in MULTICAST_OFF.items():
         assert f"{k}={v}" in text
     readme = (DOCKER / "README.md").read_text()
-    assert ("docker run --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 "
-            "--network host --rm -it moe_dist:latest") in readme
+    assert (
+        "docker run --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 "
+        "--network host --rm -it moe_dist:latest"
+        in readme
+    )
 
 
 def test_scripts_are_executable_and_parse():

@@ -1,4 +1,5 @@
 """Single-process layer properties: dense equivalence, oracle backends, shapes, errors."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,13 @@ def test_one_expert_equals_dense_ffn(activation):
 @pytest.mark.parametrize("capacity", [None, 0.75])
 def test_grouped_mm_backend_equals_loop_oracle(router, capacity):
     groups = 2 if router in ("group_limited", "sigmoid") else 1
-    cfg = make(router=router, num_expert_groups=groups, topk_groups=groups if router == "sigmoid" else 1,
-               capacity_factor=capacity, num_shared_experts=1)
+    cfg = make(
+        router=router,
+        num_expert_groups=groups,
+        topk_groups=groups if router == "sigmoid" else 1,
+        capacity_factor=capacity,
+        num_shared_experts=1,
+    )
     torch.manual_seed(1)
     fast = MoELayer(cfg.replace(expert_backend="auto"))
     torch.manual_seed(1)
@@ -82,7 +88,7 @@ def test_every_output_row_written():
     x = torch.randn(20, 16)
     y = layer(x).output
     for t in range(20):
-        torch.testing.assert_close(y[t:t + 1], layer(x[t:t + 1]).output)
+        torch.testing.assert_close(y[t : t + 1], layer(x[t : t + 1]).output)
 
 
 def test_same_seed_same_weights_different_seed_different():
@@ -101,13 +107,17 @@ def test_bad_config_messages():
         make(top_k=5)
     with pytest.raises(ValueError, match="router must be one of"):
         make(router="bogus")
-    with pytest.raises(ValueError, match=r"num_experts \(6\) must be divisible by num_expert_groups \(4\)"):
+    with pytest.raises(
+        ValueError, match=r"num_experts \(6\) must be divisible by num_expert_groups \(4\)"
+    ):
         make(num_experts=6, num_expert_groups=4)
     with pytest.raises(ValueError, match="capacity_factor"):
         make(capacity_factor=0.0)
     with pytest.raises(ValueError, match="hidden_size must be a positive int"):
         make(hidden_size=0)
-    with pytest.raises(ValueError, match=r"nvshmem_peer_path must be 'auto', 'p2p' or 'put', got 'ib'"):
+    with pytest.raises(
+        ValueError, match=r"nvshmem_peer_path must be 'auto', 'p2p' or 'put', got 'ib'"
+    ):
         make(nvshmem_peer_path="ib")
     with pytest.raises(ValueError, match=r"hidden_size=12.*divisible by 4"):
         MoELayer(make(hidden_size=12, ffn_hidden_size=30, expert_backend="grouped_mm"))
@@ -115,7 +125,9 @@ def test_bad_config_messages():
 
 def test_hidden_mismatch_names_both_sizes():
     layer = MoELayer(make())
-    with pytest.raises(ValueError, match=r"input hidden size \(8\) does not match MoEConfig.hidden_size \(16\)"):
+    with pytest.raises(
+        ValueError, match=r"input hidden size \(8\) does not match MoEConfig.hidden_size \(16\)"
+    ):
         layer(torch.randn(4, 8))
 
 
@@ -142,8 +154,10 @@ def test_nvshmem_transport_without_gpu_says_what_is_missing():
 
 def test_loop_experts_stay_in_the_graph_with_no_rows():
     """A rank whose experts got no rows must still run the transport's backward calls (they are
-    collective): the loop oracle keeps every expert in the graph, giving zero gradients, not None."""
+    collective): the loop oracle keeps every expert in the graph, giving zero gradients, not None.
+    """
     from moe_dist.experts.gemm import loop_mm
+
     x = torch.randn(5, 4, requires_grad=True)
     w = torch.randn(3, 6, 4, requires_grad=True)
     out = loop_mm(x, w, torch.zeros(3, dtype=torch.long))
@@ -158,11 +172,15 @@ def test_loop_experts_stay_in_the_graph_with_no_rows():
 
 @pytest.mark.parametrize("mode", ["eager", "deferred"])
 def test_transport_errors_raise_at_the_end_of_an_eager_forward(mode):
-    """A transport that records errors on the device (nvshmem: overflow, silent peers) gets them raised
-    by the forward itself in eager mode, and only at check_errors() in deferred mode (no host sync)."""
+    """A transport that records errors on the device (nvshmem: overflow, silent peers) gets them
+    raised by the forward itself in eager mode, and only at check_errors() in deferred mode (no host
+    sync). """
     from moe_dist.errors import BUFFER_OVERFLOW, BufferOverflow, DeviceErrorFlags
+
     layer = MoELayer(make(error_check=mode), name="flagged")
-    layer.transport.error_flags = DeviceErrorFlags("flagged", "cpu")  # what the nvshmem transport carries
+    layer.transport.error_flags = DeviceErrorFlags(
+        "flagged", "cpu"
+    )  # what the nvshmem transport carries
     x = torch.randn(6, 16)
     layer(x)  # nothing recorded: no error
     layer.transport.error_flags.record(BUFFER_OVERFLOW, torch.tensor(True), step=1)

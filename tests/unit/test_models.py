@@ -1,4 +1,6 @@
-"""The example MoE language model (moe_dist.lm) and its byte-level data (moe_dist.lm.data), one process."""
+"""The example MoE language model (moe_dist.lm) and its byte-level data (moe_dist.lm.data), one
+process."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +24,9 @@ def make(seed: int = 0, **kw) -> MoETransformer:
 
 
 def test_d_model_must_equal_the_moe_hidden_size():
-    with pytest.raises(ValueError, match=r"ModelConfig.d_model \(16\) must equal MoEConfig.hidden_size \(32\)"):
+    with pytest.raises(
+        ValueError, match=r"ModelConfig.d_model \(16\) must equal MoEConfig.hidden_size \(32\)"
+    ):
         MoETransformer(CFG, MOE.replace(hidden_size=32))
 
 
@@ -44,7 +48,9 @@ def test_outputs_loss_and_expert_counts():
     torch.testing.assert_close(out.ce_loss, ce)
     torch.testing.assert_close(out.loss, ce + out.aux_loss)
     assert out.aux_loss > 0  # the load-balancing loss is part of the objective
-    assert [int(c.sum()) for c in out.tokens_per_expert] == [3 * CFG.max_seq_len * MOE.top_k] * CFG.n_layers
+    assert [int(c.sum()) for c in out.tokens_per_expert] == [
+        3 * CFG.max_seq_len * MOE.top_k
+    ] * CFG.n_layers
     assert model(tokens[:, :-1]).loss is None
 
 
@@ -65,7 +71,8 @@ def test_longer_than_max_seq_len_fails():
 
 @pytest.fixture
 def one_thread():
-    """Tiny matrices gain nothing from threads, and OpenMP threads on a busy shared CPU spin-wait badly."""
+    """Tiny matrices gain nothing from threads, and OpenMP threads on a busy shared CPU spin-wait
+    badly."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -73,7 +80,10 @@ def one_thread():
 
 
 def test_same_seed_same_model_and_it_learns(one_thread):
-    assert all(torch.equal(a, b) for a, b in zip(make(3).state_dict().values(), make(3).state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(make(3).state_dict().values(), make(3).state_dict().values())
+    )
     model = make()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tokens = torch.arange(CFG.max_seq_len + 1).repeat(4, 1) * 7 % 256  # a pattern to memorise
@@ -88,8 +98,9 @@ def test_same_seed_same_model_and_it_learns(one_thread):
 
 
 def test_coe_iterations_make_chain_of_experts_ffns():
-    """ModelConfig.coe_iterations (the trainer's --coe-iterations): every FFN a ChainOfExperts over one
-    MoELayer's experts with an extra router per extra pass; 1 is the plain model, parameter for parameter."""
+    """ModelConfig.coe_iterations (the trainer's --coe-iterations): every FFN a ChainOfExperts over
+    one MoELayer's experts with an extra router per extra pass; 1 is the plain model, parameter for
+    parameter. """
     from moe_dist.training.fsdp import default_units
 
     plain = make(5)
@@ -103,11 +114,16 @@ def test_coe_iterations_make_chain_of_experts_ffns():
     torch.testing.assert_close(coe.layers[0].moe.moe.experts.w_in, plain.layers[0].moe.experts.w_in)
     tokens = torch.randint(0, 256, (2, CFG.max_seq_len + 1))
     out = coe(tokens[:, :-1], tokens[:, 1:])
-    assert [int(c.sum()) for c in out.tokens_per_expert] == [2 * CFG.max_seq_len * MOE.top_k * 3] * CFG.n_layers
+    assert [int(c.sum()) for c in out.tokens_per_expert] == [
+        2 * CFG.max_seq_len * MOE.top_k * 3
+    ] * CFG.n_layers
     assert not torch.allclose(out.logits, plain(tokens[:, :-1]).logits)
     out.loss.backward()
-    assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0
-               for m in coe.moe_layers() for r in m.routers)  # every pass's router is trained
+    assert all(
+        r.weight.grad is not None and r.weight.grad.abs().sum() > 0
+        for m in coe.moe_layers()
+        for r in m.routers
+    )  # every pass's router is trained
     # FSDP2 units are the blocks only: a CoE's router list must stay inside its block's unit.
     assert default_units(coe) == list(coe.layers)
 
@@ -144,10 +160,15 @@ def test_batches_are_a_function_of_seed_and_step(tmp_path):
     a, b = corpus.global_batch(5, 4, 8), corpus.global_batch(5, 4, 8)
     assert torch.equal(a, b) and a.shape == (4, 9) and a.dtype == torch.long
     assert not torch.equal(a, corpus.global_batch(6, 4, 8))
-    assert bool(((a[:, 1:] - a[:, :-1]) % 256 == 1).all())  # windows of consecutive bytes of the file
+    assert bool(
+        ((a[:, 1:] - a[:, :-1]) % 256 == 1).all()
+    )  # windows of consecutive bytes of the file
     assert torch.equal(torch.cat([local_rows(a, r, 2) for r in range(2)]), a)
-    with pytest.raises(ValueError, match=r"global batch size \(4\) must be divisible by the data-parallel world "
-                                         r"size \(3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"global batch size \(4\) must be divisible by the data-parallel world "
+        r"size \(3\)",
+    ):
         local_rows(a, 0, 3)
     with pytest.raises(FileNotFoundError, match="neither a file nor a directory"):
         ByteCorpus.from_path(tmp_path / "missing")

@@ -1,10 +1,18 @@
-"""The nvshmem transport's index math, on CPU: positions computed from the count matrix reproduce the
-reference transport's receive order (expert-major, then source, then slot), with overflow handling."""
+"""The nvshmem transport's index math, on CPU: positions computed from the count matrix reproduce
+the reference transport's receive order (expert-major, then source, then slot), with overflow
+handling. """
+
 import pytest
 import torch
 
-from moe_dist.transport.nvshmem.layout import (ranks_in_expert, receiver_totals, segments, send_positions,
-                                               slot_destinations, sources_of_rows)
+from moe_dist.transport.nvshmem.layout import (
+    ranks_in_expert,
+    receiver_totals,
+    segments,
+    send_positions,
+    slot_destinations,
+    sources_of_rows,
+)
 from moe_dist.transport.permute import sort_slots_by_expert
 
 
@@ -29,8 +37,14 @@ def simulate(idx_by_rank, E, capacity):
 def test_positions_reproduce_reference_order():
     torch.manual_seed(0)
     E, K = 8, 2
-    idx = [torch.stack([torch.randperm(E)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.long)
-           for T in (5, 0, 9, 3)]
+    idx = [
+        (
+            torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+            if T
+            else torch.zeros(0, K, dtype=torch.long)
+        )
+        for T in (5, 0, 9, 3)
+    ]
     idx[2][1, 1] = -1  # an unused slot
     counts, received, overflow = simulate(idx, E, capacity=64)
     assert not overflow.any()
@@ -39,8 +53,8 @@ def test_positions_reproduce_reference_order():
         expected = sorted(rows, key=lambda t: (t[0], t[1], t[2]))
         assert rows == expected
         src = sources_of_rows(counts, r, 64)
-        assert src[:len(rows)].tolist() == [t[1] for t in rows]
-        assert (src[len(rows):] == -1).all()
+        assert src[: len(rows)].tolist() == [t[1] for t in rows]
+        assert (src[len(rows) :] == -1).all()
 
 
 def test_overflow_sends_nothing_to_that_receiver():
@@ -53,15 +67,19 @@ def test_overflow_sends_nothing_to_that_receiver():
 
 def random_routing(T, E, K, seed, unused=0.1):
     g = torch.Generator().manual_seed(seed)
-    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.long)
+    idx = (
+        torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        if T
+        else torch.zeros(0, K, dtype=torch.long)
+    )
     idx[torch.rand(idx.shape, generator=g) < unused] = -1
     return idx
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_slot_order_layout_matches_sorted_order(seed):
-    """The kernels' slot-order destinations are the sorted-order positions, and the receiver's segments
-    tile exactly the rows written to it, source by source."""
+    """The kernels' slot-order destinations are the sorted-order positions, and the receiver's
+    segments tile exactly the rows written to it, source by source."""
     E, K, N = 12, 3, 4
     idx = [random_routing(T, E, K, seed * 10 + r) for r, T in enumerate((7, 0, 11, 4))]
     capacity = 64 if seed % 2 == 0 else 9  # odd seeds: some receivers overflow
@@ -92,8 +110,10 @@ def test_ranks_in_expert_are_stable_token_order():
 
 
 def test_ep_nodes_from_the_launcher_environment():
-    """transport='auto' takes nvshmem only inside one node (P2P stores); this counts the nodes an EP group spans."""
+    """transport='auto' takes nvshmem only inside one node (P2P stores); this counts the nodes an EP
+    group spans."""
     from moe_dist.transport import ep_nodes
+
     assert ep_nodes([0, 1, 2, 3], {"LOCAL_WORLD_SIZE": "8"}) == 1
     assert ep_nodes([4, 5, 6, 7], {"LOCAL_WORLD_SIZE": "4"}) == 1
     assert ep_nodes([2, 3, 4, 5], {"LOCAL_WORLD_SIZE": "4"}) == 2

@@ -1,8 +1,9 @@
-"""Chunked pipeline (moe_dist/overlap.py) on CPU: pipelined == unpipelined in outputs, aux loss, counts
-and every gradient; the chunk and issue-order logic; the benchmark's smoke mode.
+"""Chunked pipeline (moe_dist/overlap.py) on CPU: pipelined == unpipelined in outputs, aux loss,
+counts and every gradient; the chunk and issue-order logic; the benchmark's smoke mode.
 
 Legend: T tokens, H hidden, K slots/token, E experts, C chunks.
 """
+
 import json
 import subprocess
 import sys
@@ -19,8 +20,14 @@ H, F, E = 16, 24, 8
 
 
 def cfg_for(transport, **kw):
-    base = dict(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=3, num_shared_experts=1,
-                transport=transport)
+    base = dict(
+        hidden_size=H,
+        ffn_hidden_size=F,
+        num_experts=E,
+        top_k=3,
+        num_shared_experts=1,
+        transport=transport,
+    )
     base.update(kw)
     return MoEConfig(**base)
 
@@ -41,13 +48,17 @@ def assert_same(a, b, label):
     torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-6, msg=lambda m: f"{label} grad x: {m}")
     assert gp1.keys() == gp2.keys(), (label, gp1.keys(), gp2.keys())
     for n in gp1:
-        torch.testing.assert_close(gp1[n], gp2[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{label} grad {n}: {m}")
+        torch.testing.assert_close(
+            gp1[n], gp2[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{label} grad {n}: {m}"
+        )
 
 
 @pytest.mark.parametrize("transport", ["local", "reference"])
 @pytest.mark.parametrize("chunks,tokens", [(2, 37), (3, 37), (7, 37), (9, 5), (4, 0), (3, 1)])
 def test_pipelined_equals_unpipelined(transport, chunks, tokens):
-    cfg = cfg_for(transport, router="top_p", top_p=0.7)  # unused slots (-1) cross chunk boundaries too
+    cfg = cfg_for(
+        transport, router="top_p", top_p=0.7
+    )  # unused slots (-1) cross chunk boundaries too
     torch.manual_seed(chunks * 100 + tokens)
     plain = MoELayer(cfg)
     torch.manual_seed(chunks * 100 + tokens)
@@ -62,8 +73,13 @@ def test_pipelined_equals_unpipelined(transport, chunks, tokens):
 
 @pytest.mark.parametrize("router,capacity", [("softmax", 0.5), ("sigmoid", None)])
 def test_pipelined_equals_unpipelined_routers_3d_input(router, capacity):
-    cfg = cfg_for("local", router=router, capacity_factor=capacity, shared_expert_gate=True,
-                  router_bias_update_rate=0.0)
+    cfg = cfg_for(
+        "local",
+        router=router,
+        capacity_factor=capacity,
+        shared_expert_gate=True,
+        router_bias_update_rate=0.0,
+    )
     torch.manual_seed(3)
     plain = MoELayer(cfg)
     torch.manual_seed(3)
@@ -78,7 +94,9 @@ def test_chunks_are_really_used():
     layer = MoELayer(cfg_for("local", num_chunks=3))
     calls, tr = [], layer.transport
     dispatch, combine = tr.dispatch, tr.combine
-    tr.dispatch = lambda x, plan: calls.append(("d", x.shape[0], plan.num_tokens)) or dispatch(x, plan)
+    tr.dispatch = lambda x, plan: calls.append(("d", x.shape[0], plan.num_tokens)) or dispatch(
+        x, plan
+    )
     tr.combine = lambda y, h: calls.append(("c", h.weights_TK.shape[0])) or combine(y, h)
     layer(torch.randn(10, H))
     assert calls == [("d", 4, 4), ("d", 3, 3), ("c", 4), ("d", 3, 3), ("c", 3), ("c", 3)], calls
@@ -106,7 +124,9 @@ def test_split_plan(tokens, chunks):
     plan = layer.router(torch.randn(tokens, H))
     parts = split_plan(plan, chunks)
     assert len(parts) == chunks
-    assert [p.num_tokens for p in parts] == [t.shape[0] for t in torch.tensor_split(torch.empty(tokens), chunks)]
+    assert [p.num_tokens for p in parts] == [
+        t.shape[0] for t in torch.tensor_split(torch.empty(tokens), chunks)
+    ]
     assert torch.equal(torch.cat([p.expert_idx_TK for p in parts]), plan.expert_idx_TK)
     assert torch.equal(torch.cat([p.weights_TK for p in parts]), plan.weights_TK)
     assert torch.equal(sum(p.tokens_per_expert_E for p in parts), plan.tokens_per_expert_E)
@@ -130,7 +150,9 @@ def test_pipelined_moe_direct_call_and_config_validation():
     layer = MoELayer(cfg_for("local", num_shared_experts=0))
     x = torch.randn(13, H)
     plan = layer.router(x)
-    torch.testing.assert_close(pipelined_moe(layer, x, plan, num_chunks=5), layer.routed_experts(x, plan))
+    torch.testing.assert_close(
+        pipelined_moe(layer, x, plan, num_chunks=5), layer.routed_experts(x, plan)
+    )
     with pytest.raises(ValueError, match="num_chunks must be a positive int, got 0"):
         cfg_for("local", num_chunks=0)
     with pytest.raises(ValueError, match="shared_expert_overlap must be a bool, got 1"):
@@ -138,8 +160,13 @@ def test_pipelined_moe_direct_call_and_config_validation():
 
 
 def test_benchmark_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/overlap.py"), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/overlap.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((tmp_path / "overlap.json").read_text())
     rows = data["results"]

@@ -1,7 +1,13 @@
 """Index math every transport shares (CPU)."""
+
 import torch
 
-from moe_dist.transport.permute import gather_token_copies, permute_rows, sort_slots_by_expert, weighted_sum_of_slots
+from moe_dist.transport.permute import (
+    gather_token_copies,
+    permute_rows,
+    sort_slots_by_expert,
+    weighted_sum_of_slots,
+)
 
 
 def test_sort_slots_groups_by_expert_stably_unused_last():

@@ -1,11 +1,18 @@
 """Routers, losses and capacity on hand-worked cases."""
+
 import math
 
 import pytest
 import torch
 
 from moe_dist import MoEConfig
-from moe_dist.routing import Router, drop_over_capacity, expert_capacity, load_balancing_loss, router_z_loss
+from moe_dist.routing import (
+    Router,
+    drop_over_capacity,
+    expert_capacity,
+    load_balancing_loss,
+    router_z_loss,
+)
 from moe_dist.routing.select import group_limited_topk, sigmoid_topk, softmax_topk, top_p_select
 
 
@@ -19,8 +26,8 @@ def test_softmax_topk_hand_case():
 
 
 def test_group_limited_keeps_tokens_inside_best_group():
-    # Groups {0,1} (best prob is expert 0) and {2,3}. Experts 3 and 2 beat expert 1 globally, but with
-    # topk_groups=1 the token may only use group {0,1}.
+    # Groups {0,1} (best prob is expert 0) and {2,3}. Experts 3 and 2 beat expert 1 globally, but
+    # with topk_groups=1 the token may only use group {0,1}.
     logits = torch.tensor([[5.0, 0.0, 4.0, 4.5]])
     idx, w, _ = group_limited_topk(logits, 2, groups=2, topk_groups=1, normalize=True)
     assert idx.tolist() == [[0, 1]]
@@ -37,12 +44,14 @@ def test_sigmoid_bias_steers_selection_not_weights():
     bias = torch.tensor([0.0, 0.0, 0.0, 1.0])  # sigmoid(-1)+1 = 1.27 > sigmoid(2) = 0.88
     idx, w, _ = sigmoid_topk(logits, bias, 1, 1, 1, normalize=False)
     assert idx.tolist() == [[3]]
-    torch.testing.assert_close(w, torch.sigmoid(torch.tensor([[-1.0]])))  # the weight ignores the bias
+    torch.testing.assert_close(
+        w, torch.sigmoid(torch.tensor([[-1.0]]))
+    )  # the weight ignores the bias
 
 
 def test_sigmoid_group_score_is_sum_of_top_two():
-    # Group A = {0,1,2}: one strong expert; group B = {3,4,5}: two good ones. V3 scores groups by the sum
-    # of their two best affinities, so B wins although A holds the single best expert.
+    # Group A = {0,1,2}: one strong expert; group B = {3,4,5}: two good ones. V3 scores groups by
+    # the sum of their two best affinities, so B wins although A holds the single best expert.
     s = torch.tensor([[0.95, 0.05, 0.05, 0.7, 0.7, 0.05]])
     logits = torch.log(s / (1 - s))
     idx, _, _ = sigmoid_topk(logits, torch.zeros(6), 2, groups=2, topk_groups=1, normalize=True)
@@ -75,7 +84,9 @@ def test_load_balancing_loss_is_one_when_balanced_and_larger_when_not():
     # f = [1,0,0,0], P = [0.7,...] -> 4 * 0.7
     assert load_balancing_loss(skewed_probs, skewed_idx, 4).item() == pytest.approx(2.8)
     # unused slots (-1) are not counted
-    assert load_balancing_loss(probs, torch.tensor([[0, -1], [1, -1], [2, -1], [3, -1]]), 4).item() == pytest.approx(1.0)
+    assert load_balancing_loss(
+        probs, torch.tensor([[0, -1], [1, -1], [2, -1], [3, -1]]), 4
+    ).item() == pytest.approx(1.0)
 
 
 def test_z_loss_hand_case():
@@ -118,7 +129,13 @@ def test_router_plan_counts_and_drops():
 
 
 def test_bias_update_moves_toward_balance():
-    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, router="sigmoid", router_bias_update_rate=0.1)
+    cfg = MoEConfig(
+        hidden_size=8,
+        ffn_hidden_size=8,
+        num_experts=4,
+        router="sigmoid",
+        router_bias_update_rate=0.1,
+    )
     r = Router(cfg)
     r.update_bias(torch.tensor([10, 2, 4, 4]))  # mean 5
     torch.testing.assert_close(r.expert_bias, torch.tensor([-0.1, 0.1, 0.1, 0.1]))

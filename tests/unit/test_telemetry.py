@@ -1,4 +1,5 @@
 """Routing telemetry against plain-Python reference counts, and SRP / SCH against brute force."""
+
 import json
 import math
 
@@ -7,11 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from moe_dist import MoEConfig, MoELayer
-from moe_dist.extensions.telemetry import (RoutingTelemetry, cache_depth_histogram, sch_from_histogram,
-                                segment_count_histogram, srp_from_histogram)
+from moe_dist.extensions.telemetry import (
+    RoutingTelemetry,
+    cache_depth_histogram,
+    sch_from_histogram,
+    segment_count_histogram,
+    srp_from_histogram,
+)
 
 
-# -- brute-force references (sets and loops, straight from the definitions) ----------------------------
+# -- brute-force references (sets and loops, straight from the definitions)
+# ----------------------------
 def srp_reference(seqs, num_experts, m):
     """seqs: list of sequences, each a list of tokens, each a list of expert ids (-1 = unrouted)."""
     best = -1.0
@@ -19,7 +26,7 @@ def srp_reference(seqs, num_experts, m):
         matches = predictions = activations = 0
         for seq in seqs:
             for start in range(len(seq) - m + 1):
-                window = seq[start:start + m]
+                window = seq[start : start + m]
                 count = [sum(tok.count(e) for tok in window) for e in range(num_experts)]
                 chosen = [e for e in range(num_experts) if count[e] >= rho]
                 matches += sum(count[e] for e in chosen)
@@ -31,7 +38,8 @@ def srp_reference(seqs, num_experts, m):
 
 
 def sch_reference(seqs, num_experts, lookahead, cache_size):
-    """Direct simulation of one cache size: evict the fewest uses in the lookahead window, then LRU."""
+    """Direct simulation of one cache size: evict the fewest uses in the lookahead window, then
+    LRU."""
     hits = total = 0
     for seq in seqs:
         S = len(seq)
@@ -70,25 +78,28 @@ def sch_reference(seqs, num_experts, lookahead, cache_size):
 def random_routing(B, S, K, E, seed, drop=0.2):
     gen = torch.Generator().manual_seed(seed)
     idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(B * S)]).view(B, S, K)
-    repeat = torch.rand(B, S, 1, generator=gen) < 0.5  # some locality: often reuse the previous token's experts
+    repeat = (
+        torch.rand(B, S, 1, generator=gen) < 0.5
+    )  # some locality: often reuse the previous token's experts
     idx[:, 1:] = torch.where(repeat[:, 1:], idx[:, :-1], idx[:, 1:])
     idx[torch.rand(B, S, K, generator=gen) < drop] = -1
     return idx
 
 
-# -- SRP / SCH ---------------------------------------------------------------------------------------
+# -- SRP / SCH
+# ---------------------------------------------------------------------------------------
 def test_srp_sch_hand_case():
-    # Sequence 0 0 1 1 0, one expert per token, windows of 2: counts per window (2,0,0) (1,1,0) (0,2,0)
-    # (1,1,0); threshold 1 serves each window with its used experts: 8 matches of 12 predictions and 8
-    # activations, F1 = 16 / 20.
+    # Sequence 0 0 1 1 0, one expert per token, windows of 2: counts per window (2,0,0) (1,1,0)
+    # (0,2,0) (1,1,0); threshold 1 serves each window with its used experts: 8 matches of 12
+    # predictions and 8 activations, F1 = 16 / 20.
     idx = torch.tensor([0, 0, 1, 1, 0]).view(1, 5, 1)
     hist = segment_count_histogram(idx, 3, 2)
     assert hist.tolist() == [6, 4, 2]
     srp, rho, f1 = srp_from_histogram(hist)
     assert rho == 1 and srp == pytest.approx(0.8) and f1 == pytest.approx([0.5, 0.8, 8 / 12])
-    # 0 1 2 0 0 0 1, cache of 2 (first uses of 0 and 1 fill free slots and hit; 2 misses): with 3 tokens
-    # of lookahead, 1 (unused in the window) makes way for 2, then only the last token misses; with 1
-    # token of lookahead the tie goes LRU, 0 is evicted and token 3 misses too.
+    # 0 1 2 0 0 0 1, cache of 2 (first uses of 0 and 1 fill free slots and hit; 2 misses): with 3
+    # tokens of lookahead, 1 (unused in the window) makes way for 2, then only the last token
+    # misses; with 1 token of lookahead the tie goes LRU, 0 is evicted and token 3 misses too.
     idx = torch.tensor([0, 1, 2, 0, 0, 0, 1]).view(1, 7, 1)
     assert sch_from_histogram(cache_depth_histogram(idx, 3, 3))[1] == pytest.approx(5 / 7)
     assert sch_from_histogram(cache_depth_histogram(idx, 3, 1))[1] == pytest.approx(4 / 7)
@@ -108,7 +119,8 @@ def test_srp_sch_match_brute_force(seed):
         assert curve == pytest.approx([sch_reference(seqs, E, m, c) for c in range(1, E + 1)])
 
 
-# -- the telemetry object against reference counts ------------------------------------------------------
+# -- the telemetry object against reference counts
+# ------------------------------------------------------
 def expert_output(layer, e, x_H):
     h = F.linear(x_H, layer.experts.w_in[e])
     if layer.cfg.activation == "swiglu":
@@ -123,8 +135,16 @@ def expert_output(layer, e, x_H):
 def test_counts_equal_reference_on_random_routing(capacity):
     E, K, H = 8, 2, 16
     torch.manual_seed(0)
-    layer = MoELayer(MoEConfig(hidden_size=H, ffn_hidden_size=24, num_experts=E, top_k=K, capacity_factor=capacity,
-                               expert_backend="loop"))
+    layer = MoELayer(
+        MoEConfig(
+            hidden_size=H,
+            ffn_hidden_size=24,
+            num_experts=E,
+            top_k=K,
+            capacity_factor=capacity,
+            expert_backend="loop",
+        )
+    )
     tel = RoutingTelemetry(layer, segment_length=4, cache_size=3)
     plans = []
     layer.add_observer(lambda lyr, x, plan, counts, y: plans.append((x.detach().clone(), plan)))
@@ -172,7 +192,9 @@ def test_counts_equal_reference_on_random_routing(capacity):
 
 def test_lrc_every_seq_len_reset_detach(tmp_path):
     torch.manual_seed(1)
-    layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=1, expert_backend="loop"))
+    layer = MoELayer(
+        MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=1, expert_backend="loop")
+    )
     tel = RoutingTelemetry(layer, segment_length=2, seq_len=6, lrc_every=2)
     xs = [torch.randn(12, 8) for _ in range(3)]
     plans = []
@@ -222,10 +244,19 @@ class MoELayerBlock(torch.nn.Module):
 
 
 def test_observer_never_reads_the_device(monkeypatch):
-    """The per-step path must not synchronise: call it with every host read of a tensor made to fail."""
+    """The per-step path must not synchronise: call it with every host read of a tensor made to
+    fail."""
     torch.manual_seed(3)
-    layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=2, capacity_factor=1.0,
-                               expert_backend="loop"))
+    layer = MoELayer(
+        MoEConfig(
+            hidden_size=8,
+            ffn_hidden_size=8,
+            num_experts=4,
+            top_k=2,
+            capacity_factor=1.0,
+            expert_backend="loop",
+        )
+    )
     calls = []
     layer.add_observer(lambda *args: calls.append(args))
     layer(torch.randn(2, 7, 8))
@@ -234,6 +265,7 @@ def test_observer_never_reads_the_device(monkeypatch):
 
     def no_sync(*_, **__):
         raise AssertionError("host read of a device tensor in the per-step path")
+
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, no_sync)
     tel._input_shape["moe"] = (2, 7)

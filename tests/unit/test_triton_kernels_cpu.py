@@ -1,10 +1,11 @@
-"""The GPU-only Triton kernels, checked on a machine without a GPU:
-- every kernel compiles for Hopper (sm_90) through Triton's whole pipeline, ptxas included, so a type
+"""The GPU-only Triton kernels, checked on a machine without a GPU: - every kernel compiles for
+Hopper (sm_90) through Triton's whole pipeline, ptxas included, so a type
   or lowering error in a CUDA-only path fails here, not first on a lent GPU;
 - the nvshmem transport's kernels and the fused SwiGLU run in Triton's interpreter on CPU tensors
   against their plain-torch oracles (tests/gpu/test_nvshmem_kernels.py and test_swiglu_kernel.py
   with TRITON_INTERPRET=1).
 Both need triton (docker/install.sh --dev installs it); without it they skip, saying so."""
+
 import itertools
 import os
 import subprocess
@@ -14,14 +15,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-triton = pytest.importorskip("triton", reason="triton is not installed (docker/install.sh --dev installs it)")
+triton = pytest.importorskip(
+    "triton", reason="triton is not installed (docker/install.sh --dev installs it)"
+)
 
 
 def interpreter_works() -> str | None:
     import numpy
+
     major, minor = (int(v) for v in numpy.__version__.split(".")[:2])
     if (major, minor) >= (2, 3):  # Triton 3.6's interpreter calls int() on 1-element arrays
-        return f"Triton's interpreter needs numpy < 2.3 (found {numpy.__version__}; install.sh --dev pins it)"
+        return (
+            f"Triton's interpreter needs numpy < 2.3 (found {numpy.__version__}; install.sh --dev"
+            " pins it)"
+        )
     return None
 
 
@@ -30,10 +37,29 @@ def test_kernels_match_their_oracles_in_the_interpreter(test_file):
     reason = interpreter_works()
     if reason:
         pytest.skip(reason)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
-                           str(ROOT / "tests/gpu" / test_file)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "ignore",
+            str(ROOT / "tests/gpu" / test_file),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and " passed" in out and "skipped" not in out, out[-4000:]
 
@@ -44,64 +70,168 @@ P64, P32, PBF, PF32 = "*i64", "*i32", "*bf16", "*fp32"
 def kernel_cases():
     from moe_dist.experts import swiglu_triton as SW
     from moe_dist.transport.nvshmem import kernels as K
+
     ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
     yield "count_and_rank", K.count_and_rank_kernel, {
-        "idx_ptr": P64, "S": "i32", "rank_ptr": P64, "peer_counts_addr_ptr": P64, **ints("me", "N", "E"),
-        "BLOCK": "constexpr"}, {"BLOCK": 1024}
+        "idx_ptr": P64,
+        "S": "i32",
+        "rank_ptr": P64,
+        "peer_counts_addr_ptr": P64,
+        **ints("me", "N", "E"),
+        "BLOCK": "constexpr",
+    }, {"BLOCK": 1024}
     for bump in (False, True):
         yield f"signal_and_wait(BUMP={bump})", K.signal_and_wait_kernel, {
-            "peer_flag_addr_ptr": P64, "flag_ptr": P64, **ints("me", "n"), "epoch_ptr": P64, "timeout_ns": "i64",
-            "err_ptr": P32, "step": "i32", "BUMP": "constexpr"}, {"BUMP": bump}
+            "peer_flag_addr_ptr": P64,
+            "flag_ptr": P64,
+            **ints("me", "n"),
+            "epoch_ptr": P64,
+            "timeout_ns": "i64",
+            "err_ptr": P32,
+            "step": "i32",
+            "BUMP": "constexpr",
+        }, {"BUMP": bump}
     yield "layout", K.layout_kernel, {
-        "counts_ptr": P64, **ints("me", "N", "E", "G", "capacity"), "offs_ptr": P64, "overflow_ptr": P32,
-        "counts_G_ptr": P64, "seg_ptr": P64, "err_ptr": P32, "step": "i32", "NB": "constexpr", "EB": "constexpr"}, \
-        {"NB": 8, "EB": 256}
+        "counts_ptr": P64,
+        **ints("me", "N", "E", "G", "capacity"),
+        "offs_ptr": P64,
+        "overflow_ptr": P32,
+        "counts_G_ptr": P64,
+        "seg_ptr": P64,
+        "err_ptr": P32,
+        "step": "i32",
+        "NB": "constexpr",
+        "EB": "constexpr",
+    }, {"NB": 8, "EB": 256}
     for compute, scale, put in itertools.product((False, True), repeat=3):
         yield f"push_slots(COMPUTE_DEST={compute}, SCALE={scale}, HAS_PUT={put})", K.push_slots_kernel, {
-            "src_ptr": PBF, "scale_ptr": PF32, "idx_ptr": P64, "rank_ptr": P64, "offs_ptr": P64,
-            "overflow_ptr": P32, "dest_rank_ptr": P64, "dest_pos_ptr": P64, "peer_rows_addr_ptr": P64,
-            "own_out_ptr": PBF, "peer_meta_addr_ptr": P64, "via_put_ptr": P32, **ints("me", "G", "K", "H"),
-            "COMPUTE_DEST": "constexpr", "SCALE": "constexpr", "HAS_PUT": "constexpr", "BLOCK": "constexpr"}, \
-            {"COMPUTE_DEST": compute, "SCALE": scale, "HAS_PUT": put, "BLOCK": K.ROW_BLOCK}
+            "src_ptr": PBF,
+            "scale_ptr": PF32,
+            "idx_ptr": P64,
+            "rank_ptr": P64,
+            "offs_ptr": P64,
+            "overflow_ptr": P32,
+            "dest_rank_ptr": P64,
+            "dest_pos_ptr": P64,
+            "peer_rows_addr_ptr": P64,
+            "own_out_ptr": PBF,
+            "peer_meta_addr_ptr": P64,
+            "via_put_ptr": P32,
+            **ints("me", "G", "K", "H"),
+            "COMPUTE_DEST": "constexpr",
+            "SCALE": "constexpr",
+            "HAS_PUT": "constexpr",
+            "BLOCK": "constexpr",
+        }, {
+            "COMPUTE_DEST": compute,
+            "SCALE": scale,
+            "HAS_PUT": put,
+            "BLOCK": K.ROW_BLOCK,
+        }
     for meta in (False, True):
         yield f"copy_segments(HAS_META={meta})", K.copy_segments_kernel, {
-            "staging_ptr": PBF, "out_ptr": PBF, "staging_meta_ptr": P64, "out_meta_ptr": P64, "seg_ptr": P64,
-            **ints("me", "N", "G", "H"), "HAS_META": "constexpr", "SPLIT": "constexpr", "BLOCK": "constexpr"}, \
-            {"HAS_META": meta, "SPLIT": 16, "BLOCK": K.ROW_BLOCK}
+            "staging_ptr": PBF,
+            "out_ptr": PBF,
+            "staging_meta_ptr": P64,
+            "out_meta_ptr": P64,
+            "seg_ptr": P64,
+            **ints("me", "N", "G", "H"),
+            "HAS_META": "constexpr",
+            "SPLIT": "constexpr",
+            "BLOCK": "constexpr",
+        }, {"HAS_META": meta, "SPLIT": 16, "BLOCK": K.ROW_BLOCK}
     for put in (False, True):
         yield f"return_segments(HAS_PUT={put})", K.return_segments_kernel, {
-            "rows_ptr": PBF, "slot_of_row_ptr": P64, "seg_ptr": P64, "peer_ret_addr_ptr": P64, "via_put_ptr": P32,
-            **ints("me", "N", "G", "H"), "SPLIT": "constexpr", "HAS_PUT": "constexpr", "BLOCK": "constexpr"}, \
-            {"SPLIT": 16, "HAS_PUT": put, "BLOCK": K.ROW_BLOCK}
+            "rows_ptr": PBF,
+            "slot_of_row_ptr": P64,
+            "seg_ptr": P64,
+            "peer_ret_addr_ptr": P64,
+            "via_put_ptr": P32,
+            **ints("me", "N", "G", "H"),
+            "SPLIT": "constexpr",
+            "HAS_PUT": "constexpr",
+            "BLOCK": "constexpr",
+        }, {"SPLIT": 16, "HAS_PUT": put, "BLOCK": K.ROW_BLOCK}
     for w in (False, True):
         for keep in (False, True):
             yield f"gather_reduce(HAS_W={w}, KEEP_SLOTS={keep})", K.gather_reduce_kernel, {
-                "own_rows_ptr": PBF, "staging_ptr": PBF, "dest_rank_ptr": P64, "dest_pos_ptr": P64, "w_ptr": PF32,
-                "out_ptr": PBF, "slots_out_ptr": PBF, **ints("me", "K", "H"), "HAS_W": "constexpr",
-                "KEEP_SLOTS": "constexpr", "BLOCK": "constexpr"}, {"HAS_W": w, "KEEP_SLOTS": keep, "BLOCK": K.ROW_BLOCK}
-    yield "swiglu_fwd", SW._swiglu_fwd, {"h_ptr": PBF, "out_ptr": PBF, "rows_used_ptr": P64, "F": "i32",
-                                         "BLOCK": "constexpr"}, {"BLOCK": 1024}
-    yield "swiglu_bwd", SW._swiglu_bwd, {"h_ptr": PBF, "g_ptr": PBF, "dh_ptr": PBF, "rows_used_ptr": P64, "F": "i32",
-                                         "BLOCK": "constexpr"}, {"BLOCK": 1024}
+                "own_rows_ptr": PBF,
+                "staging_ptr": PBF,
+                "dest_rank_ptr": P64,
+                "dest_pos_ptr": P64,
+                "w_ptr": PF32,
+                "out_ptr": PBF,
+                "slots_out_ptr": PBF,
+                **ints("me", "K", "H"),
+                "HAS_W": "constexpr",
+                "KEEP_SLOTS": "constexpr",
+                "BLOCK": "constexpr",
+            }, {"HAS_W": w, "KEEP_SLOTS": keep, "BLOCK": K.ROW_BLOCK}
+    yield "swiglu_fwd", SW._swiglu_fwd, {
+        "h_ptr": PBF,
+        "out_ptr": PBF,
+        "rows_used_ptr": P64,
+        "F": "i32",
+        "BLOCK": "constexpr",
+    }, {"BLOCK": 1024}
+    yield "swiglu_bwd", SW._swiglu_bwd, {
+        "h_ptr": PBF,
+        "g_ptr": PBF,
+        "dh_ptr": PBF,
+        "rows_used_ptr": P64,
+        "F": "i32",
+        "BLOCK": "constexpr",
+    }, {"BLOCK": 1024}
 
 
 def put_kernel_cases():
     from moe_dist.transport.nvshmem import put_kernels as PK
+
     for bump, payload in ((True, True), (False, False)):
         yield f"put_signal(BUMP={bump}, HAS_PAYLOAD={payload})", PK.put_signal_kernel, {
-            "via_put_ptr": P32, "peer_pe_ptr": P32, "me": "i32", "epoch_ptr": P64, "flag_addr": "i64",
-            "payload_addr": "i64", "payload_bytes": "i32", "BUMP": "constexpr", "HAS_PAYLOAD": "constexpr"}, \
-            {"BUMP": bump, "HAS_PAYLOAD": payload}
+            "via_put_ptr": P32,
+            "peer_pe_ptr": P32,
+            "me": "i32",
+            "epoch_ptr": P64,
+            "flag_addr": "i64",
+            "payload_addr": "i64",
+            "payload_bytes": "i32",
+            "BUMP": "constexpr",
+            "HAS_PAYLOAD": "constexpr",
+        }, {"BUMP": bump, "HAS_PAYLOAD": payload}
     for scale, meta in ((False, True), (True, False)):
         yield f"put_rows(SCALE={scale}, HAS_META={meta})", PK.put_rows_kernel, {
-            "src_ptr": PBF, "scale_ptr": PF32, "dest_rank_ptr": P64, "dest_pos_ptr": P64, "via_put_ptr": P32,
-            "peer_pe_ptr": P32, "send_addr": "i64", "send_meta_addr": "i64", "staging_addr": "i64",
-            "staging_meta_addr": "i64", "K": "i32", "H": "i32", "SCALE": "constexpr", "HAS_META": "constexpr",
-            "BLOCK": "constexpr"}, {"SCALE": scale, "HAS_META": meta, "BLOCK": 1024}
+            "src_ptr": PBF,
+            "scale_ptr": PF32,
+            "dest_rank_ptr": P64,
+            "dest_pos_ptr": P64,
+            "via_put_ptr": P32,
+            "peer_pe_ptr": P32,
+            "send_addr": "i64",
+            "send_meta_addr": "i64",
+            "staging_addr": "i64",
+            "staging_meta_addr": "i64",
+            "K": "i32",
+            "H": "i32",
+            "SCALE": "constexpr",
+            "HAS_META": "constexpr",
+            "BLOCK": "constexpr",
+        }, {"SCALE": scale, "HAS_META": meta, "BLOCK": 1024}
     yield "put_return", PK.put_return_kernel, {
-        "rows_ptr": PBF, "slot_of_row_ptr": P64, "seg_ptr": P64, "via_put_ptr": P32, "peer_pe_ptr": P32,
-        "send_addr": "i64", "ret_addr": "i64", "me": "i32", "N": "i32", "G": "i32", "H": "i32", "SPLIT": "constexpr",
-        "BLOCK": "constexpr"}, {"SPLIT": 16, "BLOCK": 1024}
+        "rows_ptr": PBF,
+        "slot_of_row_ptr": P64,
+        "seg_ptr": P64,
+        "via_put_ptr": P32,
+        "peer_pe_ptr": P32,
+        "send_addr": "i64",
+        "ret_addr": "i64",
+        "me": "i32",
+        "N": "i32",
+        "G": "i32",
+        "H": "i32",
+        "SPLIT": "constexpr",
+        "BLOCK": "constexpr",
+    }, {"SPLIT": 16, "BLOCK": 1024}
 
 
 def test_put_kernels_link_nvshmem_and_compile_for_hopper():
@@ -111,17 +241,25 @@ def test_put_kernels_link_nvshmem_and_compile_for_hopper():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from moe_dist.transport.nvshmem.device_lib import device_library_path, extern_libs
+
     if device_library_path((9, 0)) is None:
-        pytest.skip("NVSHMEM's device bitcode is not installed (the nvidia-nvshmem-cu13 wheel, or "
-                    "MOE_DIST_NVSHMEM_DEVICE_BC); the GPU worker runs these kernels")
+        pytest.skip(
+            "NVSHMEM's device bitcode is not installed (the nvidia-nvshmem-cu13 wheel, or "
+            "MOE_DIST_NVSHMEM_DEVICE_BC); the GPU worker runs these kernels"
+        )
     libs = tuple(extern_libs((9, 0)).items())
     failures = []
     for name, fn, signature, constants in put_kernel_cases():
         try:
-            k = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
-                               options={"extern_libs": libs})
+            k = triton.compile(
+                ASTSource(fn, signature, constants),
+                target=GPUTarget("cuda", 90, 32),
+                options={"extern_libs": libs},
+            )
             if "nvshmemi_device_state_d" not in k.asm["ptx"]:
-                failures.append(f"{name}: the PTX has no NVSHMEM device state: the library was not linked")
+                failures.append(
+                    f"{name}: the PTX has no NVSHMEM device state: the library was not linked"
+                )
         except Exception as e:  # noqa: BLE001
             failures.append(f"{name}: {type(e).__name__}: {str(e)[:800]}")
     assert not failures, "\n".join(failures)
@@ -130,6 +268,7 @@ def test_put_kernels_link_nvshmem_and_compile_for_hopper():
 def test_every_kernel_compiles_for_hopper():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
     failures = []
     for name, fn, signature, constants in kernel_cases():
         try:

@@ -5,25 +5,34 @@ Per layer, from calibration tokens:
      dominant ones (ties: lower id), one per group;
   2. every other expert joins the dominant expert whose router-logit vector (its logit for each
      calibration token) has the highest cosine similarity with its own;
-  3. each member's FFN hidden units are permuted to match the dominant expert's (weight matching: the
+  3. each member's FFN hidden units are permuted to match the dominant expert's (weight matching:
+  the
      permutation minimising the squared distance between unit weight vectors [gate row, up row,
      output column], by scipy's linear_sum_assignment, or a greedy matcher without scipy);
   4. the group becomes one expert: the f-weighted average of the aligned weights (plain copy of the
      dominant expert when the whole group never fired).
-Router: MC-SMoE keeps routing over the old experts and sends a group's tokens to its merged expert; a
-plain MoELayer with fewer experts cannot, so each merged expert takes the dominant expert's router row
-and bias entry. The other rows are dropped: tokens that picked a member now pick among the dominant
-rows, which steer close to the members' (that is how the groups were formed).
+Router: MC-SMoE keeps routing over the old experts and sends a group's tokens to its merged expert;
+a plain MoELayer with fewer experts cannot, so each merged expert takes the dominant expert's router
+row and bias entry. The other rows are dropped: tokens that picked a member now pick among the
+dominant rows, which steer close to the members' (that is how the groups were formed).
 
 Legend: T tokens, H hidden, E experts, F ffn hidden, U unit features.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from moe_dist import MoELayer
-from .common import build_layer, check_count, moe_layers, replace_layers, run_calibration, shrunk_config
+from .common import (
+    build_layer,
+    check_count,
+    moe_layers,
+    replace_layers,
+    run_calibration,
+    shrunk_config,
+)
 
 try:
     from scipy.optimize import linear_sum_assignment
@@ -46,10 +55,15 @@ class _RoutingObserver:
 
 
 @torch.no_grad()
-def routing_statistics(model: nn.Module, calibration_batches) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def routing_statistics(
+    model: nn.Module, calibration_batches
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer path: (slot frequency [E], cosine similarity of router-logit vectors [E, E])."""
     layers = moe_layers(model)
-    observers = {name: _RoutingObserver(lay.cfg.num_experts, lay.router.weight.device) for name, lay in layers.items()}
+    observers = {
+        name: _RoutingObserver(lay.cfg.num_experts, lay.router.weight.device)
+        for name, lay in layers.items()
+    }
     run_calibration(model, calibration_batches, observers)
     out = {}
     for name, obs in observers.items():
@@ -58,9 +72,11 @@ def routing_statistics(model: nn.Module, calibration_batches) -> dict[str, tuple
     return out
 
 
-def group_experts(freq_E: torch.Tensor, similarity_EE: torch.Tensor, num_groups: int) -> list[list[int]]:
-    """MC-SMoE grouping: dominant = most frequent; each other expert joins its most similar dominant.
-    Returns groups (dominant first, then members ascending), ordered by dominant id."""
+def group_experts(
+    freq_E: torch.Tensor, similarity_EE: torch.Tensor, num_groups: int
+) -> list[list[int]]:
+    """MC-SMoE grouping: dominant = most frequent; each other expert joins its most similar
+    dominant. Returns groups (dominant first, then members ascending), ordered by dominant id."""
     freq = freq_E.cpu()
     sim = similarity_EE.double().cpu()
     dominant = sorted(torch.sort(-freq.double(), stable=True).indices[:num_groups].tolist())
@@ -75,13 +91,14 @@ def group_experts(freq_E: torch.Tensor, similarity_EE: torch.Tensor, num_groups:
 def _unit_features(w_in: torch.Tensor, w_out: torch.Tensor, F: int) -> torch.Tensor:
     """[F, U]: everything one hidden unit owns: its input row(s) (gate and up for SwiGLU) and its
     output column."""
-    rows = [w_in[f0:f0 + F] for f0 in range(0, w_in.shape[0], F)]
+    rows = [w_in[f0 : f0 + F] for f0 in range(0, w_in.shape[0], F)]
     return torch.cat(rows + [w_out.t()], dim=1).double()
 
 
 def match_units(ref_FU: torch.Tensor, other_FU: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """perm [F]: unit perm[f] of `other` is matched to unit f of `ref`, minimising the total squared
-    distance. method: "scipy" (optimal), "greedy" (closest free pair first), "auto" (scipy if present)."""
+    distance. method: "scipy" (optimal), "greedy" (closest free pair first), "auto" (scipy if
+    present). """
     if method not in ("auto", "scipy", "greedy"):
         raise ValueError(f"method must be 'auto', 'scipy' or 'greedy', got {method!r}")
     cost_FF = torch.cdist(ref_FU.detach().double(), other_FU.detach().double()).square().cpu()
@@ -112,8 +129,14 @@ def permute_units(w_in: torch.Tensor, w_out: torch.Tensor, perm: torch.Tensor, F
 
 
 @torch.no_grad()
-def merge_layer(layer: MoELayer, groups: list[list[int]], freq_E: torch.Tensor, *, layer_name: str = "",
-                method: str = "auto") -> MoELayer:
+def merge_layer(
+    layer: MoELayer,
+    groups: list[list[int]],
+    freq_E: torch.Tensor,
+    *,
+    layer_name: str = "",
+    method: str = "auto",
+) -> MoELayer:
     """The layer with each group (dominant expert first) merged into one expert, in group order."""
     F = layer.cfg.ffn_hidden_size
     w_in, w_out = layer.experts.w_in, layer.experts.w_out
@@ -123,7 +146,11 @@ def merge_layer(layer: MoELayer, groups: list[list[int]], freq_E: torch.Tensor, 
         d = group[0]
         ref_FU = _unit_features(w_in[d], w_out[d], F)
         f = freq_E[group].double().to(w_in.device)
-        weights = f / f.sum() if f.sum() > 0 else torch.eye(len(group), dtype=torch.float64, device=w_in.device)[0]
+        weights = (
+            f / f.sum()
+            if f.sum() > 0
+            else torch.eye(len(group), dtype=torch.float64, device=w_in.device)[0]
+        )
         acc_in = torch.zeros_like(w_in[d], dtype=torch.float64)
         acc_out = torch.zeros_like(w_out[d], dtype=torch.float64)
         for e, w in zip(group, weights):
@@ -137,16 +164,23 @@ def merge_layer(layer: MoELayer, groups: list[list[int]], freq_E: torch.Tensor, 
         new_in.append(acc_in.to(w_in.dtype))
         new_out.append(acc_out.to(w_out.dtype))
     dominant = torch.tensor([g[0] for g in groups], device=layer.router.weight.device)
-    return build_layer(layer, shrunk_config(layer.cfg, sorted(g[0] for g in groups), layer_name or layer.name),
-                       layer.router.weight.index_select(0, dominant),
-                       layer.router.expert_bias.index_select(0, dominant),
-                       torch.stack(new_in), torch.stack(new_out))
+    return build_layer(
+        layer,
+        shrunk_config(layer.cfg, sorted(g[0] for g in groups), layer_name or layer.name),
+        layer.router.weight.index_select(0, dominant),
+        layer.router.expert_bias.index_select(0, dominant),
+        torch.stack(new_in),
+        torch.stack(new_out),
+    )
 
 
-def merge_experts(model: nn.Module, calibration_batches, num_experts: int, *, method: str = "auto") -> nn.Module:
-    """Runs `model` over `calibration_batches` and returns a copy whose MoE layers hold `num_experts`
-    merged experts each (module docstring; top_k clipped). The model must be single-rank (EP=1);
-    `model` itself is left unchanged. `method` picks the unit matcher (see match_units)."""
+def merge_experts(
+    model: nn.Module, calibration_batches, num_experts: int, *, method: str = "auto"
+) -> nn.Module:
+    """Runs `model` over `calibration_batches` and returns a copy whose MoE layers hold
+    `num_experts` merged experts each (module docstring; top_k clipped). The model must be
+    single-rank (EP=1); `model` itself is left unchanged. `method` picks the unit matcher (see
+    match_units)."""
     layers = moe_layers(model)
     for name, layer in layers.items():
         check_count("num_experts", num_experts, layer.cfg.num_experts, name or layer.name)

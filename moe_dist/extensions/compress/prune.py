@@ -9,6 +9,7 @@ use the plain product, which is its expert-level term.
 
 Legend: T tokens, H hidden, E experts, K slots per token, S = T*K slots.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,12 +17,20 @@ from torch import nn
 
 from moe_dist import MoELayer
 from moe_dist.transport import sort_slots_by_expert
-from .common import build_layer, check_count, moe_layers, replace_layers, run_calibration, shrunk_config
+from .common import (
+    build_layer,
+    check_count,
+    moe_layers,
+    replace_layers,
+    run_calibration,
+    shrunk_config,
+)
 
 
 class _ImportanceObserver:
-    """Accumulates gate x output-norm per expert. Recomputes the expert outputs from x_TH and the plan
-    (in its own slot order) instead of reading y_MH, so it relies on no transport's row order."""
+    """Accumulates gate x output-norm per expert. Recomputes the expert outputs from x_TH and the
+    plan (in its own slot order) instead of reading y_MH, so it relies on no transport's row
+    order."""
 
     def __init__(self, num_experts: int, device):
         self.score_E = torch.zeros(num_experts, dtype=torch.float64, device=device)
@@ -36,7 +45,9 @@ class _ImportanceObserver:
         y_SH = layer.experts(rows_SH, slots.counts_E)  # rows of unused slots sort last, uncomputed
         norm_TK = y_SH.float().norm(dim=-1).index_select(0, slots.inverse_S).view_as(idx_TK)
         routed_TK = idx_TK >= 0
-        contrib_TK = torch.where(routed_TK, plan.weights_TK.float() * norm_TK, 0.0)  # masks NaN rows too
+        contrib_TK = torch.where(
+            routed_TK, plan.weights_TK.float() * norm_TK, 0.0
+        )  # masks NaN rows too
         key_S = torch.where(routed_TK, idx_TK, E).reshape(-1)
         score = torch.zeros(E + 1, dtype=torch.float64, device=idx_TK.device)
         self.score_E += score.scatter_add_(0, key_S, contrib_TK.reshape(-1).double())[:E]
@@ -47,16 +58,19 @@ class _ImportanceObserver:
 def expert_importance(model: nn.Module, calibration_batches) -> dict[str, torch.Tensor]:
     """float64 [E] per layer path: EASY-EP importance summed over the calibration tokens."""
     layers = moe_layers(model)
-    observers = {name: _ImportanceObserver(lay.cfg.num_experts, lay.router.weight.device)
-                 for name, lay in layers.items()}
+    observers = {
+        name: _ImportanceObserver(lay.cfg.num_experts, lay.router.weight.device)
+        for name, lay in layers.items()
+    }
     run_calibration(model, calibration_batches, observers)
     return {name: obs.score_E for name, obs in observers.items()}
 
 
 @torch.no_grad()
 def remove_experts(model: nn.Module, kept: dict[str, list[int]]) -> nn.Module:
-    """A copy of `model` whose layer `path` holds only experts kept[path] (old ids; kept in ascending
-    order, so surviving experts keep their relative order). Layers not named stay as they are."""
+    """A copy of `model` whose layer `path` holds only experts kept[path] (old ids; kept in
+    ascending order, so surviving experts keep their relative order). Layers not named stay as they
+    are."""
     layers = moe_layers(model)
     new_layers = {}
     for name, ids in kept.items():
@@ -66,13 +80,19 @@ def remove_experts(model: nn.Module, kept: dict[str, list[int]]) -> nn.Module:
         E = layer.cfg.num_experts
         ids = sorted(set(int(e) for e in ids))
         if not ids or ids[0] < 0 or ids[-1] >= E:
-            raise ValueError(f"MoE layer '{name or layer.name}': expert ids to keep must be a non-empty "
-                             f"subset of [0, {E}), got {ids}")
+            raise ValueError(
+                f"MoE layer '{name or layer.name}': expert ids to keep must be a non-empty "
+                f"subset of [0, {E}), got {ids}"
+            )
         index = torch.tensor(ids, device=layer.router.weight.device)
         new_layers[name] = build_layer(
-            layer, shrunk_config(layer.cfg, ids, name or layer.name),
-            layer.router.weight.index_select(0, index), layer.router.expert_bias.index_select(0, index),
-            layer.experts.w_in.index_select(0, index), layer.experts.w_out.index_select(0, index))
+            layer,
+            shrunk_config(layer.cfg, ids, name or layer.name),
+            layer.router.weight.index_select(0, index),
+            layer.router.expert_bias.index_select(0, index),
+            layer.experts.w_in.index_select(0, index),
+            layer.experts.w_out.index_select(0, index),
+        )
     return replace_layers(model, new_layers)
 
 
@@ -83,9 +103,9 @@ def top_experts(score_E: torch.Tensor, keep: int) -> list[int]:
 
 
 def prune_experts(model: nn.Module, calibration_batches, keep: int) -> nn.Module:
-    """Runs `model` over `calibration_batches`, scores every expert (module docstring) and returns a copy
-    of the model whose MoE layers keep their `keep` most important experts (top_k clipped to `keep`).
-    The model must be single-rank (EP=1); `model` itself is left unchanged."""
+    """Runs `model` over `calibration_batches`, scores every expert (module docstring) and returns a
+    copy of the model whose MoE layers keep their `keep` most important experts (top_k clipped to
+    `keep`). The model must be single-rank (EP=1); `model` itself is left unchanged."""
     layers = moe_layers(model)
     for name, layer in layers.items():
         check_count("keep", keep, layer.cfg.num_experts, name or layer.name)

@@ -2,7 +2,8 @@
 
     model = AutoModelForCausalLM.from_pretrained(...)       # or built from a config
     replace_moe_blocks(model, groups)                      # every sparse-MoE block -> one MoELayer
-    model(input_ids)                                       # same function, experts now expert-parallel
+    model(input_ids)                                       # same function, experts now
+    expert-parallel
 
 Each supported block class maps to a *family* (how it routes, what shared experts it has); the
 family's reader turns the block's own attributes and weights into a MoEConfig and a MoELayer with
@@ -23,6 +24,7 @@ Know before use:
 - Blocks behind accelerate hooks (device_map offloading) or quantised experts are not supported.
 Legend: T tokens, H hidden, E experts, F expert ffn hidden.
 """
+
 from __future__ import annotations
 
 import re
@@ -58,24 +60,37 @@ FAMILIES: dict[str, _Family] = {
     # ... plus one shared expert scaled by sigmoid(x @ shared_expert_gate)
     "Qwen2MoeSparseMoeBlock": _Family("softmax_norm_attr", "gated_shared_expert"),
     "Qwen3NextSparseMoeBlock": _Family("softmax_norm_attr", "gated_shared_expert"),
-    # sigmoid + e_score_correction_bias, group-limited (groups scored by their top-2), scaled; shared experts
+    # sigmoid + e_score_correction_bias, group-limited (groups scored by their top-2), scaled;
+    # shared experts
     "DeepseekV3MoE": _Family("sigmoid_grouped", "shared_experts"),
     "Glm4MoeMoE": _Family("sigmoid_grouped", "shared_experts"),
     "Dots1MoE": _Family("sigmoid_grouped", "shared_experts"),
-    # softmax greedy or group-limited greedy (groups scored by their max), never renormalised, scaled
+    # softmax greedy or group-limited greedy (groups scored by their max), never renormalised,
+    # scaled
     "DeepseekV2Moe": _Family("deepseek_v2", "shared_experts"),
 }
 
 # Fields the HF weights fix; overriding them could only break the copy.
-_FIXED_BY_WEIGHTS = ("hidden_size", "ffn_hidden_size", "num_experts", "num_shared_experts",
-                     "shared_ffn_hidden_size", "shared_expert_gate", "activation", "init_seed_offset")
+_FIXED_BY_WEIGHTS = (
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_experts",
+    "num_shared_experts",
+    "shared_ffn_hidden_size",
+    "shared_expert_gate",
+    "activation",
+    "init_seed_offset",
+)
 # HF computes the load-balancing loss from router_logits (output_router_logits=True), which the
 # replacement keeps recording; MoELayer's own aux loss would have nowhere to go, and its bias update
-# would make the model drift from the HF function while training. Both stay overridable (the bias one).
+# would make the model drift from the HF function while training. Both stay overridable (the bias
+# one).
 _DEFAULTS = {"aux_loss_coef": 0.0, "z_loss_coef": 0.0, "router_bias_update_rate": 0.0}
 
 # A module that looks like a sparse-MoE block: named like one, or holding an `experts` child.
-_MOE_NAME = re.compile(r"(SparseMoeBlock|SparseMoE|SparseMLP|MoeBlock|MoEBlock|Moe|MoE|MoeLayer|MoELayer)$")
+_MOE_NAME = re.compile(
+    r"(SparseMoeBlock|SparseMoE|SparseMLP|MoeBlock|MoEBlock|Moe|MoE|MoeLayer|MoELayer)$"
+)
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -96,33 +111,39 @@ def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def replace_moe_blocks(model: nn.Module, groups=None, **overrides) -> nn.Module:
-    """Replace every sparse-MoE block of `model` (in place) by an `HFMoEBlock` around a MoELayer with
-    the block's weights and routing; returns `model`.
+    """Replace every sparse-MoE block of `model` (in place) by an `HFMoEBlock` around a MoELayer
+    with the block's weights and routing; returns `model`.
 
     groups: ParallelGroups (EP > 1: each rank keeps only its local experts); None = one process.
-    overrides: MoEConfig fields for the new layers (e.g. transport="collective", capacity_factor=1.25,
-    router_bias_update_rate=1e-3 to continue DeepSeek-V3's aux-loss-free balancing). Fields the HF
-    weights fix (sizes, activation) cannot be overridden.
+    overrides: MoEConfig fields for the new layers (e.g. transport="collective",
+    capacity_factor=1.25, router_bias_update_rate=1e-3 to continue DeepSeek-V3's aux-loss-free
+    balancing). Fields the HF weights fix (sizes, activation) cannot be overridden.
 
     Raises UnsupportedMoEBlock naming the class of any block it cannot express exactly, before
     changing anything; ValueError when the model has no MoE block at all.
     """
     bad = sorted(set(overrides) & set(_FIXED_BY_WEIGHTS))
     if bad:
-        raise ValueError(f"replace_moe_blocks: {bad} are fixed by the Hugging Face weights and cannot be overridden")
+        raise ValueError(
+            f"replace_moe_blocks: {bad} are fixed by the Hugging Face weights and cannot be"
+            " overridden"
+        )
     known = {f.name for f in fields(MoEConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"replace_moe_blocks: unknown MoEConfig fields {unknown}")
     for name in ("aux_loss_coef", "z_loss_coef"):
         if overrides.get(name):
-            raise ValueError(f"replace_moe_blocks: {name}={overrides[name]} has nowhere to go (HF blocks return "
-                             f"only hidden states); use the model's output_router_logits=True for its aux loss")
+            raise ValueError(
+                f"replace_moe_blocks: {name}={overrides[name]} has nowhere to go (HF blocks return "
+                "only hidden states); use the model's output_router_logits=True for its aux loss"
+            )
 
     blocks = find_moe_blocks(model)
     if not blocks:
         raise ValueError(f"replace_moe_blocks: found no sparse-MoE block in {type(model).__name__}")
-    # Read (and so validate) every block before replacing any: an unsupported one leaves the model as it was.
+    # Read (and so validate) every block before replacing any: an unsupported one leaves the model
+    # as it was.
     plans = [(name, block, _read_block(name, block, overrides)) for name, block in blocks]
     for name, block, (cfg, weights) in plans:
         parent_name, _, attr = name.rpartition(".")
@@ -132,13 +153,20 @@ def replace_moe_blocks(model: nn.Module, groups=None, **overrides) -> nn.Module:
 
 
 class HFMoEBlock(nn.Module):
-    """Stands where a Hugging Face sparse-MoE block stood; computes the same function through MoELayer.
+    """Stands where a Hugging Face sparse-MoE block stood; computes the same function through
+    MoELayer.
 
     `router_logits` is an instance of a subclass of the HF router class, so HF's output recorder
     (`output_router_logits=True`) still finds and records router logits. They are computed only when
     something listens (a forward hook is installed on it)."""
 
-    def __init__(self, moe: MoELayer, hf_class: str, jitter_noise: float = 0.0, router_logits: nn.Module | None = None):
+    def __init__(
+        self,
+        moe: MoELayer,
+        hf_class: str,
+        jitter_noise: float = 0.0,
+        router_logits: nn.Module | None = None,
+    ):
         super().__init__()
         self.moe = moe
         self.hf_class = hf_class
@@ -147,17 +175,22 @@ class HFMoEBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.training and self.jitter_noise > 0:
-            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            noise = torch.empty_like(hidden_states).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
+            )
             hidden_states = hidden_states * noise
         if self.router_logits is not None and self.router_logits._forward_hooks:
-            self.router_logits(self.moe.router.logits(hidden_states.reshape(-1, hidden_states.shape[-1])))
+            self.router_logits(
+                self.moe.router.logits(hidden_states.reshape(-1, hidden_states.shape[-1]))
+            )
         return self.moe(hidden_states).output
 
     def extra_repr(self) -> str:
         return f"replaces={self.hf_class}"
 
 
-# -- reading one HF block ------------------------------------------------------------------------------
+# -- reading one HF block
+# ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Weights:
     router_weight: torch.Tensor  # [E, H]
@@ -184,39 +217,64 @@ def _read_block(name: str, block: nn.Module, overrides: dict) -> tuple[MoEConfig
     family = FAMILIES.get(cls)
     if family is None:
         raise UnsupportedMoEBlock(
-            f"{cls} (at '{name}') is not a supported sparse-MoE block; supported: {', '.join(sorted(FAMILIES))}")
+            f"{cls} (at '{name}') is not a supported sparse-MoE block; supported:"
+            f" {', '.join(sorted(FAMILIES))}"
+        )
     gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
     if gate is None or experts is None or not hasattr(gate, "weight"):
-        raise UnsupportedMoEBlock(f"{cls} (at '{name}'): expected `gate` (router with .weight) and `experts` children")
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): expected `gate` (router with .weight) and `experts` children"
+        )
     gate_up, down = _fused_experts(cls, name, experts)
     E, two_F, H = gate_up.shape
     if tuple(gate.weight.shape) != (E, H):
-        raise UnsupportedMoEBlock(f"{cls} (at '{name}'): router weight {tuple(gate.weight.shape)} does not match "
-                                  f"{E} experts of hidden size {H}")
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): router weight {tuple(gate.weight.shape)} does not match "
+            f"{E} experts of hidden size {H}"
+        )
 
-    fields_ = dict(hidden_size=H, ffn_hidden_size=two_F // 2, num_experts=E, top_k=int(gate.top_k),
-                   activation="swiglu", **_routing(cls, name, family.routing, gate))
+    fields_ = dict(
+        hidden_size=H,
+        ffn_hidden_size=two_F // 2,
+        num_experts=E,
+        top_k=int(gate.top_k),
+        activation="swiglu",
+        **_routing(cls, name, family.routing, gate),
+    )
     expert_bias = gate.e_score_correction_bias if family.routing == "sigmoid_grouped" else None
 
     shared_w_in = shared_w_out = shared_gate = None
     if family.shared == "gated_shared_expert":
         shared_w_in, shared_w_out = _dense_swiglu(cls, name, block.shared_expert)
         shared_gate = block.shared_expert_gate.weight
-        if tuple(shared_gate.shape) != (1, H) or getattr(block.shared_expert_gate, "bias", None) is not None:
-            raise UnsupportedMoEBlock(f"{cls} (at '{name}'): shared_expert_gate must be Linear({H}, 1, bias=False)")
+        if (
+            tuple(shared_gate.shape) != (1, H)
+            or getattr(block.shared_expert_gate, "bias", None) is not None
+        ):
+            raise UnsupportedMoEBlock(
+                f"{cls} (at '{name}'): shared_expert_gate must be Linear({H}, 1, bias=False)"
+            )
     elif family.shared == "shared_experts":
         shared_w_in, shared_w_out = _dense_swiglu(cls, name, block.shared_experts)
     if shared_w_in is not None:
-        # The HF shared MLP is already fused (n_shared * moe_intermediate wide): one shared expert of its width.
-        fields_.update(num_shared_experts=1, shared_ffn_hidden_size=shared_w_out.shape[1],
-                       shared_expert_gate=shared_gate is not None)
+        # The HF shared MLP is already fused (n_shared * moe_intermediate wide): one shared expert
+        # of its width.
+        fields_.update(
+            num_shared_experts=1,
+            shared_ffn_hidden_size=shared_w_out.shape[1],
+            shared_expert_gate=shared_gate is not None,
+        )
 
     jitter = float(getattr(block, "jitter_noise", 0.0) or 0.0) if family.jitter else 0.0
     try:
         cfg = MoEConfig(**{**fields_, **_DEFAULTS, **overrides})
     except ValueError as e:
-        raise UnsupportedMoEBlock(f"{cls} (at '{name}'): its routing does not fit MoEConfig: {e}") from e
-    return cfg, _Weights(gate.weight, expert_bias, gate_up, down, shared_w_in, shared_w_out, shared_gate, jitter)
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): its routing does not fit MoEConfig: {e}"
+        ) from e
+    return cfg, _Weights(
+        gate.weight, expert_bias, gate_up, down, shared_w_in, shared_w_out, shared_gate, jitter
+    )
 
 
 def _routing(cls: str, name: str, routing: str, gate: nn.Module) -> dict:
@@ -225,18 +283,28 @@ def _routing(cls: str, name: str, routing: str, gate: nn.Module) -> dict:
     if routing == "softmax_norm_attr":
         return dict(router="softmax", norm_topk_prob=bool(gate.norm_topk_prob))
     if routing == "sigmoid_grouped":
-        return dict(router="sigmoid", norm_topk_prob=bool(gate.norm_topk_prob),
-                    routed_scaling_factor=float(gate.routed_scaling_factor),
-                    num_expert_groups=int(gate.num_group), topk_groups=int(gate.topk_group))
+        return dict(
+            router="sigmoid",
+            norm_topk_prob=bool(gate.norm_topk_prob),
+            routed_scaling_factor=float(gate.routed_scaling_factor),
+            num_expert_groups=int(gate.num_group),
+            topk_groups=int(gate.topk_group),
+        )
     if routing == "deepseek_v2":
         scale = dict(norm_topk_prob=False, routed_scaling_factor=float(gate.routed_scaling_factor))
         if gate.topk_method == "greedy":
             return dict(router="softmax", **scale)
         if gate.topk_method == "group_limited_greedy":
-            return dict(router="group_limited", num_expert_groups=int(gate.num_group),
-                        topk_groups=int(gate.topk_group), **scale)
-        raise UnsupportedMoEBlock(f"{cls} (at '{name}'): topk_method={gate.topk_method!r} is not supported "
-                                  f"(only 'greedy' and 'group_limited_greedy', as the HF router itself)")
+            return dict(
+                router="group_limited",
+                num_expert_groups=int(gate.num_group),
+                topk_groups=int(gate.topk_group),
+                **scale,
+            )
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): topk_method={gate.topk_method!r} is not supported "
+            "(only 'greedy' and 'group_limited_greedy', as the HF router itself)"
+        )
     raise AssertionError(routing)
 
 
@@ -248,40 +316,61 @@ def _fused_experts(cls: str, name: str, experts: nn.Module) -> tuple[torch.Tenso
     if not (hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj")):
         raise UnsupportedMoEBlock(
             f"{cls} (at '{name}'): experts of class {type(experts).__name__} are not in the fused "
-            f"gate_up_proj/down_proj layout of transformers 5")
-    flags = {"has_bias": False, "is_transposed": False, "has_gate": True, "is_concatenated": True,
-             "has_post_expert_norm": False, "_is_expert_parallel": False}
+            "gate_up_proj/down_proj layout of transformers 5"
+        )
+    flags = {
+        "has_bias": False,
+        "is_transposed": False,
+        "has_gate": True,
+        "is_concatenated": True,
+        "has_post_expert_norm": False,
+        "_is_expert_parallel": False,
+    }
     off = [k for k, want in flags.items() if getattr(experts, k, want) != want]
     if off:
-        raise UnsupportedMoEBlock(f"{cls} (at '{name}'): experts with {', '.join(f'{k}={not flags[k]}' for k in off)} "
-                                  f"are not supported")
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): experts with {', '.join(f'{k}={not flags[k]}' for k in off)} "
+            "are not supported"
+        )
     if not _is_silu(getattr(experts, "act_fn", None)):
-        raise UnsupportedMoEBlock(f"{cls} (at '{name}'): expert activation {type(experts.act_fn).__name__} is not "
-                                  f"SiLU (MoELayer's swiglu)")
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): expert activation {type(experts.act_fn).__name__} is not "
+            "SiLU (MoELayer's swiglu)"
+        )
     gate_up, down = experts.gate_up_proj, experts.down_proj
     E, two_F, H = gate_up.shape
     if two_F % 2 or tuple(down.shape) != (E, H, two_F // 2):
-        raise UnsupportedMoEBlock(f"{cls} (at '{name}'): gate_up_proj {tuple(gate_up.shape)} and down_proj "
-                                  f"{tuple(down.shape)} are not [E, 2F, H] and [E, H, F]")
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): gate_up_proj {tuple(gate_up.shape)} and down_proj "
+            f"{tuple(down.shape)} are not [E, 2F, H] and [E, H, F]"
+        )
     return gate_up, down
 
 
 def _dense_swiglu(cls: str, name: str, mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     projs = [getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
-    if any(not isinstance(p, nn.Linear) for p in projs) or not _is_silu(getattr(mlp, "act_fn", None)):
-        raise UnsupportedMoEBlock(f"{cls} (at '{name}'): shared expert {type(mlp).__name__} is not a SiLU "
-                                  f"gate/up/down MLP")
+    if any(not isinstance(p, nn.Linear) for p in projs) or not _is_silu(
+        getattr(mlp, "act_fn", None)
+    ):
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): shared expert {type(mlp).__name__} is not a SiLU "
+            "gate/up/down MLP"
+        )
     if any(p.bias is not None for p in projs):
-        raise UnsupportedMoEBlock(f"{cls} (at '{name}'): shared expert {type(mlp).__name__} has biases "
-                                  f"(mlp_bias=True), which MoELayer's shared experts do not")
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): shared expert {type(mlp).__name__} has biases "
+            "(mlp_bias=True), which MoELayer's shared experts do not"
+        )
     gate_proj, up_proj, down_proj = projs
     return torch.cat([gate_proj.weight, up_proj.weight], dim=0), down_proj.weight
 
 
-# -- building the replacement ----------------------------------------------------------------------------
+# -- building the replacement
+# ----------------------------------------------------------------------------
 def _build(name: str, block: nn.Module, cfg: MoEConfig, w: _Weights, groups) -> HFMoEBlock:
     device, dtype = w.gate_up.device, w.gate_up.dtype
-    # MoELayer draws its (to be overwritten) initial weights from the global RNG: keep the caller's stream.
+    # MoELayer draws its (to be overwritten) initial weights from the global RNG: keep the caller's
+    # stream.
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         moe = MoELayer(cfg, groups, name=name, device=device, dtype=dtype)
@@ -290,8 +379,8 @@ def _build(name: str, block: nn.Module, cfg: MoEConfig, w: _Weights, groups) -> 
         _copy(moe.router.weight, w.router_weight)
         if w.expert_bias is not None:
             moe.router.expert_bias.copy_(w.expert_bias)
-        _copy(moe.experts.w_in, w.gate_up, w.gate_up[first:first + n])
-        _copy(moe.experts.w_out, w.down, w.down[first:first + n])
+        _copy(moe.experts.w_in, w.gate_up, w.gate_up[first : first + n])
+        _copy(moe.experts.w_out, w.down, w.down[first : first + n])
         if w.shared_w_in is not None:
             shared = moe.shared_experts
             shared.w_in.copy_(w.shared_w_in)
@@ -318,12 +407,17 @@ def _router_logits_tap(router_cls: type) -> nn.Module:
     (which hooks router instances and records output[0]) records the logits we hand it."""
     tap_cls = _TAP_CLASSES.get(router_cls)
     if tap_cls is None:
+
         def __init__(self):
             nn.Module.__init__(self)
 
         def forward(self, logits_TE):
             return (logits_TE,)
 
-        tap_cls = type(f"{router_cls.__name__}LogitsTap", (router_cls,), {"__init__": __init__, "forward": forward})
+        tap_cls = type(
+            f"{router_cls.__name__}LogitsTap",
+            (router_cls,),
+            {"__init__": __init__, "forward": forward},
+        )
         _TAP_CLASSES[router_cls] = tap_cls
     return tap_cls()

@@ -6,5 +6,6 @@ PROTOCOL.md describes the message order."""
 def __getattr__(name):
     if name == "NvshmemTransport":  # needs triton and nvshmem4py: imported only when used
         from .transport import NvshmemTransport
+
         return NvshmemTransport
     raise AttributeError(name)

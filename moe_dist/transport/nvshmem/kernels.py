@@ -1,15 +1,17 @@
-"""Triton kernels of the one-sided transport: a handful of launches per call, all sizes on the device.
+"""Triton kernels of the one-sided transport: a handful of launches per call, all sizes on the
+device.
 
 dispatch: count_and_rank -> signal_and_wait(COUNT; it bumps the epoch) -> layout -> push_slots
-          -> signal_and_wait(FORWARD) -> copy_segments (peer rows out of the staging; not with one PE)
-combine:  return_segments (expert rows -> their owners' staging) -> signal_and_wait(RETURN) -> gather_reduce
-GPU threads store rows straight into peers' symmetric buffers (addresses from nvshmem_ptr: P2P over
-NVLink, or the same GPU) and raise flags with system-scope release atomics; receivers spin on the flags
-with acquire loads and a time limit. PROTOCOL.md beside this file gives the message order.
-Legend: S = T*K slots (slot s = token s // K, choice s % K), E experts, G = E/N local experts, N PEs,
-H hidden, C receive rows. Rows of one PE's own slots never touch the staging: they are written to (and
-read from) the regular tensors in place.
-"""
+          -> signal_and_wait(FORWARD) -> copy_segments (peer rows out of the staging; not with one
+          PE)
+combine:  return_segments (expert rows -> their owners' staging) -> signal_and_wait(RETURN) ->
+gather_reduce GPU threads store rows straight into peers' symmetric buffers (addresses from
+nvshmem_ptr: P2P over NVLink, or the same GPU) and raise flags with system-scope release atomics;
+receivers spin on the flags with acquire loads and a time limit. PROTOCOL.md beside this file gives
+the message order. Legend: S = T*K slots (slot s = token s // K, choice s % K), E experts, G = E/N
+local experts, N PEs, H hidden, C receive rows. Rows of one PE's own slots never touch the staging:
+they are written to (and read from) the regular tensors in place. """
+
 from __future__ import annotations
 
 import triton
@@ -22,13 +24,18 @@ ROW_BLOCK = 1024  # elements of a row per program: 2 KiB of bf16, 16-byte access
 
 @triton.jit
 def _now_ns():
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+    return tl.inline_asm_elementwise(
+        "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+    )
 
 
 @triton.jit
-def count_and_rank_kernel(idx_ptr, S, rank_ptr, peer_counts_addr_ptr, me, N, E, BLOCK: tl.constexpr):
-    """Program e: rank_S[s] = how many earlier slots (token order) chose expert e, for the slots that
-    chose e (a stable counting sort without the sort); then counts[me, e] on every PE (own included)."""
+def count_and_rank_kernel(
+    idx_ptr, S, rank_ptr, peer_counts_addr_ptr, me, N, E, BLOCK: tl.constexpr
+):
+    """Program e: rank_S[s] = how many earlier slots (token order) chose expert e, for the slots
+    that chose e (a stable counting sort without the sort); then counts[me, e] on every PE (own
+    included). """
     e = tl.program_id(0)
     running = 0
     for start in range(0, S, BLOCK):
@@ -44,15 +51,17 @@ def count_and_rank_kernel(idx_ptr, S, rank_ptr, peer_counts_addr_ptr, me, N, E, 
 
 
 @triton.jit
-def signal_and_wait_kernel(peer_flag_addr_ptr, flag_ptr, me, n, epoch_ptr, timeout_ns, err_ptr, step,
-                           BUMP: tl.constexpr):
-    """flag[me] = epoch on every PE (release, system scope: everything earlier kernels of this stream
-    stored is visible first), then wait until flag[q] >= epoch for every q, at most timeout_ns in all.
-    On timeout: record PEER_TIMEOUT with the step and the first silent peer and return, so the stream
-    moves on and the host check raises instead of hanging. Once a wait of this layer has timed out (and
-    until the host check clears it), later waits do not wait: the PEs are out of step, the data is void,
-    and each further timeout would only delay the error. Epochs live in device memory, so a replayed
-    CUDA graph signals fresh ones; BUMP (the first wait of a call) advances the epoch first."""
+def signal_and_wait_kernel(
+    peer_flag_addr_ptr, flag_ptr, me, n, epoch_ptr, timeout_ns, err_ptr, step, BUMP: tl.constexpr
+):
+    """flag[me] = epoch on every PE (release, system scope: everything earlier kernels of this
+    stream stored is visible first), then wait until flag[q] >= epoch for every q, at most
+    timeout_ns in all. On timeout: record PEER_TIMEOUT with the step and the first silent peer and
+    return, so the stream moves on and the host check raises instead of hanging. Once a wait of this
+    layer has timed out (and until the host check clears it), later waits do not wait: the PEs are
+    out of step, the data is void, and each further timeout would only delay the error. Epochs live
+    in device memory, so a replayed CUDA graph signals fresh ones; BUMP (the first wait of a call)
+    advances the epoch first."""
     epoch = tl.load(epoch_ptr)
     if BUMP:
         epoch += 1
@@ -76,14 +85,28 @@ def signal_and_wait_kernel(peer_flag_addr_ptr, flag_ptr, me, n, epoch_ptr, timeo
 
 
 @triton.jit
-def layout_kernel(counts_ptr, me, N, E, G, capacity, offs_ptr, overflow_ptr, counts_G_ptr, seg_ptr, err_ptr, step,
-                  NB: tl.constexpr, EB: tl.constexpr):
-    """From the exchanged count matrix counts[src, e] (one program, [NB, EB] tiles):
-    offs_E[e]   row at e's receiver where this PE's first slot of expert e lands: the receiver's rows are
+def layout_kernel(
+    counts_ptr,
+    me,
+    N,
+    E,
+    G,
+    capacity,
+    offs_ptr,
+    overflow_ptr,
+    counts_G_ptr,
+    seg_ptr,
+    err_ptr,
+    step,
+    NB: tl.constexpr,
+    EB: tl.constexpr,
+):
+    """From the exchanged count matrix counts[src, e] (one program, [NB, EB] tiles): offs_E[e]   row
+    at e's receiver where this PE's first slot of expert e lands: the receiver's rows are
                 expert-major, then source, then slot (the reference order);
-    overflow_N  receiver r gets more than `capacity` rows: nobody writes to it, the error is recorded;
-    counts_G    rows this PE's local experts received (0 when it overflowed);
-    seg[0|1, s, g]  start and length of the rows source s sent to local expert g here."""
+    overflow_N  receiver r gets more than `capacity` rows: nobody writes to it, the error is
+    recorded; counts_G    rows this PE's local experts received (0 when it overflowed); seg[0|1, s,
+    g]  start and length of the rows source s sent to local expert g here."""
     s = tl.arange(0, NB)[:, None]
     e = tl.arange(0, EB)[None, :]
     inb = (s < N) & (e < E)
@@ -92,7 +115,9 @@ def layout_kernel(counts_ptr, me, N, E, G, capacity, offs_ptr, overflow_ptr, cou
     in_r = (e // G == s) & (e < E)  # [NB, EB], reading s as a receiver index
     rows_R = tl.sum(tl.where(in_r, tot[None, :], 0), 1)  # [NB] rows each receiver gets
     start_R = tl.cumsum(rows_R, 0) - rows_R
-    block_start = tl.sum(tl.where(in_r, start_R[:, None], 0), 0)  # [EB] receiver's first row, globally
+    block_start = tl.sum(
+        tl.where(in_r, start_R[:, None], 0), 0
+    )  # [EB] receiver's first row, globally
     base = tl.cumsum(tot, 0) - tot - block_start  # [EB] first row of expert e at its receiver
     src_prefix = tl.sum(tl.where(s < me, c, 0), 0)  # [EB] rows lower sources send before mine
     ev = tl.arange(0, EB)
@@ -114,15 +139,34 @@ def layout_kernel(counts_ptr, me, N, E, G, capacity, offs_ptr, overflow_ptr, cou
 
 
 @triton.jit
-def push_slots_kernel(src_ptr, scale_ptr, idx_ptr, rank_ptr, offs_ptr, overflow_ptr, dest_rank_ptr, dest_pos_ptr,
-                      peer_rows_addr_ptr, own_out_ptr, peer_meta_addr_ptr, via_put_ptr, me, G, K, H,
-                      COMPUTE_DEST: tl.constexpr, SCALE: tl.constexpr, HAS_PUT: tl.constexpr, BLOCK: tl.constexpr):
+def push_slots_kernel(
+    src_ptr,
+    scale_ptr,
+    idx_ptr,
+    rank_ptr,
+    offs_ptr,
+    overflow_ptr,
+    dest_rank_ptr,
+    dest_pos_ptr,
+    peer_rows_addr_ptr,
+    own_out_ptr,
+    peer_meta_addr_ptr,
+    via_put_ptr,
+    me,
+    G,
+    K,
+    H,
+    COMPUTE_DEST: tl.constexpr,
+    SCALE: tl.constexpr,
+    HAS_PUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Program (slot, chunk): row src[slot // K] (times scale[slot] if SCALE) -> row dest_pos of PE
-    dest_rank: this PE's own rows into own_out, a peer's into its symmetric staging, with the slot id
-    beside it (the receiver sends the expert's answer back to that slot). COMPUTE_DEST: the destination
-    comes from the expert id, the slot's rank within its expert and offs_E (and is saved for later
-    calls); otherwise it is read from dest_rank/dest_pos. HAS_PUT: rows for put peers (via_put) are left
-    to put_rows_kernel."""
+    dest_rank: this PE's own rows into own_out, a peer's into its symmetric staging, with the slot
+    id beside it (the receiver sends the expert's answer back to that slot). COMPUTE_DEST: the
+    destination comes from the expert id, the slot's rank within its expert and offs_E (and is saved
+    for later calls); otherwise it is read from dest_rank/dest_pos. HAS_PUT: rows for put peers
+    (via_put) are left to put_rows_kernel."""
     slot = tl.program_id(0)
     chunk = tl.program_id(1)
     if COMPUTE_DEST:
@@ -158,11 +202,24 @@ def push_slots_kernel(src_ptr, scale_ptr, idx_ptr, rank_ptr, offs_ptr, overflow_
 
 
 @triton.jit
-def copy_segments_kernel(staging_ptr, out_ptr, staging_meta_ptr, out_meta_ptr, seg_ptr, me, N, G, H,
-                         HAS_META: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (segment, j, chunk): rows that source s wrote for local expert g into the staging move to
-    the regular output (autograd may keep it past the staging's reuse two calls later). Own rows were
-    written in place. The segment's rows are shared among SPLIT programs, row j, j+SPLIT, ..."""
+def copy_segments_kernel(
+    staging_ptr,
+    out_ptr,
+    staging_meta_ptr,
+    out_meta_ptr,
+    seg_ptr,
+    me,
+    N,
+    G,
+    H,
+    HAS_META: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Program (segment, j, chunk): rows that source s wrote for local expert g into the staging
+    move to the regular output (autograd may keep it past the staging's reuse two calls later). Own
+    rows were written in place. The segment's rows are shared among SPLIT programs, row j, j+SPLIT,
+    ..."""
     seg = tl.program_id(0)
     j = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -174,18 +231,33 @@ def copy_segments_kernel(staging_ptr, out_ptr, staging_meta_ptr, out_meta_ptr, s
         m = offs < H
         for i in range(j, length.to(tl.int32), SPLIT):
             row = start + i
-            tl.store(out_ptr + row * H + offs, tl.load(staging_ptr + row * H + offs, mask=m), mask=m)
+            tl.store(
+                out_ptr + row * H + offs, tl.load(staging_ptr + row * H + offs, mask=m), mask=m
+            )
             if HAS_META:
                 if chunk == 0:
                     tl.store(out_meta_ptr + row, tl.load(staging_meta_ptr + row))
 
 
 @triton.jit
-def return_segments_kernel(rows_ptr, slot_of_row_ptr, seg_ptr, peer_ret_addr_ptr, via_put_ptr, me, N, G, H,
-                           SPLIT: tl.constexpr, HAS_PUT: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (segment, j, chunk): rows the experts here computed for a peer's slots go back into that
-    peer's return staging at the slot's index. Rows of this PE's own slots stay where they are: the
-    owner's gather reads them in place. HAS_PUT: segments of put peers are left to put_return_kernel."""
+def return_segments_kernel(
+    rows_ptr,
+    slot_of_row_ptr,
+    seg_ptr,
+    peer_ret_addr_ptr,
+    via_put_ptr,
+    me,
+    N,
+    G,
+    H,
+    SPLIT: tl.constexpr,
+    HAS_PUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Program (segment, j, chunk): rows the experts here computed for a peer's slots go back into
+    that peer's return staging at the slot's index. Rows of this PE's own slots stay where they are:
+    the owner's gather reads them in place. HAS_PUT: segments of put peers are left to
+    put_return_kernel. """
     seg = tl.program_id(0)
     j = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -206,12 +278,25 @@ def return_segments_kernel(rows_ptr, slot_of_row_ptr, seg_ptr, peer_ret_addr_ptr
 
 
 @triton.jit
-def gather_reduce_kernel(own_rows_ptr, staging_ptr, dest_rank_ptr, dest_pos_ptr, w_ptr, out_ptr, slots_out_ptr,
-                         me, K, H, HAS_W: tl.constexpr, KEEP_SLOTS: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (token, chunk): out[t] = sum_k w[t, k] * row(t, k) in float32, where row(t, k) is read in
-    place from own_rows (this PE's experts) or from the return staging (a peer's), and is exactly 0 for
-    a slot that was never sent (unused, dropped by overflow) whatever its weight. KEEP_SLOTS also
-    stores each row(t, k) (the weights' gradient needs them)."""
+def gather_reduce_kernel(
+    own_rows_ptr,
+    staging_ptr,
+    dest_rank_ptr,
+    dest_pos_ptr,
+    w_ptr,
+    out_ptr,
+    slots_out_ptr,
+    me,
+    K,
+    H,
+    HAS_W: tl.constexpr,
+    KEEP_SLOTS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Program (token, chunk): out[t] = sum_k w[t, k] * row(t, k) in float32, where row(t, k) is
+    read in place from own_rows (this PE's experts) or from the return staging (a peer's), and is
+    exactly 0 for a slot that was never sent (unused, dropped by overflow) whatever its weight.
+    KEEP_SLOTS also stores each row(t, k) (the weights' gradient needs them)."""
     t = tl.program_id(0)
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)

@@ -4,16 +4,17 @@ After the count exchange each PE holds counts_NE[src, e]: slots PE `src` routes 
 Receiver r (experts [r*G, (r+1)*G)) lays its rows out grouped by local expert, then by source, then
 in the source's slot order; that is the order the reference transport defines. Every sender can
 compute its own rows' final positions at every receiver from the same matrix, so rows are written
-straight to their final place and the receiver never sorts.
-Legend: N PEs in the EP group, E experts, G = E/N local experts, S slots of this rank, C capacity rows.
-"""
+straight to their final place and the receiver never sorts. Legend: N PEs in the EP group, E
+experts, G = E/N local experts, S slots of this rank, C capacity rows. """
+
 from __future__ import annotations
 
 import torch
 
 
 def expert_bases(counts_NE: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    """base_E[e]: first row of expert e's block at its receiver (exclusive cumsum within a receiver)."""
+    """base_E[e]: first row of expert e's block at its receiver (exclusive cumsum within a
+    receiver)."""
     totals_RG = counts_NE.sum(0).view(num_ranks, -1)
     return (torch.cumsum(totals_RG, 1) - totals_RG).reshape(-1)
 
@@ -47,24 +48,33 @@ def sources_of_rows(counts_NE: torch.Tensor, me: int, capacity: int) -> torch.Te
     Shape-static (C rows) so it needs no host sync: the tail is one dummy segment of -1."""
     N, E = counts_NE.shape
     G = E // N
-    seg_GN = counts_NE[:, me * G:(me + 1) * G].t()  # [G, N]: rows from each source, expert-major
+    seg_GN = counts_NE[:, me * G : (me + 1) * G].t()  # [G, N]: rows from each source, expert-major
     lengths = seg_GN.reshape(-1)
     total = lengths.sum()
-    lengths = torch.where(total > capacity, torch.zeros_like(lengths), lengths)  # overflow: nothing valid
+    lengths = torch.where(
+        total > capacity, torch.zeros_like(lengths), lengths
+    )  # overflow: nothing valid
     pad = (capacity - lengths.sum()).reshape(1)
-    ids = torch.cat([torch.arange(N, device=counts_NE.device).repeat(G),
-                     torch.full((1,), -1, device=counts_NE.device)])  # not torch.tensor([-1]): a blocking copy
+    ids = torch.cat(
+        [
+            torch.arange(N, device=counts_NE.device).repeat(G),
+            torch.full((1,), -1, device=counts_NE.device),
+        ]
+    )  # not torch.tensor([-1]): a blocking copy
     return torch.repeat_interleave(ids, torch.cat([lengths, pad]), output_size=capacity)
 
 
-# -- the same layout in slot order, as the Triton kernels compute it (kernels.py); these are their oracles --
+# -- the same layout in slot order, as the Triton kernels compute it (kernels.py); these are their
+# oracles --
+
 
 def ranks_in_expert(idx_S: torch.Tensor, num_experts: int):
     """rank_S[s]: how many earlier slots chose the same expert (-1 for unused slots); counts_E."""
     key = torch.where(idx_S >= 0, idx_S, num_experts)
     order = torch.argsort(key, stable=True)
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=idx_S.device).scatter_add_(
-        0, key, torch.ones_like(key))
+        0, key, torch.ones_like(key)
+    )
     start = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(key.numel(), device=idx_S.device) - start[key[order]]
     rank_S = torch.empty_like(rank_sorted)
@@ -74,7 +84,8 @@ def ranks_in_expert(idx_S: torch.Tensor, num_experts: int):
 
 def slot_destinations(counts_NE: torch.Tensor, me: int, idx_S: torch.Tensor, capacity: int):
     """(dest_rank_S, dest_pos_S, overflow_N) in slot order: rank -1 (pos 0) for unused slots and for
-    slots bound to an overflowing receiver. Same positions as send_positions gives in sorted order."""
+    slots bound to an overflowing receiver. Same positions as send_positions gives in sorted order.
+    """
     N, E = counts_NE.shape
     G = E // N
     rank_S, _ = ranks_in_expert(idx_S, E)
@@ -91,7 +102,9 @@ def segments(counts_NE: torch.Tensor, me: int, capacity: int) -> torch.Tensor:
     (lengths 0 when `me` overflowed)."""
     N, E = counts_NE.shape
     G = E // N
-    mine_NG = counts_NE[:, me * G:(me + 1) * G]
-    start_NG = expert_bases(counts_NE, N)[me * G:(me + 1) * G] + torch.cumsum(mine_NG, 0) - mine_NG
+    mine_NG = counts_NE[:, me * G : (me + 1) * G]
+    start_NG = (
+        expert_bases(counts_NE, N)[me * G : (me + 1) * G] + torch.cumsum(mine_NG, 0) - mine_NG
+    )
     overflow = receiver_totals(counts_NE)[me] > capacity
     return torch.stack([start_NG, torch.where(overflow, torch.zeros_like(mine_NG), mine_NG)])

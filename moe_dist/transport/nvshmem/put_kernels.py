@@ -1,16 +1,17 @@
-"""The put-with-signal path: peers that loads and stores cannot reach (no NVLink/P2P path between the GPUs,
-or every peer under nvshmem_peer_path="put") get their rows and flags through NVSHMEM's device API.
+"""The put-with-signal path: peers that loads and stores cannot reach (no NVLink/P2P path between
+the GPUs, or every peer under nvshmem_peer_path="put") get their rows and flags through NVSHMEM's
+device API.
 
-These kernels run beside the P2P ones of kernels.py, which skip put peers (HAS_PUT), and keep the same
-message order (PROTOCOL.md): rows first, then the flag, and receivers wait on the same flags and read the
-same staging. A put's source must be symmetric memory on a network transport, so rows are first copied
-into this PE's symmetric send buffer, then put from there (non-blocking). Every put of a call is
-complete before its flag goes out: put_signal_kernel calls nvshmem_quiet first (the count exchange
-rides with its flag in one putmem_signal), and the send buffer is not written again before that.
-Unlike the flag waits, a put to a peer that is gone has no time limit: over a network a lost put peer
-can stall the stream instead of raising PeerTimeout. Addresses are int64 symmetric addresses on this
-PE; NVSHMEM maps them to the peer.
-"""
+These kernels run beside the P2P ones of kernels.py, which skip put peers (HAS_PUT), and keep the
+same message order (PROTOCOL.md): rows first, then the flag, and receivers wait on the same flags
+and read the same staging. A put's source must be symmetric memory on a network transport, so rows
+are first copied into this PE's symmetric send buffer, then put from there (non-blocking). Every put
+of a call is complete before its flag goes out: put_signal_kernel calls nvshmem_quiet first (the
+count exchange rides with its flag in one putmem_signal), and the send buffer is not written again
+before that. Unlike the flag waits, a put to a peer that is gone has no time limit: over a network a
+lost put peer can stall the stream instead of raising PeerTimeout. Addresses are int64 symmetric
+addresses on this PE; NVSHMEM maps them to the peer. """
+
 from __future__ import annotations
 
 import triton
@@ -20,11 +21,20 @@ from .device_lib import put_block_nbi, put_signal_block, quiet, signal_set
 
 
 @triton.jit
-def put_signal_kernel(via_put_ptr, peer_pe_ptr, me, epoch_ptr, flag_addr, payload_addr, payload_bytes,
-                      BUMP: tl.constexpr, HAS_PAYLOAD: tl.constexpr):
-    """Program q (a put peer): once this PE's earlier puts are complete, flag[me] = epoch on PE q, after
-    the payload (this PE's row of the count matrix) when there is one. Launched before signal_and_wait,
-    whose BUMP stores the epoch this reads as epoch + BUMP."""
+def put_signal_kernel(
+    via_put_ptr,
+    peer_pe_ptr,
+    me,
+    epoch_ptr,
+    flag_addr,
+    payload_addr,
+    payload_bytes,
+    BUMP: tl.constexpr,
+    HAS_PAYLOAD: tl.constexpr,
+):
+    """Program q (a put peer): once this PE's earlier puts are complete, flag[me] = epoch on PE q,
+    after the payload (this PE's row of the count matrix) when there is one. Launched before
+    signal_and_wait, whose BUMP stores the epoch this reads as epoch + BUMP."""
     q = tl.program_id(0)
     if (q != me) & (tl.load(via_put_ptr + q) != 0):
         epoch = tl.load(epoch_ptr)
@@ -40,12 +50,27 @@ def put_signal_kernel(via_put_ptr, peer_pe_ptr, me, epoch_ptr, flag_addr, payloa
 
 
 @triton.jit
-def put_rows_kernel(src_ptr, scale_ptr, dest_rank_ptr, dest_pos_ptr, via_put_ptr, peer_pe_ptr, send_addr,
-                    send_meta_addr, staging_addr, staging_meta_addr, K, H, SCALE: tl.constexpr,
-                    HAS_META: tl.constexpr, BLOCK: tl.constexpr):
+def put_rows_kernel(
+    src_ptr,
+    scale_ptr,
+    dest_rank_ptr,
+    dest_pos_ptr,
+    via_put_ptr,
+    peer_pe_ptr,
+    send_addr,
+    send_meta_addr,
+    staging_addr,
+    staging_meta_addr,
+    K,
+    H,
+    SCALE: tl.constexpr,
+    HAS_META: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Program (slot, chunk), dispatch direction, for a slot whose receiver is a put peer: row
     src[slot // K] (times scale[slot]) -> send buffer row `slot` -> the receiver's staging at
-    dest_pos, with the slot id beside it (HAS_META). push_slots_kernel has stored the destinations."""
+    dest_pos, with the slot id beside it (HAS_META). push_slots_kernel has stored the destinations.
+    """
     slot = tl.program_id(0).to(tl.int64)  # byte offsets below pass 2**31 for large buffers
     chunk = tl.program_id(1)
     r = tl.load(dest_rank_ptr + slot)
@@ -57,28 +82,49 @@ def put_rows_kernel(src_ptr, scale_ptr, dest_rank_ptr, dest_pos_ptr, via_put_ptr
             m = offs < H
             vals = tl.load(src_ptr + (slot // K).to(tl.int64) * H + offs, mask=m)
             if SCALE:
-                vals = (vals.to(tl.float32) * tl.load(scale_ptr + slot).to(tl.float32)).to(vals.dtype)
+                vals = (vals.to(tl.float32) * tl.load(scale_ptr + slot).to(tl.float32)).to(
+                    vals.dtype
+                )
             send = send_addr.to(tl.pointer_type(src_ptr.dtype.element_ty))
             tl.store(send + slot * H + offs, vals, mask=m)
             if HAS_META:
                 if chunk == 0:
                     tl.store(send_meta_addr.to(tl.pointer_type(tl.int64)) + slot, slot.to(tl.int64))
-            tl.debug_barrier()  # the whole program's stores are in the send buffer before the put reads it
+            # the whole program's stores are in the send buffer before the put reads it
+            tl.debug_barrier()
             pe = tl.load(peer_pe_ptr + r).to(tl.int32)
             n = tl.minimum(BLOCK, H - chunk * BLOCK)
             first = chunk * BLOCK
-            put_block_nbi(staging_addr + (pos * H + first) * elem, send_addr + (slot * H + first) * elem, n * elem, pe)
+            put_block_nbi(
+                staging_addr + (pos * H + first) * elem,
+                send_addr + (slot * H + first) * elem,
+                n * elem,
+                pe,
+            )
             if HAS_META:
                 if chunk == 0:
                     put_block_nbi(staging_meta_addr + pos * 8, send_meta_addr + slot * 8, 8, pe)
 
 
 @triton.jit
-def put_return_kernel(rows_ptr, slot_of_row_ptr, seg_ptr, via_put_ptr, peer_pe_ptr, send_addr, ret_addr, me, N, G,
-                      H, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (segment, j, chunk), combine direction, for segments whose source is a put peer: each row
-    the experts here computed for that peer -> send buffer (same row) -> the peer's return staging at the
-    slot id it came with (rows j, j + SPLIT, ... of the segment)."""
+def put_return_kernel(
+    rows_ptr,
+    slot_of_row_ptr,
+    seg_ptr,
+    via_put_ptr,
+    peer_pe_ptr,
+    send_addr,
+    ret_addr,
+    me,
+    N,
+    G,
+    H,
+    SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Program (segment, j, chunk), combine direction, for segments whose source is a put peer: each
+    row the experts here computed for that peer -> send buffer (same row) -> the peer's return
+    staging at the slot id it came with (rows j, j + SPLIT, ... of the segment)."""
     seg = tl.program_id(0)
     j = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -98,4 +144,9 @@ def put_return_kernel(rows_ptr, slot_of_row_ptr, seg_ptr, via_put_ptr, peer_pe_p
             slot = tl.load(slot_of_row_ptr + row)
             tl.store(send + row * H + offs, tl.load(rows_ptr + row * H + offs, mask=m), mask=m)
             tl.debug_barrier()
-            put_block_nbi(ret_addr + (slot * H + first) * elem, send_addr + (row * H + first) * elem, n * elem, pe)
+            put_block_nbi(
+                ret_addr + (slot * H + first) * elem,
+                send_addr + (row * H + first) * elem,
+                n * elem,
+                pe,
+            )

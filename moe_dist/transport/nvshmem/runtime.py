@@ -3,6 +3,7 @@ shared by every layer, symmetric workspaces cached by shape, and teardown that f
 
 PE ids are global torch.distributed ranks, so an EP group's peers are its global ranks.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -12,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 _state = {"initialized": False, "workspaces": {}, "bootstrap": None}
-# Tests only: PEs that workspaces made from now on treat as unreachable under "auto", so one GPU can run a
-# mix of P2P and put peers (tests/gpu/nvshmem_worker.py).
+# Tests only: PEs that workspaces made from now on treat as unreachable under "auto", so one GPU can
+# run a mix of P2P and put peers (tests/gpu/nvshmem_worker.py).
 TEST_PUT_PEERS: set[int] = set()
 
 
@@ -29,6 +30,7 @@ def ensure_initialized(device: torch.device) -> None:
     method = os.environ.get("MOE_DIST_NVSHMEM_BOOTSTRAP", "uid")
     if method == "mpi":
         from mpi4py import MPI
+
         nv.init(device=cu_dev, mpi_comm=MPI.COMM_WORLD, initializer_method="mpi")
     elif method == "uid":
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -38,9 +40,13 @@ def ensure_initialized(device: torch.device) -> None:
         nv.init(device=cu_dev, uid=box[0], rank=rank, nranks=world, initializer_method="uid")
     else:
         raise ValueError(f"MOE_DIST_NVSHMEM_BOOTSTRAP must be 'uid' or 'mpi', got {method!r}")
-    if dist.is_initialized() and nv.my_pe() != dist.get_rank():  # PE ids are taken to be global ranks
-        raise RuntimeError(f"NVSHMEM gave this process PE {nv.my_pe()} but its torch.distributed rank is "
-                           f"{dist.get_rank()} (bootstrap {method!r}): launch so that MPI and torch ranks agree")
+    if (
+        dist.is_initialized() and nv.my_pe() != dist.get_rank()
+    ):  # PE ids are taken to be global ranks
+        raise RuntimeError(
+            f"NVSHMEM gave this process PE {nv.my_pe()} but its torch.distributed rank is "
+            f"{dist.get_rank()} (bootstrap {method!r}): launch so that MPI and torch ranks agree"
+        )
     _state["initialized"] = True
     _state["bootstrap"] = method
     atexit.register(finalize)
@@ -69,19 +75,28 @@ class SymmetricWorkspace:
     """Symmetric staging for one (EP group, shape) combination, double-buffered by call parity.
 
     Per parity: fwd_rows [C, H] + fwd_meta [C] (dispatch-direction rows, at final positions),
-    ret_rows [T_max*K, H] (combine-direction rows, at the owner's slot), counts [N, E] (int64),
-    and flags [3, N] (count / dispatch / return channels, int64 epochs, monotonic, never reset).
-    Bytes per PE = 2 * (C*H + T_max*K*H) * itemsize + 2 * (8*C + 8*N*E + 24*N).
-    With put peers (peer_path "put", or "auto" where a peer has no P2P path) add one send buffer that
-    puts read from: max(C, T_max*K) * H * itemsize + 8 * T_max*K bytes.
+    ret_rows [T_max*K, H] (combine-direction rows, at the owner's slot), counts [N, E] (int64), and
+    flags [3, N] (count / dispatch / return channels, int64 epochs, monotonic, never reset). Bytes
+    per PE = 2 * (C*H + T_max*K*H) * itemsize + 2 * (8*C + 8*N*E + 24*N). With put peers (peer_path
+    "put", or "auto" where a peer has no P2P path) add one send buffer that puts read from: max(C,
+    T_max*K) * H * itemsize + 8 * T_max*K bytes.
 
     peer_path: "p2p" = every peer by loads and stores (an error names a peer without a P2P path);
-    "put" = every other PE by NVSHMEM put-with-signal; "auto" = P2P where nvshmem_ptr gives an address,
-    put elsewhere.
-    """
+    "put" = every other PE by NVSHMEM put-with-signal; "auto" = P2P where nvshmem_ptr gives an
+    address, put elsewhere. """
 
-    def __init__(self, pes: list[int], me: int, hidden: int, num_experts: int, max_tokens: int, top_k: int,
-                 capacity: int, dtype: torch.dtype, peer_path: str = "auto"):
+    def __init__(
+        self,
+        pes: list[int],
+        me: int,
+        hidden: int,
+        num_experts: int,
+        max_tokens: int,
+        top_k: int,
+        capacity: int,
+        dtype: torch.dtype,
+        peer_path: str = "auto",
+    ):
         import nvshmem.core as nv
 
         self.pes, self.me, self.n = pes, me, len(pes)
@@ -104,9 +119,14 @@ class SymmetricWorkspace:
         dist.barrier()  # every PE has zeroed its flags before anyone signals
 
         # Which peers take puts. A put peer's entries in the address tables below are this PE's own
-        # buffers: the P2P kernels skip put peers, and count_and_rank's store there is the put's source.
-        reach = [i == me or self._reachable(nv, self.flags, pes[i], peer_path) for i in range(self.n)]
-        self.via_put = torch.tensor([0 if ok else 1 for ok in reach], dtype=torch.int32, device=self.flags.device)
+        # buffers: the P2P kernels skip put peers, and count_and_rank's store there is the put's
+        # source.
+        reach = [
+            i == me or self._reachable(nv, self.flags, pes[i], peer_path) for i in range(self.n)
+        ]
+        self.via_put = torch.tensor(
+            [0 if ok else 1 for ok in reach], dtype=torch.int32, device=self.flags.device
+        )
         self.peer_pe = torch.tensor(pes, dtype=torch.int32, device=self.flags.device)
         # Every PE allocates the send buffer, or none does: symmetric allocation is collective.
         self.any_put = _any_rank(not all(reach), self.flags.device)
@@ -115,30 +135,41 @@ class SymmetricWorkspace:
             self.send_meta = sym((self.max_slots,), torch.int64)
 
         def peer_views(t):
-            # Own PE: the tensor itself (get_peer_tensor on one's own PE would pin it past free_tensor).
-            return [t if i == me or not reach[i] else _peer_view(nv, t, pe, pes[me]) for i, pe in enumerate(pes)]
+            # Own PE: the tensor itself (get_peer_tensor on one's own PE would pin it past
+            # free_tensor).
+            return [
+                t if i == me or not reach[i] else _peer_view(nv, t, pe, pes[me])
+                for i, pe in enumerate(pes)
+            ]
 
         def addresses(t):  # [2, N] int64: address of parity p of `t` on each EP peer
             peers = peer_views(t)
-            return torch.tensor([[int(p[par].data_ptr()) for p in peers] for par in range(2)],
-                                dtype=torch.int64, device=t.device)
+            return torch.tensor(
+                [[int(p[par].data_ptr()) for p in peers] for par in range(2)],
+                dtype=torch.int64,
+                device=t.device,
+            )
 
         self.fwd_rows_at, self.fwd_meta_at = addresses(self.fwd_rows), addresses(self.fwd_meta)
         self.ret_rows_at, self.counts_at = addresses(self.ret_rows), addresses(self.counts)
         # flags: one address per (parity, channel, peer)
         peers = peer_views(self.flags)
-        self.flags_at = torch.tensor([[[int(p[par, ch].data_ptr()) for p in peers] for ch in range(3)]
-                                      for par in range(2)], dtype=torch.int64, device=self.flags.device)
+        self.flags_at = torch.tensor(
+            [[[int(p[par, ch].data_ptr()) for p in peers] for ch in range(3)] for par in range(2)],
+            dtype=torch.int64,
+            device=self.flags.device,
+        )
         # Every PE makes the same sequence of calls, so epochs agree. The value lives on the device
         # (bumped by the first flag kernel of each call, so CUDA-graph replays advance it); parity
-        # alternates on the host, and a forward or backward makes an even number of calls, so replays
-        # alternate too.
+        # alternates on the host, and a forward or backward makes an even number of calls, so
+        # replays alternate too.
         self.epoch_dev = torch.zeros(1, dtype=torch.int64, device=self.flags.device)
         self.calls = 0
 
     @staticmethod
     def _reachable(nv, symmetric, pe: int, peer_path: str) -> bool:
-        """Whether PE `pe` takes loads and stores from here (else puts): nvshmem_ptr of a symmetric tensor."""
+        """Whether PE `pe` takes loads and stores from here (else puts): nvshmem_ptr of a symmetric
+        tensor."""
         if peer_path == "put":
             return False
         if peer_path == "p2p":
@@ -173,13 +204,16 @@ def _peer_view(nv, t, pe: int, my_pe: int):
     try:
         return nv.get_peer_tensor(t, pe)
     except Exception as e:  # noqa: BLE001 - nvshmem4py says only "Failed to retrieve peer buffer"
-        raise RuntimeError(f"NVSHMEM PE {pe} is not reachable by loads and stores from PE {my_pe} (nvshmem_ptr "
-                           f"gave no address: no NVLink/P2P path between their GPUs), and nvshmem_peer_path='p2p' "
-                           f"allows nothing else: use 'auto' (puts for such peers) or 'put'") from e
+        raise RuntimeError(
+            f"NVSHMEM PE {pe} is not reachable by loads and stores from PE {my_pe} (nvshmem_ptr "
+            "gave no address: no NVLink/P2P path between their GPUs), and nvshmem_peer_path='p2p' "
+            "allows nothing else: use 'auto' (puts for such peers) or 'put'"
+        ) from e
 
 
 def _any_rank(flag: bool, gpu: torch.device) -> bool:
-    """True on every rank when it is true on any (world-collective, like the symmetric allocations)."""
+    """True on every rank when it is true on any (world-collective, like the symmetric
+    allocations)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
     dev = gpu if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -188,13 +222,23 @@ def _any_rank(flag: bool, gpu: torch.device) -> bool:
     return bool(t.item())
 
 
-def workspace(pes: list[int], me: int, hidden: int, num_experts: int, max_tokens: int, top_k: int,
-              capacity: int, dtype: torch.dtype, peer_path: str = "auto") -> SymmetricWorkspace:
+def workspace(
+    pes: list[int],
+    me: int,
+    hidden: int,
+    num_experts: int,
+    max_tokens: int,
+    top_k: int,
+    capacity: int,
+    dtype: torch.dtype,
+    peer_path: str = "auto",
+) -> SymmetricWorkspace:
     """Shared by every layer of the same shape: consecutive layers alternate parity, and a PE cannot
     run two calls ahead of a peer (each call waits on every peer's flag), so parity p is never
     overwritten while a peer still reads it."""
     key = (tuple(pes), hidden, num_experts, max_tokens, top_k, capacity, dtype, peer_path)
     if key not in _state["workspaces"]:
-        _state["workspaces"][key] = SymmetricWorkspace(pes, me, hidden, num_experts, max_tokens, top_k,
-                                                       capacity, dtype, peer_path)
+        _state["workspaces"][key] = SymmetricWorkspace(
+            pes, me, hidden, num_experts, max_tokens, top_k, capacity, dtype, peer_path
+        )
     return _state["workspaces"][key]

@@ -8,11 +8,12 @@ combine  (one epoch):  expert rows -> owner's slot, flag | wait all | weighted s
                        in place and peers' rows from the staging
 backward: the gradient of dispatch travels like a combine (rows back to their slot) and the gradient
 of combine like a dispatch (to the same positions; no count exchange needed, the handle has them).
-Every peer signals every peer each epoch, rows or not, so nobody waits for a message that never comes;
-waits are bounded and record a PEER_TIMEOUT error instead of hanging. Errors are raised by
+Every peer signals every peer each epoch, rows or not, so nobody waits for a message that never
+comes; waits are bounded and record a PEER_TIMEOUT error instead of hanging. Errors are raised by
 `check_errors()` (the layer's; synchronises), so the forward and backward themselves never sync.
-Legend: T tokens, K slots/token, S = T*K, N PEs, E experts, G = E/N, C receive capacity rows, H hidden.
-"""
+Legend: T tokens, K slots/token, S = T*K, N PEs, E experts, G = E/N, C receive capacity rows, H
+hidden. """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,7 +53,9 @@ class NvshmemHandle:
 class NvshmemTransport:
     name = "nvshmem"
 
-    def __init__(self, num_experts: int, groups, device: torch.device, cfg, dtype: torch.dtype | None = None):
+    def __init__(
+        self, num_experts: int, groups, device: torch.device, cfg, dtype: torch.dtype | None = None
+    ):
         self.num_experts = num_experts
         if groups is None:
             self.pes = [dist.get_rank() if dist.is_initialized() else 0]
@@ -65,7 +68,9 @@ class NvshmemTransport:
         self.device = device
         self.max_tokens = cfg.max_tokens_per_rank
         self.top_k = cfg.top_k
-        self.capacity = cfg.nvshmem_recv_capacity or cfg.max_tokens_per_rank * cfg.top_k * self.ep_size
+        self.capacity = (
+            cfg.nvshmem_recv_capacity or cfg.max_tokens_per_rank * cfg.top_k * self.ep_size
+        )
         self.timeout_ns = int(cfg.peer_timeout_s * 1e9)
         self.peer_path = cfg.nvshmem_peer_path
         self._put_libs = None  # NVSHMEM's device bitcode, looked up when a workspace has put peers
@@ -73,13 +78,15 @@ class NvshmemTransport:
         self.calls = 0
         if not dist.is_initialized() and self.ep_size == 1:
             from ...parallel import init_distributed
+
             init_distributed()  # NVSHMEM's uid bootstrap rides on a (world of one) process group
         ensure_initialized(device)
         self._workspaces: dict = {}
-        # Symmetric allocation is collective. With the layer's dtype known it is made here, where every PE
-        # builds the layer, not in a first dispatch that a silent peer would never join (that would hang
-        # instead of timing out). Without it (mixed precision casts the activations) it waits for the
-        # first call: a default-dtype set made now could go unused and cost gigabytes.
+        # Symmetric allocation is collective. With the layer's dtype known it is made here, where
+        # every PE builds the layer, not in a first dispatch that a silent peer would never join
+        # (that would hang instead of timing out). Without it (mixed precision casts the
+        # activations) it waits for the first call: a default-dtype set made now could go unused and
+        # cost gigabytes.
         if dtype is not None:
             self.workspace(dtype, cfg.hidden_size)
 
@@ -88,13 +95,22 @@ class NvshmemTransport:
         return self.num_experts // self.ep_size
 
     def workspace(self, dtype: torch.dtype, hidden: int) -> SymmetricWorkspace:
-        """The symmetric buffers for rows of this width and dtype: made at construction for a layer built
-        with a dtype, else on first use, which every PE of the group makes in the same order, as it makes
-        the same calls."""
+        """The symmetric buffers for rows of this width and dtype: made at construction for a layer
+        built with a dtype, else on first use, which every PE of the group makes in the same order,
+        as it makes the same calls."""
         key = (dtype, hidden)
         if key not in self._workspaces:
-            ws = workspace(self.pes, self.ep_rank, hidden, self.num_experts, self.max_tokens, self.top_k,
-                           self.capacity, dtype, self.peer_path)
+            ws = workspace(
+                self.pes,
+                self.ep_rank,
+                hidden,
+                self.num_experts,
+                self.max_tokens,
+                self.top_k,
+                self.capacity,
+                dtype,
+                self.peer_path,
+            )
             if ws.any_put and self._put_libs is None:
                 self._put_libs = extern_libs(torch.cuda.get_device_capability(self.device))
                 install_module_init_hook()
@@ -102,17 +118,23 @@ class NvshmemTransport:
         return self._workspaces[key]
 
     def memory_bytes_per_pe(self) -> int:
-        """Symmetric memory this transport's workspaces take on every PE (see SymmetricWorkspace)."""
+        """Symmetric memory this transport's workspaces take on every PE (see
+        SymmetricWorkspace)."""
         return sum(ws.bytes_per_pe() for ws in self._workspaces.values())
 
-    # -- public interface ----------------------------------------------------------------------------
+    # -- public interface
+    # ----------------------------------------------------------------------------
     def dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
         T, K = plan.expert_idx_TK.shape
         if T > self.max_tokens:
-            raise BufferOverflow(f"MoE layer '{self.error_flags.layer_name}': {T} tokens on this rank exceed "
-                                 f"max_tokens_per_rank={self.max_tokens} that sized the nvshmem buffers")
+            raise BufferOverflow(
+                f"MoE layer '{self.error_flags.layer_name}': {T} tokens on this rank exceed "
+                f"max_tokens_per_rank={self.max_tokens} that sized the nvshmem buffers"
+            )
         if K != self.top_k:
-            raise ValueError(f"plan has {K} slots per token, transport was sized for top_k={self.top_k}")
+            raise ValueError(
+                f"plan has {K} slots per token, transport was sized for top_k={self.top_k}"
+            )
         tokens, counts_G, handle_box = _Dispatch.apply(x_TH, self, plan)
         return tokens, counts_G, handle_box.handle
 
@@ -122,103 +144,241 @@ class NvshmemTransport:
     def global_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tokens_per_expert_E.clone(), self.load_group)
 
-    # -- the steps of a call, in order -----------------------------------------------------------------
+    # -- the steps of a call, in order
+    # -----------------------------------------------------------------
     def new_call(self, ws: SymmetricWorkspace) -> int:
         """One epoch per dispatch, combine or backward step; returns the buffer parity."""
         self.calls += 1
         return ws.next_epoch()
 
-    def _signal_and_wait(self, ws: SymmetricWorkspace, channel: int, parity: int, first_of_call: bool) -> None:
-        if ws.any_put:  # put peers' flags (after their rows, and the counts with COUNT's), before the wait
+    def _signal_and_wait(
+        self, ws: SymmetricWorkspace, channel: int, parity: int, first_of_call: bool
+    ) -> None:
+        if (
+            ws.any_put
+        ):  # put peers' flags (after their rows, and the counts with COUNT's), before the wait
             counts = ws.counts[parity, ws.me]
-            P_.put_signal_kernel[(ws.n,)](ws.via_put, ws.peer_pe, ws.me, ws.epoch_dev,
-                                          ws.flags[parity, channel].data_ptr(), counts.data_ptr(),
-                                          counts.numel() * counts.element_size(), BUMP=first_of_call,
-                                          HAS_PAYLOAD=channel == COUNT, num_warps=1, extern_libs=self._put_libs)
-        K_.signal_and_wait_kernel[(1,)](ws.flags_at[parity, channel], ws.flags[parity, channel], ws.me, ws.n,
-                                        ws.epoch_dev, self.timeout_ns, self.error_flags.words, self.calls,
-                                        BUMP=first_of_call)
+            P_.put_signal_kernel[(ws.n,)](
+                ws.via_put,
+                ws.peer_pe,
+                ws.me,
+                ws.epoch_dev,
+                ws.flags[parity, channel].data_ptr(),
+                counts.data_ptr(),
+                counts.numel() * counts.element_size(),
+                BUMP=first_of_call,
+                HAS_PAYLOAD=channel == COUNT,
+                num_warps=1,
+                extern_libs=self._put_libs,
+            )
+        K_.signal_and_wait_kernel[(1,)](
+            ws.flags_at[parity, channel],
+            ws.flags[parity, channel],
+            ws.me,
+            ws.n,
+            ws.epoch_dev,
+            self.timeout_ns,
+            self.error_flags.words,
+            self.calls,
+            BUMP=first_of_call,
+        )
 
     def route_and_layout(self, ws: SymmetricWorkspace, idx_S: torch.Tensor, p: int):
-        """Counts and in-expert ranks of this PE's slots, the count exchange, and the layout every later
-        step reads: (offs_E, overflow_N, counts_G, seg_2NG, rank_S)."""
+        """Counts and in-expert ranks of this PE's slots, the count exchange, and the layout every
+        later step reads: (offs_E, overflow_N, counts_G, seg_2NG, rank_S)."""
         E, G = self.num_experts, self.num_local_experts
         dev = idx_S.device
         rank_S = torch.empty(idx_S.numel(), dtype=torch.int64, device=dev)
-        K_.count_and_rank_kernel[(E,)](idx_S, idx_S.numel(), rank_S, ws.counts_at[p], ws.me, ws.n, E, BLOCK=1024)
+        K_.count_and_rank_kernel[(E,)](
+            idx_S, idx_S.numel(), rank_S, ws.counts_at[p], ws.me, ws.n, E, BLOCK=1024
+        )
         self._signal_and_wait(ws, COUNT, p, first_of_call=True)
         offs_E = torch.empty(E, dtype=torch.int64, device=dev)
         overflow_N = torch.empty(ws.n, dtype=torch.int32, device=dev)
         counts_G = torch.empty(G, dtype=torch.int64, device=dev)
         seg_2NG = torch.empty(2, ws.n, G, dtype=torch.int64, device=dev)
-        K_.layout_kernel[(1,)](ws.counts[p], ws.me, ws.n, E, G, ws.capacity, offs_E, overflow_N, counts_G, seg_2NG,
-                               self.error_flags.words, self.calls, NB=triton.next_power_of_2(ws.n),
-                               EB=triton.next_power_of_2(E))
+        K_.layout_kernel[(1,)](
+            ws.counts[p],
+            ws.me,
+            ws.n,
+            E,
+            G,
+            ws.capacity,
+            offs_E,
+            overflow_N,
+            counts_G,
+            seg_2NG,
+            self.error_flags.words,
+            self.calls,
+            NB=triton.next_power_of_2(ws.n),
+            EB=triton.next_power_of_2(E),
+        )
         return offs_E, overflow_N, counts_G, seg_2NG, rank_S
 
-    def push_slots(self, ws: SymmetricWorkspace, p: int, rows_TH: torch.Tensor, dest_rank_S: torch.Tensor,
-                   dest_pos_S: torch.Tensor, seg_2NG: torch.Tensor, *, scale_S=None, layout=None, idx_S=None,
-                   slot_of_row_C=None):
-        """Dispatch direction: one row per slot to its receiver (final position), flag, wait, then rows
-        from peers out of the staging. With `layout` the destinations are computed (and stored into
-        dest_rank_S / dest_pos_S); without, they are read from them. Returns the [C, H] rows received."""
-        rows_TH = rows_TH.to(ws.dtype).contiguous()  # the staging holds this dtype (a gradient may differ)
+    def push_slots(
+        self,
+        ws: SymmetricWorkspace,
+        p: int,
+        rows_TH: torch.Tensor,
+        dest_rank_S: torch.Tensor,
+        dest_pos_S: torch.Tensor,
+        seg_2NG: torch.Tensor,
+        *,
+        scale_S=None,
+        layout=None,
+        idx_S=None,
+        slot_of_row_C=None,
+    ):
+        """Dispatch direction: one row per slot to its receiver (final position), flag, wait, then
+        rows from peers out of the staging. With `layout` the destinations are computed (and stored
+        into dest_rank_S / dest_pos_S); without, they are read from them. Returns the [C, H] rows
+        received. """
+        rows_TH = rows_TH.to(
+            ws.dtype
+        ).contiguous()  # the staging holds this dtype (a gradient may differ)
         H = rows_TH.shape[1]
         out_CH = torch.empty(ws.capacity, H, device=rows_TH.device, dtype=rows_TH.dtype)
         S = dest_rank_S.numel()
         if S:
             offs_E, overflow_N, _, _, rank_S = layout if layout is not None else (dest_pos_S,) * 5
             K_.push_slots_kernel[(S, K_.row_chunks(H))](
-                rows_TH, scale_S if scale_S is not None else dest_pos_S, idx_S if idx_S is not None else dest_pos_S,
-                rank_S, offs_E, overflow_N, dest_rank_S, dest_pos_S, ws.fwd_rows_at[p], out_CH, ws.fwd_meta_at[p],
-                ws.via_put, ws.me, self.num_local_experts, self.top_k, H, COMPUTE_DEST=layout is not None,
-                SCALE=scale_S is not None, HAS_PUT=ws.any_put, BLOCK=K_.ROW_BLOCK)
+                rows_TH,
+                scale_S if scale_S is not None else dest_pos_S,
+                idx_S if idx_S is not None else dest_pos_S,
+                rank_S,
+                offs_E,
+                overflow_N,
+                dest_rank_S,
+                dest_pos_S,
+                ws.fwd_rows_at[p],
+                out_CH,
+                ws.fwd_meta_at[p],
+                ws.via_put,
+                ws.me,
+                self.num_local_experts,
+                self.top_k,
+                H,
+                COMPUTE_DEST=layout is not None,
+                SCALE=scale_S is not None,
+                HAS_PUT=ws.any_put,
+                BLOCK=K_.ROW_BLOCK,
+            )
             if ws.any_put:
                 P_.put_rows_kernel[(S, K_.row_chunks(H))](
-                    rows_TH, scale_S if scale_S is not None else dest_pos_S, dest_rank_S, dest_pos_S, ws.via_put,
-                    ws.peer_pe, ws.send_rows.data_ptr(), ws.send_meta.data_ptr(), ws.fwd_rows[p].data_ptr(),
-                    ws.fwd_meta[p].data_ptr(), self.top_k, H, SCALE=scale_S is not None,
-                    HAS_META=slot_of_row_C is not None, BLOCK=K_.ROW_BLOCK, extern_libs=self._put_libs)
-        self._signal_and_wait(ws, FORWARD, p, first_of_call=layout is None)  # dispatch: COUNT came first
+                    rows_TH,
+                    scale_S if scale_S is not None else dest_pos_S,
+                    dest_rank_S,
+                    dest_pos_S,
+                    ws.via_put,
+                    ws.peer_pe,
+                    ws.send_rows.data_ptr(),
+                    ws.send_meta.data_ptr(),
+                    ws.fwd_rows[p].data_ptr(),
+                    ws.fwd_meta[p].data_ptr(),
+                    self.top_k,
+                    H,
+                    SCALE=scale_S is not None,
+                    HAS_META=slot_of_row_C is not None,
+                    BLOCK=K_.ROW_BLOCK,
+                    extern_libs=self._put_libs,
+                )
+        self._signal_and_wait(
+            ws, FORWARD, p, first_of_call=layout is None
+        )  # dispatch: COUNT came first
         if ws.n > 1:
             has_meta = slot_of_row_C is not None
-            K_.copy_segments_kernel[(ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))](
-                ws.fwd_rows[p], out_CH, ws.fwd_meta[p], slot_of_row_C if has_meta else seg_2NG, seg_2NG, ws.me,
-                ws.n, self.num_local_experts, H, HAS_META=has_meta, SPLIT=SEGMENT_SPLIT, BLOCK=K_.ROW_BLOCK)
+            K_.copy_segments_kernel[
+                (ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))
+            ](
+                ws.fwd_rows[p],
+                out_CH,
+                ws.fwd_meta[p],
+                slot_of_row_C if has_meta else seg_2NG,
+                seg_2NG,
+                ws.me,
+                ws.n,
+                self.num_local_experts,
+                H,
+                HAS_META=has_meta,
+                SPLIT=SEGMENT_SPLIT,
+                BLOCK=K_.ROW_BLOCK,
+            )
         return out_CH
 
-    def return_and_reduce(self, rows_CH: torch.Tensor, h: NvshmemHandle, weights_TK=None, keep_slots=False):
-        """Combine direction: rows computed here for peers' slots go back to the owners' staging, flag,
-        wait; then out[t] = sum_k w[t, k] * row(t, k) (w = 1 without weights). Returns (out_TH, rows of
-        every slot [T, K, H] when keep_slots, else None)."""
+    def return_and_reduce(
+        self, rows_CH: torch.Tensor, h: NvshmemHandle, weights_TK=None, keep_slots=False
+    ):
+        """Combine direction: rows computed here for peers' slots go back to the owners' staging,
+        flag, wait; then out[t] = sum_k w[t, k] * row(t, k) (w = 1 without weights). Returns
+        (out_TH, rows of every slot [T, K, H] when keep_slots, else None)."""
         ws = h.ws
         p = self.new_call(ws)
         rows_CH = rows_CH.to(ws.dtype).contiguous()
         H = rows_CH.shape[1]
         if ws.n > 1:
-            K_.return_segments_kernel[(ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))](
-                rows_CH, h.slot_of_row_C, h.seg_2NG, ws.ret_rows_at[p], ws.via_put, ws.me, ws.n,
-                self.num_local_experts, H, SPLIT=SEGMENT_SPLIT, HAS_PUT=ws.any_put, BLOCK=K_.ROW_BLOCK)
+            K_.return_segments_kernel[
+                (ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))
+            ](
+                rows_CH,
+                h.slot_of_row_C,
+                h.seg_2NG,
+                ws.ret_rows_at[p],
+                ws.via_put,
+                ws.me,
+                ws.n,
+                self.num_local_experts,
+                H,
+                SPLIT=SEGMENT_SPLIT,
+                HAS_PUT=ws.any_put,
+                BLOCK=K_.ROW_BLOCK,
+            )
             if ws.any_put:
-                P_.put_return_kernel[(ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))](
-                    rows_CH, h.slot_of_row_C, h.seg_2NG, ws.via_put, ws.peer_pe, ws.send_rows.data_ptr(),
-                    ws.ret_rows[p].data_ptr(), ws.me, ws.n, self.num_local_experts, H, SPLIT=SEGMENT_SPLIT,
-                    BLOCK=K_.ROW_BLOCK, extern_libs=self._put_libs)
+                P_.put_return_kernel[
+                    (ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))
+                ](
+                    rows_CH,
+                    h.slot_of_row_C,
+                    h.seg_2NG,
+                    ws.via_put,
+                    ws.peer_pe,
+                    ws.send_rows.data_ptr(),
+                    ws.ret_rows[p].data_ptr(),
+                    ws.me,
+                    ws.n,
+                    self.num_local_experts,
+                    H,
+                    SPLIT=SEGMENT_SPLIT,
+                    BLOCK=K_.ROW_BLOCK,
+                    extern_libs=self._put_libs,
+                )
         self._signal_and_wait(ws, RETURN, p, first_of_call=True)
         T, K = h.num_tokens, h.top_k
         out_TH = torch.empty(T, H, device=rows_CH.device, dtype=rows_CH.dtype)
-        slots_TKH = torch.empty(T, K, H, device=rows_CH.device, dtype=rows_CH.dtype) if keep_slots else None
+        slots_TKH = (
+            torch.empty(T, K, H, device=rows_CH.device, dtype=rows_CH.dtype) if keep_slots else None
+        )
         if T:
             K_.gather_reduce_kernel[(T, K_.row_chunks(H))](
-                rows_CH, ws.ret_rows[p], h.dest_rank_S, h.dest_pos_S,
-                weights_TK if weights_TK is not None else h.dest_pos_S, out_TH,
-                slots_TKH if keep_slots else out_TH, ws.me, K, H, HAS_W=weights_TK is not None,
-                KEEP_SLOTS=keep_slots, BLOCK=K_.ROW_BLOCK)
+                rows_CH,
+                ws.ret_rows[p],
+                h.dest_rank_S,
+                h.dest_pos_S,
+                weights_TK if weights_TK is not None else h.dest_pos_S,
+                out_TH,
+                slots_TKH if keep_slots else out_TH,
+                ws.me,
+                K,
+                H,
+                HAS_W=weights_TK is not None,
+                KEEP_SLOTS=keep_slots,
+                BLOCK=K_.ROW_BLOCK,
+            )
         return out_TH, slots_TKH
 
 
 class _HandleBox:
     """Carries the handle out of an autograd Function (Functions return tensors only)."""
+
     handle: NvshmemHandle = None
 
 
@@ -229,16 +389,29 @@ class _Dispatch(torch.autograd.Function):
         x_TH = x_TH.contiguous()
         ws = tr.workspace(x_TH.dtype, x_TH.shape[1])
         idx_S = plan.expert_idx_TK.reshape(-1).contiguous()
-        p = tr.new_call(ws)  # the count exchange and the rows share this call's epoch (separate flags)
+        p = tr.new_call(
+            ws
+        )  # the count exchange and the rows share this call's epoch (separate flags)
         layout = tr.route_and_layout(ws, idx_S, p)
         counts_G, seg_2NG = layout[2], layout[3]
         dest_rank_S = torch.empty(T * K, dtype=torch.int64, device=x_TH.device)
         dest_pos_S = torch.empty(T * K, dtype=torch.int64, device=x_TH.device)
         slot_of_row_C = torch.empty(tr.capacity, dtype=torch.int64, device=x_TH.device)
-        tokens_CH = tr.push_slots(ws, p, x_TH, dest_rank_S, dest_pos_S, seg_2NG, layout=layout, idx_S=idx_S,
-                                  slot_of_row_C=slot_of_row_C)
+        tokens_CH = tr.push_slots(
+            ws,
+            p,
+            x_TH,
+            dest_rank_S,
+            dest_pos_S,
+            seg_2NG,
+            layout=layout,
+            idx_S=idx_S,
+            slot_of_row_C=slot_of_row_C,
+        )
         box = _HandleBox()
-        box.handle = NvshmemHandle(plan.weights_TK, dest_rank_S, dest_pos_S, seg_2NG, slot_of_row_C, T, K, ws)
+        box.handle = NvshmemHandle(
+            plan.weights_TK, dest_rank_S, dest_pos_S, seg_2NG, slot_of_row_C, T, K, ws
+        )
         ctx.tr, ctx.handle = tr, box.handle
         ctx.mark_non_differentiable(counts_G)
         return tokens_CH, counts_G, box
@@ -254,8 +427,9 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_CH, weights_TK, tr: NvshmemTransport, h: NvshmemHandle):
         # The weights' gradient needs every slot's row; inference skips writing them.
-        out_TH, y_TKH = tr.return_and_reduce(y_CH.contiguous(), h, weights_TK.contiguous(),
-                                             keep_slots=ctx.needs_input_grad[1])
+        out_TH, y_TKH = tr.return_and_reduce(
+            y_CH.contiguous(), h, weights_TK.contiguous(), keep_slots=ctx.needs_input_grad[1]
+        )
         ctx.save_for_backward(y_TKH, weights_TK)
         ctx.tr, ctx.h = tr, h
         return out_TH
@@ -267,7 +441,16 @@ class _Combine(torch.autograd.Function):
         grad_TH = grad_TH.contiguous()
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = slot_weight_grad(y_TKH, grad_TH).to(weights_TK.dtype)  # unsent slots' rows are 0
-        grad_y = tr.push_slots(h.ws, tr.new_call(h.ws), grad_TH, h.dest_rank_S, h.dest_pos_S, h.seg_2NG,
-                               scale_S=weights_TK.contiguous().view(-1))
+            grad_w = slot_weight_grad(y_TKH, grad_TH).to(
+                weights_TK.dtype
+            )  # unsent slots' rows are 0
+        grad_y = tr.push_slots(
+            h.ws,
+            tr.new_call(h.ws),
+            grad_TH,
+            h.dest_rank_S,
+            h.dest_pos_S,
+            h.seg_2NG,
+            scale_S=weights_TK.contiguous().view(-1),
+        )
         return grad_y, grad_w, None, None
