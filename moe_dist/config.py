@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 ROUTERS = ("softmax", "sigmoid", "group_limited", "top_p")
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "clamped_swiglu")
 TRANSPORTS = ("auto", "local", "collective", "nvshmem", "reference")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
 ERROR_CHECKS = ("eager", "deferred")
@@ -55,6 +55,13 @@ class MoEConfig:
         "eager"  # "deferred": record errors on device, raise at the next check (no sync)
     )
     init_seed_offset: int = 0
+
+    # Families of Hugging Face models (extensions/interop/hf.py); the defaults change nothing.
+    router_bias: bool = False  # GPT-OSS: a learned bias on the router logits (selects and weighs)
+    expert_ffn_bias: bool = False  # GPT-OSS: the routed experts' two linear maps carry biases
+    swiglu_alpha: float = 1.702  # activation="clamped_swiglu": glu = gate * sigmoid(alpha * gate)
+    swiglu_limit: float = 7.0  # activation="clamped_swiglu": gate <= limit, |up| <= limit
+    scale_expert_input: bool = False  # Llama 4: weight scales each expert's input, not its output
 
     def __post_init__(self) -> None:
         for name in (
@@ -122,6 +129,13 @@ class MoEConfig:
             raise ValueError(
                 f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}"
             )
+        for name in ("router_bias", "expert_ffn_bias", "scale_expert_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
         for name in ("aux_loss_coef", "z_loss_coef", "router_bias_update_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

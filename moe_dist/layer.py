@@ -2,7 +2,7 @@
 where tokens travel is its transport's business (transport/), which ranks exist is parallel/'s.
 
 Legend: T tokens on this rank, H hidden, E experts, K slots per token, M rows received by local
-experts. """
+experts."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .config import MoEConfig
 from .errors import NONFINITE_LOGITS, DeviceErrorFlags, NonFiniteRouterLogits
 from .experts import DenseFFN, GroupedExperts, grouped_mm_supported
 from .overlap import pipelined_moe, start_shared_experts
-from .routing import Router, RoutingPlan
+from .routing import Router, RoutingPlan, scale_inputs
 from .transport import build_transport
 
 
@@ -56,6 +56,11 @@ class MoELayer(nn.Module):
                     f"ffn_hidden_size={cfg.ffn_hidden_size}): {why}"
                 )
         self.cfg, self.name = cfg, name
+        act_kwargs = (
+            dict(alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+            if cfg.activation == "clamped_swiglu"
+            else None
+        )
         self.router = Router(cfg, device=device, dtype=dtype)
         self.shared_experts = (
             DenseFFN(
@@ -65,6 +70,7 @@ class MoELayer(nn.Module):
                 cfg.shared_expert_gate,
                 device=device,
                 dtype=dtype,
+                act_kwargs=act_kwargs,
             )
             if cfg.num_shared_experts
             else None
@@ -85,6 +91,8 @@ class MoELayer(nn.Module):
             [base_seed + e for e in range(first, first + num_local)],
             device=device,
             dtype=dtype,
+            bias=cfg.expert_ffn_bias,
+            act_kwargs=act_kwargs,
         )
         for p in self.experts.parameters():
             mark_expert_param(p, ep_size)
@@ -105,12 +113,14 @@ class MoELayer(nn.Module):
         # travel.
         shared = start_shared_experts(self, x_TH)
         plan = self.route(x_TH)
+        x_in, plan_in = scale_inputs(x_TH, plan) if self.cfg.scale_expert_input else (x_TH, plan)
         if self.cfg.num_chunks > 1:
-            out_TH = pipelined_moe(
-                self, x_TH, plan
-            )  # dispatch/experts/combine of chunks overlapped
+            # dispatch/experts/combine of chunks overlapped
+            out_TH = pipelined_moe(self, x_in, plan_in)
         else:
-            out_TH = self.routed_experts(x_TH, plan)
+            out_TH = self.routed_experts(x_in, plan_in)
+        if plan_in is not plan and plan.top_k > 1:
+            out_TH = out_TH.view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
         out_TH = shared.add_to(out_TH)
         if self.cfg.error_check == "eager":
             # The nvshmem transport records overflow and timeouts on the device; eager mode raises

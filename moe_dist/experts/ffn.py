@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import add_expert_bias, clamped_swiglu
 from .gemm import grouped_mm, grouped_mm_supported, loop_mm
 
 
@@ -39,9 +40,17 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def activate(
-    h: torch.Tensor, activation: str, rows_used: torch.Tensor | None = None
+    h: torch.Tensor,
+    activation: str,
+    rows_used: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> torch.Tensor:
-    """rows_used (device scalar): on CUDA the fused SwiGLU computes only rows [0, rows_used)."""
+    """rows_used (device scalar): on CUDA the fused SwiGLU computes only rows [0, rows_used).
+    alpha, limit: "clamped_swiglu" only (experts/activations.py)."""
+    if activation == "clamped_swiglu":
+        return clamped_swiglu(h, alpha, limit)
     if activation == "swiglu":
         if h.is_cuda:
             from .swiglu_triton import SwiGLUTriton  # one fused pass each way
@@ -72,11 +81,15 @@ class GroupedExperts(nn.Module):
         seeds: list[int],
         device=None,
         dtype=None,
+        *,
+        bias: bool = False,
+        act_kwargs: dict | None = None,
     ):
         super().__init__()
         self.hidden, self.ffn_hidden, self.activation = hidden, ffn_hidden, activation
         self.num_local, self.first_expert, self.backend = num_local, first_expert, backend
-        in_width = 2 * ffn_hidden if activation == "swiglu" else ffn_hidden
+        self.act_kwargs = act_kwargs or {}
+        in_width = 2 * ffn_hidden if activation != "gelu" else ffn_hidden
         w_in = torch.empty(num_local, in_width, hidden, dtype=dtype or torch.float32)
         w_out = torch.empty(num_local, hidden, ffn_hidden, dtype=dtype or torch.float32)
         for g, seed in enumerate(seeds):
@@ -85,6 +98,9 @@ class GroupedExperts(nn.Module):
             _init_uniform_(w_out[g], ffn_hidden, gen)
         self.w_in = nn.Parameter(w_in.to(device))
         self.w_out = nn.Parameter(w_out.to(device))
+        # GPT-OSS style biases, zero-initialised: nothing drawn, the RNG stream is unchanged.
+        zeros = lambda n: nn.Parameter(torch.zeros(num_local, n, device=device, dtype=dtype))
+        self.b_in, self.b_out = (zeros(in_width), zeros(hidden)) if bias else (None, None)
 
     def resolved_backend(self, x: torch.Tensor) -> str:
         if self.backend != "auto":
@@ -96,8 +112,12 @@ class GroupedExperts(nn.Module):
         mm = grouped_mm if self.resolved_backend(x_MH) == "grouped_mm" else loop_mm
         # Rows past sum(counts_G) (a shape-static transport's spare capacity) are skipped on CUDA.
         rows_used = counts_G.sum() if x_MH.is_cuda else None
-        h = activate(mm(x_MH, self.w_in, counts_G), self.activation, rows_used)
-        return mm(h, self.w_out, counts_G)
+        h = mm(x_MH, self.w_in, counts_G)
+        if self.b_in is not None:
+            h = add_expert_bias(h, self.b_in, counts_G)
+        h = activate(h, self.activation, rows_used, **self.act_kwargs)
+        y = mm(h, self.w_out, counts_G)
+        return y if self.b_out is None else add_expert_bias(y, self.b_out, counts_G)
 
 
 class DenseFFN(nn.Module):
@@ -105,11 +125,19 @@ class DenseFFN(nn.Module):
     gate."""
 
     def __init__(
-        self, hidden: int, ffn_hidden: int, activation: str, gate: bool, device=None, dtype=None
+        self,
+        hidden: int,
+        ffn_hidden: int,
+        activation: str,
+        gate: bool,
+        device=None,
+        dtype=None,
+        *,
+        act_kwargs: dict | None = None,
     ):
         super().__init__()
-        self.activation = activation
-        in_width = 2 * ffn_hidden if activation == "swiglu" else ffn_hidden
+        self.activation, self.act_kwargs = activation, act_kwargs or {}
+        in_width = 2 * ffn_hidden if activation != "gelu" else ffn_hidden
         self.w_in = nn.Parameter(torch.empty(in_width, hidden, device=device, dtype=dtype))
         self.w_out = nn.Parameter(torch.empty(hidden, ffn_hidden, device=device, dtype=dtype))
         self.gate = (
@@ -122,7 +150,9 @@ class DenseFFN(nn.Module):
                 _init_uniform_(self.gate, hidden, None)
 
     def forward(self, x_MH: torch.Tensor) -> torch.Tensor:
-        y = F.linear(activate(F.linear(x_MH, self.w_in), self.activation), self.w_out)
+        y = F.linear(
+            activate(F.linear(x_MH, self.w_in), self.activation, **self.act_kwargs), self.w_out
+        )
         if self.gate is not None:
             y = torch.sigmoid(F.linear(x_MH, self.gate)) * y
         return y

@@ -2,7 +2,7 @@
 
 from .capacity import drop_over_capacity, expert_capacity
 from .losses import load_balancing_loss, router_z_loss
-from .plan import RoutingPlan
+from .plan import RoutingPlan, scale_inputs
 from .router import Router
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "expert_capacity",
     "load_balancing_loss",
     "router_z_loss",
+    "scale_inputs",
 ]

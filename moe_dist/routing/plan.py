@@ -5,7 +5,7 @@ Legend: T tokens on this rank, K slots per token (top_k), E experts (global), S 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,3 +30,18 @@ class RoutingPlan:
     @property
     def top_k(self) -> int:
         return self.expert_idx_TK.shape[1]
+
+
+def scale_inputs(x_TH: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, RoutingPlan]:
+    """Llama 4's routing: an expert sees its token times the routing weight, and its output joins
+    the sum unweighted. Returns (x_SH, plan_S1): one scaled row per slot (S = T*K; with K = 1 the
+    tokens themselves, scaled) and a plan routing each row to its slot's expert with weight 1.
+    Summing the combined rows over K (out_SH.view(T, K, H).sum(1)) gives the layer output."""
+    T, K = plan.expert_idx_TK.shape
+    x_SH = (x_TH.unsqueeze(1) * plan.weights_TK.unsqueeze(-1).to(x_TH.dtype)).reshape(T * K, -1)
+    # Unused or dropped slots (expert -1) keep weight 0; every other row counts once.
+    weights_S1 = (plan.expert_idx_TK.reshape(T * K, 1) >= 0).to(plan.weights_TK.dtype)
+    plan_S1 = replace(
+        plan, expert_idx_TK=plan.expert_idx_TK.reshape(T * K, 1), weights_TK=weights_S1
+    )
+    return x_SH, plan_S1

@@ -49,11 +49,19 @@ class Router(nn.Module):
         self.register_buffer(
             "expert_bias", torch.zeros(cfg.num_experts, device=device, dtype=torch.float32)
         )
+        # GPT-OSS: a learned logit bias (unlike expert_bias it also weighs). Zero-initialised:
+        # nothing drawn, so the RNG stream (and EP-invariant initialisation) is unchanged.
+        self.bias = (
+            nn.Parameter(torch.zeros(cfg.num_experts, device=device, dtype=dtype))
+            if cfg.router_bias
+            else None
+        )
 
     def logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         # fp32 gate: top-k on bf16 logits flips near-ties, which would break EP=N == EP=1
         # comparisons.
-        return _Fp32Gate.apply(x_TH, self.weight)
+        logits_TE = _Fp32Gate.apply(x_TH, self.weight)
+        return logits_TE if self.bias is None else logits_TE + self.bias.float()
 
     def forward(self, x_TH: torch.Tensor, logits_TE: torch.Tensor | None = None) -> RoutingPlan:
         cfg = self.cfg

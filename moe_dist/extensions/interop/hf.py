@@ -7,12 +7,16 @@
 
 Each supported block class maps to a *family* (how it routes, what shared experts it has); the
 family's reader turns the block's own attributes and weights into a MoEConfig and a MoELayer with
-the same weights. The replacement module returns what the HF block returned (in transformers 5 every
-supported block returns the hidden states tensor). With `groups` (EP > 1) each rank copies only
-its local experts' weights; the HF block, with all experts, is dropped.
+the same weights. The replacement module returns what the HF block returned (the hidden states
+tensor; GPT-OSS and Llama 4 blocks return a pair, whose second item is recomputed from the same
+router). With `groups` (EP > 1) each rank copies only its local experts' weights; the HF block, with
+all experts, is dropped.
 
 Written against the fused-expert layout of transformers 5 (`experts.gate_up_proj` [E, 2F, H] with
 rows [0:F] gate and [F:2F] up, `experts.down_proj` [E, H, F]), which is MoELayer's own layout.
+Layouts that differ are converted when the weights are copied: `is_transposed` ([E, H, 2F] and
+[E, F, H]: GPT-OSS, Llama 4) and `is_concatenated=False` (gate/up columns interleaved: GPT-OSS)
+are permuted into it, and `has_bias` biases (GPT-OSS) become MoELayer's expert biases.
 
 Know before use:
 - The router runs in fp32 on every model (HF's Mixtral/Qwen/OLMoE routers run in the model dtype),
@@ -42,9 +46,18 @@ class UnsupportedMoEBlock(NotImplementedError):
 
 @dataclass(frozen=True)
 class _Family:
-    routing: str  # "softmax_renorm" | "softmax_norm_attr" | "sigmoid_grouped" | "deepseek_v2"
-    shared: str | None = None  # None | "gated_shared_expert" (Qwen) | "shared_experts" (DeepSeek)
+    # "softmax_renorm" | "softmax_norm_attr" | "sigmoid_grouped" | "deepseek_v2" | "gpt_oss"
+    # | "llama4"
+    routing: str
+    # None | "gated_shared_expert" (Qwen) | "shared_experts" (DeepSeek) | "shared_expert" (Llama 4)
+    shared: str | None = None
     jitter: bool = False  # Mixtral's multiplicative input jitter while training
+    router: str = "gate"  # the block's attribute holding the router
+    # "tensor" | "scores" (GPT-OSS: (out, top-k weights [T, K])) | "logits" (Llama 4: (out_TH,
+    # router logits [T, E]))
+    returns: str = "tensor"
+    # transformers-5 expert-layout flags the experts class does not carry itself
+    expert_flags: tuple[tuple[str, bool], ...] = ()
 
 
 # Every class here was checked line by line against the installed transformers' modeling code,
@@ -68,6 +81,17 @@ FAMILIES: dict[str, _Family] = {
     # softmax greedy or group-limited greedy (groups scored by their max), never renormalised,
     # scaled
     "DeepseekV2Moe": _Family("deepseek_v2", "shared_experts"),
+    # logits with a bias -> top-k -> softmax over the k (= softmax, top-k, renormalised); biased
+    # experts with GPT-OSS's clamped SwiGLU
+    "GptOssMLP": _Family("gpt_oss", router="router", returns="scores"),
+    # top-k of the logits -> sigmoid; the weight scales the expert's *input*; one shared expert
+    "Llama4TextMoe": _Family(
+        "llama4",
+        "shared_expert",
+        router="router",
+        returns="logits",
+        expert_flags=(("is_transposed", True),),
+    ),
 }
 
 # Fields the HF weights fix; overriding them could only break the copy.
@@ -80,6 +104,11 @@ _FIXED_BY_WEIGHTS = (
     "shared_expert_gate",
     "activation",
     "init_seed_offset",
+    "router_bias",
+    "expert_ffn_bias",
+    "swiglu_alpha",
+    "swiglu_limit",
+    "scale_expert_input",
 )
 # HF computes the load-balancing loss from router_logits (output_router_logits=True), which the
 # replacement keeps recording; MoELayer's own aux loss would have nowhere to go, and its bias update
@@ -166,24 +195,34 @@ class HFMoEBlock(nn.Module):
         hf_class: str,
         jitter_noise: float = 0.0,
         router_logits: nn.Module | None = None,
+        returns: str = "tensor",
     ):
         super().__init__()
         self.moe = moe
         self.hf_class = hf_class
         self.jitter_noise = jitter_noise
         self.router_logits = router_logits
+        self.returns = returns
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor):
         if self.training and self.jitter_noise > 0:
             noise = torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise
             )
             hidden_states = hidden_states * noise
-        if self.router_logits is not None and self.router_logits._forward_hooks:
-            self.router_logits(
-                self.moe.router.logits(hidden_states.reshape(-1, hidden_states.shape[-1]))
-            )
-        return self.moe(hidden_states).output
+        x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
+        recording = self.router_logits is not None and self.router_logits._forward_hooks
+        # One more (small) gate GEMM, only when someone listens or the HF block returned logits.
+        logits_TE = self.moe.router.logits(x_TH) if recording or self.returns != "tensor" else None
+        if recording:
+            self.router_logits(logits_TE)
+        out = self.moe(hidden_states).output
+        if self.returns == "scores":  # GPT-OSS: softmax over the top-k logits
+            top_TK = logits_TE.topk(self.moe.cfg.top_k, dim=-1).values
+            return out, top_TK.softmax(dim=-1).to(out.dtype)
+        if self.returns == "logits":  # Llama 4: flat output, the router logits
+            return out.reshape(x_TH.shape), logits_TE.to(out.dtype)
+        return out
 
     def extra_repr(self) -> str:
         return f"replaces={self.hf_class}"
@@ -195,8 +234,12 @@ class HFMoEBlock(nn.Module):
 class _Weights:
     router_weight: torch.Tensor  # [E, H]
     expert_bias: torch.Tensor | None  # [E] selection-only bias (sigmoid routers)
-    gate_up: torch.Tensor  # [E, 2F, H]
-    down: torch.Tensor  # [E, H, F]
+    gate_up: torch.Tensor  # [E, 2F, H] (a view); gate rows then up rows, or interleaved
+    down: torch.Tensor  # [E, H, F] (a view)
+    interleaved: bool  # gate_up rows (and gate_up_bias) alternate gate, up (GPT-OSS)
+    gate_up_bias: torch.Tensor | None  # [E, 2F] (GPT-OSS)
+    down_bias: torch.Tensor | None  # [E, H]
+    router_bias: torch.Tensor | None  # [E] a logit bias (GPT-OSS)
     shared_w_in: torch.Tensor | None  # [2Fs, H]: gate rows, then up rows
     shared_w_out: torch.Tensor | None  # [H, Fs]
     shared_gate: torch.Tensor | None  # [1, H]
@@ -220,12 +263,14 @@ def _read_block(name: str, block: nn.Module, overrides: dict) -> tuple[MoEConfig
             f"{cls} (at '{name}') is not a supported sparse-MoE block; supported:"
             f" {', '.join(sorted(FAMILIES))}"
         )
-    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+    gate, experts = getattr(block, family.router, None), getattr(block, "experts", None)
     if gate is None or experts is None or not hasattr(gate, "weight"):
         raise UnsupportedMoEBlock(
-            f"{cls} (at '{name}'): expected `gate` (router with .weight) and `experts` children"
+            f"{cls} (at '{name}'): expected `{family.router}` (router with .weight) and `experts`"
+            " children"
         )
-    gate_up, down = _fused_experts(cls, name, experts)
+    ex = _fused_experts(cls, name, experts, family)
+    gate_up, down = ex["gate_up"], ex["down"]
     E, two_F, H = gate_up.shape
     if tuple(gate.weight.shape) != (E, H):
         raise UnsupportedMoEBlock(
@@ -238,9 +283,14 @@ def _read_block(name: str, block: nn.Module, overrides: dict) -> tuple[MoEConfig
         ffn_hidden_size=two_F // 2,
         num_experts=E,
         top_k=int(gate.top_k),
-        activation="swiglu",
+        activation=ex["activation"],
+        expert_ffn_bias=ex["gate_up_bias"] is not None,
+        **ex["act_params"],
         **_routing(cls, name, family.routing, gate),
     )
+    router_bias = getattr(gate, "bias", None) if family.routing == "gpt_oss" else None
+    if family.routing == "gpt_oss" and router_bias is None:
+        raise UnsupportedMoEBlock(f"{cls} (at '{name}'): expected a router with a bias")
     expert_bias = gate.e_score_correction_bias if family.routing == "sigmoid_grouped" else None
 
     shared_w_in = shared_w_out = shared_gate = None
@@ -254,8 +304,8 @@ def _read_block(name: str, block: nn.Module, overrides: dict) -> tuple[MoEConfig
             raise UnsupportedMoEBlock(
                 f"{cls} (at '{name}'): shared_expert_gate must be Linear({H}, 1, bias=False)"
             )
-    elif family.shared == "shared_experts":
-        shared_w_in, shared_w_out = _dense_swiglu(cls, name, block.shared_experts)
+    elif family.shared in ("shared_experts", "shared_expert"):
+        shared_w_in, shared_w_out = _dense_swiglu(cls, name, getattr(block, family.shared))
     if shared_w_in is not None:
         # The HF shared MLP is already fused (n_shared * moe_intermediate wide): one shared expert
         # of its width.
@@ -273,7 +323,18 @@ def _read_block(name: str, block: nn.Module, overrides: dict) -> tuple[MoEConfig
             f"{cls} (at '{name}'): its routing does not fit MoEConfig: {e}"
         ) from e
     return cfg, _Weights(
-        gate.weight, expert_bias, gate_up, down, shared_w_in, shared_w_out, shared_gate, jitter
+        gate.weight,
+        expert_bias,
+        gate_up,
+        down,
+        ex["interleaved"],
+        ex["gate_up_bias"],
+        ex["down_bias"],
+        router_bias,
+        shared_w_in,
+        shared_w_out,
+        shared_gate,
+        jitter,
     )
 
 
@@ -305,6 +366,12 @@ def _routing(cls: str, name: str, routing: str, gate: nn.Module) -> dict:
             f"{cls} (at '{name}'): topk_method={gate.topk_method!r} is not supported "
             "(only 'greedy' and 'group_limited_greedy', as the HF router itself)"
         )
+    if routing == "gpt_oss":
+        # softmax over the top-k logits == softmax over all, top-k, renormalised (same order)
+        return dict(router="softmax", norm_topk_prob=True, router_bias=True)
+    if routing == "llama4":
+        # sigmoid is monotonic: the top-k of the logits are the top-k of sigmoid(logits)
+        return dict(router="sigmoid", norm_topk_prob=False, scale_expert_input=True)
     raise AssertionError(routing)
 
 
@@ -312,12 +379,17 @@ def _is_silu(act) -> bool:
     return type(act).__name__ in ("SiLU", "SiLUActivation")
 
 
-def _fused_experts(cls: str, name: str, experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_experts(cls: str, name: str, experts: nn.Module, family: _Family) -> dict:
+    """The experts' weights as views of MoELayer's shapes (gate_up [E, 2F, H], down [E, H, F]),
+    whether gate/up rows are interleaved (de-interleaved when the local slice is copied, so no
+    model-sized copy is made), their biases or None, and the activation with its parameters."""
     if not (hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj")):
         raise UnsupportedMoEBlock(
             f"{cls} (at '{name}'): experts of class {type(experts).__name__} are not in the fused "
             "gate_up_proj/down_proj layout of transformers 5"
         )
+    # transformers 5's flags (set by @use_experts_implementation); a family's own fixes what a
+    # class without the decorator (Llama 4) does not say.
     flags = {
         "has_bias": False,
         "is_transposed": False,
@@ -326,32 +398,73 @@ def _fused_experts(cls: str, name: str, experts: nn.Module) -> tuple[torch.Tenso
         "has_post_expert_norm": False,
         "_is_expert_parallel": False,
     }
-    off = [k for k, want in flags.items() if getattr(experts, k, want) != want]
+    flags.update(dict(family.expert_flags))
+    got = {k: getattr(experts, k, want) for k, want in flags.items()}
+    supported = {"has_bias", "is_transposed", "is_concatenated"}  # converted below
+    off = [k for k, want in flags.items() if got[k] != want and k not in supported]
     if off:
         raise UnsupportedMoEBlock(
-            f"{cls} (at '{name}'): experts with {', '.join(f'{k}={not flags[k]}' for k in off)} "
+            f"{cls} (at '{name}'): experts with {', '.join(f'{k}={got[k]}' for k in off)} "
             "are not supported"
+        )
+    activation, act_params = _expert_activation(cls, name, experts, family)
+
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if got["is_transposed"]:  # [E, H, 2F] and [E, F, H]: x @ w
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    E, two_F, H = gate_up.shape
+    if two_F % 2 or tuple(down.shape) != (E, H, two_F // 2):
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): gate_up_proj {tuple(experts.gate_up_proj.shape)} and down_proj "
+            f"{tuple(experts.down_proj.shape)} are not [E, 2F, H] and [E, H, F] (or transposed)"
+        )
+    gate_up_bias = down_bias = None
+    if got["has_bias"]:
+        gate_up_bias, down_bias = experts.gate_up_proj_bias, experts.down_proj_bias
+        if tuple(gate_up_bias.shape) != (E, two_F) or tuple(down_bias.shape) != (E, H):
+            raise UnsupportedMoEBlock(
+                f"{cls} (at '{name}'): expert biases {tuple(gate_up_bias.shape)} and "
+                f"{tuple(down_bias.shape)} are not [E, 2F] and [E, H]"
+            )
+    return dict(
+        interleaved=not got["is_concatenated"],
+        gate_up=gate_up,
+        down=down,
+        gate_up_bias=gate_up_bias,
+        down_bias=down_bias,
+        activation=activation,
+        act_params=act_params,
+    )
+
+
+def _expert_activation(cls: str, name: str, experts: nn.Module, family: _Family):
+    apply_gate = getattr(type(experts), "_apply_gate", None)
+    if family.routing == "gpt_oss":
+        # GPT-OSS's own _apply_gate: clamp, gate * sigmoid(alpha * gate) * (up + 1)
+        if getattr(apply_gate, "__qualname__", "") != "GptOssExperts._apply_gate":
+            raise UnsupportedMoEBlock(
+                f"{cls} (at '{name}'): experts {type(experts).__name__} do not use GPT-OSS's "
+                "clamped SwiGLU"
+            )
+        params = dict(swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit))
+        return "clamped_swiglu", params
+    # The default gate: act_fn(gate) * up.
+    if apply_gate is not None and apply_gate.__name__ != "_default_apply_gate":
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): experts {type(experts).__name__} have their own _apply_gate"
         )
     if not _is_silu(getattr(experts, "act_fn", None)):
         raise UnsupportedMoEBlock(
             f"{cls} (at '{name}'): expert activation {type(experts.act_fn).__name__} is not "
             "SiLU (MoELayer's swiglu)"
         )
-    gate_up, down = experts.gate_up_proj, experts.down_proj
-    E, two_F, H = gate_up.shape
-    if two_F % 2 or tuple(down.shape) != (E, H, two_F // 2):
-        raise UnsupportedMoEBlock(
-            f"{cls} (at '{name}'): gate_up_proj {tuple(gate_up.shape)} and down_proj "
-            f"{tuple(down.shape)} are not [E, 2F, H] and [E, H, F]"
-        )
-    return gate_up, down
+    return "swiglu", {}
 
 
 def _dense_swiglu(cls: str, name: str, mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     projs = [getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
-    if any(not isinstance(p, nn.Linear) for p in projs) or not _is_silu(
-        getattr(mlp, "act_fn", None)
-    ):
+    act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)  # Llama 4's name
+    if any(not isinstance(p, nn.Linear) for p in projs) or not _is_silu(act):
         raise UnsupportedMoEBlock(
             f"{cls} (at '{name}'): shared expert {type(mlp).__name__} is not a SiLU "
             "gate/up/down MLP"
@@ -379,8 +492,14 @@ def _build(name: str, block: nn.Module, cfg: MoEConfig, w: _Weights, groups) -> 
         _copy(moe.router.weight, w.router_weight)
         if w.expert_bias is not None:
             moe.router.expert_bias.copy_(w.expert_bias)
-        _copy(moe.experts.w_in, w.gate_up, w.gate_up[first : first + n])
+        _copy(moe.experts.w_in, w.gate_up, _gate_first(w.gate_up[first : first + n], w))
         _copy(moe.experts.w_out, w.down, w.down[first : first + n])
+        if w.gate_up_bias is not None:
+            b_in = _gate_first(w.gate_up_bias[first : first + n], w)
+            _copy(moe.experts.b_in, w.gate_up_bias, b_in)
+            _copy(moe.experts.b_out, w.down_bias, w.down_bias[first : first + n])
+        if w.router_bias is not None:
+            _copy(moe.router.bias, w.router_bias)
         if w.shared_w_in is not None:
             shared = moe.shared_experts
             shared.w_in.copy_(w.shared_w_in)
@@ -388,10 +507,17 @@ def _build(name: str, block: nn.Module, cfg: MoEConfig, w: _Weights, groups) -> 
             _copy(shared.w_out, w.shared_w_out)
             if w.shared_gate is not None:
                 _copy(shared.gate, w.shared_gate)
-    tap = _router_logits_tap(type(block.gate))
+    family = FAMILIES[type(block).__name__]
+    router = getattr(block, family.router)
+    tap = _router_logits_tap(type(router))
     # Recording hooks HF already installed on the old router (it has run before) move to the tap.
-    tap._forward_hooks.update(block.gate._forward_hooks)
-    return HFMoEBlock(moe, type(block).__name__, w.jitter_noise, tap)
+    tap._forward_hooks.update(router._forward_hooks)
+    return HFMoEBlock(moe, type(block).__name__, w.jitter_noise, tap, family.returns)
+
+
+def _gate_first(t_E2F: torch.Tensor, w: _Weights) -> torch.Tensor:
+    """Interleaved gate/up rows (dim 1) -> all gate rows, then all up rows."""
+    return torch.cat([t_E2F[:, 0::2], t_E2F[:, 1::2]], dim=1) if w.interleaved else t_E2F
 
 
 def _copy(dst: nn.Parameter, src: torch.Tensor, values: torch.Tensor | None = None) -> None:
@@ -412,12 +538,17 @@ def _router_logits_tap(router_cls: type) -> nn.Module:
             nn.Module.__init__(self)
 
         def forward(self, logits_TE):
-            return (logits_TE,)
+            # Not a tuple: HF's recorder then records the output itself, whatever index its
+            # OutputRecorder names (GPT-OSS: 0, Llama 4: 1).
+            return logits_TE
+
+        def extra_repr(self):
+            return ""  # the router's own (nn.Linear's for Llama 4) reads attributes it lacks
 
         tap_cls = type(
             f"{router_cls.__name__}LogitsTap",
             (router_cls,),
-            {"__init__": __init__, "forward": forward},
+            {"__init__": __init__, "forward": forward, "extra_repr": extra_repr},
         )
         _TAP_CLASSES[router_cls] = tap_cls
     return tap_cls()
