@@ -2,7 +2,8 @@
 HF's logits on its own tokens (different batch shapes per rank), replaces the MoE blocks
 expert-parallel (each rank keeps only its half of the experts) and must get the same logits (fp32,
 rtol 1e-5). Training: the loss on each rank and, for expert weights, the gradient summed over ranks
-match HF. """
+match HF."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,19 @@ import torch.distributed as dist
 pytest.importorskip("transformers")
 
 from moe_dist import ParallelGroups  # noqa: E402
-from moe_dist.extensions.interop import HFMoEBlock, find_moe_blocks, replace_moe_blocks  # noqa: E402
-from tests.unit.test_interop_hf import FAMILIES, assert_logits_close, tiny_model, token_ids  # noqa: E402
+from moe_dist.extensions.interop import (
+    HFMoEBlock,
+    find_moe_blocks,
+    replace_moe_blocks,
+)  # noqa: E402
+from tests.unit.test_interop_hf import (  # noqa: E402
+    FAMILIES,
+    assert_logits_close,
+    hf_tensors,
+    ours,
+    tiny_model,
+    token_ids,
+)
 
 from .harness import run_distributed  # noqa: E402
 
@@ -28,7 +40,7 @@ def scenario_logits(families):
         ids = token_ids(*SHAPES[rank], seed=10 + rank)
         with torch.no_grad():
             expected = model(ids).logits
-        hf_experts = [b.experts.gate_up_proj.detach().clone() for _, b in find_moe_blocks(model)]
+        hf_experts = [hf_tensors(b)["experts.w_in"].clone() for _, b in find_moe_blocks(model)]
         replace_moe_blocks(model, groups)
         blocks = [m for m in model.modules() if isinstance(m, HFMoEBlock)]
         for block, full in zip(blocks, hf_experts):
@@ -56,19 +68,22 @@ def scenario_training(families):
         loss.backward()
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
         for (name, block_ref), (_, block) in zip(find_moe_blocks(ref), find_moe_blocks(model)):
-            # Router: this rank's tokens only (a data-parallel all-reduce is the trainer's
-            # business).
-            torch.testing.assert_close(block.moe.router.weight.grad, block_ref.gate.weight.grad, rtol=1e-4, atol=1e-6)
-            # Experts: this rank's experts saw every rank's tokens, so their gradient is HF's summed
-            # over ranks.
-            for ours, theirs in ((block.moe.experts.w_in, block_ref.experts.gate_up_proj),
-                                 (block.moe.experts.w_out, block_ref.experts.down_proj)):
-                total = theirs.grad.clone()
-                dist.all_reduce(total)
-                E = total.shape[0]
-                mine = slice(rank * E // world, (rank + 1) * E // world)
-                torch.testing.assert_close(ours.grad, total[mine], rtol=1e-4, atol=1e-6,
-                                           msg=lambda m: f"{family} {name}: {m}")
+            params = ours(block.moe)
+            for key, g_ref in hf_tensors(block_ref, grad=True).items():
+                if key.startswith("experts."):
+                    # This rank's experts saw every rank's tokens: HF's gradient summed over ranks.
+                    g_ref = g_ref.clone()
+                    dist.all_reduce(g_ref)
+                    E = g_ref.shape[0]
+                    g_ref = g_ref[rank * E // world : (rank + 1) * E // world]
+                # Router: this rank's tokens only (the data-parallel all-reduce is the trainer's).
+                torch.testing.assert_close(
+                    params[key].grad,
+                    g_ref,
+                    rtol=1e-4,
+                    atol=1e-6,
+                    msg=lambda m: f"{family} {name} {key}: {m}",
+                )
 
 
 def test_logits_equal_at_ep2():
@@ -76,4 +91,4 @@ def test_logits_equal_at_ep2():
 
 
 def test_training_gradients_at_ep2():
-    run_distributed(scenario_training, 2, ["deepseek_v3", "qwen2_moe"])
+    run_distributed(scenario_training, 2, ["deepseek_v3", "qwen2_moe", "gpt_oss", "llama4_top2"])

@@ -185,6 +185,49 @@ FAMILIES = {
         ),
         2,
     ),
+    # biased experts, clamped SwiGLU (limit low enough to bite), interleaved gate/up, router bias
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(
+            intermediate_size=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+            swiglu_limit=1.5,
+            swiglu_alpha=1.702,
+            sliding_window=4,
+        ),
+        2,
+    ),
+    # sigmoid top-1 scaling the expert input, plus a shared expert
+    "llama4": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(
+            intermediate_size=16,
+            intermediate_size_mlp=48,
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            head_dim=8,
+        ),
+        2,
+    ),
+    # ... top-2 (each chosen expert sees its own scaled copy), layer 0 dense
+    "llama4_top2": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(
+            intermediate_size=16,
+            intermediate_size_mlp=48,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+            moe_layers=[1, 2],
+            num_hidden_layers=3,
+        ),
+        2,
+    ),
 }
 
 
@@ -200,9 +243,39 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
         for _, block in find_moe_blocks(model):
             for p in block.parameters():
                 p.normal_(0.0, 0.3)
-            if hasattr(block.gate, "e_score_correction_bias"):
+            if hasattr(getattr(block, "gate", None), "e_score_correction_bias"):
                 block.gate.e_score_correction_bias.normal_(0.0, 0.1)
     return model
+
+
+def hf_router(block: nn.Module) -> nn.Module:
+    return block.gate if hasattr(block, "gate") else block.router
+
+
+def hf_tensors(block: nn.Module, grad: bool = False) -> dict[str, torch.Tensor]:
+    """The HF block's router and expert tensors (or their gradients) in MoELayer's layout, keyed
+    like MoELayer's own (see ours()): written here independently of hf.py's conversion."""
+    get = (lambda p: p.grad) if grad else (lambda p: p.detach())
+    ex, cls = block.experts, type(block).__name__
+    gate_up, down = get(ex.gate_up_proj), get(ex.down_proj)
+    out = {"router.weight": get(hf_router(block).weight)}
+    if cls == "GptOssMLP":  # [E, H, 2F], columns alternate gate, up
+        E, H, F2 = gate_up.shape
+        out["experts.w_in"] = gate_up.view(E, H, F2 // 2, 2).permute(0, 3, 2, 1).reshape(E, F2, H)
+        out["experts.b_in"] = get(ex.gate_up_proj_bias).view(E, F2 // 2, 2).transpose(1, 2)
+        out["experts.b_in"] = out["experts.b_in"].reshape(E, F2)
+        out["experts.w_out"] = down.transpose(1, 2)
+        out["experts.b_out"] = get(ex.down_proj_bias)
+        out["router.bias"] = get(block.router.bias)
+    elif cls == "Llama4TextMoe":  # [E, H, 2F] gate columns first, [E, F, H]
+        out["experts.w_in"], out["experts.w_out"] = gate_up.transpose(1, 2), down.transpose(1, 2)
+    else:
+        out["experts.w_in"], out["experts.w_out"] = gate_up, down
+    return out
+
+
+def ours(moe: MoELayer) -> dict[str, torch.Tensor]:
+    return dict(moe.named_parameters())
 
 
 def token_ids(batch: int, seq: int, seed: int) -> torch.Tensor:
@@ -239,7 +312,9 @@ def test_logits_equal_after_replacement(family):
         assert (model(ids).logits - expected).abs().max() > 0.05
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "mixtral"])
+@pytest.mark.parametrize(
+    "family", ["qwen2_moe", "deepseek_v3", "mixtral", "gpt_oss", "llama4_top2"]
+)
 def test_gradients_equal_after_replacement(family):
     """Training through the replacement: same loss, same gradients for every weight, by name."""
     ref, model = tiny_model(family), tiny_model(family)
@@ -254,11 +329,11 @@ def test_gradients_equal_after_replacement(family):
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     for (name, block_ref), (_, block) in zip(find_moe_blocks(ref), find_moe_blocks(model)):
         moe: MoELayer = block.moe
-        pairs = [
-            (moe.router.weight, block_ref.gate.weight),
-            (moe.experts.w_in, block_ref.experts.gate_up_proj),
-            (moe.experts.w_out, block_ref.experts.down_proj),
-        ]
+        for key, g_ref in hf_tensors(block_ref, grad=True).items():
+            torch.testing.assert_close(
+                ours(moe)[key].grad, g_ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}"
+            )
+        pairs = []
         shared_ref = getattr(block_ref, "shared_expert", None) or getattr(
             block_ref, "shared_experts", None
         )
@@ -360,3 +435,58 @@ def test_custom_moe_block_is_refused_not_skipped():
         replace_moe_blocks(model)
     with pytest.raises(ValueError, match="found no sparse-MoE block in Sequential"):
         replace_moe_blocks(nn.Sequential(nn.Linear(8, 8)))
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4", "llama4_top2"])
+def test_router_matches_the_hf_router_module(family):
+    """The routing MoELayer builds for a family picks the experts and weights the HF router does,
+    on fresh random tokens (GPT-OSS: softmax over the top-k biased logits; Llama 4: sigmoid of the
+    top-k logits)."""
+    model = tiny_model(family, seed=4)
+    name, block = find_moe_blocks(model)[0]
+    x_TH = torch.randn(50, COMMON["hidden_size"], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        hf_out = hf_router(block)(x_TH)
+        replace_moe_blocks(model)
+        plan = model.get_submodule(name).moe.router(x_TH)
+    if family == "gpt_oss":
+        _, scores_TK, idx_TK = hf_out
+        assert torch.equal(plan.expert_idx_TK, idx_TK)
+        torch.testing.assert_close(plan.weights_TK, scores_TK)
+    else:  # dense [T, E] scores: sigmoid(logit) at the chosen experts, 0 elsewhere
+        scores_TE, _ = hf_out
+        ours_TE = torch.zeros_like(scores_TE).scatter_(1, plan.expert_idx_TK, plan.weights_TK)
+        torch.testing.assert_close(ours_TE, scores_TE)
+        assert torch.equal((scores_TE > 0).sum(-1), torch.full((50,), plan.top_k))
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4"])
+def test_pair_returning_blocks_return_what_hf_returned(family):
+    """GPT-OSS's block returns (hidden, top-k scores), Llama 4's (flat hidden, router logits)."""
+    model = tiny_model(family, seed=6)
+    name, block = find_moe_blocks(model)[0]
+    x = torch.randn(2, 5, COMMON["hidden_size"], generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = block(x)
+        replace_moe_blocks(model)
+        actual = model.get_submodule(name)(x)
+    assert isinstance(actual, tuple) and len(actual) == 2
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4"])
+def test_router_logits_recorded_for_new_families(family):
+    """HF's recorder takes index 0 (GPT-OSS) or 1 (Llama 4) of its router's output: both work."""
+    model = tiny_model(family)
+    ids = token_ids(2, 7, seed=8)
+    with torch.no_grad():
+        expected = model(ids, output_router_logits=True)
+        replace_moe_blocks(model)
+        actual = model(ids, output_router_logits=True)
+    assert len(actual.router_logits) == len(expected.router_logits) == 2
+    for a, e in zip(actual.router_logits, expected.router_logits):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    if family == "gpt_oss":
+        torch.testing.assert_close(actual.aux_loss, expected.aux_loss, rtol=1e-5, atol=1e-6)
