@@ -185,6 +185,81 @@ FAMILIES = {
         ),
         2,
     ),
+    "glm4_moe_lite": (
+        "Glm4MoeLiteConfig",
+        "Glm4MoeLiteForCausalLM",  # layer 0 dense
+        dict(
+            **MOE,
+            **MLA,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            norm_topk_prob=True,
+            num_hidden_layers=3,
+        ),
+        2,
+    ),
+    "qwen3_5_moe": (
+        "Qwen3_5MoeTextConfig",
+        "Qwen3_5MoeForCausalLM",
+        dict(
+            **MOE,
+            shared_expert_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_value_heads=2,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+        ),
+        2,
+    ),
+    "granitemoe": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
+        2,
+    ),
+    "granitemoeshared": (
+        "GraniteMoeSharedConfig",
+        "GraniteMoeSharedForCausalLM",
+        dict(
+            intermediate_size=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            shared_intermediate_size=24,
+        ),
+        2,
+    ),
+    "jamba": (
+        "JambaConfig",
+        "JambaForCausalLM",  # layer 0 mamba, layer 1 attention, both with MoE
+        dict(
+            intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            expert_layer_period=1,
+            expert_layer_offset=0,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            mamba_d_state=4,
+            mamba_d_conv=2,
+            mamba_expand=2,
+            mamba_dt_rank=4,
+        ),
+        2,
+    ),
+    "minimax_m2": (
+        "MiniMaxM2Config",
+        "MiniMaxM2ForCausalLM",
+        dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8),
+        2,
+    ),
     # biased experts, clamped SwiGLU (limit low enough to bite), interleaved gate/up, router bias
     "gpt_oss": (
         "GptOssConfig",
@@ -243,8 +318,9 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
         for _, block in find_moe_blocks(model):
             for p in block.parameters():
                 p.normal_(0.0, 0.3)
-            if hasattr(getattr(block, "gate", None), "e_score_correction_bias"):
-                block.gate.e_score_correction_bias.normal_(0.0, 0.1)
+            for name, buf in block.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buf.normal_(0.0, 0.1)
     return model
 
 

@@ -46,8 +46,8 @@ class UnsupportedMoEBlock(NotImplementedError):
 
 @dataclass(frozen=True)
 class _Family:
-    # "softmax_renorm" | "softmax_norm_attr" | "sigmoid_grouped" | "deepseek_v2" | "gpt_oss"
-    # | "llama4"
+    # "softmax_renorm" | "softmax_plain" | "softmax_norm_attr" | "sigmoid_grouped"
+    # | "sigmoid_renorm" | "deepseek_v2" | "gpt_oss" | "llama4"
     routing: str
     # None | "gated_shared_expert" (Qwen) | "shared_experts" (DeepSeek) | "shared_expert" (Llama 4)
     shared: str | None = None
@@ -66,6 +66,11 @@ FAMILIES: dict[str, _Family] = {
     # softmax over all experts -> top-k -> always renormalised
     "MixtralSparseMoeBlock": _Family("softmax_renorm", jitter=True),
     "MiniMaxSparseMoeBlock": _Family("softmax_renorm", jitter=True),
+    # (top-k of the logits -> softmax over the k: the same function)
+    "GraniteMoeMoE": _Family("softmax_renorm", router="router"),
+    "GraniteMoeSharedMoE": _Family("softmax_renorm", router="router"),  # shared MLP outside
+    # softmax -> top-k, never renormalised
+    "JambaSparseMoeBlock": _Family("softmax_plain", router="router"),
     # softmax -> top-k -> renormalised iff router.norm_topk_prob
     "Qwen3MoeSparseMoeBlock": _Family("softmax_norm_attr"),
     "OlmoeSparseMoeBlock": _Family("softmax_norm_attr"),
@@ -73,11 +78,15 @@ FAMILIES: dict[str, _Family] = {
     # ... plus one shared expert scaled by sigmoid(x @ shared_expert_gate)
     "Qwen2MoeSparseMoeBlock": _Family("softmax_norm_attr", "gated_shared_expert"),
     "Qwen3NextSparseMoeBlock": _Family("softmax_norm_attr", "gated_shared_expert"),
+    "Qwen3_5MoeSparseMoeBlock": _Family("softmax_renorm", "gated_shared_expert"),  # always renorm
     # sigmoid + e_score_correction_bias, group-limited (groups scored by their top-2), scaled;
     # shared experts
     "DeepseekV3MoE": _Family("sigmoid_grouped", "shared_experts"),
     "Glm4MoeMoE": _Family("sigmoid_grouped", "shared_experts"),
+    "Glm4MoeLiteMoE": _Family("sigmoid_grouped", "shared_experts"),
     "Dots1MoE": _Family("sigmoid_grouped", "shared_experts"),
+    # sigmoid + e_score_correction_bias (held by the block), renormalised; input jitter
+    "MiniMaxM2SparseMoeBlock": _Family("sigmoid_renorm", jitter=True),
     # softmax greedy or group-limited greedy (groups scored by their max), never renormalised,
     # scaled
     "DeepseekV2Moe": _Family("deepseek_v2", "shared_experts"),
@@ -291,7 +300,10 @@ def _read_block(name: str, block: nn.Module, overrides: dict) -> tuple[MoEConfig
     router_bias = getattr(gate, "bias", None) if family.routing == "gpt_oss" else None
     if family.routing == "gpt_oss" and router_bias is None:
         raise UnsupportedMoEBlock(f"{cls} (at '{name}'): expected a router with a bias")
-    expert_bias = gate.e_score_correction_bias if family.routing == "sigmoid_grouped" else None
+    expert_bias = None
+    if family.routing in ("sigmoid_grouped", "sigmoid_renorm"):
+        owner = gate if hasattr(gate, "e_score_correction_bias") else block  # MiniMax-M2: block
+        expert_bias = owner.e_score_correction_bias
 
     shared_w_in = shared_w_out = shared_gate = None
     if family.shared == "gated_shared_expert":
@@ -341,6 +353,10 @@ def _read_block(name: str, block: nn.Module, overrides: dict) -> tuple[MoEConfig
 def _routing(cls: str, name: str, routing: str, gate: nn.Module) -> dict:
     if routing == "softmax_renorm":
         return dict(router="softmax", norm_topk_prob=True)
+    if routing == "softmax_plain":
+        return dict(router="softmax", norm_topk_prob=False)
+    if routing == "sigmoid_renorm":
+        return dict(router="sigmoid", norm_topk_prob=True)
     if routing == "softmax_norm_attr":
         return dict(router="softmax", norm_topk_prob=bool(gate.norm_topk_prob))
     if routing == "sigmoid_grouped":
