@@ -260,6 +260,44 @@ FAMILIES = {
         dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8),
         2,
     ),
+    "hunyuan_v1_moe": (
+        "HunYuanMoEV1Config",
+        "HunYuanMoEV1ForCausalLM",  # router weight at gate.wg, shared MLP
+        dict(intermediate_size=16, num_experts=8, moe_topk=2, head_dim=8),
+        2,
+    ),
+    "dbrx": (
+        "DbrxConfig",
+        "DbrxForCausalLM",
+        dict(
+            d_model=32,
+            n_heads=4,
+            n_layers=2,
+            max_seq_len=64,
+            attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+            ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 8, "moe_top_k": 2},
+        ),
+        2,
+    ),
+    # ... p-norm None: not renormalised
+    "dbrx_unnormalised": (
+        "DbrxConfig",
+        "DbrxForCausalLM",
+        dict(
+            d_model=32,
+            n_heads=4,
+            n_layers=2,
+            max_seq_len=64,
+            attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+            ffn_config={
+                "ffn_hidden_size": 16,
+                "moe_num_experts": 8,
+                "moe_top_k": 3,
+                "moe_normalize_expert_weights": None,
+            },
+        ),
+        2,
+    ),
     # biased experts, clamped SwiGLU (limit low enough to bite), interleaved gate/up, router bias
     "gpt_oss": (
         "GptOssConfig",
@@ -332,9 +370,16 @@ def hf_tensors(block: nn.Module, grad: bool = False) -> dict[str, torch.Tensor]:
     """The HF block's router and expert tensors (or their gradients) in MoELayer's layout, keyed
     like MoELayer's own (see ours()): written here independently of hf.py's conversion."""
     get = (lambda p: p.grad) if grad else (lambda p: p.detach())
-    ex, cls = block.experts, type(block).__name__
+    ex, cls, router = block.experts, type(block).__name__, hf_router(block)
+    router_weight = {"HunYuanMoEV1Moe": "wg.weight", "DbrxFFN": "layer.weight"}.get(cls, "weight")
+    out = {"router.weight": get(router.get_parameter(router_weight))}
+    if cls == "DbrxFFN":  # w1 (gate), v1 (up), w2: [E*F, H] each, y = (...) @ w2_e
+        E, F = ex.num_experts, ex.ffn_hidden_size
+        w1, v1, w2 = (get(getattr(ex.mlp, w)).view(E, F, -1) for w in ("w1", "v1", "w2"))
+        out["experts.w_in"] = torch.cat([w1, v1], dim=1)
+        out["experts.w_out"] = w2.transpose(1, 2)
+        return out
     gate_up, down = get(ex.gate_up_proj), get(ex.down_proj)
-    out = {"router.weight": get(hf_router(block).weight)}
     if cls == "GptOssMLP":  # [E, H, 2F], columns alternate gate, up
         E, H, F2 = gate_up.shape
         out["experts.w_in"] = gate_up.view(E, H, F2 // 2, 2).permute(0, 3, 2, 1).reshape(E, F2, H)
@@ -389,7 +434,8 @@ def test_logits_equal_after_replacement(family):
 
 
 @pytest.mark.parametrize(
-    "family", ["qwen2_moe", "deepseek_v3", "mixtral", "gpt_oss", "llama4_top2"]
+    "family",
+    ["qwen2_moe", "deepseek_v3", "mixtral", "gpt_oss", "llama4_top2", "dbrx", "hunyuan_v1_moe"],
 )
 def test_gradients_equal_after_replacement(family):
     """Training through the replacement: same loss, same gradients for every weight, by name."""

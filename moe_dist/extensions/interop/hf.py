@@ -47,12 +47,17 @@ class UnsupportedMoEBlock(NotImplementedError):
 @dataclass(frozen=True)
 class _Family:
     # "softmax_renorm" | "softmax_plain" | "softmax_norm_attr" | "sigmoid_grouped"
-    # | "sigmoid_renorm" | "deepseek_v2" | "gpt_oss" | "llama4"
+    # | "sigmoid_renorm" | "deepseek_v2" | "gpt_oss" | "llama4" | "dbrx"
     routing: str
-    # None | "gated_shared_expert" (Qwen) | "shared_experts" (DeepSeek) | "shared_expert" (Llama 4)
+    # None | "gated_shared_expert" (Qwen) | or the attribute of a plain shared SwiGLU MLP:
+    # "shared_experts" (DeepSeek), "shared_expert" (Llama 4), "shared_mlp" (HunYuan)
     shared: str | None = None
-    jitter: bool = False  # Mixtral's multiplicative input jitter while training
+    # where the multiplicative input jitter (training only) is: "jitter_noise" (Mixtral)
+    jitter: str | None = None
     router: str = "gate"  # the block's attribute holding the router
+    router_weight: str = "weight"  # the router's [E, H] parameter, relative to the router
+    top_k_of: str = "router"  # "router" | "block": which holds top_k
+    experts: str = "fused"  # "fused" (transformers-5 gate_up_proj/down_proj) | "dbrx" (w1 v1 w2)
     # "tensor" | "scores" (GPT-OSS: (out, top-k weights [T, K])) | "logits" (Llama 4: (out_TH,
     # router logits [T, E]))
     returns: str = "tensor"
@@ -64,8 +69,9 @@ class _Family:
 # and is covered by tests/unit/test_interop_hf.py (logits before == after) at EP=1 and EP=2.
 FAMILIES: dict[str, _Family] = {
     # softmax over all experts -> top-k -> always renormalised
-    "MixtralSparseMoeBlock": _Family("softmax_renorm", jitter=True),
-    "MiniMaxSparseMoeBlock": _Family("softmax_renorm", jitter=True),
+    "MixtralSparseMoeBlock": _Family("softmax_renorm", jitter="jitter_noise"),
+    "MiniMaxSparseMoeBlock": _Family("softmax_renorm", jitter="jitter_noise"),
+    "HunYuanMoEV1Moe": _Family("softmax_renorm", "shared_mlp", router_weight="wg.weight"),
     # (top-k of the logits -> softmax over the k: the same function)
     "GraniteMoeMoE": _Family("softmax_renorm", router="router"),
     "GraniteMoeSharedMoE": _Family("softmax_renorm", router="router"),  # shared MLP outside
@@ -86,7 +92,7 @@ FAMILIES: dict[str, _Family] = {
     "Glm4MoeLiteMoE": _Family("sigmoid_grouped", "shared_experts"),
     "Dots1MoE": _Family("sigmoid_grouped", "shared_experts"),
     # sigmoid + e_score_correction_bias (held by the block), renormalised; input jitter
-    "MiniMaxM2SparseMoeBlock": _Family("sigmoid_renorm", jitter=True),
+    "MiniMaxM2SparseMoeBlock": _Family("sigmoid_renorm", jitter="jitter_noise"),
     # softmax greedy or group-limited greedy (groups scored by their max), never renormalised,
     # scaled
     "DeepseekV2Moe": _Family("deepseek_v2", "shared_experts"),
@@ -100,6 +106,16 @@ FAMILIES: dict[str, _Family] = {
         router="router",
         returns="logits",
         expert_flags=(("is_transposed", True),),
+    ),
+    # softmax -> top-k -> divided by their p-norm (p = 1: renormalised; None: not); experts as
+    # w1 (gate), v1 (up), w2 ([E*F, H]); the router's input jitter
+    "DbrxFFN": _Family(
+        "dbrx",
+        router="router",
+        router_weight="layer.weight",
+        top_k_of="block",
+        experts="dbrx",
+        jitter="router.moe_jitter_eps",
     ),
 }
 
@@ -245,6 +261,7 @@ class _Weights:
     expert_bias: torch.Tensor | None  # [E] selection-only bias (sigmoid routers)
     gate_up: torch.Tensor  # [E, 2F, H] (a view); gate rows then up rows, or interleaved
     down: torch.Tensor  # [E, H, F] (a view)
+    up: torch.Tensor | None  # [E, F, H] where gate and up are apart (DBRX): gate_up holds gates
     interleaved: bool  # gate_up rows (and gate_up_bias) alternate gate, up (GPT-OSS)
     gate_up_bias: torch.Tensor | None  # [E, 2F] (GPT-OSS)
     down_bias: torch.Tensor | None  # [E, H]
@@ -273,29 +290,38 @@ def _read_block(name: str, block: nn.Module, overrides: dict) -> tuple[MoEConfig
             f" {', '.join(sorted(FAMILIES))}"
         )
     gate, experts = getattr(block, family.router, None), getattr(block, "experts", None)
-    if gate is None or experts is None or not hasattr(gate, "weight"):
+    router_weight = None
+    if gate is not None:
+        try:
+            router_weight = gate.get_parameter(family.router_weight)
+        except AttributeError:
+            pass
+    if router_weight is None or experts is None:
         raise UnsupportedMoEBlock(
-            f"{cls} (at '{name}'): expected `{family.router}` (router with .weight) and `experts`"
-            " children"
+            f"{cls} (at '{name}'): expected `{family.router}` (router with .{family.router_weight})"
+            " and `experts` children"
         )
-    ex = _fused_experts(cls, name, experts, family)
+    if family.experts == "dbrx":
+        ex = _dbrx_experts(cls, name, experts)
+    else:
+        ex = _fused_experts(cls, name, experts, family)
     gate_up, down = ex["gate_up"], ex["down"]
-    E, two_F, H = gate_up.shape
-    if tuple(gate.weight.shape) != (E, H):
+    E, H, F = down.shape
+    if tuple(router_weight.shape) != (E, H):
         raise UnsupportedMoEBlock(
-            f"{cls} (at '{name}'): router weight {tuple(gate.weight.shape)} does not match "
+            f"{cls} (at '{name}'): router weight {tuple(router_weight.shape)} does not match "
             f"{E} experts of hidden size {H}"
         )
 
     fields_ = dict(
         hidden_size=H,
-        ffn_hidden_size=two_F // 2,
+        ffn_hidden_size=F,
         num_experts=E,
-        top_k=int(gate.top_k),
+        top_k=int((block if family.top_k_of == "block" else gate).top_k),
         activation=ex["activation"],
         expert_ffn_bias=ex["gate_up_bias"] is not None,
         **ex["act_params"],
-        **_routing(cls, name, family.routing, gate),
+        **_routing(cls, name, family.routing, block if family.routing == "dbrx" else gate),
     )
     router_bias = getattr(gate, "bias", None) if family.routing == "gpt_oss" else None
     if family.routing == "gpt_oss" and router_bias is None:
@@ -316,7 +342,7 @@ def _read_block(name: str, block: nn.Module, overrides: dict) -> tuple[MoEConfig
             raise UnsupportedMoEBlock(
                 f"{cls} (at '{name}'): shared_expert_gate must be Linear({H}, 1, bias=False)"
             )
-    elif family.shared in ("shared_experts", "shared_expert"):
+    elif family.shared is not None:
         shared_w_in, shared_w_out = _dense_swiglu(cls, name, getattr(block, family.shared))
     if shared_w_in is not None:
         # The HF shared MLP is already fused (n_shared * moe_intermediate wide): one shared expert
@@ -327,7 +353,10 @@ def _read_block(name: str, block: nn.Module, overrides: dict) -> tuple[MoEConfig
             shared_expert_gate=shared_gate is not None,
         )
 
-    jitter = float(getattr(block, "jitter_noise", 0.0) or 0.0) if family.jitter else 0.0
+    jitter = 0.0
+    if family.jitter is not None:
+        owner, _, attr = family.jitter.rpartition(".")
+        jitter = float(getattr(block.get_submodule(owner), attr, 0.0) or 0.0)
     try:
         cfg = MoEConfig(**{**fields_, **_DEFAULTS, **overrides})
     except ValueError as e:
@@ -335,10 +364,11 @@ def _read_block(name: str, block: nn.Module, overrides: dict) -> tuple[MoEConfig
             f"{cls} (at '{name}'): its routing does not fit MoEConfig: {e}"
         ) from e
     return cfg, _Weights(
-        gate.weight,
+        router_weight,
         expert_bias,
         gate_up,
         down,
+        ex.get("up"),
         ex["interleaved"],
         ex["gate_up_bias"],
         ex["down_bias"],
@@ -381,6 +411,16 @@ def _routing(cls: str, name: str, routing: str, gate: nn.Module) -> dict:
         raise UnsupportedMoEBlock(
             f"{cls} (at '{name}'): topk_method={gate.topk_method!r} is not supported "
             "(only 'greedy' and 'group_limited_greedy', as the HF router itself)"
+        )
+    if routing == "dbrx":  # `gate` is the block here
+        p = gate.moe_normalize_expert_weights
+        if p is None:
+            return dict(router="softmax", norm_topk_prob=False)
+        if float(p) == 1.0:  # the L1 norm of probabilities is their sum
+            return dict(router="softmax", norm_topk_prob=True)
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): moe_normalize_expert_weights={p} (a p-norm other than 1) is "
+            "not supported"
         )
     if routing == "gpt_oss":
         # softmax over the top-k logits == softmax over all, top-k, renormalised (same order)
@@ -453,6 +493,35 @@ def _fused_experts(cls: str, name: str, experts: nn.Module, family: _Family) -> 
     )
 
 
+def _dbrx_experts(cls: str, name: str, experts: nn.Module) -> dict:
+    mlp = getattr(experts, "mlp", None)
+    if not all(hasattr(mlp, w) for w in ("w1", "v1", "w2")):
+        raise UnsupportedMoEBlock(f"{cls} (at '{name}'): expected experts.mlp.w1/v1/w2")
+    if not _is_silu(getattr(mlp, "activation_fn", None)):
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): expert activation {type(mlp.activation_fn).__name__} is not "
+            "SiLU (MoELayer's swiglu)"
+        )
+    E, F = int(experts.num_experts), int(experts.ffn_hidden_size)
+    H = mlp.w1.shape[1]
+    if any(tuple(getattr(mlp, w).shape) != (E * F, H) for w in ("w1", "v1", "w2")):
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): w1/v1/w2 {tuple(mlp.w1.shape)}, {tuple(mlp.v1.shape)}, "
+            f"{tuple(mlp.w2.shape)} are not [E*F, H] = [{E * F}, {H}]"
+        )
+    # y = (silu(x @ w1_e^T) * (x @ v1_e^T)) @ w2_e: w2_e [F, H] is down^T
+    return dict(
+        gate_up=mlp.w1.view(E, F, H),
+        up=mlp.v1.view(E, F, H),
+        down=mlp.w2.view(E, F, H).transpose(1, 2),
+        interleaved=False,
+        gate_up_bias=None,
+        down_bias=None,
+        activation="swiglu",
+        act_params={},
+    )
+
+
 def _expert_activation(cls: str, name: str, experts: nn.Module, family: _Family):
     apply_gate = getattr(type(experts), "_apply_gate", None)
     if family.routing == "gpt_oss":
@@ -508,7 +577,7 @@ def _build(name: str, block: nn.Module, cfg: MoEConfig, w: _Weights, groups) -> 
         _copy(moe.router.weight, w.router_weight)
         if w.expert_bias is not None:
             moe.router.expert_bias.copy_(w.expert_bias)
-        _copy(moe.experts.w_in, w.gate_up, _gate_first(w.gate_up[first : first + n], w))
+        _copy(moe.experts.w_in, w.gate_up, _local_w_in(w, first, n))
         _copy(moe.experts.w_out, w.down, w.down[first : first + n])
         if w.gate_up_bias is not None:
             b_in = _gate_first(w.gate_up_bias[first : first + n], w)
@@ -525,7 +594,7 @@ def _build(name: str, block: nn.Module, cfg: MoEConfig, w: _Weights, groups) -> 
                 _copy(shared.gate, w.shared_gate)
     family = FAMILIES[type(block).__name__]
     router = getattr(block, family.router)
-    tap = _router_logits_tap(type(router))
+    tap = _router_logits_tap(type(router))  # (DBRX's router: the Linear's owner, as HF hooks)
     # Recording hooks HF already installed on the old router (it has run before) move to the tap.
     tap._forward_hooks.update(router._forward_hooks)
     return HFMoEBlock(moe, type(block).__name__, w.jitter_noise, tap, family.returns)
@@ -534,6 +603,13 @@ def _build(name: str, block: nn.Module, cfg: MoEConfig, w: _Weights, groups) -> 
 def _gate_first(t_E2F: torch.Tensor, w: _Weights) -> torch.Tensor:
     """Interleaved gate/up rows (dim 1) -> all gate rows, then all up rows."""
     return torch.cat([t_E2F[:, 0::2], t_E2F[:, 1::2]], dim=1) if w.interleaved else t_E2F
+
+
+def _local_w_in(w: _Weights, first: int, n: int) -> torch.Tensor:
+    """This rank's experts' w_in [n, 2F, H], gate rows first (made only for the local slice)."""
+    if w.up is not None:
+        return torch.cat([w.gate_up[first : first + n], w.up[first : first + n]], dim=1)
+    return _gate_first(w.gate_up[first : first + n], w)
 
 
 def _copy(dst: nn.Parameter, src: torch.Tensor, values: torch.Tensor | None = None) -> None:
