@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 ROUTERS = ("softmax", "sigmoid", "group_limited", "top_p")
@@ -9,6 +10,7 @@ ACTIVATIONS = ("swiglu", "gelu", "clamped_swiglu")
 TRANSPORTS = ("auto", "local", "collective", "nvshmem", "reference")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
 ERROR_CHECKS = ("eager", "deferred")
+_SWIGLU_DEFAULTS = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}  # GPT-OSS's
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,10 @@ class MoEConfig:
     # Families of Hugging Face models (extensions/interop/hf.py); the defaults change nothing.
     router_bias: bool = False  # GPT-OSS: a learned bias on the router logits (selects and weighs)
     expert_ffn_bias: bool = False  # GPT-OSS: the routed experts' two linear maps carry biases
-    swiglu_alpha: float = 1.702  # activation="clamped_swiglu": glu = gate * sigmoid(alpha * gate)
-    swiglu_limit: float = 7.0  # activation="clamped_swiglu": gate <= limit, |up| <= limit
+    swiglu_alpha: float = _SWIGLU_DEFAULTS[
+        "swiglu_alpha"
+    ]  # clamped_swiglu: gate*sigmoid(alpha*gate)
+    swiglu_limit: float = _SWIGLU_DEFAULTS["swiglu_limit"]  # clamped_swiglu: gate, |up| <= limit
     scale_expert_input: bool = False  # Llama 4: weight scales each expert's input, not its output
 
     def __post_init__(self) -> None:
@@ -134,8 +138,15 @@ class MoEConfig:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("swiglu_alpha", "swiglu_limit"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            if self.activation != "clamped_swiglu" and value != _SWIGLU_DEFAULTS[name]:
+                raise ValueError(
+                    f"activation={self.activation!r} ignores {name}={value}: remove it or use "
+                    "activation='clamped_swiglu'"
+                )
         for name in ("aux_loss_coef", "z_loss_coef", "router_bias_update_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

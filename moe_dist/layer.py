@@ -113,15 +113,7 @@ class MoELayer(nn.Module):
         # travel.
         shared = start_shared_experts(self, x_TH)
         plan = self.route(x_TH)
-        x_in, plan_in = scale_inputs(x_TH, plan) if self.cfg.scale_expert_input else (x_TH, plan)
-        if self.cfg.num_chunks > 1:
-            # dispatch/experts/combine of chunks overlapped
-            out_TH = pipelined_moe(self, x_in, plan_in)
-        else:
-            out_TH = self.routed_experts(x_in, plan_in)
-        if plan_in is not plan and plan.top_k > 1:
-            out_TH = out_TH.view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
-        out_TH = shared.add_to(out_TH)
+        out_TH = shared.add_to(self.routed_output(x_TH, plan))
         if self.cfg.error_check == "eager":
             # The nvshmem transport records overflow and timeouts on the device; eager mode raises
             # them here (one host sync, only where flags exist), also those of the previous
@@ -140,6 +132,19 @@ class MoELayer(nn.Module):
             # ranks).
             self.router.update_bias(self.transport.global_load(plan.tokens_per_expert_E))
         return plan
+
+    def routed_output(self, x_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """The routed experts' combined output (shared experts not included): chunks overlapped
+        when cfg.num_chunks > 1; with cfg.scale_expert_input (Llama 4) each expert sees its token
+        times the routing weight and its output joins the sum unweighted."""
+        x_in, plan_in = scale_inputs(x_TH, plan) if self.cfg.scale_expert_input else (x_TH, plan)
+        if self.cfg.num_chunks > 1:
+            out_TH = pipelined_moe(self, x_in, plan_in)  # dispatch/experts/combine overlapped
+        else:
+            out_TH = self.routed_experts(x_in, plan_in)
+        if plan_in is not plan and plan.top_k > 1:  # one row per slot: sum each token's K rows
+            out_TH = out_TH.view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
+        return out_TH
 
     def routed_experts(self, x_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         tokens_MH, counts_G, handle = self.transport.dispatch(x_TH, plan)

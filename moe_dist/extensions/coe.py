@@ -102,11 +102,7 @@ class ChainOfExperts(nn.Module):
 
     def experts_pass(self, h_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """One pass: routed experts (+ shared experts), exactly as in MoELayer.forward."""
-        if self.cfg.num_chunks > 1:
-            from moe_dist.overlap import pipelined_moe
-
-            return pipelined_moe(self.moe, h_TH, plan)
-        out_TH = self.moe.routed_experts(h_TH, plan)
+        out_TH = self.moe.routed_output(h_TH, plan)
         if self.moe.shared_experts is not None:
             out_TH = out_TH + self.moe.shared_experts(h_TH)
         return out_TH

@@ -155,11 +155,31 @@ def test_new_fields_change_nothing_by_default_and_add_no_rng_draws():
 
 
 def test_bad_new_fields_fail_at_construction_naming_the_value():
-    with pytest.raises(ValueError, match=r"swiglu_limit must be a number > 0, got -1\.0"):
-        _family_cfg(swiglu_limit=-1.0)
-    with pytest.raises(ValueError, match=r"swiglu_alpha must be a number > 0, got 'x'"):
-        _family_cfg(swiglu_alpha="x")
+    clamped = dict(activation="clamped_swiglu")
+    with pytest.raises(ValueError, match=r"swiglu_limit must be a finite number > 0, got -1\.0"):
+        _family_cfg(swiglu_limit=-1.0, **clamped)
+    with pytest.raises(ValueError, match=r"swiglu_limit must be a finite number > 0, got inf"):
+        _family_cfg(swiglu_limit=float("inf"), **clamped)
+    with pytest.raises(ValueError, match=r"swiglu_alpha must be a finite number > 0, got 'x'"):
+        _family_cfg(swiglu_alpha="x", **clamped)
+    with pytest.raises(ValueError, match=r"activation='swiglu' ignores swiglu_limit=3"):
+        _family_cfg(swiglu_limit=3)
     with pytest.raises(ValueError, match=r"scale_expert_input must be a bool, got 1"):
         _family_cfg(scale_expert_input=1)
     with pytest.raises(ValueError, match=r"activation must be one of .*clamped_swiglu"):
         _family_cfg(activation="relu")
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_input_scaled_routing_is_the_same_in_chunks(top_k):
+    """num_chunks > 1 (the pipelined path) scales the expert inputs like the one-chunk path."""
+    cfg = _family_cfg(**CASES["llama4_top2"], top_k=top_k, router_bias_update_rate=0.0)
+    torch.manual_seed(5)
+    one = MoELayer(cfg)
+    torch.manual_seed(5)
+    chunked = MoELayer(cfg.replace(num_chunks=3))
+    _randomise(one, seed=6)
+    _randomise(chunked, seed=6)
+    x = torch.randn(17, 16, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(chunked(x).output, one(x).output)
+    torch.testing.assert_close(one(x).output, _oracle(one, x), rtol=1e-5, atol=1e-5)
