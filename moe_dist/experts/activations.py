@@ -40,11 +40,14 @@ class ClampedSwiGLU(torch.autograd.Function):
         gate = gate_raw.clamp(max=limit)
         up = up_raw.clamp(min=-limit, max=limit)
         sig = torch.sigmoid(gate * alpha)
-        glu = gate * sig
+        dh_M2F = torch.empty_like(h_M2F)
+        d_gate, d_up = dh_M2F.chunk(2, dim=-1)  # written in place: no torch.cat
+        torch.mul(grad_MF, gate * sig, out=d_up)
+        torch.mul(grad_MF * (up + 1), sig * (1 + alpha * gate * (1 - sig)), out=d_gate)
         # torch.clamp passes the gradient where the input lies within the bounds, ends included.
-        d_gate = grad_MF * (up + 1) * sig * (1 + alpha * gate * (1 - sig)) * (gate_raw <= limit)
-        d_up = grad_MF * glu * ((up_raw >= -limit) & (up_raw <= limit))
-        return torch.cat([d_gate, d_up], dim=-1), None, None
+        d_gate.masked_fill_(gate_raw > limit, 0)
+        d_up.masked_fill_(up_raw.abs() > limit, 0)
+        return dh_M2F, None, None
 
 
 def clamped_swiglu(h_M2F: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
