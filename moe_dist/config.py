@@ -66,6 +66,7 @@ class MoEConfig:
     ]  # clamped_swiglu: gate*sigmoid(alpha*gate)
     swiglu_limit: float = _SWIGLU_DEFAULTS["swiglu_limit"]  # clamped_swiglu: gate, |up| <= limit
     scale_expert_input: bool = False  # Llama 4: weight scales each expert's input, not its output
+    softmax_selection_bias: bool = False  # ERNIE-4.5: softmax picks top-k of probs + expert_bias
 
     def __post_init__(self) -> None:
         for name in (
@@ -133,9 +134,18 @@ class MoEConfig:
             raise ValueError(
                 f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}"
             )
-        for name in ("router_bias", "expert_ffn_bias", "scale_expert_input"):
+        for name in (
+            "router_bias",
+            "expert_ffn_bias",
+            "scale_expert_input",
+            "softmax_selection_bias",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.softmax_selection_bias and self.router != "softmax":
+            raise ValueError(
+                f"softmax_selection_bias=True needs router='softmax', got router={self.router!r}"
+            )
         for name in ("swiglu_alpha", "swiglu_limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):

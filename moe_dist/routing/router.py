@@ -69,7 +69,8 @@ class Router(nn.Module):
             logits_TE = self.logits(x_TH)
         k, E = cfg.top_k, cfg.num_experts
         if cfg.router == "softmax":
-            idx_TK, weights_TK, probs_TE = softmax_topk(logits_TE, k, cfg.norm_topk_prob)
+            bias_E = self.expert_bias if cfg.softmax_selection_bias else None
+            idx_TK, weights_TK, probs_TE = softmax_topk(logits_TE, k, cfg.norm_topk_prob, bias_E)
         elif cfg.router == "group_limited":
             idx_TK, weights_TK, probs_TE = group_limited_topk(
                 logits_TE, k, cfg.num_expert_groups, cfg.topk_groups, cfg.norm_topk_prob

@@ -9,9 +9,16 @@ from __future__ import annotations
 import torch
 
 
-def softmax_topk(logits_TE: torch.Tensor, k: int, normalize: bool):
+def softmax_topk(
+    logits_TE: torch.Tensor, k: int, normalize: bool, bias_E: torch.Tensor | None = None
+):
+    """bias_E (ERNIE-4.5): experts are picked by probs + bias; their weights stay the probs."""
     probs_TE = logits_TE.softmax(dim=-1)
-    weights_TK, idx_TK = probs_TE.topk(k, dim=-1)
+    if bias_E is None:
+        weights_TK, idx_TK = probs_TE.topk(k, dim=-1)
+    else:
+        idx_TK = (probs_TE + bias_E).topk(k, dim=-1).indices
+        weights_TK = probs_TE.gather(-1, idx_TK)
     if normalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     return idx_TK, weights_TK, probs_TE
@@ -63,7 +70,7 @@ def sigmoid_topk(
 def top_p_select(logits_TE: torch.Tensor, max_k: int, p: float, normalize: bool):
     """Dynamic routing ("harder tokens need more experts"): take experts in order of probability
     until their cumulative mass reaches p, at least one and at most max_k. Unused slots get expert
-    -1, weight 0. """
+    -1, weight 0."""
     probs_TE = logits_TE.softmax(dim=-1)
     weights_TK, idx_TK = probs_TE.topk(max_k, dim=-1)
     mass_before_TK = weights_TK.cumsum(dim=-1) - weights_TK

@@ -166,6 +166,10 @@ def test_bad_new_fields_fail_at_construction_naming_the_value():
         _family_cfg(swiglu_limit=3)
     with pytest.raises(ValueError, match=r"scale_expert_input must be a bool, got 1"):
         _family_cfg(scale_expert_input=1)
+    with pytest.raises(
+        ValueError, match=r"softmax_selection_bias=True needs router='softmax', got"
+    ):
+        _family_cfg(softmax_selection_bias=True, router="sigmoid")
     with pytest.raises(ValueError, match=r"activation must be one of .*clamped_swiglu"):
         _family_cfg(activation="relu")
 

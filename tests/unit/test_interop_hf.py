@@ -260,6 +260,20 @@ FAMILIES = {
         dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8),
         2,
     ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",  # layer 0 dense; selection bias; shared experts
+        dict(
+            **MOE,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_num_shared_experts=2,
+            moe_layer_start_index=1,
+            num_hidden_layers=3,
+            head_dim=8,
+        ),
+        2,
+    ),
     "hunyuan_v1_moe": (
         "HunYuanMoEV1Config",
         "HunYuanMoEV1ForCausalLM",  # router weight at gate.wg, shared MLP
@@ -356,8 +370,8 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
         for _, block in find_moe_blocks(model):
             for p in block.parameters():
                 p.normal_(0.0, 0.3)
-            for name, buf in block.named_buffers():
-                if name.endswith("e_score_correction_bias"):
+            for name, buf in [*block.named_buffers(), *block.named_parameters()]:
+                if name.endswith("e_score_correction_bias"):  # ERNIE's is a frozen parameter
                     buf.normal_(0.0, 0.1)
     return model
 
@@ -435,7 +449,16 @@ def test_logits_equal_after_replacement(family):
 
 @pytest.mark.parametrize(
     "family",
-    ["qwen2_moe", "deepseek_v3", "mixtral", "gpt_oss", "llama4_top2", "dbrx", "hunyuan_v1_moe"],
+    [
+        "qwen2_moe",
+        "deepseek_v3",
+        "mixtral",
+        "gpt_oss",
+        "llama4_top2",
+        "dbrx",
+        "hunyuan_v1_moe",
+        "ernie4_5_moe",
+    ],
 )
 def test_gradients_equal_after_replacement(family):
     """Training through the replacement: same loss, same gradients for every weight, by name."""
@@ -559,11 +582,11 @@ def test_custom_moe_block_is_refused_not_skipped():
         replace_moe_blocks(nn.Sequential(nn.Linear(8, 8)))
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "llama4", "llama4_top2"])
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4", "llama4_top2", "ernie4_5_moe"])
 def test_router_matches_the_hf_router_module(family):
     """The routing MoELayer builds for a family picks the experts and weights the HF router does,
     on fresh random tokens (GPT-OSS: softmax over the top-k biased logits; Llama 4: sigmoid of the
-    top-k logits)."""
+    top-k logits; ERNIE-4.5: top-k of probabilities plus a selection bias)."""
     model = tiny_model(family, seed=4)
     name, block = find_moe_blocks(model)[0]
     x_TH = torch.randn(50, COMMON["hidden_size"], generator=torch.Generator().manual_seed(5))
@@ -571,7 +594,7 @@ def test_router_matches_the_hf_router_module(family):
         hf_out = hf_router(block)(x_TH)
         replace_moe_blocks(model)
         plan = model.get_submodule(name).moe.router(x_TH)
-    if family == "gpt_oss":
+    if family in ("gpt_oss", "ernie4_5_moe"):
         _, scores_TK, idx_TK = hf_out
         assert torch.equal(plan.expert_idx_TK, idx_TK)
         torch.testing.assert_close(plan.weights_TK, scores_TK)

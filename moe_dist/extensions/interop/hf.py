@@ -47,7 +47,7 @@ class UnsupportedMoEBlock(NotImplementedError):
 @dataclass(frozen=True)
 class _Family:
     # "softmax_renorm" | "softmax_plain" | "softmax_norm_attr" | "sigmoid_grouped"
-    # | "sigmoid_renorm" | "deepseek_v2" | "gpt_oss" | "llama4" | "dbrx"
+    # | "sigmoid_renorm" | "deepseek_v2" | "gpt_oss" | "llama4" | "dbrx" | "ernie"
     routing: str
     # None | "gated_shared_expert" (Qwen) | or the attribute of a plain shared SwiGLU MLP:
     # "shared_experts" (DeepSeek), "shared_expert" (Llama 4), "shared_mlp" (HunYuan)
@@ -91,6 +91,9 @@ FAMILIES: dict[str, _Family] = {
     "Glm4MoeMoE": _Family("sigmoid_grouped", "shared_experts"),
     "Glm4MoeLiteMoE": _Family("sigmoid_grouped", "shared_experts"),
     "Dots1MoE": _Family("sigmoid_grouped", "shared_experts"),
+    # softmax; top-k of probs + e_score_correction_bias (gate.moe_statics); renormalised (the
+    # clamp of the sum at moe_norm_min, 1e-12, is not reproduced); optional shared experts
+    "Ernie4_5_MoeSparseMoeBlock": _Family("ernie", "shared_experts"),
     # sigmoid + e_score_correction_bias (held by the block), renormalised; input jitter
     "MiniMaxM2SparseMoeBlock": _Family("sigmoid_renorm", jitter="jitter_noise"),
     # softmax greedy or group-limited greedy (groups scored by their max), never renormalised,
@@ -134,6 +137,7 @@ _FIXED_BY_WEIGHTS = (
     "swiglu_alpha",
     "swiglu_limit",
     "scale_expert_input",
+    "softmax_selection_bias",
 )
 # HF computes the load-balancing loss from router_logits (output_router_logits=True), which the
 # replacement keeps recording; MoELayer's own aux loss would have nowhere to go, and its bias update
@@ -330,6 +334,8 @@ def _read_block(name: str, block: nn.Module, overrides: dict) -> tuple[MoEConfig
     if family.routing in ("sigmoid_grouped", "sigmoid_renorm"):
         owner = gate if hasattr(gate, "e_score_correction_bias") else block  # MiniMax-M2: block
         expert_bias = owner.e_score_correction_bias
+    if family.routing == "ernie":
+        expert_bias = gate.moe_statics.e_score_correction_bias.reshape(-1)  # [1, E] -> [E]
 
     shared_w_in = shared_w_out = shared_gate = None
     if family.shared == "gated_shared_expert":
@@ -342,7 +348,7 @@ def _read_block(name: str, block: nn.Module, overrides: dict) -> tuple[MoEConfig
             raise UnsupportedMoEBlock(
                 f"{cls} (at '{name}'): shared_expert_gate must be Linear({H}, 1, bias=False)"
             )
-    elif family.shared is not None:
+    elif family.shared is not None and getattr(block, family.shared, None) is not None:
         shared_w_in, shared_w_out = _dense_swiglu(cls, name, getattr(block, family.shared))
     if shared_w_in is not None:
         # The HF shared MLP is already fused (n_shared * moe_intermediate wide): one shared expert
@@ -422,6 +428,12 @@ def _routing(cls: str, name: str, routing: str, gate: nn.Module) -> dict:
             f"{cls} (at '{name}'): moe_normalize_expert_weights={p} (a p-norm other than 1) is "
             "not supported"
         )
+    if routing == "ernie":
+        if float(gate.norm_min) > 1e-6:
+            raise UnsupportedMoEBlock(
+                f"{cls} (at '{name}'): moe_norm_min={gate.norm_min} would clamp real weight sums"
+            )
+        return dict(router="softmax", norm_topk_prob=True, softmax_selection_bias=True)
     if routing == "gpt_oss":
         # softmax over the top-k logits == softmax over all, top-k, renormalised (same order)
         return dict(router="softmax", norm_topk_prob=True, router_bias=True)
