@@ -10,7 +10,6 @@ ACTIVATIONS = ("swiglu", "gelu", "clamped_swiglu")
 TRANSPORTS = ("auto", "local", "collective", "nvshmem", "reference")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
 ERROR_CHECKS = ("eager", "deferred")
-_SWIGLU_DEFAULTS = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}  # GPT-OSS's
 
 
 @dataclass(frozen=True)
@@ -61,10 +60,8 @@ class MoEConfig:
     # Families of Hugging Face models (extensions/interop/hf.py); the defaults change nothing.
     router_bias: bool = False  # GPT-OSS: a learned bias on the router logits (selects and weighs)
     expert_ffn_bias: bool = False  # GPT-OSS: the routed experts' two linear maps carry biases
-    swiglu_alpha: float = _SWIGLU_DEFAULTS[
-        "swiglu_alpha"
-    ]  # clamped_swiglu: gate*sigmoid(alpha*gate)
-    swiglu_limit: float = _SWIGLU_DEFAULTS["swiglu_limit"]  # clamped_swiglu: gate, |up| <= limit
+    swiglu_alpha: float = 1.702  # activation="clamped_swiglu": glu = gate * sigmoid(alpha * gate)
+    swiglu_limit: float = 7.0  # activation="clamped_swiglu": gate <= limit, |up| <= limit
     scale_expert_input: bool = False  # Llama 4: weight scales each expert's input, not its output
     softmax_selection_bias: bool = False  # ERNIE-4.5: softmax picks top-k of probs + expert_bias
 
@@ -152,7 +149,8 @@ class MoEConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-            if self.activation != "clamped_swiglu" and value != _SWIGLU_DEFAULTS[name]:
+            default = type(self).__dataclass_fields__[name].default
+            if self.activation != "clamped_swiglu" and value != default:
                 raise ValueError(
                     f"activation={self.activation!r} ignores {name}={value}: remove it or use "
                     "activation='clamped_swiglu'"
