@@ -64,6 +64,7 @@ class MoEConfig:
     swiglu_limit: float = 7.0  # activation="clamped_swiglu": gate <= limit, |up| <= limit
     scale_expert_input: bool = False  # Llama 4: weight scales each expert's input, not its output
     softmax_selection_bias: bool = False  # ERNIE-4.5: softmax picks top-k of probs + expert_bias
+    shared_expert_scale: float = 1.0  # the shared experts' output times this (Cohere2-MoE: 0.5)
 
     def __post_init__(self) -> None:
         for name in (
@@ -143,14 +144,18 @@ class MoEConfig:
             raise ValueError(
                 f"softmax_selection_bias=True needs router='softmax', got router={self.router!r}"
             )
-        for name in ("swiglu_alpha", "swiglu_limit"):
+        for name in ("swiglu_alpha", "swiglu_limit", "shared_expert_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
             default = type(self).__dataclass_fields__[name].default
-            if self.activation != "clamped_swiglu" and value != default:
+            if (
+                name.startswith("swiglu")
+                and self.activation != "clamped_swiglu"
+                and value != default
+            ):
                 raise ValueError(
                     f"activation={self.activation!r} ignores {name}={value}: remove it or use "
                     "activation='clamped_swiglu'"

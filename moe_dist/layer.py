@@ -71,6 +71,7 @@ class MoELayer(nn.Module):
                 device=device,
                 dtype=dtype,
                 act_kwargs=act_kwargs,
+                scale=cfg.shared_expert_scale,
             )
             if cfg.num_shared_experts
             else None

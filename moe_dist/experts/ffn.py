@@ -134,9 +134,10 @@ class DenseFFN(nn.Module):
         dtype=None,
         *,
         act_kwargs: dict | None = None,
+        scale: float = 1.0,
     ):
         super().__init__()
-        self.activation, self.act_kwargs = activation, act_kwargs or {}
+        self.activation, self.act_kwargs, self.scale = activation, act_kwargs or {}, scale
         in_width = 2 * ffn_hidden if activation != "gelu" else ffn_hidden
         self.w_in = nn.Parameter(torch.empty(in_width, hidden, device=device, dtype=dtype))
         self.w_out = nn.Parameter(torch.empty(hidden, ffn_hidden, device=device, dtype=dtype))
@@ -155,4 +156,4 @@ class DenseFFN(nn.Module):
         )
         if self.gate is not None:
             y = torch.sigmoid(F.linear(x_MH, self.gate)) * y
-        return y
+        return y if self.scale == 1.0 else y * self.scale

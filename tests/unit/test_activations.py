@@ -162,6 +162,8 @@ def test_bad_new_fields_fail_at_construction_naming_the_value():
         _family_cfg(swiglu_limit=float("inf"), **clamped)
     with pytest.raises(ValueError, match=r"swiglu_alpha must be a finite number > 0, got 'x'"):
         _family_cfg(swiglu_alpha="x", **clamped)
+    with pytest.raises(ValueError, match=r"shared_expert_scale must be a finite number > 0, got 0"):
+        _family_cfg(shared_expert_scale=0)
     with pytest.raises(ValueError, match=r"activation='swiglu' ignores swiglu_limit=3"):
         _family_cfg(swiglu_limit=3)
     with pytest.raises(ValueError, match=r"scale_expert_input must be a bool, got 1"):

@@ -274,6 +274,52 @@ FAMILIES = {
         ),
         2,
     ),
+    "cohere2_moe": (  # softmax over the top-k logits; shared experts averaged in
+        "Cohere2MoeConfig",
+        "Cohere2MoeForCausalLM",
+        dict(
+            intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            num_shared_experts=1,
+            head_dim=8,
+            shared_expert_combination_strategy="average",
+        ),
+        2,
+    ),
+    "cohere2_moe_sigmoid": (  # sigmoid of the top-k logits, not renormalised; shared summed
+        "Cohere2MoeConfig",
+        "Cohere2MoeForCausalLM",
+        dict(
+            intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=3,
+            num_shared_experts=2,
+            head_dim=8,
+            expert_selection_fn="sigmoid",
+            norm_topk_prob=False,
+            shared_expert_combination_strategy="sum",
+        ),
+        2,
+    ),
+    "granitemoehybrid": (  # layer 0 mamba2, layer 1 attention
+        "GraniteMoeHybridConfig",
+        "GraniteMoeHybridForCausalLM",
+        dict(
+            intermediate_size=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            shared_intermediate_size=24,
+            layer_types=["mamba", "attention"],
+            mamba_n_heads=4,
+            mamba_d_head=16,
+            mamba_d_state=8,
+            mamba_n_groups=1,
+            mamba_expand=2,
+            mamba_chunk_size=8,
+        ),
+        2,
+    ),
     "hunyuan_v1_moe": (
         "HunYuanMoEV1Config",
         "HunYuanMoEV1ForCausalLM",  # router weight at gate.wg, shared MLP
@@ -458,6 +504,7 @@ def test_logits_equal_after_replacement(family):
         "dbrx",
         "hunyuan_v1_moe",
         "ernie4_5_moe",
+        "cohere2_moe",
     ],
 )
 def test_gradients_equal_after_replacement(family):

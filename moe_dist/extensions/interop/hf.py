@@ -47,7 +47,7 @@ class UnsupportedMoEBlock(NotImplementedError):
 @dataclass(frozen=True)
 class _Family:
     # "softmax_renorm" | "softmax_plain" | "softmax_norm_attr" | "sigmoid_grouped"
-    # | "sigmoid_renorm" | "deepseek_v2" | "gpt_oss" | "llama4" | "dbrx" | "ernie"
+    # | "sigmoid_renorm" | "deepseek_v2" | "gpt_oss" | "llama4" | "dbrx" | "ernie" | "cohere2"
     routing: str
     # None | "gated_shared_expert" (Qwen) | or the attribute of a plain shared SwiGLU MLP:
     # "shared_experts" (DeepSeek), "shared_expert" (Llama 4), "shared_mlp" (HunYuan)
@@ -75,6 +75,7 @@ FAMILIES: dict[str, _Family] = {
     # (top-k of the logits -> softmax over the k: the same function)
     "GraniteMoeMoE": _Family("softmax_renorm", router="router"),
     "GraniteMoeSharedMoE": _Family("softmax_renorm", router="router"),  # shared MLP outside
+    "GraniteMoeHybridMoE": _Family("softmax_renorm", router="router"),
     # softmax -> top-k, never renormalised
     "JambaSparseMoeBlock": _Family("softmax_plain", router="router"),
     # softmax -> top-k -> renormalised iff router.norm_topk_prob
@@ -94,6 +95,9 @@ FAMILIES: dict[str, _Family] = {
     # softmax; top-k of probs + e_score_correction_bias (gate.moe_statics); renormalised (the
     # clamp of the sum at moe_norm_min, 1e-12, is not reproduced); optional shared experts
     "Ernie4_5_MoeSparseMoeBlock": _Family("ernie", "shared_experts"),
+    # top-k of the logits -> softmax over the k, or sigmoid (renormalised iff norm_topk_prob);
+    # shared experts summed, or averaged with the routed output
+    "Cohere2MoeSparseMoeBlock": _Family("cohere2", "shared_experts"),
     # sigmoid + e_score_correction_bias (held by the block), renormalised; input jitter
     "MiniMaxM2SparseMoeBlock": _Family("sigmoid_renorm", jitter="jitter_noise"),
     # softmax greedy or group-limited greedy (groups scored by their max), never renormalised,
@@ -359,6 +363,15 @@ def _read_block(name: str, block: nn.Module, overrides: dict) -> tuple[MoEConfig
             shared_expert_gate=shared_gate is not None,
         )
 
+    if family.routing == "cohere2" and shared_w_in is not None:
+        strategy = block.shared_expert_combination_strategy
+        if strategy == "average":  # (routed + shared) / 2
+            fields_.update(routed_scaling_factor=0.5, shared_expert_scale=0.5)
+        elif strategy != "sum":
+            raise UnsupportedMoEBlock(
+                f"{cls} (at '{name}'): shared_expert_combination_strategy={strategy!r}"
+            )
+
     jitter = 0.0
     if family.jitter is not None:
         owner, _, attr = family.jitter.rpartition(".")
@@ -434,6 +447,14 @@ def _routing(cls: str, name: str, routing: str, gate: nn.Module) -> dict:
                 f"{cls} (at '{name}'): moe_norm_min={gate.norm_min} would clamp real weight sums"
             )
         return dict(router="softmax", norm_topk_prob=True, softmax_selection_bias=True)
+    if routing == "cohere2":
+        if gate.expert_selection_fn == "softmax":  # over the top-k logits = renormalised
+            return dict(router="softmax", norm_topk_prob=True)
+        if gate.expert_selection_fn == "sigmoid":  # top-k of logits = top-k of their sigmoid
+            return dict(router="sigmoid", norm_topk_prob=bool(gate.norm_topk_prob))
+        raise UnsupportedMoEBlock(
+            f"{cls} (at '{name}'): expert_selection_fn={gate.expert_selection_fn!r}"
+        )
     if routing == "gpt_oss":
         # softmax over the top-k logits == softmax over all, top-k, renormalised (same order)
         return dict(router="softmax", norm_topk_prob=True, router_bias=True)
