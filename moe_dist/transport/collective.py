@@ -12,7 +12,7 @@ all_to_all is the reverse all_to_all; the backward of the expansion is a reduce 
 dispatch_dtype="fp8_e4m3": rows travel as e4m3 with a float32 scale per 128 channels (fp8.py); the
 gradients of the backward travel in the activation dtype.
 Legend: T tokens, K slots/token, N ranks in the EP group, G local experts, P pairs (rows) sent, R
-rows received, M expanded rows, H hidden, C metadata columns. """
+rows received, M expanded rows, H hidden, C metadata columns."""
 
 from __future__ import annotations
 
