@@ -12,7 +12,7 @@ Every peer signals every peer each epoch, rows or not, so nobody waits for a mes
 comes; waits are bounded and record a PEER_TIMEOUT error instead of hanging. Errors are raised by
 `check_errors()` (the layer's; synchronises), so the forward and backward themselves never sync.
 Legend: T tokens, K slots/token, S = T*K, N PEs, E experts, G = E/N, C receive capacity rows, H
-hidden. """
+hidden."""
 
 from __future__ import annotations
 
@@ -73,6 +73,8 @@ class NvshmemTransport:
         )
         self.timeout_ns = int(cfg.peer_timeout_s * 1e9)
         self.peer_path = cfg.nvshmem_peer_path
+        # Programs (SMs) each row-moving kernel may occupy: the rest stay free for compute.
+        self.num_comm_sms = getattr(cfg, "num_comm_sms", K_.DEFAULT_COMM_SMS)
         self._put_libs = None  # NVSHMEM's device bitcode, looked up when a workspace has put peers
         self.error_flags = DeviceErrorFlags("moe", device)
         self.calls = 0
@@ -116,6 +118,10 @@ class NvshmemTransport:
                 install_module_init_hook()
             self._workspaces[key] = ws
         return self._workspaces[key]
+
+    def segment_grid(self, ws: SymmetricWorkspace, H: int) -> tuple[int]:
+        work = ws.n * self.num_local_experts * SEGMENT_SPLIT * K_.row_chunks(H)
+        return K_.comm_grid(work, self.num_comm_sms)
 
     def memory_bytes_per_pe(self) -> int:
         """Symmetric memory this transport's workspaces take on every PE (see
@@ -232,7 +238,7 @@ class NvshmemTransport:
         """Dispatch direction: one row per slot to its receiver (final position), flag, wait, then
         rows from peers out of the staging. With `layout` the destinations are computed (and stored
         into dest_rank_S / dest_pos_S); without, they are read from them. Returns the [C, H] rows
-        received. """
+        received."""
         rows_TH = rows_TH.to(
             ws.dtype
         ).contiguous()  # the staging holds this dtype (a gradient may differ)
@@ -241,7 +247,7 @@ class NvshmemTransport:
         S = dest_rank_S.numel()
         if S:
             offs_E, overflow_N, _, _, rank_S = layout if layout is not None else (dest_pos_S,) * 5
-            K_.push_slots_kernel[(S, K_.row_chunks(H))](
+            K_.push_slots_kernel[K_.comm_grid(S * K_.row_chunks(H), self.num_comm_sms)](
                 rows_TH,
                 scale_S if scale_S is not None else dest_pos_S,
                 idx_S if idx_S is not None else dest_pos_S,
@@ -258,13 +264,14 @@ class NvshmemTransport:
                 self.num_local_experts,
                 self.top_k,
                 H,
+                S,
                 COMPUTE_DEST=layout is not None,
                 SCALE=scale_S is not None,
                 HAS_PUT=ws.any_put,
                 BLOCK=K_.ROW_BLOCK,
             )
             if ws.any_put:
-                P_.put_rows_kernel[(S, K_.row_chunks(H))](
+                P_.put_rows_kernel[K_.comm_grid(S * K_.row_chunks(H), self.num_comm_sms)](
                     rows_TH,
                     scale_S if scale_S is not None else dest_pos_S,
                     dest_rank_S,
@@ -277,6 +284,7 @@ class NvshmemTransport:
                     ws.fwd_meta[p].data_ptr(),
                     self.top_k,
                     H,
+                    S,
                     SCALE=scale_S is not None,
                     HAS_META=slot_of_row_C is not None,
                     BLOCK=K_.ROW_BLOCK,
@@ -287,9 +295,7 @@ class NvshmemTransport:
         )  # dispatch: COUNT came first
         if ws.n > 1:
             has_meta = slot_of_row_C is not None
-            K_.copy_segments_kernel[
-                (ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))
-            ](
+            K_.copy_segments_kernel[self.segment_grid(ws, H)](
                 ws.fwd_rows[p],
                 out_CH,
                 ws.fwd_meta[p],
@@ -316,9 +322,7 @@ class NvshmemTransport:
         rows_CH = rows_CH.to(ws.dtype).contiguous()
         H = rows_CH.shape[1]
         if ws.n > 1:
-            K_.return_segments_kernel[
-                (ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))
-            ](
+            K_.return_segments_kernel[self.segment_grid(ws, H)](
                 rows_CH,
                 h.slot_of_row_C,
                 h.seg_2NG,
@@ -333,9 +337,7 @@ class NvshmemTransport:
                 BLOCK=K_.ROW_BLOCK,
             )
             if ws.any_put:
-                P_.put_return_kernel[
-                    (ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))
-                ](
+                P_.put_return_kernel[self.segment_grid(ws, H)](
                     rows_CH,
                     h.slot_of_row_C,
                     h.seg_2NG,
@@ -358,7 +360,7 @@ class NvshmemTransport:
             torch.empty(T, K, H, device=rows_CH.device, dtype=rows_CH.dtype) if keep_slots else None
         )
         if T:
-            K_.gather_reduce_kernel[(T, K_.row_chunks(H))](
+            K_.gather_reduce_kernel[K_.comm_grid(T * K_.row_chunks(H), self.num_comm_sms)](
                 rows_CH,
                 ws.ret_rows[p],
                 h.dest_rank_S,
@@ -369,6 +371,7 @@ class NvshmemTransport:
                 ws.me,
                 K,
                 H,
+                T,
                 HAS_W=weights_TK is not None,
                 KEEP_SLOTS=keep_slots,
                 BLOCK=K_.ROW_BLOCK,
