@@ -1,0 +1,269 @@
+"""The deduplicated data path of the nvshmem transport: each token crosses to a PE once, however
+many of its K experts live there (DEDUP.md beside this file gives the layout and message order).
+
+Pair staging, per PE and parity: row `src * T_max + t` holds token t of PE `src` (at most one row
+per (token, PE), so the layout needs no pair counts and never overflows), with its meta row
+[stamp, pos_0 .. pos_{K-1}] (stamp = the call's epoch, so rows of earlier calls are never read;
+pos_k = the expert-major row of slot k at this receiver, -1 for slots bound elsewhere) and the
+slots' combine weights. Rows of a PE's own slots never touch the staging.
+
+dispatch: slot_destinations -> push_pairs (one row per (token, peer); own slots in place) -> flag,
+          wait -> expand_pairs (each staged row to its slots' expert-major rows; meta kept)
+combine:  reduce_pairs (per staged pair: sum_k w_k y[pos_k] in float32, one row to the owner's
+          return staging at row `me * T_max + t`) -> flag, wait -> gather_pairs (own slots'
+          weighted rows + one partial per peer PE)
+backward: combine's gradient travels like a dispatch (push_pairs, expand scaled by the weights);
+          dispatch's like a combine (reduce_pairs and gather_pairs with w = 1).
+fp8: the sender quantises rows in torch (fp8.quantize_rows: e4m3 + a float32 scale per 128
+channels), push_pairs moves the bytes and scales, expand_pairs dequantises; own rows stay exact.
+
+Every kernel is persistent: a grid of at most num_comm_sms programs walks the work items.
+Legend: T tokens, K slots/token (KB its power of two), S = T*K, N PEs, H hidden, Q = N*T_max
+staged rows, SC = H/128 scale columns.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+FP8_BLOCK = tl.constexpr(128)
+
+
+@triton.jit
+def slot_destinations_kernel(
+    idx_ptr, rank_ptr, offs_ptr, overflow_ptr, dest_rank_ptr, dest_pos_ptr, G, S
+):
+    """Per slot: receiving PE (-1: unused, or its receiver overflowed) and expert-major row there
+    (offs_E[e] + the slot's rank within its expert): the layout of push_slots_kernel."""
+    for s in range(tl.program_id(0), S, tl.num_programs(0)):
+        e = tl.load(idx_ptr + s)
+        r = tl.maximum(e, 0) // G
+        ok = (e >= 0) & (tl.load(overflow_ptr + r) == 0)
+        pos = tl.load(offs_ptr + tl.maximum(e, 0)) + tl.load(rank_ptr + s)
+        tl.store(dest_rank_ptr + s, tl.where(ok, r, -1).to(tl.int64))
+        tl.store(dest_pos_ptr + s, tl.where(ok, pos, 0).to(tl.int64))
+
+
+@triton.jit
+def push_pairs_kernel(
+    src_ptr,
+    own_src_ptr,
+    scales_ptr,
+    w_ptr,
+    dest_rank_ptr,
+    dest_pos_ptr,
+    peer_rows_addr_ptr,
+    peer_scales_addr_ptr,
+    peer_meta_addr_ptr,
+    peer_w_addr_ptr,
+    own_out_ptr,
+    epoch_ptr,
+    me,
+    T,
+    K,
+    H,
+    T_max,
+    EPOCH_AHEAD: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+    HAS_META: tl.constexpr,
+    SCALE_OWN: tl.constexpr,
+    KB: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Item (token t, chunk): for each PE that t's slots chose, once: row src[t] (fp8 bytes and
+    scales with HAS_SCALES) -> that PE's pair staging at row me * T_max + t, with the meta row
+    (stamp = epoch (+1 when EPOCH_AHEAD: the call's epoch is bumped by its first flag, which comes
+    after), the slots' positions there) and, with HAS_META, the slots' weights. Own slots: row
+    own_src[t] (times w[t, k] with SCALE_OWN) straight into own_out at each slot's position."""
+    SPB: tl.constexpr = BLOCK // FP8_BLOCK
+    chunks = tl.cdiv(H, BLOCK)
+    kk = tl.arange(0, KB)
+    km = kk < K
+    for item in range(tl.program_id(0), T * chunks, tl.num_programs(0)):
+        t = (item // chunks).to(tl.int64)
+        chunk = item % chunks
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+        m = offs < H
+        r_vec = tl.load(dest_rank_ptr + t * K + kk, mask=km, other=-1)
+        p_vec = tl.load(dest_pos_ptr + t * K + kk, mask=km, other=0)
+        vals = tl.load(src_ptr + t * H + offs, mask=m)
+        for k in range(K):
+            r = tl.sum(tl.where(kk == k, r_vec, 0), 0)
+            pos = tl.sum(tl.where(kk == k, p_vec, 0), 0)
+            if r == me:
+                own = tl.load(own_src_ptr + t * H + offs, mask=m)
+                if SCALE_OWN:
+                    wk = tl.load(w_ptr + t * K + k).to(tl.float32)
+                    own = (own.to(tl.float32) * wk).to(own.dtype)
+                tl.store(own_out_ptr + pos * H + offs, own.to(own_out_ptr.dtype.element_ty), mask=m)
+            else:
+                lead = (r >= 0) & (tl.sum(tl.where((kk < k) & (r_vec == r), 1, 0), 0) == 0)
+                if lead:  # the first slot of t bound for PE r carries the row
+                    row = me * T_max + t
+                    rows = tl.load(peer_rows_addr_ptr + r).to(
+                        tl.pointer_type(src_ptr.dtype.element_ty)
+                    )
+                    tl.store(rows + row * H + offs, vals, mask=m)
+                    if HAS_SCALES:
+                        c = chunk * SPB + tl.arange(0, SPB)
+                        cm = c < tl.cdiv(H, FP8_BLOCK)
+                        SC = tl.cdiv(H, FP8_BLOCK)
+                        sc_src = tl.load(scales_ptr + t * SC + c, mask=cm)
+                        sc_dst = tl.load(peer_scales_addr_ptr + r).to(tl.pointer_type(tl.float32))
+                        tl.store(sc_dst + row * SC + c, sc_src, mask=cm)
+                    if chunk == 0:
+                        meta = tl.load(peer_meta_addr_ptr + r).to(tl.pointer_type(tl.int64))
+                        here = r_vec == r
+                        tl.store(meta + row * (K + 1) + 1 + kk, tl.where(here, p_vec, -1), mask=km)
+                        if HAS_META:
+                            w_vec = tl.load(w_ptr + t * K + kk, mask=km, other=0.0)
+                            pw = tl.load(peer_w_addr_ptr + r).to(tl.pointer_type(tl.float32))
+                            tl.store(pw + row * K + kk, tl.where(here, w_vec, 0.0), mask=km)
+                        stamp = tl.load(epoch_ptr)
+                        if EPOCH_AHEAD:
+                            stamp += 1
+                        tl.store(meta + row * (K + 1), stamp)
+
+
+@triton.jit
+def expand_pairs_kernel(
+    staging_ptr,
+    staging_scales_ptr,
+    staging_meta_ptr,
+    staging_w_ptr,
+    out_ptr,
+    local_meta_ptr,
+    local_w_ptr,
+    epoch_ptr,
+    me,
+    K,
+    H,
+    T_max,
+    Q,
+    HAS_SCALES: tl.constexpr,
+    KEEP_META: tl.constexpr,
+    SCALE: tl.constexpr,
+    KB: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Item (staged row q, chunk): a row of this call (stamp == epoch) from PE q // T_max != me goes
+    to the expert-major rows of its slots (dequantised with HAS_SCALES; times the slot's weight
+    from local_w with SCALE). KEEP_META (forward): every row's positions (-1 for rows not of this
+    call) and weights are kept in local_meta / local_w for the combine and the backward."""
+    chunks = tl.cdiv(H, BLOCK)
+    kk = tl.arange(0, KB)
+    km = kk < K
+    epoch = tl.load(epoch_ptr)
+    for item in range(tl.program_id(0), Q * chunks, tl.num_programs(0)):
+        q = (item // chunks).to(tl.int64)
+        chunk = item % chunks
+        valid = (q // T_max != me) & (tl.load(staging_meta_ptr + q * (K + 1)) == epoch)
+        p_vec = tl.load(staging_meta_ptr + q * (K + 1) + 1 + kk, mask=km & valid, other=-1)
+        if KEEP_META:
+            if chunk == 0:
+                tl.store(local_meta_ptr + q * K + kk, p_vec, mask=km)
+                w_vec = tl.load(staging_w_ptr + q * K + kk, mask=km & valid, other=0.0)
+                tl.store(local_w_ptr + q * K + kk, w_vec, mask=km)
+        if valid:
+            offs = chunk * BLOCK + tl.arange(0, BLOCK)
+            m = offs < H
+            vals = tl.load(staging_ptr + q * H + offs, mask=m, other=0.0).to(tl.float32)
+            if HAS_SCALES:
+                SC = tl.cdiv(H, FP8_BLOCK)
+                vals = vals * tl.load(staging_scales_ptr + q * SC + offs // FP8_BLOCK, mask=m)
+            for k in range(K):
+                pos = tl.sum(tl.where(kk == k, p_vec, 0), 0)
+                if pos >= 0:
+                    v = vals
+                    if SCALE:
+                        v = v * tl.load(local_w_ptr + q * K + k)
+                    tl.store(out_ptr + pos * H + offs, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def reduce_pairs_kernel(
+    rows_ptr,
+    local_meta_ptr,
+    local_w_ptr,
+    peer_ret_addr_ptr,
+    me,
+    K,
+    H,
+    T_max,
+    Q,
+    HAS_W: tl.constexpr,
+    KB: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Item (staged row q, chunk), at the expert PE: sum_k w_k * rows[pos_k] over the slots of
+    pair q that are here, in float32 (w = 1 without HAS_W), as ONE row into the owner's return
+    staging at row me * T_max + t (owner = q // T_max, t = q % T_max)."""
+    chunks = tl.cdiv(H, BLOCK)
+    kk = tl.arange(0, KB)
+    km = kk < K
+    for item in range(tl.program_id(0), Q * chunks, tl.num_programs(0)):
+        q = (item // chunks).to(tl.int64)
+        chunk = item % chunks
+        p_vec = tl.load(local_meta_ptr + q * K + kk, mask=km, other=-1)
+        if tl.max(p_vec, 0) >= 0:
+            offs = chunk * BLOCK + tl.arange(0, BLOCK)
+            m = offs < H
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for k in range(K):
+                pos = tl.sum(tl.where(kk == k, p_vec, 0), 0)
+                if pos >= 0:
+                    v = tl.load(rows_ptr + pos * H + offs, mask=m, other=0.0).to(tl.float32)
+                    if HAS_W:
+                        v = v * tl.load(local_w_ptr + q * K + k)
+                    acc += v
+            owner = q // T_max
+            dst = tl.load(peer_ret_addr_ptr + owner).to(tl.pointer_type(rows_ptr.dtype.element_ty))
+            row = me * T_max + q % T_max
+            tl.store(dst + row * H + offs, acc.to(rows_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def gather_pairs_kernel(
+    own_rows_ptr,
+    ret_ptr,
+    dest_rank_ptr,
+    dest_pos_ptr,
+    w_ptr,
+    out_ptr,
+    me,
+    T,
+    K,
+    H,
+    T_max,
+    HAS_W: tl.constexpr,
+    KB: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Item (token t, chunk), at the owner: out[t] = sum over t's own slots of w_k * own_rows[pos_k]
+    + one partial per peer PE that t was sent to (return staging row r * T_max + t), float32.
+    Exactly 0 from slots never sent (unused, overflowed receiver)."""
+    chunks = tl.cdiv(H, BLOCK)
+    kk = tl.arange(0, KB)
+    km = kk < K
+    for item in range(tl.program_id(0), T * chunks, tl.num_programs(0)):
+        t = (item // chunks).to(tl.int64)
+        offs = (item % chunks) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < H
+        r_vec = tl.load(dest_rank_ptr + t * K + kk, mask=km, other=-1)
+        p_vec = tl.load(dest_pos_ptr + t * K + kk, mask=km, other=0)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in range(K):
+            r = tl.sum(tl.where(kk == k, r_vec, 0), 0)
+            if r == me:
+                pos = tl.sum(tl.where(kk == k, p_vec, 0), 0)
+                v = tl.load(own_rows_ptr + pos * H + offs, mask=m, other=0.0).to(tl.float32)
+                if HAS_W:
+                    v = v * tl.load(w_ptr + t * K + k).to(tl.float32)
+                acc += v
+            else:
+                lead = (r >= 0) & (tl.sum(tl.where((kk < k) & (r_vec == r), 1, 0), 0) == 0)
+                if lead:
+                    row = r * T_max + t
+                    acc += tl.load(ret_ptr + row * H + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
