@@ -84,6 +84,7 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
     ret = [torch.full((Q, H), float("nan"), dtype=dt, device=DEV) for _ in range(N)]
     epoch = [torch.ones(1, dtype=torch.int64, device=DEV) for _ in range(N)]
     st = [{} for _ in range(N)]
+    sent = [torch.zeros(N, dtype=torch.int64, device=DEV) for _ in range(N)]  # rows to each PE
 
     for me in range(N):  # counts, ranks and the layout (the existing kernels), then destinations
         idx_S = idx[me].reshape(-1).contiguous()
@@ -120,7 +121,7 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
             D_.push_pairs_kernel[grid(T * chunks)](
                 src, own_src, src_scales, weights, s["dest_rank"], s["dest_pos"],
                 addresses(rows), addresses(scales), addresses(meta), addresses(wst), out,
-                epoch[me], me, T, K, H, T_max,
+                epoch[me], sent[me], me, T, K, H, T_max,
                 EPOCH_AHEAD=ahead, HAS_SCALES=src_scales is not None and fp8, HAS_META=has_meta,
                 SCALE_OWN=scale_own, KB=KB, BLOCK=BLOCK,
             )  # fmt: skip
@@ -134,10 +135,13 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
             st[me]["q"], st[me]["sc"] = x[me], None
         push(me, st[me]["q"], x[me], st[me]["sc"], w[me], st[me]["out"], True, False, False)
     sync()
-    staged = [int((mt[:, 0] == 1).sum()) for mt in meta]
-    want_pairs = sum(int(count_pairs(idx[s].cpu(), G, N).sum() - count_pairs(idx[s].cpu(), G, N)[s])
-                     for s in range(N))  # fmt: skip
-    assert sum(staged) == want_pairs, f"staged {staged} rows, want {want_pairs} (token, peer) pairs"
+    # Rows sent = distinct (token, peer PE) pairs, counted from the routing; own slots send none.
+    for me in range(N):
+        want_N = count_pairs(idx[me].cpu(), G, N)
+        want_N[me] = 0
+        assert sent[me].cpu().tolist() == want_N.tolist(), (me, sent[me], want_N)
+    staged = sum(int((mt[:, 0] == 1).sum()) for mt in meta)
+    assert staged == sum(int(s.sum()) for s in sent), "a staged row of this call per pair"
     for me in range(N):
         s = st[me]
         s["lmeta"] = torch.full((Q, K), -7, dtype=torch.int64, device=DEV)

@@ -218,6 +218,7 @@ def dedup_kernel_cases(ints):
             "peer_w_addr_ptr": P64,
             "own_out_ptr": PBF,
             "epoch_ptr": P64,
+            "sent_ptr": P64,
             **ints("me", "T", "K", "H", "T_max"),
             "EPOCH_AHEAD": "constexpr",
             "HAS_SCALES": "constexpr",

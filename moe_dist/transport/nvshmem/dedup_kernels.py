@@ -59,6 +59,7 @@ def push_pairs_kernel(
     peer_w_addr_ptr,
     own_out_ptr,
     epoch_ptr,
+    sent_ptr,
     me,
     T,
     K,
@@ -75,7 +76,8 @@ def push_pairs_kernel(
     scales with HAS_SCALES) -> that PE's pair staging at row me * T_max + t, with the meta row
     (stamp = epoch (+1 when EPOCH_AHEAD: the call's epoch is bumped by its first flag, which comes
     after), the slots' positions there) and, with HAS_META, the slots' weights. Own slots: row
-    own_src[t] (times w[t, k] with SCALE_OWN) straight into own_out at each slot's position."""
+    own_src[t] (times w[t, k] with SCALE_OWN) straight into own_out at each slot's position.
+    sent[r] counts the rows sent to PE r (the transport's counter; no host sync)."""
     SPB: tl.constexpr = BLOCK // FP8_BLOCK
     chunks = tl.cdiv(H, BLOCK)
     kk = tl.arange(0, KB)
@@ -113,6 +115,7 @@ def push_pairs_kernel(
                         sc_dst = tl.load(peer_scales_addr_ptr + r).to(tl.pointer_type(tl.float32))
                         tl.store(sc_dst + row * SC + c, sc_src, mask=cm)
                     if chunk == 0:
+                        tl.atomic_add(sent_ptr + r, 1)
                         meta = tl.load(peer_meta_addr_ptr + r).to(tl.pointer_type(tl.int64))
                         here = r_vec == r
                         tl.store(meta + row * (K + 1) + 1 + kk, tl.where(here, p_vec, -1), mask=km)
