@@ -82,6 +82,7 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
         mt[:, 0] = 0
     wst = [torch.rand(Q, K, generator=gen).to(DEV) for _ in range(N)]
     ret = [torch.full((Q, H), float("nan"), dtype=dt, device=DEV) for _ in range(N)]
+    ret_w = [torch.full((Q, K), float("nan"), device=DEV) for _ in range(N)]
     epoch = [torch.ones(1, dtype=torch.int64, device=DEV) for _ in range(N)]
     st = [{} for _ in range(N)]
     sent = [torch.zeros(N, dtype=torch.int64, device=DEV) for _ in range(N)]  # rows to each PE
@@ -148,9 +149,9 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
         s["lw"] = torch.full((Q, K), -7.0, device=DEV)
         staged_rows = rows[me].view(torch.float8_e4m3fn) if fp8 else rows[me]
         D_.expand_pairs_kernel[grid(Q * chunks)](
-            staged_rows, scales[me], meta[me], wst[me], s["out"], s["lmeta"], s["lw"], epoch[me],
-            me, K, H, T_max, Q,
-            HAS_SCALES=fp8, KEEP_META=True, SCALE=False, KB=KB, BLOCK=BLOCK,
+            staged_rows, scales[me], meta[me], wst[me], s["out"], s["lmeta"], s["lw"], s["out"],
+            s["lw"], epoch[me], me, K, H, T_max, Q,
+            HAS_SCALES=fp8, KEEP_META=True, SCALE=False, DOTS=False, KB=KB, BLOCK=BLOCK,
         )  # fmt: skip
     sync()
     for me in range(N):
@@ -176,18 +177,19 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
     # -- combine: one weighted partial per (token, peer) back to the owner, then the owner's sum
     for me in range(N):
         D_.reduce_pairs_kernel[grid(Q * chunks)](
-            st[me]["y"], st[me]["lmeta"], st[me]["lw"], addresses(ret), me, K, H, T_max, Q,
-            HAS_W=True, KB=KB, BLOCK=BLOCK,
+            st[me]["y"], st[me]["lmeta"], st[me]["lw"], addresses(ret), st[me]["lw"],
+            addresses(ret_w), me, K, H, T_max, Q, HAS_W=True, SEND_W=False, KB=KB, BLOCK=BLOCK,
         )  # fmt: skip
     sync()
 
-    def gather(me, own_rows, weights, has_w):
+    def gather(me, own_rows, weights, has_w, grad_w=None):
         T = T_of[me]
         out = torch.full((T, H), float("nan"), dtype=dt, device=DEV)
         if T:
             D_.gather_pairs_kernel[grid(T * chunks)](
                 own_rows, ret[me], st[me]["dest_rank"], st[me]["dest_pos"], weights, out,
-                me, T, K, H, T_max, HAS_W=has_w, KB=KB, BLOCK=BLOCK,
+                ret_w[me], grad_w if grad_w is not None else weights, me, T, K, H, T_max,
+                HAS_W=has_w, GATHER_W=grad_w is not None, KB=KB, BLOCK=BLOCK,
             )  # fmt: skip
         return out
 
@@ -209,15 +211,16 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
     g = [torch.randn(T, H, generator=gen).to(dt).to(DEV) for T in T_of]
     for me in range(N):
         st[me]["grad_y"] = torch.full((C, H), float("nan"), dtype=dt, device=DEV)
+        st[me]["grad_lw"] = torch.zeros(Q, K, device=DEV)
         push(me, g[me], g[me], None, w[me], st[me]["grad_y"], False, True, True)
     sync()
     for me in range(N):
         epoch[me].copy_(epoch_next[me])  # the call's first flag bumps the epoch
         s = st[me]
         D_.expand_pairs_kernel[grid(Q * chunks)](
-            rows[me], scales[me], meta[me], wst[me], s["grad_y"], s["lmeta"], s["lw"], epoch[me],
-            me, K, H, T_max, Q,
-            HAS_SCALES=False, KEEP_META=False, SCALE=True, KB=KB, BLOCK=BLOCK,
+            rows[me], scales[me], meta[me], wst[me], s["grad_y"], s["lmeta"], s["lw"], s["y"],
+            s["grad_lw"], epoch[me], me, K, H, T_max, Q,
+            HAS_SCALES=False, KEEP_META=False, SCALE=True, DOTS=True, KB=KB, BLOCK=BLOCK,
         )  # fmt: skip
     sync()
     for me in range(N):
@@ -230,13 +233,24 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
     ret_before = [r.clone() for r in ret]
     for me in range(N):
         D_.reduce_pairs_kernel[grid(Q * chunks)](
-            st[me]["grad_y"], st[me]["lmeta"], st[me]["lw"], addresses(ret), me, K, H, T_max, Q,
-            HAS_W=False, KB=KB, BLOCK=BLOCK,
+            st[me]["grad_y"], st[me]["lmeta"], st[me]["lw"], addresses(ret), st[me]["grad_lw"],
+            addresses(ret_w), me, K, H, T_max, Q, HAS_W=False, SEND_W=True, KB=KB, BLOCK=BLOCK,
         )  # fmt: skip
     sync()
     for me in range(N):
-        grad_x = gather(me, st[me]["grad_y"], w[me], False)
+        grad_w = torch.full((T_of[me], K), float("nan"), device=DEV)
+        grad_x = gather(me, st[me]["grad_y"], w[me], False, grad_w)
         used = (idx[me] >= 0).unsqueeze(-1).float()
         want = (g[me].float().unsqueeze(1) * w[me].unsqueeze(-1) * used).sum(1)
         torch.testing.assert_close(grad_x.float(), want, rtol=3e-2, atol=3e-2)
+        # The weights' gradient <y(t, k), g[t]>: peer slots' from their expert PE (ret_w); own
+        # slots' the transport computes locally (0 here).
+        want_w = torch.zeros(T_of[me], K)
+        for t in range(T_of[me]):
+            for k in range(K):
+                e = int(idx[me][t, k])
+                if e >= 0 and e // G != me:
+                    y_row = st[e // G]["y"][row_of[(e // G, me, t, k)]].float().cpu()
+                    want_w[t, k] = (y_row * g[me][t].float().cpu()).sum()
+        torch.testing.assert_close(grad_w.cpu(), want_w, rtol=2e-2, atol=5e-2)
     assert len(ret_before) == N

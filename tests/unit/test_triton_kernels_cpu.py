@@ -244,25 +244,38 @@ def dedup_kernel_cases(ints):
             "out_ptr": PBF,
             "local_meta_ptr": P64,
             "local_w_ptr": PF32,
+            "y_ptr": PBF,
+            "grad_lw_ptr": PF32,
             "epoch_ptr": P64,
             **ints("me", "K", "H", "T_max", "Q"),
             "HAS_SCALES": "constexpr",
             "KEEP_META": "constexpr",
             "SCALE": "constexpr",
+            "DOTS": "constexpr",
             "KB": "constexpr",
             "BLOCK": "constexpr",
-        }, {"HAS_SCALES": scales, "KEEP_META": keep, "SCALE": scale, "KB": 8, "BLOCK": 1024}
+        }, {
+            "HAS_SCALES": scales,
+            "KEEP_META": keep,
+            "SCALE": scale,
+            "DOTS": scale,
+            "KB": 8,
+            "BLOCK": 1024,
+        }
     for w in (False, True):
         yield f"reduce_pairs(HAS_W={w})", D.reduce_pairs_kernel, {
             "rows_ptr": PBF,
             "local_meta_ptr": P64,
             "local_w_ptr": PF32,
             "peer_ret_addr_ptr": P64,
+            "grad_lw_ptr": PF32,
+            "peer_ret_w_addr_ptr": P64,
             **ints("me", "K", "H", "T_max", "Q"),
             "HAS_W": "constexpr",
+            "SEND_W": "constexpr",
             "KB": "constexpr",
             "BLOCK": "constexpr",
-        }, {"HAS_W": w, "KB": 8, "BLOCK": 1024}
+        }, {"HAS_W": w, "SEND_W": not w, "KB": 8, "BLOCK": 1024}
         yield f"gather_pairs(HAS_W={w})", D.gather_pairs_kernel, {
             "own_rows_ptr": PBF,
             "ret_ptr": PBF,
@@ -270,11 +283,14 @@ def dedup_kernel_cases(ints):
             "dest_pos_ptr": P64,
             "w_ptr": PF32,
             "out_ptr": PBF,
+            "ret_w_ptr": PF32,
+            "grad_w_ptr": PF32,
             **ints("me", "T", "K", "H", "T_max"),
             "HAS_W": "constexpr",
+            "GATHER_W": "constexpr",
             "KB": "constexpr",
             "BLOCK": "constexpr",
-        }, {"HAS_W": w, "KB": 8, "BLOCK": 1024}
+        }, {"HAS_W": w, "GATHER_W": not w, "KB": 8, "BLOCK": 1024}
 
 
 def put_kernel_cases():

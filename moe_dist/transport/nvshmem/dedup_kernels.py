@@ -138,6 +138,8 @@ def expand_pairs_kernel(
     out_ptr,
     local_meta_ptr,
     local_w_ptr,
+    y_ptr,
+    grad_lw_ptr,
     epoch_ptr,
     me,
     K,
@@ -147,13 +149,16 @@ def expand_pairs_kernel(
     HAS_SCALES: tl.constexpr,
     KEEP_META: tl.constexpr,
     SCALE: tl.constexpr,
+    DOTS: tl.constexpr,
     KB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Item (staged row q, chunk): a row of this call (stamp == epoch) from PE q // T_max != me goes
     to the expert-major rows of its slots (dequantised with HAS_SCALES; times the slot's weight
     from local_w with SCALE). KEEP_META (forward): every row's positions (-1 for rows not of this
-    call) and weights are kept in local_meta / local_w for the combine and the backward."""
+    call) and weights are kept in local_meta / local_w for the combine and the backward. DOTS
+    (backward of the combine, the staged row being the output gradient g[t]): grad_lw[q, k] +=
+    <y[pos_k], g[t]> in float32, the gradient of slot k's weight (grad_lw zeroed by the caller)."""
     chunks = tl.cdiv(H, BLOCK)
     kk = tl.arange(0, KB)
     km = kk < K
@@ -182,6 +187,9 @@ def expand_pairs_kernel(
                     if SCALE:
                         v = v * tl.load(local_w_ptr + q * K + k)
                     tl.store(out_ptr + pos * H + offs, v.to(out_ptr.dtype.element_ty), mask=m)
+                    if DOTS:
+                        y = tl.load(y_ptr + pos * H + offs, mask=m, other=0.0).to(tl.float32)
+                        tl.atomic_add(grad_lw_ptr + q * K + k, tl.sum(y * vals, 0))
 
 
 @triton.jit
@@ -190,18 +198,22 @@ def reduce_pairs_kernel(
     local_meta_ptr,
     local_w_ptr,
     peer_ret_addr_ptr,
+    grad_lw_ptr,
+    peer_ret_w_addr_ptr,
     me,
     K,
     H,
     T_max,
     Q,
     HAS_W: tl.constexpr,
+    SEND_W: tl.constexpr,
     KB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Item (staged row q, chunk), at the expert PE: sum_k w_k * rows[pos_k] over the slots of
     pair q that are here, in float32 (w = 1 without HAS_W), as ONE row into the owner's return
-    staging at row me * T_max + t (owner = q // T_max, t = q % T_max)."""
+    staging at row me * T_max + t (owner = q // T_max, t = q % T_max). SEND_W (backward of the
+    dispatch): the pair's K weight gradients grad_lw[q] go beside it, into the owner's ret_w."""
     chunks = tl.cdiv(H, BLOCK)
     kk = tl.arange(0, KB)
     km = kk < K
@@ -224,6 +236,11 @@ def reduce_pairs_kernel(
             dst = tl.load(peer_ret_addr_ptr + owner).to(tl.pointer_type(rows_ptr.dtype.element_ty))
             row = me * T_max + q % T_max
             tl.store(dst + row * H + offs, acc.to(rows_ptr.dtype.element_ty), mask=m)
+            if SEND_W:
+                if chunk == 0:
+                    gw = tl.load(grad_lw_ptr + q * K + kk, mask=km, other=0.0)
+                    dst_w = tl.load(peer_ret_w_addr_ptr + owner).to(tl.pointer_type(tl.float32))
+                    tl.store(dst_w + row * K + kk, gw, mask=km)
 
 
 @triton.jit
@@ -234,18 +251,22 @@ def gather_pairs_kernel(
     dest_pos_ptr,
     w_ptr,
     out_ptr,
+    ret_w_ptr,
+    grad_w_ptr,
     me,
     T,
     K,
     H,
     T_max,
     HAS_W: tl.constexpr,
+    GATHER_W: tl.constexpr,
     KB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Item (token t, chunk), at the owner: out[t] = sum over t's own slots of w_k * own_rows[pos_k]
     + one partial per peer PE that t was sent to (return staging row r * T_max + t), float32.
-    Exactly 0 from slots never sent (unused, overflowed receiver)."""
+    Exactly 0 from slots never sent (unused, overflowed receiver). GATHER_W: grad_w[t, k] = the
+    weight gradient PE r returned for slot k when k went to a peer r (ret_w), else 0."""
     chunks = tl.cdiv(H, BLOCK)
     kk = tl.arange(0, KB)
     km = kk < K
@@ -255,6 +276,12 @@ def gather_pairs_kernel(
         m = offs < H
         r_vec = tl.load(dest_rank_ptr + t * K + kk, mask=km, other=-1)
         p_vec = tl.load(dest_pos_ptr + t * K + kk, mask=km, other=0)
+        if GATHER_W:
+            if item % chunks == 0:
+                peer = (r_vec >= 0) & (r_vec != me) & km
+                src_row = tl.maximum(r_vec, 0) * T_max + t
+                gw = tl.load(ret_w_ptr + src_row * K + kk, mask=peer, other=0.0)
+                tl.store(grad_w_ptr + t * K + kk, gw, mask=km)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for k in range(K):
             r = tl.sum(tl.where(kk == k, r_vec, 0), 0)
