@@ -9,6 +9,8 @@ slots' combine weights. Rows of a PE's own slots never touch the staging.
 
 dispatch: slot_destinations -> push_pairs (one row per (token, peer); own slots in place) -> flag,
           wait -> expand_pairs (each staged row to its slots' expert-major rows; meta kept)
+The receiver does not know which tokens a peer sent, so expand and reduce walk all (N-1) * T_max
+peer rows and skip those whose stamp (meta) says they are not of this call.
 combine:  reduce_pairs (per staged pair: sum_k w_k y[pos_k] in float32, one row to the owner's
           return staging at row `me * T_max + t`) -> flag, wait -> gather_pairs (own slots'
           weighted rows + one partial per peer PE)
@@ -153,43 +155,46 @@ def expand_pairs_kernel(
     KB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Item (staged row q, chunk): a row of this call (stamp == epoch) from PE q // T_max != me goes
-    to the expert-major rows of its slots (dequantised with HAS_SCALES; times the slot's weight
-    from local_w with SCALE). KEEP_META (forward): every row's positions (-1 for rows not of this
-    call) and weights are kept in local_meta / local_w for the combine and the backward. DOTS
-    (backward of the combine, the staged row being the output gradient g[t]): grad_lw[q, k] +=
-    <y[pos_k], g[t]> in float32, the gradient of slot k's weight (grad_lw zeroed by the caller)."""
+    """Item: staged row q of a peer (q // T_max != me; all chunks of the row). A row of this call
+    (stamp == epoch) goes to the expert-major rows of its slots (dequantised with HAS_SCALES;
+    times the slot's weight from local_w with SCALE). KEEP_META (forward): every peer row's
+    positions (-1 for rows not of this call) and weights are kept in local_meta / local_w for the
+    combine and the backward (the caller fills own rows with -1). DOTS (backward of the combine,
+    the staged row being the output gradient g[t]): grad_lw[q, k] = <y[pos_k], g[t]> in float32,
+    the gradient of slot k's weight (the caller zeroes grad_lw)."""
     chunks = tl.cdiv(H, BLOCK)
     kk = tl.arange(0, KB)
     km = kk < K
     epoch = tl.load(epoch_ptr)
-    for item in range(tl.program_id(0), Q * chunks, tl.num_programs(0)):
-        q = (item // chunks).to(tl.int64)
-        chunk = item % chunks
-        valid = (q // T_max != me) & (tl.load(staging_meta_ptr + q * (K + 1)) == epoch)
+    for i in range(tl.program_id(0), Q - T_max, tl.num_programs(0)):
+        q = (i + tl.where(i >= me * T_max, T_max, 0)).to(tl.int64)  # skip this PE's own block
+        valid = tl.load(staging_meta_ptr + q * (K + 1)) == epoch
         p_vec = tl.load(staging_meta_ptr + q * (K + 1) + 1 + kk, mask=km & valid, other=-1)
         if KEEP_META:
-            if chunk == 0:
-                tl.store(local_meta_ptr + q * K + kk, p_vec, mask=km)
-                w_vec = tl.load(staging_w_ptr + q * K + kk, mask=km & valid, other=0.0)
-                tl.store(local_w_ptr + q * K + kk, w_vec, mask=km)
+            tl.store(local_meta_ptr + q * K + kk, p_vec, mask=km)
+            w_vec = tl.load(staging_w_ptr + q * K + kk, mask=km & valid, other=0.0)
+            tl.store(local_w_ptr + q * K + kk, w_vec, mask=km)
         if valid:
-            offs = chunk * BLOCK + tl.arange(0, BLOCK)
-            m = offs < H
-            vals = tl.load(staging_ptr + q * H + offs, mask=m, other=0.0).to(tl.float32)
-            if HAS_SCALES:
-                SC = tl.cdiv(H, FP8_BLOCK)
-                vals = vals * tl.load(staging_scales_ptr + q * SC + offs // FP8_BLOCK, mask=m)
-            for k in range(K):
-                pos = tl.sum(tl.where(kk == k, p_vec, 0), 0)
-                if pos >= 0:
-                    v = vals
-                    if SCALE:
-                        v = v * tl.load(local_w_ptr + q * K + k)
-                    tl.store(out_ptr + pos * H + offs, v.to(out_ptr.dtype.element_ty), mask=m)
-                    if DOTS:
-                        y = tl.load(y_ptr + pos * H + offs, mask=m, other=0.0).to(tl.float32)
-                        tl.atomic_add(grad_lw_ptr + q * K + k, tl.sum(y * vals, 0))
+            dots = tl.zeros([KB], dtype=tl.float32)
+            for chunk in range(chunks):
+                offs = chunk * BLOCK + tl.arange(0, BLOCK)
+                m = offs < H
+                vals = tl.load(staging_ptr + q * H + offs, mask=m, other=0.0).to(tl.float32)
+                if HAS_SCALES:
+                    SC = tl.cdiv(H, FP8_BLOCK)
+                    vals = vals * tl.load(staging_scales_ptr + q * SC + offs // FP8_BLOCK, mask=m)
+                for k in range(K):
+                    pos = tl.sum(tl.where(kk == k, p_vec, 0), 0)
+                    if pos >= 0:
+                        v = vals
+                        if SCALE:
+                            v = v * tl.load(local_w_ptr + q * K + k)
+                        tl.store(out_ptr + pos * H + offs, v.to(out_ptr.dtype.element_ty), mask=m)
+                        if DOTS:
+                            y = tl.load(y_ptr + pos * H + offs, mask=m, other=0.0).to(tl.float32)
+                            dots += tl.where(kk == k, tl.sum(y * vals, 0), 0.0)
+            if DOTS:
+                tl.store(grad_lw_ptr + q * K + kk, dots, mask=km)
 
 
 @triton.jit
@@ -210,37 +215,36 @@ def reduce_pairs_kernel(
     KB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Item (staged row q, chunk), at the expert PE: sum_k w_k * rows[pos_k] over the slots of
+    """Item: staged row q of a peer, at the expert PE: sum_k w_k * rows[pos_k] over the slots of
     pair q that are here, in float32 (w = 1 without HAS_W), as ONE row into the owner's return
     staging at row me * T_max + t (owner = q // T_max, t = q % T_max). SEND_W (backward of the
     dispatch): the pair's K weight gradients grad_lw[q] go beside it, into the owner's ret_w."""
     chunks = tl.cdiv(H, BLOCK)
     kk = tl.arange(0, KB)
     km = kk < K
-    for item in range(tl.program_id(0), Q * chunks, tl.num_programs(0)):
-        q = (item // chunks).to(tl.int64)
-        chunk = item % chunks
+    for i in range(tl.program_id(0), Q - T_max, tl.num_programs(0)):
+        q = (i + tl.where(i >= me * T_max, T_max, 0)).to(tl.int64)  # skip this PE's own block
         p_vec = tl.load(local_meta_ptr + q * K + kk, mask=km, other=-1)
         if tl.max(p_vec, 0) >= 0:
-            offs = chunk * BLOCK + tl.arange(0, BLOCK)
-            m = offs < H
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for k in range(K):
-                pos = tl.sum(tl.where(kk == k, p_vec, 0), 0)
-                if pos >= 0:
-                    v = tl.load(rows_ptr + pos * H + offs, mask=m, other=0.0).to(tl.float32)
-                    if HAS_W:
-                        v = v * tl.load(local_w_ptr + q * K + k)
-                    acc += v
             owner = q // T_max
-            dst = tl.load(peer_ret_addr_ptr + owner).to(tl.pointer_type(rows_ptr.dtype.element_ty))
             row = me * T_max + q % T_max
-            tl.store(dst + row * H + offs, acc.to(rows_ptr.dtype.element_ty), mask=m)
+            dst = tl.load(peer_ret_addr_ptr + owner).to(tl.pointer_type(rows_ptr.dtype.element_ty))
+            for chunk in range(chunks):
+                offs = chunk * BLOCK + tl.arange(0, BLOCK)
+                m = offs < H
+                acc = tl.zeros([BLOCK], dtype=tl.float32)
+                for k in range(K):
+                    pos = tl.sum(tl.where(kk == k, p_vec, 0), 0)
+                    if pos >= 0:
+                        v = tl.load(rows_ptr + pos * H + offs, mask=m, other=0.0).to(tl.float32)
+                        if HAS_W:
+                            v = v * tl.load(local_w_ptr + q * K + k)
+                        acc += v
+                tl.store(dst + row * H + offs, acc.to(rows_ptr.dtype.element_ty), mask=m)
             if SEND_W:
-                if chunk == 0:
-                    gw = tl.load(grad_lw_ptr + q * K + kk, mask=km, other=0.0)
-                    dst_w = tl.load(peer_ret_w_addr_ptr + owner).to(tl.pointer_type(tl.float32))
-                    tl.store(dst_w + row * K + kk, gw, mask=km)
+                gw = tl.load(grad_lw_ptr + q * K + kk, mask=km, other=0.0)
+                dst_w = tl.load(peer_ret_w_addr_ptr + owner).to(tl.pointer_type(tl.float32))
+                tl.store(dst_w + row * K + kk, gw, mask=km)
 
 
 @triton.jit
