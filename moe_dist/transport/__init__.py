@@ -14,7 +14,8 @@ from .permute import sort_slots_by_expert
 from .reference import ReferenceTransport
 
 
-NVSHMEM_DISPATCH_DTYPES = ("bf16",)  # fp8 rows: collective transport only, so far
+# fp8 rows on nvshmem: the deduplicated (all-P2P) path; its dispatch refuses put peers clearly
+NVSHMEM_DISPATCH_DTYPES = ("bf16", "fp8_e4m3")
 
 
 def nvshmem_unavailable_reason(device: torch.device | None) -> str | None:

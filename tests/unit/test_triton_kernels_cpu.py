@@ -34,7 +34,12 @@ def interpreter_works() -> str | None:
 
 @pytest.mark.parametrize(
     "test_file",
-    ["test_nvshmem_kernels.py", "test_nvshmem_dedup_kernels.py", "test_swiglu_kernel.py"],
+    [
+        "test_nvshmem_kernels.py",
+        "test_nvshmem_dedup_kernels.py",
+        "test_nvshmem_dedup_transport_emulated.py",
+        "test_swiglu_kernel.py",
+    ],
 )
 def test_kernels_match_their_oracles_in_the_interpreter(test_file):
     reason = interpreter_works()
