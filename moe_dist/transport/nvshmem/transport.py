@@ -514,7 +514,8 @@ def _dedup_expand(tr, ws, p, out, local_meta, local_w, *, fp8=False, keep=False,
     D_.expand_pairs_kernel[K_.comm_grid(Q - ws.max_tokens, tr.num_comm_sms)](
         staged, ws.pair_scales[p] if fp8 else local_w, ws.pair_meta[p], ws.pair_w[p], out,
         local_meta, local_w, y if y is not None else out,
-        grad_lw if grad_lw is not None else local_w, ws.epoch_dev, ws.me, tr.top_k, H, ws.max_tokens, Q,
+        grad_lw if grad_lw is not None else local_w, ws.epoch_dev,
+        ws.me, tr.top_k, H, ws.max_tokens, Q,
         HAS_SCALES=fp8, KEEP_META=keep, SCALE=scale, DOTS=grad_lw is not None,
         KB=triton.next_power_of_2(tr.top_k), BLOCK=K_.ROW_BLOCK,
     )  # fmt: skip
