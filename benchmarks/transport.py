@@ -42,7 +42,7 @@ from moe_dist import ParallelGroups  # noqa: E402
 from moe_dist.routing import RoutingPlan  # noqa: E402
 from moe_dist.transport import CollectiveTransport, nvshmem_unavailable_reason  # noqa: E402
 from moe_dist.transport.dedup import count_pairs  # noqa: E402
-from moe_dist.transport.fp8 import FP8_BLOCK  # noqa: E402
+from moe_dist.transport.fp8 import FP8_BLOCK, fp8_unsupported_reason  # noqa: E402
 
 COUNT_CONFIGS = [  # (experts, top_k, ranks): the two cases
     (64, 8, 2),
@@ -178,9 +178,13 @@ def main(argv=None):
 
         max_t = max(int(t) for t in args.tokens.split(","))
         cfg = MoEConfig(
-            hidden_size=8, ffn_hidden_size=8, num_experts=E, top_k=K, max_tokens_per_rank=max_t
-        )
+            hidden_size=128, ffn_hidden_size=8, num_experts=E, top_k=K, max_tokens_per_rank=max_t
+        )  # hidden_size only validates: workspaces are made per row width on first use
         transports["nvshmem"] = NvshmemTransport(E, groups, device, cfg)
+        if fp8_unsupported_reason(device) is None:
+            transports["nvshmem_fp8"] = NvshmemTransport(
+                E, groups, device, cfg.replace(dispatch_dtype="fp8_e4m3")
+            )
         if world > 1:  # the put-with-signal path (for peers without P2P), forced for every peer
             transports["nvshmem_put"] = NvshmemTransport(
                 E, groups, device, cfg.replace(nvshmem_peer_path="put")
@@ -220,6 +224,8 @@ def main(argv=None):
                     "dispatch_combine_ms": dc["median_ms"],
                     "GBps": moved / dc["median_ms"] / 1e6,
                 }
+                if getattr(tr, "sent_rows_N", None) is not None:  # nvshmem dedup: to peers only
+                    row[name]["peer_rows_per_token"] = int(tr.sent_rows_N.sum()) / max(T, 1)
                 if hasattr(tr, "stats"):  # rows this rank really sent in the last dispatch
                     row[name]["rows_per_token"] = tr.stats.last_dispatch.rows / max(T, 1)
                     row[name]["dispatch_bytes_per_token"] = (
@@ -265,7 +271,7 @@ def main(argv=None):
             )
         )
         interference = None
-        if device.type == "cuda" and "nvshmem" in transports and world == 1:
+        if device.type == "cuda" and "nvshmem" in transports and world == 1 and not args.smoke:
             interference = sm_interference(transports["nvshmem"], device, args)
         save_results(
             f"transport_{world}pe" + ("_smoke" if args.smoke else ""),
