@@ -91,12 +91,16 @@ def push_pairs_kernel(
         m = offs < H
         r_vec = tl.load(dest_rank_ptr + t * K + kk, mask=km, other=-1)
         p_vec = tl.load(dest_pos_ptr + t * K + kk, mask=km, other=0)
-        vals = tl.load(src_ptr + t * H + offs, mask=m)
+        # each row read once per item, and not at all where no slot needs it
+        any_own = tl.sum(((r_vec == me) & km).to(tl.int32), 0) > 0
+        any_peer = tl.sum(((r_vec >= 0) & (r_vec != me) & km).to(tl.int32), 0) > 0
+        vals = tl.load(src_ptr + t * H + offs, mask=m & any_peer)
+        own_row = tl.load(own_src_ptr + t * H + offs, mask=m & any_own)
         for k in range(K):
             r = tl.sum(tl.where(kk == k, r_vec, 0), 0)
             pos = tl.sum(tl.where(kk == k, p_vec, 0), 0)
             if r == me:
-                own = tl.load(own_src_ptr + t * H + offs, mask=m)
+                own = own_row
                 if SCALE_OWN:
                     wk = tl.load(w_ptr + t * K + k).to(tl.float32)
                     own = (own.to(tl.float32) * wk).to(own.dtype)
