@@ -58,6 +58,7 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
     C = sum(T_of) * K
     Q = N * T_max
     KB = triton.next_power_of_2(K)
+    RB = 4  # rows per scan block: T_max = 10 is not a multiple, blocks straddle PEs' rows
     dt = torch.bfloat16
     BLOCK = K_.ROW_BLOCK
 
@@ -148,10 +149,10 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
         s["lmeta"] = torch.full((Q, K), -7, dtype=torch.int64, device=DEV)
         s["lw"] = torch.full((Q, K), -7.0, device=DEV)
         staged_rows = rows[me].view(torch.float8_e4m3fn) if fp8 else rows[me]
-        D_.expand_pairs_kernel[grid(Q - T_max)](
+        D_.expand_pairs_kernel[grid(triton.cdiv(Q - T_max, RB))](
             staged_rows, scales[me], meta[me], wst[me], s["out"], s["lmeta"], s["lw"], s["out"],
             s["lw"], epoch[me], me, K, H, T_max, Q,
-            HAS_SCALES=fp8, KEEP_META=True, SCALE=False, DOTS=False, KB=KB, BLOCK=BLOCK,
+            HAS_SCALES=fp8, KEEP_META=True, SCALE=False, DOTS=False, KB=KB, RB=RB, BLOCK=BLOCK,
         )  # fmt: skip
     sync()
     for me in range(N):
@@ -176,9 +177,10 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
         s["y"] = s["out"] * 2 + 1  # the "experts"
     # -- combine: one weighted partial per (token, peer) back to the owner, then the owner's sum
     for me in range(N):
-        D_.reduce_pairs_kernel[grid(Q - T_max)](
+        D_.reduce_pairs_kernel[grid(triton.cdiv(Q - T_max, RB))](
             st[me]["y"], st[me]["lmeta"], st[me]["lw"], addresses(ret), st[me]["lw"],
-            addresses(ret_w), me, K, H, T_max, Q, HAS_W=True, SEND_W=False, KB=KB, BLOCK=BLOCK,
+            addresses(ret_w), me, K, H, T_max, Q,
+            HAS_W=True, SEND_W=False, KB=KB, RB=RB, BLOCK=BLOCK,
         )  # fmt: skip
     sync()
 
@@ -217,10 +219,10 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
     for me in range(N):
         epoch[me].copy_(epoch_next[me])  # the call's first flag bumps the epoch
         s = st[me]
-        D_.expand_pairs_kernel[grid(Q - T_max)](
+        D_.expand_pairs_kernel[grid(triton.cdiv(Q - T_max, RB))](
             rows[me], scales[me], meta[me], wst[me], s["grad_y"], s["lmeta"], s["lw"], s["y"],
             s["grad_lw"], epoch[me], me, K, H, T_max, Q,
-            HAS_SCALES=False, KEEP_META=False, SCALE=True, DOTS=True, KB=KB, BLOCK=BLOCK,
+            HAS_SCALES=False, KEEP_META=False, SCALE=True, DOTS=True, KB=KB, RB=RB, BLOCK=BLOCK,
         )  # fmt: skip
     sync()
     for me in range(N):
@@ -232,9 +234,10 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
     # -- backward of the dispatch: unweighted partials back, summed per token
     ret_before = [r.clone() for r in ret]
     for me in range(N):
-        D_.reduce_pairs_kernel[grid(Q - T_max)](
+        D_.reduce_pairs_kernel[grid(triton.cdiv(Q - T_max, RB))](
             st[me]["grad_y"], st[me]["lmeta"], st[me]["lw"], addresses(ret), st[me]["grad_lw"],
-            addresses(ret_w), me, K, H, T_max, Q, HAS_W=False, SEND_W=True, KB=KB, BLOCK=BLOCK,
+            addresses(ret_w), me, K, H, T_max, Q,
+            HAS_W=False, SEND_W=True, KB=KB, RB=RB, BLOCK=BLOCK,
         )  # fmt: skip
     sync()
     for me in range(N):

@@ -258,6 +258,7 @@ def dedup_kernel_cases(ints):
             "SCALE": "constexpr",
             "DOTS": "constexpr",
             "KB": "constexpr",
+            "RB": "constexpr",
             "BLOCK": "constexpr",
         }, {
             "HAS_SCALES": scales,
@@ -265,6 +266,7 @@ def dedup_kernel_cases(ints):
             "SCALE": scale,
             "DOTS": scale,
             "KB": 8,
+            "RB": 64,
             "BLOCK": 1024,
         }
     for w in (False, True):
@@ -279,8 +281,9 @@ def dedup_kernel_cases(ints):
             "HAS_W": "constexpr",
             "SEND_W": "constexpr",
             "KB": "constexpr",
+            "RB": "constexpr",
             "BLOCK": "constexpr",
-        }, {"HAS_W": w, "SEND_W": not w, "KB": 8, "BLOCK": 1024}
+        }, {"HAS_W": w, "SEND_W": not w, "KB": 8, "RB": 64, "BLOCK": 1024}
         yield f"gather_pairs(HAS_W={w})", D.gather_pairs_kernel, {
             "own_rows_ptr": PBF,
             "ret_ptr": PBF,

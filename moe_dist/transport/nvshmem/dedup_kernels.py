@@ -10,7 +10,8 @@ slots' combine weights. Rows of a PE's own slots never touch the staging.
 dispatch: slot_destinations -> push_pairs (one row per (token, peer); own slots in place) -> flag,
           wait -> expand_pairs (each staged row to its slots' expert-major rows; meta kept)
 The receiver does not know which tokens a peer sent, so expand and reduce walk all (N-1) * T_max
-peer rows and skip those whose stamp (meta) says they are not of this call.
+peer rows in blocks of ROW_SCAN rows (one vector load of their stamps or kept positions), and skip
+those not of this call: a block past every peer's tokens costs one load.
 combine:  reduce_pairs (per staged pair: sum_k w_k y[pos_k] in float32, one row to the owner's
           return staging at row `me * T_max + t`) -> flag, wait -> gather_pairs (own slots'
           weighted rows + one partial per peer PE)
@@ -30,6 +31,7 @@ import triton
 import triton.language as tl
 
 FP8_BLOCK = tl.constexpr(128)
+ROW_SCAN = 64  # staged rows whose stamps one program reads at once (expand, reduce)
 
 
 @triton.jit
@@ -136,6 +138,12 @@ def push_pairs_kernel(
 
 
 @triton.jit
+def _row_of_block(vec, j, RB: tl.constexpr):
+    """Element j of a [RB] vector, as a scalar (no memory access)."""
+    return tl.sum(tl.where(tl.arange(0, RB) == j, vec, 0), 0)
+
+
+@triton.jit
 def expand_pairs_kernel(
     staging_ptr,
     staging_scales_ptr,
@@ -157,48 +165,64 @@ def expand_pairs_kernel(
     SCALE: tl.constexpr,
     DOTS: tl.constexpr,
     KB: tl.constexpr,
+    RB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Item: staged row q of a peer (q // T_max != me; all chunks of the row). A row of this call
-    (stamp == epoch) goes to the expert-major rows of its slots (dequantised with HAS_SCALES;
-    times the slot's weight from local_w with SCALE). KEEP_META (forward): every peer row's
-    positions (-1 for rows not of this call) and weights are kept in local_meta / local_w for the
-    combine and the backward (the caller fills own rows with -1). DOTS (backward of the combine,
-    the staged row being the output gradient g[t]): grad_lw[q, k] = <y[pos_k], g[t]> in float32,
-    the gradient of slot k's weight (the caller zeroes grad_lw)."""
+    """Item: a block of RB staged rows of peers (q // T_max != me), their stamps read at once (a
+    block with no row of this call costs one load); each row of this call (stamp == epoch) goes
+    to the expert-major rows of its slots (dequantised with HAS_SCALES; times the slot's weight
+    from local_w with SCALE). KEEP_META (forward): every peer row's positions (-1 for rows not of
+    this call) and weights are kept in local_meta / local_w for the combine and the backward (the
+    caller fills own rows with -1). DOTS (backward of the combine, the staged row being the output
+    gradient g[t]): grad_lw[q, k] = <y[pos_k], g[t]> in float32, the gradient of slot k's weight
+    (the caller zeroes grad_lw)."""
     chunks = tl.cdiv(H, BLOCK)
     kk = tl.arange(0, KB)
     km = kk < K
     epoch = tl.load(epoch_ptr)
-    for i in range(tl.program_id(0), Q - T_max, tl.num_programs(0)):
-        q = (i + tl.where(i >= me * T_max, T_max, 0)).to(tl.int64)  # skip this PE's own block
-        valid = tl.load(staging_meta_ptr + q * (K + 1)) == epoch
-        p_vec = tl.load(staging_meta_ptr + q * (K + 1) + 1 + kk, mask=km & valid, other=-1)
+    for blk in range(tl.program_id(0), tl.cdiv(Q - T_max, RB), tl.num_programs(0)):
+        i_vec = blk * RB + tl.arange(0, RB)
+        in_range = i_vec < Q - T_max
+        q_vec = (i_vec + tl.where(i_vec >= me * T_max, T_max, 0)).to(tl.int64)  # skip own block
+        stamps = tl.load(staging_meta_ptr + q_vec * (K + 1), mask=in_range, other=-1)
+        valid_vec = in_range & (stamps == epoch)
         if KEEP_META:
-            tl.store(local_meta_ptr + q * K + kk, p_vec, mask=km)
-            w_vec = tl.load(staging_w_ptr + q * K + kk, mask=km & valid, other=0.0)
-            tl.store(local_w_ptr + q * K + kk, w_vec, mask=km)
-        if valid:
-            dots = tl.zeros([KB], dtype=tl.float32)
-            for chunk in range(chunks):
-                offs = chunk * BLOCK + tl.arange(0, BLOCK)
-                m = offs < H
-                vals = tl.load(staging_ptr + q * H + offs, mask=m, other=0.0).to(tl.float32)
-                if HAS_SCALES:
-                    SC = tl.cdiv(H, FP8_BLOCK)
-                    vals = vals * tl.load(staging_scales_ptr + q * SC + offs // FP8_BLOCK, mask=m)
-                for k in range(K):
-                    pos = tl.sum(tl.where(kk == k, p_vec, 0), 0)
-                    if pos >= 0:
-                        v = vals
-                        if SCALE:
-                            v = v * tl.load(local_w_ptr + q * K + k)
-                        tl.store(out_ptr + pos * H + offs, v.to(out_ptr.dtype.element_ty), mask=m)
-                        if DOTS:
-                            y = tl.load(y_ptr + pos * H + offs, mask=m, other=0.0).to(tl.float32)
-                            dots += tl.where(kk == k, tl.sum(y * vals, 0), 0.0)
-            if DOTS:
-                tl.store(grad_lw_ptr + q * K + kk, dots, mask=km)
+            m2 = valid_vec[:, None] & km[None, :]
+            pos2 = tl.load(staging_meta_ptr + q_vec[:, None] * (K + 1) + 1 + kk[None, :], mask=m2,
+                           other=-1)  # fmt: skip
+            w2 = tl.load(staging_w_ptr + q_vec[:, None] * K + kk[None, :], mask=m2, other=0.0)
+            st2 = in_range[:, None] & km[None, :]
+            tl.store(local_meta_ptr + q_vec[:, None] * K + kk[None, :], pos2, mask=st2)
+            tl.store(local_w_ptr + q_vec[:, None] * K + kk[None, :], w2, mask=st2)
+        if tl.max(valid_vec.to(tl.int32), 0) > 0:
+            for j in range(RB):
+                if _row_of_block(valid_vec.to(tl.int32), j, RB) > 0:
+                    q = _row_of_block(q_vec, j, RB)
+                    p_vec = tl.load(staging_meta_ptr + q * (K + 1) + 1 + kk, mask=km, other=-1)
+                    dots = tl.zeros([KB], dtype=tl.float32)
+                    for chunk in range(chunks):
+                        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+                        m = offs < H
+                        vals = tl.load(staging_ptr + q * H + offs, mask=m, other=0.0)
+                        vals = vals.to(tl.float32)
+                        if HAS_SCALES:
+                            SC = tl.cdiv(H, FP8_BLOCK)
+                            sc = tl.load(staging_scales_ptr + q * SC + offs // FP8_BLOCK, mask=m)
+                            vals = vals * sc
+                        for k in range(K):
+                            pos = tl.sum(tl.where(kk == k, p_vec, 0), 0)
+                            if pos >= 0:
+                                v = vals
+                                if SCALE:
+                                    v = v * tl.load(local_w_ptr + q * K + k)
+                                dst = out_ptr + pos * H + offs
+                                tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=m)
+                                if DOTS:
+                                    y = tl.load(y_ptr + pos * H + offs, mask=m, other=0.0)
+                                    dot = tl.sum(y.to(tl.float32) * vals, 0)
+                                    dots += tl.where(kk == k, dot, 0.0)
+                    if DOTS:
+                        tl.store(grad_lw_ptr + q * K + kk, dots, mask=km)
 
 
 @triton.jit
@@ -217,38 +241,51 @@ def reduce_pairs_kernel(
     HAS_W: tl.constexpr,
     SEND_W: tl.constexpr,
     KB: tl.constexpr,
+    RB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Item: staged row q of a peer, at the expert PE: sum_k w_k * rows[pos_k] over the slots of
-    pair q that are here, in float32 (w = 1 without HAS_W), as ONE row into the owner's return
-    staging at row me * T_max + t (owner = q // T_max, t = q % T_max). SEND_W (backward of the
-    dispatch): the pair's K weight gradients grad_lw[q] go beside it, into the owner's ret_w."""
+    """Item: a block of RB staged rows of peers, at the expert PE (their kept positions read at
+    once): for each pair q with slots here, sum_k w_k * rows[pos_k] in float32 (w = 1 without
+    HAS_W), as ONE row into the owner's return staging at row me * T_max + t (owner = q // T_max,
+    t = q % T_max). SEND_W (backward of the dispatch): the pair's K weight gradients grad_lw[q] go
+    beside it, into the owner's ret_w."""
     chunks = tl.cdiv(H, BLOCK)
     kk = tl.arange(0, KB)
     km = kk < K
-    for i in range(tl.program_id(0), Q - T_max, tl.num_programs(0)):
-        q = (i + tl.where(i >= me * T_max, T_max, 0)).to(tl.int64)  # skip this PE's own block
-        p_vec = tl.load(local_meta_ptr + q * K + kk, mask=km, other=-1)
-        if tl.max(p_vec, 0) >= 0:
-            owner = q // T_max
-            row = me * T_max + q % T_max
-            dst = tl.load(peer_ret_addr_ptr + owner).to(tl.pointer_type(rows_ptr.dtype.element_ty))
-            for chunk in range(chunks):
-                offs = chunk * BLOCK + tl.arange(0, BLOCK)
-                m = offs < H
-                acc = tl.zeros([BLOCK], dtype=tl.float32)
-                for k in range(K):
-                    pos = tl.sum(tl.where(kk == k, p_vec, 0), 0)
-                    if pos >= 0:
-                        v = tl.load(rows_ptr + pos * H + offs, mask=m, other=0.0).to(tl.float32)
-                        if HAS_W:
-                            v = v * tl.load(local_w_ptr + q * K + k)
-                        acc += v
-                tl.store(dst + row * H + offs, acc.to(rows_ptr.dtype.element_ty), mask=m)
-            if SEND_W:
-                gw = tl.load(grad_lw_ptr + q * K + kk, mask=km, other=0.0)
-                dst_w = tl.load(peer_ret_w_addr_ptr + owner).to(tl.pointer_type(tl.float32))
-                tl.store(dst_w + row * K + kk, gw, mask=km)
+    for blk in range(tl.program_id(0), tl.cdiv(Q - T_max, RB), tl.num_programs(0)):
+        i_vec = blk * RB + tl.arange(0, RB)
+        in_range = i_vec < Q - T_max
+        q_vec = (i_vec + tl.where(i_vec >= me * T_max, T_max, 0)).to(tl.int64)  # skip own block
+        pos2 = tl.load(local_meta_ptr + q_vec[:, None] * K + kk[None, :],
+                       mask=in_range[:, None] & km[None, :], other=-1)  # fmt: skip
+        has_vec = (tl.max(pos2, 1) >= 0).to(tl.int32)
+        if tl.max(has_vec, 0) > 0:
+            for j in range(RB):
+                if _row_of_block(has_vec, j, RB) > 0:
+                    q = _row_of_block(q_vec, j, RB)
+                    p_vec = tl.load(local_meta_ptr + q * K + kk, mask=km, other=-1)
+                    owner = q // T_max
+                    row = me * T_max + q % T_max
+                    dst = tl.load(peer_ret_addr_ptr + owner).to(
+                        tl.pointer_type(rows_ptr.dtype.element_ty)
+                    )
+                    for chunk in range(chunks):
+                        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+                        m = offs < H
+                        acc = tl.zeros([BLOCK], dtype=tl.float32)
+                        for k in range(K):
+                            pos = tl.sum(tl.where(kk == k, p_vec, 0), 0)
+                            if pos >= 0:
+                                v = tl.load(rows_ptr + pos * H + offs, mask=m, other=0.0)
+                                v = v.to(tl.float32)
+                                if HAS_W:
+                                    v = v * tl.load(local_w_ptr + q * K + k)
+                                acc += v
+                        tl.store(dst + row * H + offs, acc.to(rows_ptr.dtype.element_ty), mask=m)
+                    if SEND_W:
+                        gw = tl.load(grad_lw_ptr + q * K + kk, mask=km, other=0.0)
+                        dst_w = tl.load(peer_ret_w_addr_ptr + owner).to(tl.pointer_type(tl.float32))
+                        tl.store(dst_w + row * K + kk, gw, mask=km)
 
 
 @triton.jit

@@ -511,13 +511,14 @@ def _dedup_expand(tr, ws, p, out, local_meta, local_w, *, fp8=False, keep=False,
     H = out.shape[1]
     Q = ws.n * ws.max_tokens
     staged = ws.pair_rows[p].view(torch.float8_e4m3fn) if fp8 else ws.pair_rows[p]
-    D_.expand_pairs_kernel[K_.comm_grid(Q - ws.max_tokens, tr.num_comm_sms)](
+    blocks = triton.cdiv(Q - ws.max_tokens, D_.ROW_SCAN)
+    D_.expand_pairs_kernel[K_.comm_grid(blocks, tr.num_comm_sms)](
         staged, ws.pair_scales[p] if fp8 else local_w, ws.pair_meta[p], ws.pair_w[p], out,
         local_meta, local_w, y if y is not None else out,
         grad_lw if grad_lw is not None else local_w, ws.epoch_dev,
         ws.me, tr.top_k, H, ws.max_tokens, Q,
         HAS_SCALES=fp8, KEEP_META=keep, SCALE=scale, DOTS=grad_lw is not None,
-        KB=triton.next_power_of_2(tr.top_k), BLOCK=K_.ROW_BLOCK,
+        KB=triton.next_power_of_2(tr.top_k), RB=D_.ROW_SCAN, BLOCK=K_.ROW_BLOCK,
     )  # fmt: skip
 
 
@@ -531,11 +532,13 @@ def _dedup_return(tr, h: DedupHandle, rows_CH, *, w_QK=None, grad_lw=None, weigh
     H = rows_CH.shape[1]
     Q = ws.n * ws.max_tokens
     KB = triton.next_power_of_2(tr.top_k)
-    D_.reduce_pairs_kernel[K_.comm_grid(Q - ws.max_tokens, tr.num_comm_sms)](
+    blocks = triton.cdiv(Q - ws.max_tokens, D_.ROW_SCAN)
+    D_.reduce_pairs_kernel[K_.comm_grid(blocks, tr.num_comm_sms)](
         rows_CH, h.local_meta_QK, w_QK if w_QK is not None else h.local_meta_QK,
         ws.pair_ret_at[p], grad_lw if grad_lw is not None else h.local_meta_QK,
         ws.pair_ret_w_at[p], ws.me, tr.top_k, H, ws.max_tokens, Q,
-        HAS_W=w_QK is not None, SEND_W=grad_lw is not None, KB=KB, BLOCK=K_.ROW_BLOCK,
+        HAS_W=w_QK is not None, SEND_W=grad_lw is not None, KB=KB, RB=D_.ROW_SCAN,
+        BLOCK=K_.ROW_BLOCK,
     )  # fmt: skip
     tr._signal_and_wait(ws, RETURN, p, first_of_call=True)
     T = h.num_tokens
