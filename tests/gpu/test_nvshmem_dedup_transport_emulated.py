@@ -98,12 +98,18 @@ def expert_fn(rows, local_expert):
     return torch.tanh(rows) * (1.0 + local_expert.to(rows.dtype).unsqueeze(1))
 
 
-@pytest.mark.parametrize("N,sms,fp8", [(1, 2, False), (2, 1, False), (3, 3, False), (2, 2, True)])
-def test_dedup_transport_matches_dense_oracle(N, sms, fp8):
+@pytest.mark.parametrize(
+    "N,sms,fp8,capacity",
+    [(1, 2, False, None), (2, 1, False, None), (3, 3, False, None), (2, 2, True, None),
+     (3, 2, False, 14)],
+)  # fmt: skip
+def test_dedup_transport_matches_dense_oracle(N, sms, fp8, capacity):
+    """capacity: a receive buffer too small for some PE's rows: that PE gets none (its slots
+    contribute exactly 0, forward and backward), the error is recorded, the others are exact."""
     G, K = (3 if N > 1 else 6), 4
     E, H, T_max = G * N, (256 if fp8 else 40), 8
     T_of = [5, 0, 8][:N] if N > 1 else [7]
-    C = sum(T_of) * K
+    C = capacity or sum(T_of) * K
     dtype = torch.float32
     wss = workspaces(N, E, K, H, T_max, C, dtype)
     barrier = threading.Barrier(N, timeout=120)
@@ -142,7 +148,7 @@ def test_dedup_transport_matches_dense_oracle(N, sms, fp8):
             out = tr.combine(y, h)
             (out * gout).sum().backward()
             results[pe] = (tok[:n].detach(), counts_G, out.detach(), x.grad, w.grad,
-                           tr.sent_rows_N.clone())  # fmt: skip
+                           tr.sent_rows_N.clone(), tr.error_flags.words.clone())  # fmt: skip
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             errors.append((pe, e))
             barrier.abort()
@@ -156,7 +162,14 @@ def test_dedup_transport_matches_dense_oracle(N, sms, fp8):
         raise errors[0][1]
     for pe in range(N):
         idx, x0, w0, gout = inputs[pe]
-        tok, counts_G, out, gx, gw, sent = results[pe]
+        tok, counts_G, out, gx, gw, sent, err = results[pe]
+        rows_to = [
+            sum(int(((inputs[s][0] >= 0) & (inputs[s][0] // G == r)).sum()) for s in range(N))
+            for r in range(N)
+        ]
+        over = [n > C for n in rows_to]
+        assert (capacity is not None) == any(over), "the small capacity must overflow a PE"
+        assert bool(err[0] & 2) == any(over), err  # BUFFER_OVERFLOW recorded, never silent
         # Receiver rows: expert-major, then source, token, slot (the reference order).
         want = [
             (src, t)
@@ -164,10 +177,13 @@ def test_dedup_transport_matches_dense_oracle(N, sms, fp8):
             for src in range(N)
             for t in range(T_of[src])
             for k in range(K)
-            if int(inputs[src][0][t, k]) == e
+            if int(inputs[src][0][t, k]) == e and not over[pe]
         ]
         assert tok[:, :2].round().long().tolist() == [list(p) for p in want], f"PE {pe} order"
-        want_sent = count_pairs(idx, G, N)
+        kept = torch.where(
+            (idx >= 0) & ~torch.tensor(over)[idx.clamp(min=0) // G], idx, -1
+        )  # slots bound to an overflowed PE are not sent
+        want_sent = count_pairs(kept, G, N)
         want_sent[pe] = 0
         assert sent.tolist() == want_sent.tolist(), (pe, sent, want_sent)
         # Dense oracle with autograd.
@@ -179,7 +195,7 @@ def test_dedup_transport_matches_dense_oracle(N, sms, fp8):
         ref = torch.zeros_like(x)
         for k in range(K):
             e = idx[:, k]
-            ok = (e >= 0).unsqueeze(1)
+            ok = (kept[:, k] >= 0).unsqueeze(1)
             own = (e // G == pe).unsqueeze(1)
             src = torch.where(own, x, x_peer)
             ref = ref + torch.where(ok, w[:, k : k + 1] * expert_fn(src, e.clamp(min=0) % G), 0.0)
