@@ -3,7 +3,6 @@ transport against the reference transport, forward and backward; no host sync; C
 overflow and timeout errors. Prints 'NVSHMEM WORKER OK <n>' on success. Used by
 tests/gpu/test_nvshmem.py."""
 
-import os
 import sys
 import time
 
@@ -14,8 +13,7 @@ from moe_dist import BufferOverflow, MoEConfig, MoELayer, PeerTimeout
 from moe_dist.transport.nvshmem import runtime as nvshmem_runtime
 from moe_dist.transport.nvshmem.runtime import bootstrap_method
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torchrun_pes import setup_pe  # noqa: E402
+from tests.gpu.torchrun_pes import setup_pe
 
 H, F, E = 64, 32, 8
 rank, world, dev, groups = setup_pe()
