@@ -11,6 +11,8 @@ Import the helpers by name (`from tests.conftest import fwd_bwd, run_distributed
 - `fwd_bwd(layer, x, g)`, `assert_fwd_bwd_close(a, b, label)`: one forward + backward and
   everything a comparison needs (output, aux loss, counts, input and parameter gradients).
 - `dense_expert(x, w_in, w_out, activation)`: one expert in plain torch (the oracle).
+- `stamp(x, source)`, `assert_same_rows(got, want, label)`: tokens that carry (source rank, token
+  index) in their first two columns, so a misplaced row says where it came from (STYLE.md 6).
 
 Tiers: every test under tests/dist/ (processes over gloo, seconds each) is marked `slow` here;
 elsewhere tests that start processes (benchmark smoke runs, torchrun launches) carry
@@ -202,6 +204,25 @@ def assert_fwd_bwd_close(
             torch.testing.assert_close(
                 u, v, rtol=rtol, atol=atol, msg=lambda m: f"{label} {what}: {m}"
             )
+
+
+def stamp(x_TH, source: int):
+    """Writes (source, token index) into columns 0 and 1 of x_TH in place; returns x_TH."""
+    import torch
+
+    x_TH[:, 0] = source
+    x_TH[:, 1] = torch.arange(x_TH.shape[0], dtype=x_TH.dtype, device=x_TH.device)
+    return x_TH
+
+
+def assert_same_rows(got_RH, want_RH, label: str) -> None:
+    """The same rows in the same order; on failure both sides' (source, token) stamps."""
+    import torch
+
+    assert torch.equal(got_RH, want_RH), (
+        f"{label}: rows (source, token) {got_RH[:, :2].tolist()} "
+        f"!= expected {want_RH[:, :2].tolist()}"
+    )
 
 
 def dense_expert(x_TH, w_in, w_out, activation: str = "swiglu"):
