@@ -7,6 +7,8 @@
   strings, not imports);
 - moe_dist/extensions/** takes from the core only the public modules (PUBLIC_CORE) and no name
   starting with "_";
+- every import of moe_dist.* in the package, tests and benchmarks names a module that exists, and
+  so does every entry of moe_dist/__init__.py's lazy re-export table (moves leave no stale path);
 - every line of the package's Python files is at most 100 characters;
 - no file of the repository edits sys.path (tests and benchmarks run as packages).
 """
@@ -153,6 +155,52 @@ def test_the_checks_catch_forbidden_imports():
         ("extensions/coe.py", "moe_dist.transport.permute.sort_slots_by_expert"),
         ("extensions/coe.py", "moe_dist._LAZY"),
     }, bad
+
+
+def module_exists(module: str) -> bool:
+    path = ROOT.joinpath(*module.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def missing_modules(files: list[tuple[Path, str]]) -> list[str]:
+    missing = []
+    for path, source in files:
+        for line, module, _ in imports(path, source):
+            if in_zone(module, "moe_dist") and not module_exists(module):
+                missing.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    return missing
+
+
+def test_every_moe_dist_import_names_an_existing_module():
+    paths = [p for d in ("moe_dist", "tests", "benchmarks") for p in (ROOT / d).rglob("*.py")]
+    assert missing_modules(sources(paths)) == []
+    training = PACKAGE / "training" / "deepspeed.py"
+    stale = training.read_text() + "\n\ndef _f():\n    from ..clip import clip_grad_norm_\n"
+    assert missing_modules([(training, stale)]) == [
+        f"moe_dist/training/deepspeed.py:{stale.count(chr(10))} imports moe_dist.clip"
+    ]
+
+
+def test_lazy_re_exports_exist():
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    table = next(
+        n.value
+        for n in tree.body
+        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "_LAZY"
+    )
+    entries = ast.literal_eval(table)
+    assert entries, "the lazy table is empty"
+    for public, (module, attr) in entries.items():
+        assert module_exists(module), f"moe_dist.{public} -> {module}: no such module"
+        tree = ast.parse(ROOT.joinpath(*module.split(".")).with_suffix(".py").read_text())
+        defined = {getattr(n, "name", None) for n in tree.body} | {
+            t.id
+            for n in tree.body
+            if isinstance(n, ast.Assign)
+            for t in n.targets
+            if hasattr(t, "id")
+        }
+        assert attr in defined, f"moe_dist.{public} -> {module}.{attr}: not defined there"
 
 
 def test_package_lines_fit_in_100_characters():
