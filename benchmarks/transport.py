@@ -1,10 +1,12 @@
 """Dispatch and combine: rows and bytes each token sends (routing-only, exact), and latency and
 bandwidth of nvshmem against collective (all_to_all_single) in one run.
 
-    python -m benchmarks.transport --out benchmarks/results                     # one GPU, one PE
-    torchrun --nproc-per-node 2 -m benchmarks.transport --backend gloo ...      # PEs sharing one
-        GPU (correctness-grade timings); several GPUs: one PE per GPU, same command
-    python -m benchmarks.transport --smoke                                      # CPU (CI)
+    python -m benchmarks.transport --out benchmarks/results                 # one GPU, one PE
+    torchrun --nproc-per-node 2 -m benchmarks.transport --backend gloo ...
+                            # PEs sharing one GPU (correctness-grade timings); several GPUs: one
+                            # PE per GPU, same command
+    python -m benchmarks.transport --smoke        # CPU: collective only (CI)
+    python -m benchmarks.transport --counts-only  # rows and bytes per token, routing only
 
 Rows per token (no processes needed): for top-8 of 64 experts on 2 ranks and top-8 of 256 on 8
 ranks, uniformly random routing, the K-copies baseline (one row per routed slot) beside the
@@ -30,19 +32,16 @@ import argparse
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import save_results, time_ms  # noqa: E402
-from moe_dist import ParallelGroups  # noqa: E402
-from moe_dist.routing import RoutingPlan  # noqa: E402
-from moe_dist.transport import CollectiveTransport, nvshmem_unavailable_reason  # noqa: E402
-from moe_dist.transport.dedup import count_pairs  # noqa: E402
-from moe_dist.transport.fp8 import FP8_BLOCK, fp8_unsupported_reason  # noqa: E402
+from benchmarks.common import save_results, time_ms
+from moe_dist import ParallelGroups
+from moe_dist.routing import RoutingPlan
+from moe_dist.transport import CollectiveTransport, nvshmem_unavailable_reason
+from moe_dist.transport.dedup import count_pairs
+from moe_dist.transport.fp8 import FP8_BLOCK, fp8_unsupported_reason
 
 COUNT_CONFIGS = [  # (experts, top_k, ranks): the issue's two cases
     (64, 8, 2),
