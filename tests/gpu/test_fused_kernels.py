@@ -126,6 +126,8 @@ def test_fused_experts_forward_backward_match_a_per_token_loop(T, E, K, kind):
     ref = ref + 0.0 * sum(t.sum() for t in ref_leaves)  # T=0: gradients are zeros
     ref.backward(g.float())
     want = [ref.detach()] + [t.grad for t in ref_leaves]
-    tol = dict(rtol=3e-2, atol=3e-2) if DT == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    tol = 2e-2 if DT == torch.bfloat16 else 1e-5  # relative error norm (bf16 rounds h and da)
     for a, b, name in zip(got, want, ("out", "dx", "dw", "dw_in", "dw_out")):
-        torch.testing.assert_close(a.float().cpu(), b.float().cpu(), **tol, msg=name)
+        a, b = a.float().cpu(), b.float().cpu()
+        assert a.shape == b.shape and torch.isfinite(a).all(), name
+        assert (a - b).norm() <= tol * b.norm() + 1e-6, (name, (a - b).norm() / b.norm())
