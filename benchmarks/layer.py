@@ -2,6 +2,7 @@
 peers in the same run:
 
 fused       MoELayer, transport "local", the fused expert path (experts/fused; default on CUDA)
+fused_lowmem  the same, keeping x instead of its K expert-major copies (gathers again in backward)
 previous    the same layer and weights through the unfused path (argsort, K-fold gathers, weighted
             sum): transport.fused = False
 sonicmoe    SonicMoE (sonic-moe, quack / CUTLASS DSL) with the same expert weights, when installed
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -55,6 +57,10 @@ def hf_loop_forward(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
@@ -82,13 +88,14 @@ def build_layer(T, H, Fh, E, K, device, dtype):
     return layer, x, grad
 
 
-def moe_dist_step(layer, x, grad, fused: bool):
+def moe_dist_step(layer, x, grad, fused: bool, save_rows: bool = True):
     params = [x, *layer.parameters()]
 
     def run():
         for p in params:
             p.grad = None
-        layer.transport.fused = fused
+        layer.transport.fused = layer.router.fused_routing = fused
+        layer.transport.fused_save_rows = save_rows
         layer(x).output.backward(grad)
 
     return run
@@ -104,9 +111,9 @@ def check_moe_dist(layer, x, grad, device, smoke):
     tol = 1e-4 if x.dtype == torch.float32 else 2e-2
     with torch.no_grad():
         ref = hf_loop_forward(layer, x)
-        layer.transport.fused = True
+        layer.transport.fused = layer.router.fused_routing = True
         err = {"fused_out_vs_hf_loop": rel(layer(x).output, ref)}
-        layer.transport.fused = False
+        layer.transport.fused = layer.router.fused_routing = False
         err["previous_out_vs_hf_loop"] = rel(layer(x).output, ref)
     watched = [x, layer.router.weight, layer.experts.w_in, layer.experts.w_out]
     g_prev = grads_of(moe_dist_step(layer, x, grad, False), watched)
@@ -209,6 +216,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=15)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--skip", default="hf_loop", help="comma-separated variants to skip")
+    p.add_argument(
+        "--only", default=None, help="comma-separated variants to run (checks still run)"
+    )
     p.add_argument("--out", default=None, help="directory for layer_h200.json / layer_smoke.json")
     p.add_argument("--name", default=None, help="result file name (default layer_<device>)")
     args = p.parse_args(argv)
@@ -217,6 +227,7 @@ def main(argv=None):
     table = SMOKE_CONFIGS if args.smoke else CONFIGS
     iters, warmup = (2, 1) if args.smoke else (args.iters, args.warmup)
     skip = set(args.skip.split(","))
+    only = set(args.only.split(",")) if args.only else None
     results = {}
     for name in (args.configs or ",".join(table)).split(","):
         T, H, Fh, E, K = table[name]
@@ -225,23 +236,30 @@ def main(argv=None):
             "config": dict(tokens=T, hidden=H, ffn=Fh, experts=E, top_k=K, dtype=str(dtype)),
             "checks": check_moe_dist(layer, x, grad, device, args.smoke),
         }
+        log(f"{name}: checked {row['checks']}")
         variants = {
             "fused": moe_dist_step(layer, x, grad, True),
+            "fused_lowmem": moe_dist_step(layer, x, grad, True, save_rows=False),
             "previous": moe_dist_step(layer, x, grad, False),
             "gemm_only": routed_gemm_only(layer, x, device, dtype, balanced=False),
             "floor": routed_gemm_only(layer, x, device, dtype, balanced=True),
             "hf_loop": lambda: hf_loop_forward(layer, x).backward(grad),
         }
-        if device.type == "cuda" and "sonicmoe" not in skip:
+        if (
+            device.type == "cuda"
+            and "sonicmoe" not in skip
+            and (only is None or "sonicmoe" in only)
+        ):
             try:
                 variants["sonicmoe"], row["checks"]["sonicmoe_vs_its_torch_backend"] = (
                     sonic_variant(layer, x, grad)
                 )
             except ImportError as e:
                 print(f"[{name}] sonicmoe unavailable: {e}")
+            log(f"{name}: sonicmoe compiled and checked")
         flops = layer_flops(T, H, Fh, K)
         for vname, fn in variants.items():
-            if vname in skip:
+            if vname in skip or (only is not None and vname not in only):
                 continue
             r = row[vname] = time_ms(fn, warmup=warmup, iters=iters)
             r["tflops"] = flops / (r["median_ms"] * 1e-3) / 1e12
@@ -251,9 +269,10 @@ def main(argv=None):
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        base = row["fused"]["median_ms"]
+            log(f"{name}: {vname} {r['median_ms']:.3f} ms, {r.get('kernels_per_step')} kernels")
+        base = row["fused"]["median_ms"] if "fused" in row else None
         for other in ("previous", "sonicmoe", "gemm_only", "floor"):
-            if other in row:
+            if other in row and base is not None:
                 row[f"fused_over_{other}"] = base / row[other]["median_ms"]
         results[name] = row
         print(f"== {name} T={T} H={H} F={Fh} E={E} k={K} {dtype}  checks {row['checks']}")

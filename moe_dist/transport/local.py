@@ -36,6 +36,9 @@ class LocalTransport:
         self.load_group = load_group  # data-parallel ranks whose batches share this router's bias
         # None: fused on CUDA for bf16 SwiGLU experts; True/False forces it (CPU: the oracle ops).
         self.fused: bool | None = None
+        # False: the fused path keeps x, not its K expert-major copies, and gathers again in
+        # backward (less activation memory, one more pass).
+        self.fused_save_rows = True
 
     @property
     def num_local_experts(self) -> int:
@@ -60,7 +63,12 @@ class LocalTransport:
         from ..experts.fused import fused_experts
 
         return fused_experts(
-            x_TH, plan.weights_TK, experts.w_in, experts.w_out, plan.expert_idx_TK
+            x_TH,
+            plan.weights_TK,
+            experts.w_in,
+            experts.w_out,
+            plan.expert_idx_TK,
+            save_rows=self.fused_save_rows,
         )
 
     def global_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:

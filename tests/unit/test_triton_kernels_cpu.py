@@ -32,7 +32,15 @@ def interpreter_works() -> str | None:
     return None
 
 
-@pytest.mark.parametrize("test_file", ["test_nvshmem_kernels.py", "test_swiglu_kernel.py"])
+@pytest.mark.parametrize(
+    "test_file",
+    [
+        "test_nvshmem_kernels.py",
+        "test_swiglu_kernel.py",
+        "test_fused_kernels.py",
+        "test_routing_kernels.py",
+    ],
+)
 def test_kernels_match_their_oracles_in_the_interpreter(test_file):
     reason = interpreter_works()
     if reason:
