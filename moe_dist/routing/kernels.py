@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..experts.fused.ops import call, custom_op
 from . import select
 
 MODES = {"softmax": 0, "sigmoid": 1, "top_p": 2}
@@ -139,9 +140,7 @@ def route_topk_bwd_kernel(
             dq = scale * dw
         ds += tl.where(cols[None, :] == i[:, None], dq[:, None], 0.0)  # i = -1 matches nothing
     if HAS_DPROBS:
-        ds += tl.load(
-            dprobs_ptr + t[:, None].to(tl.int64) * E + cols[None, :], mask=m, other=0.0
-        )
+        ds += tl.load(dprobs_ptr + t[:, None].to(tl.int64) * E + cols[None, :], mask=m, other=0.0)
     if MODE == 1:
         dl = ds * s * (1.0 - s)
     else:
@@ -190,7 +189,7 @@ def _reference_backward(logits_TE, idx_TK, dw_TK, dprobs_TE, mode, norm, scale):
     return s_TE * (ds_TE - (ds_TE * s_TE).sum(-1, keepdim=True))
 
 
-@torch.library.custom_op("moe_dist::route_topk", mutates_args=())
+@custom_op("route_topk")
 def route_topk(
     logits_TE: torch.Tensor,
     bias_E: torch.Tensor,
@@ -230,7 +229,7 @@ def _(logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs):
     )
 
 
-@torch.library.custom_op("moe_dist::route_topk_backward", mutates_args=())
+@custom_op("route_topk_backward")
 def route_topk_backward(
     logits_TE: torch.Tensor,
     idx_TK: torch.Tensor,
@@ -265,7 +264,9 @@ def _(logits_TE, idx_TK, dw_TK, dprobs_TE, mode, norm, top_p, scale):
 class _RouteTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs):
-        idx, w, probs = route_topk(logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs)
+        idx, w, probs = call(
+            route_topk, logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs
+        )
         ctx.save_for_backward(logits_TE, idx)  # not the bias: it only steers selection
         ctx.args = (mode, norm, top_p, scale)
         ctx.mark_non_differentiable(idx)
@@ -277,7 +278,7 @@ class _RouteTopK(torch.autograd.Function):
         logits_TE, idx = ctx.saved_tensors
         if dw_TK is None:
             dw_TK = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
-        dl = route_topk_backward(logits_TE, idx, dw_TK, dprobs_TE, *ctx.args)
+        dl = call(route_topk_backward, logits_TE, idx, dw_TK, dprobs_TE, *ctx.args)
         return dl, None, None, None, None, None, None, None
 
 

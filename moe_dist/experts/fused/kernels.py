@@ -47,9 +47,7 @@ def slot_scan_kernel(
     tot = tl.zeros([EP], dtype=tl.int32)
     for b0 in range(0, NB, ROWS):
         rows = b0 + tl.arange(0, ROWS)
-        h = tl.load(
-            hist_ptr + rows[:, None] * EP + ev[None, :], mask=rows[:, None] < NB, other=0
-        )
+        h = tl.load(hist_ptr + rows[:, None] * EP + ev[None, :], mask=rows[:, None] < NB, other=0)
         tot += tl.sum(h, axis=0)
     ends = tl.cumsum(tot, 0)
     tl.store(counts_ptr + ev, tot.to(tl.int64), mask=ev < E)

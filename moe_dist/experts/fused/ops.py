@@ -23,12 +23,29 @@ def _triton(t: torch.Tensor) -> bool:
     return t.is_cuda or _TRITON_ON_CPU
 
 
+def custom_op(name: str):
+    """torch.library.custom_op, keeping the plain function as `.eager`: `call` uses it outside
+    torch.compile, skipping the dispatcher's Python round trip (tens of microseconds a call, on
+    the critical path between small kernels)."""
+
+    def wrap(fn):
+        op = torch.library.custom_op(f"moe_dist::{name}", mutates_args=())(fn)
+        op.eager = fn
+        return op
+
+    return wrap
+
+
+def call(op, *args):
+    return op(*args) if torch.compiler.is_compiling() else op.eager(*args)
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
 # -- counting sort: expert ids -> row of each slot ------------------------------------------------
-@torch.library.custom_op("moe_dist::sort_slots", mutates_args=())
+@custom_op("sort_slots")
 def sort_slots(
     idx_TK: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,7 +89,7 @@ def _(idx_TK, num_experts):
 
 
 # -- rows: gather (token -> expert-major) and gather-reduce (expert-major -> token) ---------------
-@torch.library.custom_op("moe_dist::gather_rows", mutates_args=())
+@custom_op("gather_rows")
 def gather_rows(
     x_TH: torch.Tensor, row_slot_R: torch.Tensor, ends_E: torch.Tensor, k: int
 ) -> torch.Tensor:
@@ -99,7 +116,7 @@ def _(x_TH, row_slot_R, ends_E, k):
     return x_TH.new_empty(row_slot_R.numel(), x_TH.shape[1])
 
 
-@torch.library.custom_op("moe_dist::reduce_rows", mutates_args=())
+@custom_op("reduce_rows")
 def reduce_rows(
     y_RH: torch.Tensor, pos_TK: torch.Tensor, vals_R: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +165,7 @@ def _(y_RH, pos_TK, vals_R):
 
 
 # -- SwiGLU with the combine weight folded in ------------------------------------------------------
-@torch.library.custom_op("moe_dist::swiglu_rows", mutates_args=())
+@custom_op("swiglu_rows")
 def swiglu_rows(
     h_R2F: torch.Tensor, w_S: torch.Tensor, row_slot_R: torch.Tensor, ends_E: torch.Tensor
 ) -> torch.Tensor:
@@ -173,7 +190,7 @@ def _(h_R2F, w_S, row_slot_R, ends_E):
     return h_R2F.new_empty(h_R2F.shape[0], h_R2F.shape[1] // 2)
 
 
-@torch.library.custom_op("moe_dist::swiglu_rows_backward", mutates_args=())
+@custom_op("swiglu_rows_backward")
 def swiglu_rows_backward(
     h_R2F: torch.Tensor,
     da_RF: torch.Tensor,
@@ -205,7 +222,7 @@ def _(h_R2F, da_RF, w_S, row_slot_R, ends_E):
 
 
 # -- grouped GEMMs ---------------------------------------------------------------------------------
-@torch.library.custom_op("moe_dist::grouped_mm", mutates_args=())
+@custom_op("grouped_mm")
 def grouped_mm(a_RK: torch.Tensor, b_GKN: torch.Tensor, ends_G: torch.Tensor) -> torch.Tensor:
     """out[rows of g] = a[rows of g] @ b[g]; rows past ends[-1] are not computed.
     torch._grouped_mm where it runs (CUDA bf16, CPU fp32), else a per-group loop."""
@@ -219,7 +236,7 @@ def _(a_RK, b_GKN, ends_G):
     return a_RK.new_empty(a_RK.shape[0], b_GKN.shape[2])
 
 
-@torch.library.custom_op("moe_dist::grouped_mm_wgrad", mutates_args=())
+@custom_op("grouped_mm_wgrad")
 def grouped_mm_wgrad(a_RN: torch.Tensor, b_RK: torch.Tensor, ends_G: torch.Tensor) -> torch.Tensor:
     """out[g] = a[rows of g]^T @ b[rows of g] ([G, N, Kd]; zero for an empty group): the weight
     gradient of grouped_mm."""

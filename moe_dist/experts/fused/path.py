@@ -22,42 +22,64 @@ from . import ops
 
 
 class _FusedExperts(torch.autograd.Function):
+    """Eager backward frees each activation as soon as it is used: h and a ride on ctx (not
+    save_for_backward, whose tensors live until the backward returns), so a second backward of the
+    same graph (retain_graph=True) is refused. Under torch.compile they are saved normally."""
+
     @staticmethod
     def forward(ctx, x_TH, w_TK, w_in, w_out, pos_TK, row_slot_R, ends_E, save_rows):
         K = pos_TK.shape[1]
         w_S = w_TK.reshape(-1)
-        x_RH = ops.gather_rows(x_TH, row_slot_R, ends_E, K)
-        h_R2F = ops.grouped_mm(x_RH, w_in.transpose(1, 2), ends_E)
-        a_RF = ops.swiglu_rows(h_R2F, w_S, row_slot_R, ends_E)
-        y_RH = ops.grouped_mm(a_RF, w_out.transpose(1, 2), ends_E)
-        out_TH, _ = ops.reduce_rows(y_RH, pos_TK, None)
+        x_RH = ops.call(ops.gather_rows, x_TH, row_slot_R, ends_E, K)
+        h_R2F = ops.call(ops.grouped_mm, x_RH, w_in.transpose(1, 2), ends_E)
         # Saving x_TH instead of x_RH trades one gather in backward for K copies of x in memory.
-        ctx.save_for_backward(
-            x_RH if save_rows else x_TH, h_R2F, a_RF, w_S, w_in, w_out, pos_TK, row_slot_R, ends_E
-        )
+        x_saved = x_RH if save_rows else x_TH
+        del x_RH
+        a_RF = ops.call(ops.swiglu_rows, h_R2F, w_S, row_slot_R, ends_E)
+        y_RH = ops.call(ops.grouped_mm, a_RF, w_out.transpose(1, 2), ends_E)
+        out_TH, _ = ops.call(ops.reduce_rows, y_RH, pos_TK, None)
+        del y_RH
+        index = (w_S, w_in, w_out, pos_TK, row_slot_R, ends_E)
+        if torch.compiler.is_compiling():
+            ctx.save_for_backward(x_saved, h_R2F, a_RF, *index)
+            ctx.stash = None
+        else:
+            ctx.save_for_backward(x_saved, *index)
+            ctx.stash = [h_R2F, a_RF]
         ctx.save_rows = save_rows
         return out_TH
 
     @staticmethod
     def backward(ctx, dout_TH):
-        x, h_R2F, a_RF, w_S, w_in, w_out, pos_TK, row_slot_R, ends_E = ctx.saved_tensors
+        if ctx.stash is None:
+            x, h_R2F, a_RF, w_S, w_in, w_out, pos_TK, row_slot_R, ends_E = ctx.saved_tensors
+        else:
+            x, w_S, w_in, w_out, pos_TK, row_slot_R, ends_E = ctx.saved_tensors
+            if not ctx.stash:
+                raise RuntimeError(
+                    "the fused expert path frees its activations during backward: a second "
+                    "backward through it (retain_graph=True) is not supported"
+                )
+            h_R2F, a_RF = ctx.stash
+            ctx.stash.clear()
         K = pos_TK.shape[1]
         need_x, need_w, need_in, need_out = ctx.needs_input_grad[:4]
-        dy_RH = ops.gather_rows(dout_TH.contiguous(), row_slot_R, ends_E, K)
-        da_RF = ops.grouped_mm(dy_RH, w_out, ends_E)
-        dw_out = ops.grouped_mm_wgrad(dy_RH, a_RF, ends_E) if need_out else None
-        del dy_RH
-        dh_R2F, dw_R = ops.swiglu_rows_backward(h_R2F, da_RF, w_S, row_slot_R, ends_E)
-        del da_RF
-        dw_in = None
-        if need_in:
-            x_RH = x if ctx.save_rows else ops.gather_rows(x, row_slot_R, ends_E, K)
-            dw_in = ops.grouped_mm_wgrad(dh_R2F, x_RH, ends_E)
+        dy_RH = ops.call(ops.gather_rows, dout_TH.contiguous(), row_slot_R, ends_E, K)
+        da_RF = ops.call(ops.grouped_mm, dy_RH, w_out, ends_E)
+        dw_out = ops.call(ops.grouped_mm_wgrad, dy_RH, a_RF, ends_E) if need_out else None
+        del dy_RH, a_RF
+        dh_R2F, dw_R = ops.call(ops.swiglu_rows_backward, h_R2F, da_RF, w_S, row_slot_R, ends_E)
+        del da_RF, h_R2F
         dx_TH = dw_TK = None
         if need_x or need_w:
-            dx_RH = ops.grouped_mm(dh_R2F, w_in, ends_E)
-            dx_TH, dw_TK = ops.reduce_rows(dx_RH, pos_TK, dw_R)
+            dx_RH = ops.call(ops.grouped_mm, dh_R2F, w_in, ends_E)
+            dx_TH, dw_TK = ops.call(ops.reduce_rows, dx_RH, pos_TK, dw_R)
             dw_TK = dw_TK.to(w_S.dtype)
+            del dx_RH
+        dw_in = None
+        if need_in:
+            x_RH = x if ctx.save_rows else ops.call(ops.gather_rows, x, row_slot_R, ends_E, K)
+            dw_in = ops.call(ops.grouped_mm_wgrad, dh_R2F, x_RH, ends_E)
         return dx_TH, dw_TK, dw_in, dw_out, None, None, None, None
 
 
@@ -71,7 +93,5 @@ def fused_experts(
 ) -> torch.Tensor:
     """out[t] = sum_k weights[t, k] * expert_{idx[t, k]}(x[t]) for SwiGLU experts stored like
     GroupedExperts (w_in [E, 2F, H] = [gate | up], w_out [E, H, F]); slots with expert -1 add 0."""
-    pos_TK, row_slot_R, _, ends_E = ops.sort_slots(expert_idx_TK, w_in.shape[0])
-    return _FusedExperts.apply(
-        x_TH, weights_TK, w_in, w_out, pos_TK, row_slot_R, ends_E, save_rows
-    )
+    pos_TK, row_slot_R, _, ends_E = ops.call(ops.sort_slots, expert_idx_TK, w_in.shape[0])
+    return _FusedExperts.apply(x_TH, weights_TK, w_in, w_out, pos_TK, row_slot_R, ends_E, save_rows)
