@@ -148,6 +148,75 @@ def route_topk_bwd_kernel(
     tl.store(dl_ptr + t[:, None].to(tl.int64) * E + cols[None, :], dl, mask=m)
 
 
+@triton.jit
+def split_hi_lo_kernel(g_ptr, out_ptr, N, E, BLOCK: tl.constexpr):
+    """out[t] = [hi | lo] with hi = bf16(g[t]), lo = bf16(g[t] - hi): two bf16 halves that carry
+    an fp32 gradient to ~16 bits through bf16 tensor-core GEMMs."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    g = tl.load(g_ptr + offs, mask=m, other=0.0)
+    hi = g.to(tl.bfloat16)
+    lo = (g - hi.to(tl.float32)).to(tl.bfloat16)
+    t = offs // E
+    e = offs - t * E
+    tl.store(out_ptr + t * 2 * E + e, hi, mask=m)
+    tl.store(out_ptr + t * 2 * E + E + e, lo, mask=m)
+
+
+@custom_op("split_hi_lo")
+def split_hi_lo(g_TE: torch.Tensor) -> torch.Tensor:
+    """[T, 2E] bf16 = [hi | lo] of an fp32 [T, E] tensor (hi + lo == g to ~2^-17)."""
+    T, E = g_TE.shape
+    out = g_TE.new_empty(T, 2 * E, dtype=torch.bfloat16)
+    if not _use_triton(g_TE):
+        hi = g_TE.to(torch.bfloat16)
+        return torch.cat([hi, (g_TE - hi.float()).to(torch.bfloat16)], 1)
+    if T:
+        split_hi_lo_kernel[(triton.cdiv(T * E, 1024),)](
+            g_TE.contiguous(), out, T * E, E, BLOCK=1024
+        )
+    return out
+
+
+@split_hi_lo.register_fake
+def _(g_TE):
+    return g_TE.new_empty(g_TE.shape[0], 2 * g_TE.shape[1], dtype=torch.bfloat16)
+
+
+class Bf16GateFp32(torch.autograd.Function):
+    """logits = x @ w^T for bf16 x, w on CUDA, in fp32 without fp32 copies of x or w: one bf16
+    tensor-core GEMM with fp32 accumulation and output (the products of bf16 values are exact in
+    fp32, so this is the fp32 gate up to summation order). Backward: the fp32 gradient is split
+    into two bf16 halves, so dx = [hi | lo] @ [w; w] and dw = [hi | lo]^T @ x are bf16 GEMMs with
+    fp32 accumulation, accurate to ~2^-17 before the final bf16 rounding."""
+
+    @staticmethod
+    def forward(ctx, x_TH, w_EH):
+        ctx.save_for_backward(x_TH, w_EH)
+        return torch.mm(x_TH, w_EH.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_TE):
+        x_TH, w_EH = ctx.saved_tensors
+        E = w_EH.shape[0]
+        g_T2E = call(split_hi_lo, grad_TE.float())
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g_T2E, torch.cat([w_EH, w_EH], 0))
+        if ctx.needs_input_grad[1]:
+            both = torch.mm(g_T2E.t(), x_TH, out_dtype=torch.float32)
+            grad_w = (both[:E] + both[E:]).to(w_EH.dtype)
+        return grad_x, grad_w
+
+
+def bf16_gate_supported(x_TH: torch.Tensor, w_EH: torch.Tensor) -> bool:
+    return (
+        x_TH.is_cuda
+        and x_TH.dtype == w_EH.dtype == torch.bfloat16
+        and hasattr(torch.ops.aten.mm, "dtype")
+    )
+
+
 def _meta(E: int):
     EP = triton.next_power_of_2(max(E, 2))
     BT = max(1, min(64, 4096 // EP))

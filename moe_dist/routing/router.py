@@ -55,6 +55,11 @@ class Router(nn.Module):
     def logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         # fp32 gate: top-k on bf16 logits flips near-ties, which would break EP=N == EP=1
         # comparisons.
+        if self.fused_routing is not False and x_TH.is_cuda:
+            from .kernels import Bf16GateFp32, bf16_gate_supported
+
+            if bf16_gate_supported(x_TH, self.weight):
+                return Bf16GateFp32.apply(x_TH, self.weight)
         return _Fp32Gate.apply(x_TH, self.weight)
 
     def forward(self, x_TH: torch.Tensor, logits_TE: torch.Tensor | None = None) -> RoutingPlan:
