@@ -83,7 +83,7 @@ def test_split_hi_lo_carries_fp32_through_two_bf16_halves(T, E):
     hl = split_hi_lo(g)
     assert hl.shape == (T, 2 * E) and hl.dtype == torch.bfloat16
     back = hl[:, :E].float() + hl[:, E:].float()
-    assert ((back - g).abs() <= 3e-5 * g.abs().amax().clamp(min=1e-30)).all()
+    assert ((back - g).abs() <= 3e-5 * 1e-3 * 5).all()  # |g| < 5e-3
 
 
 @pytest.mark.skipif(INTERPRETED, reason="torch.mm(out_dtype=float32) of bf16 runs on CUDA only")
