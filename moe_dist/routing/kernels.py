@@ -46,52 +46,59 @@ def route_topk_kernel(
     idx_ptr,
     w_ptr,
     probs_ptr,
+    counts_ptr,
     T,
     E,
     top_p,
     scale,
     K: tl.constexpr,
+    KP: tl.constexpr,
     EP: tl.constexpr,
     BT: tl.constexpr,
     MODE: tl.constexpr,
     NORM: tl.constexpr,
     WRITE_PROBS: tl.constexpr,
 ):
+    """Top-k by K rounds of (max, lowest index attaining it); the chosen ids and weights build up
+    in [BT, KP] register tiles, are normalised there and stored once; counts[e] += the block's
+    slots of expert e (one atomic per expert per program)."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.arange(0, EP)
+    kc = tl.arange(0, KP)
     tm = t < T
     s, sel = _scores(l_ptr, b_ptr, t, cols, T, E, MODE)
     if WRITE_PROBS:
         pm = tm[:, None] & (cols[None, :] < E)
         tl.store(probs_ptr + t[:, None].to(tl.int64) * E + cols[None, :], s, mask=pm)
-    total = tl.zeros([BT], dtype=tl.float32)
+    idx_tile = tl.full([BT, KP], -1, dtype=tl.int32)
+    w_tile = tl.zeros([BT, KP], dtype=tl.float32)
     mass = tl.zeros([BT], dtype=tl.float32)
-    # Pass 1: pick; store raw ids and weights (top-p marks unused slots -1, weight 0).
     for k in tl.static_range(K):
         v = tl.max(sel, axis=1)
         i = tl.min(tl.where(sel == v[:, None], cols[None, :], EP), axis=1)
         hit = cols[None, :] == i[:, None]
         w = tl.sum(tl.where(hit, s, 0.0), axis=1)
         sel = tl.where(hit, float("-inf"), sel)
-        if MODE == 2:
+        if MODE == 2:  # top-p: slots past the mass p are unused (expert -1, weight 0)
             used = (mass < top_p) | (k == 0)
             mass += w
             w = tl.where(used, w, 0.0)
             i = tl.where(used, i, -1)
-        total += w
-        tl.store(idx_ptr + t * K + k, i.to(tl.int64), mask=tm)
-        tl.store(w_ptr + t * K + k, w, mask=tm)
-    # Pass 2: normalise and scale in place (each thread rereads what it wrote).
+        idx_tile = tl.where(kc[None, :] == k, i[:, None], idx_tile)
+        w_tile = tl.where(kc[None, :] == k, w[:, None], w_tile)
     if NORM:
+        total = tl.sum(w_tile, axis=1)
         if MODE == 1:
             total = total + 1e-20
-        for k in tl.static_range(K):
-            w = tl.load(w_ptr + t * K + k, mask=tm, other=0.0)
-            tl.store(w_ptr + t * K + k, w / total * scale, mask=tm)
-    elif scale != 1.0:
-        for k in tl.static_range(K):
-            w = tl.load(w_ptr + t * K + k, mask=tm, other=0.0)
-            tl.store(w_ptr + t * K + k, w * scale, mask=tm)
+        w_tile = w_tile / total[:, None]
+    w_tile = w_tile * scale
+    om = tm[:, None] & (kc[None, :] < K)
+    tl.store(idx_ptr + t[:, None] * K + kc[None, :], idx_tile.to(tl.int64), mask=om)
+    tl.store(w_ptr + t[:, None] * K + kc[None, :], w_tile, mask=om)
+    routed = om & (idx_tile >= 0)
+    hist = tl.histogram(tl.reshape(tl.where(routed, idx_tile, 0), [BT * KP]), EP,
+                        mask=tl.reshape(routed, [BT * KP]))  # fmt: skip
+    tl.atomic_add(counts_ptr + cols, hist.to(tl.int64), mask=cols < E)
 
 
 @triton.jit
@@ -183,6 +190,22 @@ def _(g_TE):
     return g_TE.new_empty(g_TE.shape[0], 2 * g_TE.shape[1], dtype=torch.bfloat16)
 
 
+_MM_OUT_DTYPE = [True]  # cleared if this torch's CUDA mm refuses out_dtype
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32 from bf16 operands: one tensor-core GEMM with fp32 output where torch has
+    it, else fp32 copies."""
+    if _MM_OUT_DTYPE[0]:
+        if torch.compiler.is_compiling():
+            return torch.mm(a, b, out_dtype=torch.float32)
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE[0] = False
+    return torch.mm(a.float(), b.float())
+
+
 class Bf16GateFp32(torch.autograd.Function):
     """logits = x @ w^T for bf16 x, w on CUDA, in fp32 without fp32 copies of x or w: one bf16
     tensor-core GEMM with fp32 accumulation and output (the products of bf16 values are exact in
@@ -193,7 +216,7 @@ class Bf16GateFp32(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, w_EH):
         ctx.save_for_backward(x_TH, w_EH)
-        return torch.mm(x_TH, w_EH.t(), out_dtype=torch.float32)
+        return _mm_f32(x_TH, w_EH.t())
 
     @staticmethod
     def backward(ctx, grad_TE):
@@ -204,7 +227,7 @@ class Bf16GateFp32(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(g_T2E, torch.cat([w_EH, w_EH], 0))
         if ctx.needs_input_grad[1]:
-            both = torch.mm(g_T2E.t(), x_TH, out_dtype=torch.float32)
+            both = _mm_f32(g_T2E.t(), x_TH)
             grad_w = (both[:E] + both[E:]).to(w_EH.dtype)
         return grad_x, grad_w
 
@@ -217,9 +240,13 @@ def bf16_gate_supported(x_TH: torch.Tensor, w_EH: torch.Tensor) -> bool:
     )
 
 
-def _meta(E: int):
+def _kp(K: int) -> int:
+    return triton.next_power_of_2(max(K, 2))
+
+
+def _meta(E: int, K: int = 1):
     EP = triton.next_power_of_2(max(E, 2))
-    BT = max(1, min(64, 4096 // EP))
+    BT = max(2, min(64, 4096 // EP))
     return EP, BT
 
 
@@ -268,23 +295,26 @@ def route_topk(
     top_p: float,
     scale: float,
     write_probs: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(idx_TK int64, weights_TK fp32, probs_TE fp32, empty unless write_probs)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(idx_TK int64, weights_TK fp32, probs_TE fp32 (empty unless write_probs), counts_E int64:
+    routed slots per expert)."""
     T, E = logits_TE.shape
+    counts = torch.zeros(E, dtype=torch.int64, device=logits_TE.device)
     if not _use_triton(logits_TE):
         idx, w, probs = _reference(logits_TE, bias_E, k, mode, norm, top_p, scale)
-        return idx, w, probs if write_probs else probs.new_empty(0)
+        counts.scatter_add_(0, idx.clamp(min=0).reshape(-1), (idx >= 0).long().reshape(-1))
+        return idx, w, probs if write_probs else probs.new_empty(0), counts
     logits_TE = logits_TE.contiguous()
     idx = torch.empty(T, k, dtype=torch.int64, device=logits_TE.device)
     w = torch.empty(T, k, dtype=torch.float32, device=logits_TE.device)
     probs = logits_TE.new_empty((T, E) if write_probs else (0,))
-    EP, BT = _meta(E)
+    EP, BT = _meta(E, k)
     if T:
         route_topk_kernel[(triton.cdiv(T, BT),)](
-            logits_TE, bias_E, idx, w, probs, T, E, top_p, scale,
-            K=k, EP=EP, BT=BT, MODE=MODES[mode], NORM=norm, WRITE_PROBS=write_probs,
+            logits_TE, bias_E, idx, w, probs, counts, T, E, top_p, scale,
+            K=k, KP=_kp(k), EP=EP, BT=BT, MODE=MODES[mode], NORM=norm, WRITE_PROBS=write_probs,
         )  # fmt: skip
-    return idx, w, probs
+    return idx, w, probs, counts
 
 
 @route_topk.register_fake
@@ -295,6 +325,7 @@ def _(logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs):
         new(T, k, dtype=torch.int64),
         new(T, k, dtype=torch.float32),
         new((T, E) if write_probs else (0,)),
+        new(E, dtype=torch.int64),
     )
 
 
@@ -314,7 +345,7 @@ def route_topk_backward(
     if not _use_triton(logits_TE):
         return _reference_backward(logits_TE, idx_TK, dw_TK, dprobs_TE, mode, norm, scale)
     dl = torch.empty_like(logits_TE)
-    EP, BT = _meta(E)
+    EP, BT = _meta(E, K)
     if T:
         has = dprobs_TE is not None
         route_topk_bwd_kernel[(triton.cdiv(T, BT),)](
@@ -333,17 +364,17 @@ def _(logits_TE, idx_TK, dw_TK, dprobs_TE, mode, norm, top_p, scale):
 class _RouteTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs):
-        idx, w, probs = call(
+        idx, w, probs, counts = call(
             route_topk, logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs
         )
         ctx.save_for_backward(logits_TE, idx)  # not the bias: it only steers selection
         ctx.args = (mode, norm, top_p, scale)
-        ctx.mark_non_differentiable(idx)
+        ctx.mark_non_differentiable(idx, counts)
         ctx.set_materialize_grads(False)
-        return idx, w, probs
+        return idx, w, probs, counts
 
     @staticmethod
-    def backward(ctx, _, dw_TK, dprobs_TE):
+    def backward(ctx, _, dw_TK, dprobs_TE, __):
         logits_TE, idx = ctx.saved_tensors
         if dw_TK is None:
             dw_TK = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
@@ -361,9 +392,10 @@ def route_topk_fused(
     scale: float = 1.0,
     write_probs: bool = False,
 ):
-    """(idx_TK, weights_TK, probs_TE or None) as select.py computes them, weights already scaled;
-    differentiable in logits through weights and probs."""
-    idx, w, probs = _RouteTopK.apply(
+    """(idx_TK, weights_TK, probs_TE or None, counts_E) as select.py computes them, weights already
+    scaled, counts = routed slots per expert; differentiable in logits through weights and
+    probs."""
+    idx, w, probs, counts = _RouteTopK.apply(
         logits_TE, bias_E, k, mode, norm, float(top_p), float(scale), write_probs
     )
-    return idx, w, probs if write_probs else None
+    return idx, w, probs if write_probs else None, counts

@@ -70,7 +70,7 @@ class Router(nn.Module):
         if self._use_kernel(logits_TE):
             from .kernels import route_topk_fused
 
-            idx_TK, weights_TK, probs_TE = route_topk_fused(
+            idx_TK, weights_TK, probs_TE, kernel_counts_E = route_topk_fused(
                 logits_TE,
                 self.expert_bias,
                 k,
@@ -116,12 +116,15 @@ class Router(nn.Module):
             capacity = expert_capacity(idx_TK.shape[0], k, E, cfg.capacity_factor)
             idx_TK, weights_TK, dropped = drop_over_capacity(idx_TK, weights_TK, E, capacity)
 
-        tokens_per_expert_E = torch.zeros(E + 1, dtype=torch.int64, device=idx_TK.device)
-        tokens_per_expert_E.scatter_add_(
-            0,
-            torch.where(idx_TK >= 0, idx_TK, E).reshape(-1),
-            torch.ones(idx_TK.numel(), dtype=torch.int64, device=idx_TK.device),
-        )
+        if self._use_kernel(logits_TE) and cfg.capacity_factor is None:
+            tokens_per_expert_E = kernel_counts_E  # counted by the routing kernel
+        else:
+            tokens_per_expert_E = torch.zeros(E + 1, dtype=torch.int64, device=idx_TK.device)
+            tokens_per_expert_E.scatter_add_(
+                0,
+                torch.where(idx_TK >= 0, idx_TK, E).reshape(-1),
+                torch.ones(idx_TK.numel(), dtype=torch.int64, device=idx_TK.device),
+            )
         return RoutingPlan(
             expert_idx_TK=idx_TK,
             weights_TK=weights_TK,

@@ -56,13 +56,17 @@ def test_route_topk_matches_select(T, E, K, mode, norm, scale):
     dp = torch.randn(T, E, generator=gen).to(DEV)
     lk = logits.clone().requires_grad_()
     lr = logits.clone().requires_grad_()
-    idx, w, probs = route_topk_fused(lk, bias, K, mode, norm, 0.6, scale, write_probs=True)
+    idx, w, probs, counts = route_topk_fused(lk, bias, K, mode, norm, 0.6, scale, True)
     ridx, rw, rprobs = reference(lr, bias, K, mode, norm, 0.6, scale)
     # decisions: compare rows whose top-k margins are not near-ties
     sel = (logits.sigmoid() + bias) if mode == "sigmoid" else logits
     top = sel.topk(min(K + 1, E), dim=-1).values
     clear = (top[:, :-1] - top[:, 1:]).abs().min(-1).values > 1e-4 if T else torch.ones(0).bool()
     assert torch.equal(idx[clear].cpu(), ridx[clear].cpu())
+    want_counts = torch.zeros(E, dtype=torch.int64)
+    used = idx.cpu() >= 0
+    want_counts.scatter_add_(0, idx.cpu()[used], torch.ones(int(used.sum()), dtype=torch.int64))
+    assert torch.equal(counts.cpu(), want_counts)  # the kernel's own ids, counted
     assert clear.float().mean() > 0.9 if T else True
     torch.testing.assert_close(w[clear], rw[clear], rtol=1e-5, atol=1e-6)
     if mode != "sigmoid":  # sigmoid probs for the aux loss are normalised affinities: not served

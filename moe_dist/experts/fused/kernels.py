@@ -100,19 +100,18 @@ def slot_rank_kernel(
 
 @triton.jit
 def gather_rows_kernel(
-    x_ptr, row_slot_ptr, ends_ptr, out_ptr, E, H, K, BLOCK_H: tl.constexpr, ROWS: tl.constexpr
+    x_ptr, row_slot_ptr, ends_ptr, out_ptr, E, H, K, ROWS: tl.constexpr, BLOCK_H: tl.constexpr
 ):
-    """out[r] = x[row_slot[r] // K] for the used rows r < ends[E-1] (expert-major token rows)."""
-    total = tl.load(ends_ptr + E - 1)
-    for i in range(ROWS):
-        r = tl.program_id(0) * ROWS + i
-        if r < total:
-            t = (tl.load(row_slot_ptr + r) // K).to(tl.int64)
-            for h0 in range(0, H, BLOCK_H):
-                offs = h0 + tl.arange(0, BLOCK_H)
-                m = offs < H
-                v = tl.load(x_ptr + t * H + offs, mask=m)
-                tl.store(out_ptr + r.to(tl.int64) * H + offs, v, mask=m)
+    """out[r] = x[row_slot[r] // K] for the used rows r < ends[E-1] (expert-major token rows).
+    A [ROWS, BLOCK_H] tile per program (grid: row tiles x column tiles), no inner loop: many
+    independent loads in flight."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    used = r < tl.load(ends_ptr + E - 1)
+    t = (tl.load(row_slot_ptr + r, mask=used, other=0) // K).to(tl.int64)
+    m = used[:, None] & (offs[None, :] < H)
+    v = tl.load(x_ptr + t[:, None] * H + offs[None, :], mask=m)
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * H + offs[None, :], v, mask=m)
 
 
 @triton.jit
@@ -129,20 +128,24 @@ def reduce_rows_kernel(
     BLOCK_H: tl.constexpr,
 ):
     """out[t] = sum_k y[pos[t, k]] in fp32 (a gather-reduce: no atomics, unused slots read
-    nothing); with HAS_VALS also vals_out[t, k] = vals[pos[t, k]] (0 for unused slots)."""
+    nothing); with HAS_VALS also vals_out[t, k] = vals[pos[t, k]] (0 for unused slots).
+    Grid: tokens x column tiles; one [KP, BLOCK_H] tile per program."""
     t = tl.program_id(0).to(tl.int64)
     kk = tl.arange(0, KP)
     p = tl.load(pos_ptr + t * K + kk, mask=kk < K, other=-1)
     if HAS_VALS:
-        v = tl.load(vals_ptr + p, mask=p >= 0, other=0.0)
-        tl.store(vals_out_ptr + t * K + kk, v, mask=kk < K)
-    rows = p.to(tl.int64)[:, None] * H
-    for h0 in range(0, H, BLOCK_H):
-        offs = h0 + tl.arange(0, BLOCK_H)
-        m = offs < H
-        y = tl.load(y_ptr + rows + offs[None, :], mask=(p[:, None] >= 0) & m[None, :], other=0.0)
-        acc = tl.sum(y.to(tl.float32), axis=0)
-        tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+        if tl.program_id(1) == 0:
+            v = tl.load(vals_ptr + p, mask=p >= 0, other=0.0)
+            tl.store(vals_out_ptr + t * K + kk, v, mask=kk < K)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m = offs < H
+    y = tl.load(
+        y_ptr + p.to(tl.int64)[:, None] * H + offs[None, :],
+        mask=(p[:, None] >= 0) & m[None, :],
+        other=0.0,
+    )
+    acc = tl.sum(y.to(tl.float32), axis=0)
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit

@@ -40,6 +40,39 @@ def call(op, *args):
     return op(*args) if torch.compiler.is_compiling() else op.eager(*args)
 
 
+_TUNED: dict = {}
+
+
+def _tuned(kernel, kind: str, H: int, KP: int = 1):
+    """(launchable, meta): on a GPU the row kernels pick their tile by Triton's autotuner (they are
+    pure functions of their inputs, so the trial runs are harmless); the interpreter gets one
+    fixed tile."""
+    if _TRITON_ON_CPU:
+        block = min(_pow2(H), 16)  # several column tiles and a masked tail on small H
+        return kernel, dict(BLOCK_H=block, ROWS=4) if kind == "gather" else dict(BLOCK_H=block)
+    if kind not in _TUNED:
+        if kind == "gather":
+            configs = [
+                triton.Config(dict(ROWS=r, BLOCK_H=b), num_warps=w)
+                for r, b, w in [
+                    (4, 1024, 4),
+                    (8, 1024, 8),
+                    (4, 2048, 8),
+                    (16, 512, 8),
+                    (2, 2048, 4),
+                ]
+            ]
+            key = ["H"]
+        else:
+            configs = [
+                triton.Config(dict(BLOCK_H=b), num_warps=w)
+                for b, w in [(256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8)]
+            ]
+            key = ["H", "K"]
+        _TUNED[kind] = triton.autotune(configs=configs, key=key)(kernel)
+    return _TUNED[kind], {}
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -102,12 +135,10 @@ def gather_rows(
     x_TH = x_TH.contiguous()
     R, H = row_slot_R.numel(), x_TH.shape[1]
     out = x_TH.new_empty(R, H)
-    rows = 4
     if R and H:
-        block = min(_pow2(H), 2048)
-        gather_rows_kernel[(triton.cdiv(R, rows),)](
-            x_TH, row_slot_R, ends_E, out, ends_E.numel(), H, k, BLOCK_H=block, ROWS=rows
-        )
+        kernel, meta = _tuned(gather_rows_kernel, "gather", H)
+        grid = lambda m: (triton.cdiv(R, m["ROWS"]), triton.cdiv(H, m["BLOCK_H"]))  # noqa: E731
+        kernel[grid](x_TH, row_slot_R, ends_E, out, ends_E.numel(), H, k, **meta)
     return out
 
 
@@ -139,8 +170,9 @@ def reduce_rows(
     )
     if T:
         KP = max(_pow2(K), 2)
-        block = max(min(_pow2(H), 4096 // KP), 16)
-        reduce_rows_kernel[(T,)](
+        kernel, meta = _tuned(reduce_rows_kernel, "reduce", H, KP)
+        grid = lambda m: (T, triton.cdiv(H, m["BLOCK_H"]))  # noqa: E731
+        kernel[grid](
             y_RH,
             pos_TK.contiguous(),
             out,
@@ -150,7 +182,7 @@ def reduce_rows(
             K=K,
             KP=KP,
             HAS_VALS=has_vals,
-            BLOCK_H=block,
+            **meta,
         )
     return out, vals_TK
 
