@@ -54,19 +54,13 @@ def _tuned(kernel, kind: str, H: int, KP: int = 1):
         if kind == "gather":
             configs = [
                 triton.Config(dict(ROWS=r, BLOCK_H=b), num_warps=w)
-                for r, b, w in [
-                    (4, 1024, 4),
-                    (8, 1024, 8),
-                    (4, 2048, 8),
-                    (16, 512, 8),
-                    (2, 2048, 4),
-                ]
+                for r, b, w in [(4, 1024, 4), (8, 1024, 8), (16, 512, 8)]
             ]
             key = ["H"]
         else:
             configs = [
                 triton.Config(dict(BLOCK_H=b), num_warps=w)
-                for b, w in [(256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8)]
+                for b, w in [(256, 4), (512, 4), (1024, 8)]
             ]
             key = ["H", "K"]
         _TUNED[kind] = triton.autotune(configs=configs, key=key)(kernel)
