@@ -10,6 +10,7 @@ gemm_only   only the four grouped GEMMs of the layer's own routed layout (its co
             layout) forward and backward: what the fused path is measured against
 floor       the same GEMMs on a perfectly balanced layout
 hf_loop     Hugging Face Mixtral-style per-expert loop (same router and weights; slow, opt-in)
+deepspeed   deepspeed.moe.layer.MoE, dropless top-k, same expert shape (opt-in: --skip "")
 
 Each variant is checked against an oracle before it is timed (moe_dist: the HF loop forward and
 the previous path's gradients; SonicMoE: its own torch backend). Gradients are set to None between
@@ -31,7 +32,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import peak_memory_mb, save_results, time_ms  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    init_single_process_group,
+    peak_memory_mb,
+    save_results,
+    time_ms,
+)
 from moe_dist import MoEConfig, MoELayer  # noqa: E402
 
 CONFIGS = {  # tokens, hidden, ffn, experts, top-k
@@ -188,6 +194,42 @@ def sonic_variant(layer, x, grad):
     return run, err
 
 
+class _SwiGLU(torch.nn.Module):
+    """One expert as DeepSpeed sees it."""
+
+    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor):
+        super().__init__()
+        self.w_in = torch.nn.Parameter(w_in.clone())
+        self.w_out = torch.nn.Parameter(w_out.clone())
+
+    def forward(self, x):
+        gate, up = F.linear(x, self.w_in).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w_out)
+
+
+def deepspeed_variant(layer, x, grad):
+    init_single_process_group()
+    from deepspeed.moe.layer import MoE
+
+    ds = MoE(
+        layer.cfg.hidden_size,
+        _SwiGLU(layer.experts.w_in[0].detach(), layer.experts.w_out[0].detach()),
+        num_experts=layer.cfg.num_experts,
+        ep_size=1,
+        k=layer.cfg.top_k,
+        capacity_factor=1.0,
+        drop_tokens=False,
+        use_rts=False,
+        top2_2nd_expert_sampling=False,
+    ).to(x.device, x.dtype)
+
+    def run():
+        out, _, _ = ds(x.unsqueeze(0))
+        out.squeeze(0).backward(grad)
+
+    return run
+
+
 def kernels_per_step(fn, device) -> tuple[int, list]:
     """CUDA kernels one call of fn launches, and the top kernels by time."""
     from torch.profiler import ProfilerActivity, profile
@@ -218,7 +260,7 @@ def main(argv=None):
     p.add_argument("--configs", default=None, help="comma-separated names (default: all)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--skip", default="hf_loop", help="comma-separated variants to skip")
+    p.add_argument("--skip", default="hf_loop,deepspeed", help="comma-separated variants to skip")
     p.add_argument(
         "--only", default=None, help="comma-separated variants to run (checks still run)"
     )
@@ -248,6 +290,11 @@ def main(argv=None):
             "floor": routed_gemm_only(layer, x, device, dtype, balanced=True),
             "hf_loop": lambda: hf_loop_forward(layer, x).backward(grad),
         }
+        if "deepspeed" not in skip and (only is None or "deepspeed" in only):
+            try:
+                variants["deepspeed"] = deepspeed_variant(layer, x, grad)
+            except Exception as e:  # noqa: BLE001 - reported; the other variants still run
+                print(f"[{name}] deepspeed unavailable: {type(e).__name__}: {e}")
         if (
             device.type == "cuda"
             and "sonicmoe" not in skip
