@@ -194,8 +194,8 @@ def sonic_variant(layer, x, grad):
     return run, err
 
 
-class _SwiGLU(torch.nn.Module):
-    """One expert as DeepSpeed sees it."""
+class SwiGLU(torch.nn.Module):
+    """One expert as DeepSpeed sees it (benchmarks/sweep.py uses it too)."""
 
     def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor):
         super().__init__()
@@ -213,7 +213,7 @@ def deepspeed_variant(layer, x, grad):
 
     ds = MoE(
         layer.cfg.hidden_size,
-        _SwiGLU(layer.experts.w_in[0].detach(), layer.experts.w_out[0].detach()),
+        SwiGLU(layer.experts.w_in[0].detach(), layer.experts.w_out[0].detach()),
         num_experts=layer.cfg.num_experts,
         ep_size=1,
         k=layer.cfg.top_k,
