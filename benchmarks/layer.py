@@ -24,21 +24,19 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     init_single_process_group,
     peak_memory_mb,
     save_results,
     time_ms,
 )
-from moe_dist import MoEConfig, MoELayer  # noqa: E402
+from benchmarks.peers import deepspeed_like
+from moe_dist import MoEConfig, MoELayer
 
 CONFIGS = {  # tokens, hidden, ffn, experts, top-k
     "olmoe": (16384, 2048, 1024, 64, 8),
@@ -50,7 +48,8 @@ SMOKE_CONFIGS = {"mixtral": (64, 32, 64, 4, 2), "olmoe": (96, 32, 16, 16, 8)}
 
 
 def hf_loop_forward(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """Mixtral's MixtralSparseMoeBlock.forward, written against MoELayer's weights."""
+    """Mixtral's MixtralSparseMoeBlock.forward on MoELayer's weights, the weighted sum in fp32 (the
+    oracle of the checks; benchmarks.peers.hf_loop_forward sums in the input dtype)."""
     probs = F.softmax(F.linear(x.float(), layer.router.weight.float()), dim=-1)
     w, idx = probs.topk(layer.cfg.top_k, dim=-1)
     w = w / w.sum(-1, keepdim=True)
@@ -194,34 +193,10 @@ def sonic_variant(layer, x, grad):
     return run, err
 
 
-class SwiGLU(torch.nn.Module):
-    """One expert as DeepSpeed sees it (benchmarks/sweep.py uses it too)."""
-
-    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor):
-        super().__init__()
-        self.w_in = torch.nn.Parameter(w_in.clone())
-        self.w_out = torch.nn.Parameter(w_out.clone())
-
-    def forward(self, x):
-        gate, up = F.linear(x, self.w_in).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w_out)
-
-
 def deepspeed_variant(layer, x, grad):
+    """benchmarks.peers' DeepSpeed MoE holding this layer's router and expert weights."""
     init_single_process_group()
-    from deepspeed.moe.layer import MoE
-
-    ds = MoE(
-        layer.cfg.hidden_size,
-        SwiGLU(layer.experts.w_in[0].detach(), layer.experts.w_out[0].detach()),
-        num_experts=layer.cfg.num_experts,
-        ep_size=1,
-        k=layer.cfg.top_k,
-        capacity_factor=1.0,
-        drop_tokens=False,
-        use_rts=False,
-        top2_2nd_expert_sampling=False,
-    ).to(x.device, x.dtype)
+    ds = deepspeed_like(layer, 1, x.device, x.dtype)
 
     def run():
         out, _, _ = ds(x.unsqueeze(0))
