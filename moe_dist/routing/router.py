@@ -56,11 +56,21 @@ class Router(nn.Module):
             if cfg.router_bias
             else None
         )
+        # None: the fused routing kernel (routing/kernels.py) on CUDA where it serves the router.
+        self.fused_routing: bool | None = None
 
     def logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         # fp32 gate: top-k on bf16 logits flips near-ties, which would break EP=N == EP=1
         # comparisons.
-        logits_TE = _Fp32Gate.apply(x_TH, self.weight)
+        if self.fused_routing is not False and x_TH.is_cuda:
+            from .kernels import Bf16GateFp32, bf16_gate_supported
+
+            if bf16_gate_supported(x_TH, self.weight):
+                logits_TE = Bf16GateFp32.apply(x_TH, self.weight)
+            else:
+                logits_TE = _Fp32Gate.apply(x_TH, self.weight)
+        else:
+            logits_TE = _Fp32Gate.apply(x_TH, self.weight)
         return logits_TE if self.bias is None else logits_TE + self.bias.float()
 
     def forward(self, x_TH: torch.Tensor, logits_TE: torch.Tensor | None = None) -> RoutingPlan:
@@ -68,7 +78,20 @@ class Router(nn.Module):
         if logits_TE is None:
             logits_TE = self.logits(x_TH)
         k, E = cfg.top_k, cfg.num_experts
-        if cfg.router == "softmax":
+        if self._use_kernel(logits_TE):
+            from .kernels import route_topk_fused
+
+            idx_TK, weights_TK, probs_TE, kernel_counts_E = route_topk_fused(
+                logits_TE,
+                self.expert_bias,
+                k,
+                cfg.router,
+                cfg.norm_topk_prob,
+                cfg.top_p,
+                cfg.routed_scaling_factor,
+                write_probs=bool(cfg.aux_loss_coef),
+            )
+        elif cfg.router == "softmax":
             bias_E = self.expert_bias if cfg.softmax_selection_bias else None
             idx_TK, weights_TK, probs_TE = softmax_topk(logits_TE, k, cfg.norm_topk_prob, bias_E)
         elif cfg.router == "group_limited":
@@ -86,7 +109,7 @@ class Router(nn.Module):
             )
         else:
             idx_TK, weights_TK, probs_TE = top_p_select(logits_TE, k, cfg.top_p, cfg.norm_topk_prob)
-        if cfg.routed_scaling_factor != 1.0:
+        if cfg.routed_scaling_factor != 1.0 and not self._use_kernel(logits_TE):
             weights_TK = weights_TK * cfg.routed_scaling_factor
 
         aux = (
@@ -105,12 +128,15 @@ class Router(nn.Module):
             capacity = expert_capacity(idx_TK.shape[0], k, E, cfg.capacity_factor)
             idx_TK, weights_TK, dropped = drop_over_capacity(idx_TK, weights_TK, E, capacity)
 
-        tokens_per_expert_E = torch.zeros(E + 1, dtype=torch.int64, device=idx_TK.device)
-        tokens_per_expert_E.scatter_add_(
-            0,
-            torch.where(idx_TK >= 0, idx_TK, E).reshape(-1),
-            torch.ones(idx_TK.numel(), dtype=torch.int64, device=idx_TK.device),
-        )
+        if self._use_kernel(logits_TE) and cfg.capacity_factor is None:
+            tokens_per_expert_E = kernel_counts_E  # counted by the routing kernel
+        else:
+            tokens_per_expert_E = torch.zeros(E + 1, dtype=torch.int64, device=idx_TK.device)
+            tokens_per_expert_E.scatter_add_(
+                0,
+                torch.where(idx_TK >= 0, idx_TK, E).reshape(-1),
+                torch.ones(idx_TK.numel(), dtype=torch.int64, device=idx_TK.device),
+            )
         return RoutingPlan(
             expert_idx_TK=idx_TK,
             weights_TK=weights_TK,
@@ -119,6 +145,18 @@ class Router(nn.Module):
             dropped_tokens=dropped,
             may_have_unused_slots=cfg.router == "top_p" or cfg.capacity_factor is not None,
         )
+
+    def _use_kernel(self, logits_TE: torch.Tensor) -> bool:
+        """The fused kernel serves softmax, top-p and ungrouped sigmoid routing (sigmoid's
+        load-balancing "probabilities" are normalised affinities, which it does not write)."""
+        cfg = self.cfg
+        # (the selection bias on softmax probabilities, ERNIE-4.5's, is not in the kernel)
+        served = (cfg.router in ("softmax", "top_p") and not cfg.softmax_selection_bias) or (
+            cfg.router == "sigmoid" and cfg.num_expert_groups <= 1 and not cfg.aux_loss_coef
+        )
+        if self.fused_routing is False or not served:
+            return False
+        return bool(self.fused_routing) or logits_TE.is_cuda
 
     @torch.no_grad()
     def update_bias(self, global_tokens_per_expert_E: torch.Tensor) -> None:

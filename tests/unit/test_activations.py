@@ -189,3 +189,30 @@ def test_input_scaled_routing_is_the_same_in_chunks(top_k):
     x = torch.randn(17, 16, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(chunked(x).output, one(x).output)
     torch.testing.assert_close(one(x).output, _oracle(one, x), rtol=1e-5, atol=1e-5)
+
+
+def test_forced_fused_local_path_keeps_expert_biases():
+    """The local transport's fused expert path has no biases: a biased layer must not take it."""
+    cfg = _family_cfg(expert_ffn_bias=True, router_bias=True)
+    torch.manual_seed(8)
+    layer = MoELayer(cfg)
+    _randomise(layer, seed=9)
+    layer.transport.fused = True  # forces the fused path where it applies (CPU: its oracle ops)
+    x = torch.randn(13, 16, generator=torch.Generator().manual_seed(10))
+    torch.testing.assert_close(layer(x).output, _oracle(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_forced_routing_kernel_keeps_the_softmax_selection_bias():
+    """The fused routing kernel has no selection bias on softmax probabilities (ERNIE-4.5)."""
+    cfg = _family_cfg(softmax_selection_bias=True)
+    torch.manual_seed(11)
+    layer = MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.expert_bias.copy_(torch.randn(4, generator=torch.Generator().manual_seed(12)))
+    x = torch.randn(29, 16, generator=torch.Generator().manual_seed(13))
+    layer.router.fused_routing = False
+    expected = layer.router(x)
+    layer.router.fused_routing = True  # forces the kernel where it applies (CPU: its oracle)
+    plan = layer.router(x)
+    assert torch.equal(plan.expert_idx_TK, expected.expert_idx_TK)
+    torch.testing.assert_close(plan.weights_TK, expected.weights_TK)
