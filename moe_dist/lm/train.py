@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from moe_dist import MoELayer, ParallelGroups, init_distributed
-from moe_dist.training.clip import clip_grad_norm_
 
 from .cli import SIZES, TRAINER_FILE, model_configs, parse_args, preset  # noqa: F401 (re-exported)
 from .data import ByteCorpus, local_rows, rows_per_rank
@@ -70,6 +69,8 @@ class ReplicatedBackend:
     def step(self, lr: float) -> float | None:
         """Reduces gradients, clips, steps; returns the global gradient norm before clipping (None:
         no clip)."""
+        from moe_dist.training.clip import clip_grad_norm_  # torch.distributed.tensor: slow import
+
         self.reduce_gradients()
         norm = (
             clip_grad_norm_(self.model.parameters(), self.clip, self.groups)
