@@ -33,12 +33,13 @@ TELEMETRY_LEGEND = (
 
 def flops_per_token(model_cfg, moe_cfg, vocab_size: int = 256) -> float:
     """Training FLOPs per token (forward + backward = 6 x multiply-adds of the active weights,
-    plus attention scores), the nanoGPT/PaLM estimate. Experts count top_k x iterations times."""
+    plus attention scores), the nanoGPT/PaLM estimate. Routed experts count top_k x iterations
+    times, shared experts and routers once per Chain-of-Experts iteration."""
     d, L, S = model_cfg.d_model, model_cfg.n_layers, model_cfg.max_seq_len
     in_width = 2 if moe_cfg.activation == "swiglu" else 1
     expert = (in_width + 1) * d * moe_cfg.ffn_hidden_size
     routed = moe_cfg.top_k * model_cfg.coe_iterations * expert
-    shared = (in_width + 1) * d * moe_cfg.shared_hidden
+    shared = model_cfg.coe_iterations * (in_width + 1) * d * moe_cfg.shared_hidden
     router = model_cfg.coe_iterations * d * moe_cfg.num_experts
     per_layer = 4 * d * d + routed + shared + router
     return 6.0 * (L * per_layer + d * vocab_size) + 12.0 * L * d * S
