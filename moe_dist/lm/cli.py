@@ -256,6 +256,12 @@ def build_parser() -> TrainerArgumentParser:
         default="auto",
         help="tqdm progress bar on stderr; auto: only when stderr is a terminal",
     )
+    log.add_argument(
+        "--check-args",
+        action="store_true",
+        help="check the flags as a rank of WORLD_SIZE processes would, then exit (0: all good);"
+        " launch/torchrun_single_node.sh does this before starting the ranks",
+    )
     log.add_argument("--save", default=None, metavar="DIR", help="checkpoint here at the end")
     log.add_argument(
         "--save-every", type=int, default=0, help="also checkpoint every N steps (0: only the end)"

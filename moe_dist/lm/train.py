@@ -288,6 +288,8 @@ def validation_loss(model, corpus, batch_size, seq_len, n_batches, groups, devic
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # every flag checked before any process group exists (cli.py)
+    if args.check_args:
+        return 0
     rank, world, device = init_distributed()
     groups = ParallelGroups(ep_size=args.ep)
     on_gpu = device.type == "cuda"

@@ -154,3 +154,23 @@ def test_checkpoint_backend_is_read_from_the_record_or_the_files(tmp_path):
     (tmp_path / "c" / "mp_rank_00_model_states.pt").write_bytes(b"")
     assert checkpoint_backend(tmp_path / "c") == "deepspeed"
     assert checkpoint_backend(tmp_path) is None
+
+
+def test_the_launch_script_checks_the_flags_before_starting_ranks():
+    """The README's main command with a bad flag: one line from the pre-check, exit 2, and no
+    torchrun report (no rank was started)."""
+    env = {**os.environ, "NPROC": "2"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "torchrun_single_node.sh"), "--ep", "3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc
+    assert proc.stdout == "" and proc.stderr.splitlines() == [
+        f"{PROG}: error: --ep 3 does not divide the number of processes (2); use a divisor of 2"
+        " (see --help)"
+    ], proc.stderr
