@@ -111,7 +111,8 @@ class TrainerArgumentParser(argparse.ArgumentParser):
     torchrun every rank parses the same flags and fails the same way."""
 
     def error(self, message: str):
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        local_rank = os.environ.get("LOCAL_RANK") or os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK")
+        if local_rank in (None, "0"):
             print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
         sys.exit(2)
 
