@@ -4,30 +4,23 @@ uninterrupted curve; --coe-iterations 2 trains the example model with Chain-of-E
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import assert_ran, torchrun
+
 FAST = ["--max-bytes", "2000000", "--log-every", "10"]
 
 
-def torchrun(*args: str, timeout: float = 240, expect: int | None = 0):
-    """stdout of a 2-process torchrun of the trainer that must exit `expect`; with expect=None,
-    the CompletedProcess."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "moe_dist.lm.train", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if expect is None:
-        return proc
-    assert proc.returncode == expect, (f"{' '.join(cmd)} exited {proc.returncode}:\n"
-                                       f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc.stdout
+def train(*args: str, timeout: float = 240) -> str:
+    """`torchrun --nproc-per-node 2 -m moe_dist.lm.train ARGS`; its stdout."""
+    return assert_ran(torchrun(2, "-m", "moe_dist.lm.train", *args, timeout=timeout))
+
+
+def train_failing(*args: str, timeout: float = 240):
+    """The same, for runs expected to fail: the CompletedProcess."""
+    return torchrun(2, "-m", "moe_dist.lm.train", *args, timeout=timeout)
 
 
 def read_curve(path: Path) -> dict:
@@ -37,9 +30,9 @@ def read_curve(path: Path) -> dict:
 
 
 def test_fsdp_trainer_loss_falls_and_resume_repeats_the_curve(tmp_path):
-    out = torchrun("--ep", "2", "--backend", "fsdp", "--steps", "40", "--save", str(tmp_path / "run"),
-                   "--save-every", "20", "--json", str(tmp_path / "full.json"), "--val-every", "20",
-                   "--metrics-jsonl", str(tmp_path / "metrics.jsonl"), *FAST)
+    out = train("--ep", "2", "--backend", "fsdp", "--steps", "40", "--save", str(tmp_path / "run"),
+                "--save-every", "20", "--json", str(tmp_path / "full.json"), "--val-every", "20",
+                "--metrics-jsonl", str(tmp_path / "metrics.jsonl"), *FAST)
     full = read_curve(tmp_path / "full.json")
     assert f"final loss {full['final_loss']:.4f} (start {full['first_loss']:.4f}" in out, out
     assert full["final_loss"] < full["first_loss"] - 1.0, full  # bytes: ln(256) = 5.5 at the start
@@ -59,7 +52,7 @@ def test_fsdp_trainer_loss_falls_and_resume_repeats_the_curve(tmp_path):
     assert (tmp_path / "run" / "step_20" / "moe_dist.json").is_file()
     assert (tmp_path / "run" / "latest").read_text() == "step_40"
 
-    torchrun("--ep", "2", "--backend", "fsdp", "--steps", "40", "--resume", str(tmp_path / "run" / "step_20"),
+    train("--ep", "2", "--backend", "fsdp", "--steps", "40", "--resume", str(tmp_path / "run" / "step_20"),
              "--json", str(tmp_path / "resumed.json"), *FAST)
     resumed = read_curve(tmp_path / "resumed.json")
     assert resumed["start_step"] == 20
@@ -68,19 +61,19 @@ def test_fsdp_trainer_loss_falls_and_resume_repeats_the_curve(tmp_path):
 
 def test_deepspeed_trainer_loss_falls_and_resume_repeats_the_curve(tmp_path):
     common = ["--ep", "2", "--backend", "deepspeed", "--zero-stage", "2", "--steps", "30", *FAST]
-    torchrun(*common, "--save", str(tmp_path / "ds"), "--save-every", "15", "--json", str(tmp_path / "full.json"))
+    train(*common, "--save", str(tmp_path / "ds"), "--save-every", "15", "--json", str(tmp_path / "full.json"))
     full = read_curve(tmp_path / "full.json")
     assert full["final_loss"] < full["first_loss"] - 1.0, full
     assert (tmp_path / "ds" / "step_15" / "layer_0_expert_7_mp_rank_00_model_states.pt").is_file()
     # Another backend cannot read DeepSpeed's format: one line per node, exit 2, before any
     # process group (so no traceback from the trainer; torchrun reports the exit code itself).
-    bad = torchrun(*common, "--backend", "fsdp", "--resume", str(tmp_path / "ds"), expect=None)
+    bad = train_failing(*common, "--backend", "fsdp", "--resume", str(tmp_path / "ds"))
     lines = [line for line in bad.stderr.splitlines() if "moe_dist.lm.train: error" in line]
     assert bad.returncode != 0 and len(lines) == 1, bad.stderr
     assert "was written with --backend deepspeed" in lines[0] and "--backend fsdp" in lines[0]
     assert 'moe_dist/lm' not in bad.stderr  # no frame of ours in any traceback
 
-    torchrun(*common, "--resume", str(tmp_path / "ds" / "step_15"), "--json", str(tmp_path / "resumed.json"))
+    train(*common, "--resume", str(tmp_path / "ds" / "step_15"), "--json", str(tmp_path / "resumed.json"))
     resumed = read_curve(tmp_path / "resumed.json")
     assert resumed["start_step"] == 15
     assert resumed["losses"] == pytest.approx(full["losses"][15:], rel=1e-5, abs=1e-5)
@@ -89,7 +82,7 @@ def test_deepspeed_trainer_loss_falls_and_resume_repeats_the_curve(tmp_path):
 def test_trainer_selects_chain_of_experts_and_its_loss_falls(tmp_path):
     """--coe-iterations 2 builds Chain-of-Experts FFNs (FSDP2, EP=2: the extra routers stay inside
     their block's FSDP unit), says so, records it in the JSON, and trains."""
-    out = torchrun("--ep", "2", "--backend", "fsdp", "--steps", "20", "--coe-iterations", "2",
+    out = train("--ep", "2", "--backend", "fsdp", "--steps", "20", "--coe-iterations", "2",
                    "--json", str(tmp_path / "coe.json"), *FAST)
     run = read_curve(tmp_path / "coe.json")
     assert run["coe_iterations"] == 2 and run["args"]["coe_iterations"] == 2, run
@@ -106,7 +99,7 @@ def test_trainer_selects_chain_of_experts_and_its_loss_falls(tmp_path):
 def test_bad_flag_under_torchrun_is_one_line_without_traceback():
     """--ep 3 on 2 processes: local rank 0 prints one line naming the flag, both exit 2 before any
     rendezvous; torchrun then reports the failed workers (its own report, no frame of ours)."""
-    proc = torchrun("--ep", "3", "--steps", "5", expect=None, timeout=120)
+    proc = train_failing("--ep", "3", "--steps", "5", timeout=120)
     ours = [line for line in (proc.stdout + proc.stderr).splitlines() if "moe_dist.lm.train:" in line]
     assert ours == ["python -m moe_dist.lm.train: error: --ep 3 does not divide the number of"
                     " processes (2); use a divisor of 2 (see --help)"], proc.stderr
@@ -118,6 +111,6 @@ def test_resume_across_fsdp_and_replicated(tmp_path):
     """fsdp and none write the same checkpoint format (any sharding, any EP size): a checkpoint of
     one resumes under the other."""
     fast = ["--steps", "4", "--log-every", "2", "--max-bytes", "200000", "--telemetry-every", "0"]
-    torchrun("--backend", "none", *fast[:1], "2", *fast[2:], "--save", str(tmp_path / "run"))
-    out = torchrun("--backend", "fsdp", *fast, "--resume", str(tmp_path / "run"))
+    train("--backend", "none", *fast[:1], "2", *fast[2:], "--save", str(tmp_path / "run"))
+    out = train("--backend", "fsdp", *fast, "--resume", str(tmp_path / "run"))
     assert "resumed from" in out and "at step 2" in out, out
