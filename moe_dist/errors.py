@@ -29,7 +29,7 @@ NONFINITE_LOGITS = 1
 BUFFER_OVERFLOW = 2
 PEER_TIMEOUT = 4
 _MESSAGES = {
-    NONFINITE_LOGITS: (NonFiniteRouterLogits, "router logits contained NaN or Inf"),
+    NONFINITE_LOGITS: (NonFiniteRouterLogits, "router logits (or expert_bias) held NaN or Inf"),
     BUFFER_OVERFLOW: (
         BufferOverflow,
         "more tokens were routed than the transport's receive buffer holds",

@@ -2,7 +2,7 @@
 where tokens travel is its transport's business (transport/), which ranks exist is parallel/'s.
 
 Legend: T tokens on this rank, H hidden, E experts, K slots per token, M rows received by local
-experts. """
+experts."""
 
 from __future__ import annotations
 
@@ -95,11 +95,7 @@ class MoELayer(nn.Module):
     # -- the forward, in data-flow order
     # -------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> MoEOutput:
-        if x.shape[-1] != self.cfg.hidden_size:
-            raise ValueError(
-                f"input hidden size ({x.shape[-1]}) does not match MoEConfig.hidden_size "
-                f"({self.cfg.hidden_size}) in MoE layer '{self.name}'"
-            )
+        self._check_input(x)
         x_TH = x.reshape(-1, x.shape[-1])
         # On CUDA the shared experts run on a side stream from here on, while tokens route and
         # travel.
@@ -149,18 +145,48 @@ class MoELayer(nn.Module):
 
     # -- errors
     # ------------------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        where = f"MoE layer '{self.name}'"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1:
+            raise ValueError(f"{where}: input must have >= 1 dims [..., hidden], got shape []")
+        if x.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(
+                f"input hidden size ({x.shape[-1]}) does not match MoEConfig.hidden_size "
+                f"({self.cfg.hidden_size}) in {where}"
+            )
+        w = self.router.weight
+        if x.device != w.device:
+            raise ValueError(
+                f"{where}: input is on {x.device}, the layer's parameters on {w.device}"
+            )
+        # Under autocast the matmuls cast for themselves; otherwise a mismatch would surface only
+        # inside the grouped GEMM, after tokens have travelled.
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"{where}: input dtype {x.dtype} does not match the layer's parameter dtype "
+                f"{w.dtype}"
+            )
+
     def _check_finite(self, logits_TE: torch.Tensor) -> None:
+        # The sigmoid router's bias steers selection: a NaN there (a corrupt checkpoint) would
+        # send every token to one expert, so it is checked with the logits.
+        bias_E = self.router.expert_bias if self.cfg.router == "sigmoid" else None
         bad = ~torch.isfinite(logits_TE).all()
+        if bias_E is not None:
+            bad = bad | ~torch.isfinite(bias_E).all()
         if self.cfg.error_check == "deferred":
             if self.error_flags is None:
                 self.error_flags = DeviceErrorFlags(self.name, logits_TE.device)
             self.error_flags.record(NONFINITE_LOGITS, bad, self.step)
         elif bool(bad):
             rows = int((~torch.isfinite(logits_TE)).any(-1).sum())
-            raise NonFiniteRouterLogits(
-                f"MoE layer '{self.name}', step {self.step}: router logits contain "
-                f"NaN or Inf for {rows} of {logits_TE.shape[0]} tokens"
-            )
+            what = f"router logits contain NaN or Inf for {rows} of {logits_TE.shape[0]} tokens"
+            if bias_E is not None and not bool(torch.isfinite(bias_E).all()):
+                n = int((~torch.isfinite(bias_E)).sum())
+                what = f"router expert_bias holds NaN or Inf for {n} of {bias_E.numel()} experts"
+            raise NonFiniteRouterLogits(f"MoE layer '{self.name}', step {self.step}: {what}")
 
     def check_errors(self) -> None:
         """Raises what a deferred-check forward recorded on the device (synchronises)."""
