@@ -6,6 +6,8 @@ every test far below gloo's 300 s default (the layers use a few seconds' peer_ti
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,9 +22,7 @@ LIMIT_S = 45  # each test's bound; the 300 s process-group default is never reac
 
 
 def cfg(**kw) -> MoEConfig:
-    base = dict(
-        hidden_size=H, ffn_hidden_size=16, num_experts=4, top_k=2, transport="collective"
-    )
+    base = dict(hidden_size=H, ffn_hidden_size=16, num_experts=4, top_k=2, transport="collective")
     base.update(kw)
     return MoEConfig(**base)
 
@@ -39,3 +39,45 @@ def scenario_clip_refuses_groups_none():
 
 def test_clip_refuses_groups_none_at_ep2():
     run_distributed(scenario_clip_refuses_groups_none, WORLD, timeout_s=LIMIT_S)
+
+
+# -- case 4: DeepSpeed checkpoints load with weights_only=True --------------------------------------
+class _Exploit:
+    """Unpickling this runs open(marker, 'w'): the stand-in for arbitrary code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def scenario_deepspeed_refuses_malicious_pickle(root: str):
+    from moe_dist.training import deepspeed as moe_ds
+
+    from .test_training_checkpoint import trainer
+
+    base, groups = trainer(ep=WORLD, backend="deepspeed")
+    try:
+        base.engine.save_checkpoint(root, tag="t")
+        dist.barrier()
+        # A resume of the untouched checkpoint works with weights_only loading (ZeRO state too).
+        base.engine.load_checkpoint(root, tag="t")
+        marker = f"{root}/pwned"
+        target = f"{root}/t/mp_rank_00_model_states.pt"  # every rank reads it
+        if dist.get_rank() == 0:
+            state = torch.load(target, map_location="cpu", weights_only=False)  # test's own file
+            state["innocent_looking"] = _Exploit(marker)
+            torch.save(state, target)
+        dist.barrier()
+        with pytest.raises(moe_ds.UnsafeCheckpoint, match=r"cannot be loaded safely .*open"):
+            base.engine.load_checkpoint(root, tag="t")
+        assert not os.path.exists(marker), "the malicious pickle ran"
+    finally:
+        moe_ds.unregister_groups(groups)
+
+
+def test_deepspeed_refuses_a_malicious_pickle(tmp_path):
+    run_distributed(
+        scenario_deepspeed_refuses_malicious_pickle, WORLD, str(tmp_path), timeout_s=LIMIT_S
+    )
