@@ -22,7 +22,19 @@ class BufferOverflow(MoERuntimeError):
 
 
 class PeerTimeout(MoERuntimeError):
-    pass
+    """A peer did not answer within the transport's time limit (peer_timeout_s)."""
+
+
+class RankFailed(MoERuntimeError):
+    """The forward of a layer failed on one rank of the EP group; every rank raises this, naming
+    the layer, the step and the rank where it began (its exception chained on that rank)."""
+
+    origin_rank: int = -1
+
+
+class RankMismatch(MoERuntimeError):
+    """The ranks of an EP group disagree on a call (layer, step, chunks, dtype, hidden size, top_k,
+    configuration or router weights); every rank raises it before any token moves."""
 
 
 NONFINITE_LOGITS = 1

@@ -90,7 +90,8 @@ def build_transport(
         return NvshmemTransport(num_experts, groups, device, cfg, dtype)
     if groups is None:
         return LocalTransport(num_experts, None)  # collective over a world of one is the local case
-    return CollectiveTransport(num_experts, groups.ep_group, load_group)
+    timeout_s = 60.0 if cfg is None else cfg.peer_timeout_s
+    return CollectiveTransport(num_experts, groups.ep_group, load_group, peer_timeout_s=timeout_s)
 
 
 __all__ = [

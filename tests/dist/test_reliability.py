@@ -7,13 +7,23 @@ every test far below gloo's 300 s default (the layers use a few seconds' peer_ti
 from __future__ import annotations
 
 import os
+import re
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import moe_dist
-from moe_dist import MoEConfig, MoELayer, ParallelGroups
+from moe_dist import (
+    MoEConfig,
+    MoELayer,
+    NonFiniteRouterLogits,
+    ParallelGroups,
+    PeerTimeout,
+    RankFailed,
+    RankMismatch,
+)
 
 from .harness import run_distributed
 
@@ -25,6 +35,150 @@ def cfg(**kw) -> MoEConfig:
     base = dict(hidden_size=H, ffn_hidden_size=16, num_experts=4, top_k=2, transport="collective")
     base.update(kw)
     return MoEConfig(**base)
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        return e, time.perf_counter() - t0
+    return None, time.perf_counter() - t0
+
+
+def expect_on_every_rank(err, cls, pattern: str, seconds: float, limit: float = 10.0):
+    """Each rank got `cls` whose message matches `pattern`, quickly (no timeout involved)."""
+    rank = dist.get_rank()
+    assert isinstance(err, cls), f"rank {rank}: expected {cls.__name__}, got {err!r}"
+    assert re.search(pattern, str(err)), f"rank {rank}: {pattern!r} not in {err}"
+    assert seconds < limit, f"rank {rank}: the error took {seconds:.1f} s"
+
+
+def still_works(layer, groups):
+    """After an error every rank raised together, the group and the layer still run."""
+    x = torch.randn(4 + groups.rank, H)
+    out = layer(x).output
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+# -- case 1: a rank's error travels with the data ---------------------------------------------------
+def scenario_errors_travel():
+    groups = ParallelGroups(ep_size=WORLD)
+    rank = groups.rank
+    for check in ("eager", "deferred"):
+        for chunks in (1, 2):
+            torch.manual_seed(0)
+            layer = MoELayer(
+                cfg(error_check=check, num_chunks=chunks, peer_timeout_s=20.0), groups, name="blk"
+            )
+            layer(torch.randn(5, H))  # step 0 runs clean
+            bad = int(torch.randint(0, WORLD, (1,)))  # the same on every rank (same seed)
+            x = torch.randn(6, H)
+            if rank == bad:
+                x[int(torch.randint(0, 6, ()))] = float("nan")
+            err, s = timed(layer, x)
+            expect_on_every_rank(
+                err, NonFiniteRouterLogits, rf"layer 'blk', step 1: .*failed on rank {bad}", s
+            )
+            layer.step += 1  # the failed forward did not count its step; keep ranks aligned
+            still_works(layer, groups)
+
+    # An exception inside the experts of one rank (between dispatch and combine).
+    for chunks in (1, 3):
+        torch.manual_seed(0)
+        layer = MoELayer(cfg(num_chunks=chunks, peer_timeout_s=20.0), groups, name="blk2")
+        if rank == 1:
+            real = layer.experts.forward
+
+            def broken(*args):
+                raise RuntimeError("injected expert fault")
+
+            layer.experts.forward = broken
+        err, s = timed(layer, torch.randn(7, H))
+        expect_on_every_rank(
+            err, RankFailed, r"layer 'blk2', step 0: .*rank 1.*injected expert fault", s
+        )
+        if rank == 1:
+            layer.experts.forward = real
+            assert "injected" in str(err.__cause__)  # the failing rank chains its own exception
+        still_works(layer, groups)
+
+    # A bad input on one rank (wrong dtype): checked at entry, raised on every rank.
+    torch.manual_seed(0)
+    layer = MoELayer(cfg(peer_timeout_s=20.0), groups, name="blk3")
+    x = torch.randn(3, H, dtype=torch.float64 if rank == 0 else torch.float32)
+    err, s = timed(layer, x)
+    expect_on_every_rank(err, RankFailed, r"'blk3', step 0: .*Rank 0: ValueError: .*float64", s)
+
+
+def test_a_failing_rank_makes_every_rank_raise_the_same_error():
+    run_distributed(scenario_errors_travel, WORLD, timeout_s=LIMIT_S)
+
+
+# -- case 2: ranks that disagree fail together, before any token moves ---------------------------
+MISMATCHES = [
+    # (what differs on rank 1, expected pattern); config differences fail at construction
+    (dict(num_chunks=2), r"construction: .*disagree on MoEConfig.num_chunks: rank 0: 1, rank 1: 2"),
+    (dict(top_k=3), r"construction: .*disagree on MoEConfig.top_k: rank 0: 2, rank 1: 3"),
+    (dict(num_experts=8), r"construction: .*MoEConfig.num_experts: rank 0: 4, rank 1: 8"),
+    (dict(hidden_size=6), r"construction: .*MoEConfig.hidden_size: rank 0: 8, rank 1: 6"),
+    (
+        dict(dtype=torch.float64),
+        r"step 0, dispatch call 0: .*disagree on dtype: "
+        r"rank 0: torch.float32, rank 1: torch.float64",
+    ),
+    (dict(seed=1), r"step 0, dispatch call 0: .*disagree on the router weights"),
+]
+
+
+def scenario_mismatches():
+    groups = ParallelGroups(ep_size=WORLD)
+    rank = groups.rank
+    for i, (change, pattern) in enumerate(MISMATCHES):
+        change = dict(change) if rank == 1 else {}
+        dtype, seed = change.pop("dtype", torch.float32), change.pop("seed", 0)
+        torch.manual_seed(seed)
+        c = cfg(peer_timeout_s=20.0, **change)
+
+        def build_and_run():
+            layer = MoELayer(c, groups, name=f"m{i}", dtype=dtype)
+            layer(torch.randn(5, c.hidden_size, dtype=dtype))
+
+        err, s = timed(build_and_run)
+        expect_on_every_rank(err, RankMismatch, rf"layer 'm{i}', .*{pattern}", s)
+
+    # A different number of forward calls: rank 0 runs layer a twice, rank 1 once, then both b.
+    torch.manual_seed(0)
+    a, b = (MoELayer(cfg(peer_timeout_s=20.0), groups, name=n) for n in "ab")
+    x = torch.randn(4, H)
+    a(x)
+    err, s = timed(lambda: [a(x), b(x)] if rank == 0 else b(x))
+    expect_on_every_rank(err, RankMismatch, r"disagree on which MoE layer is called", s)
+
+
+def test_ranks_that_disagree_fail_together():
+    run_distributed(scenario_mismatches, WORLD, timeout_s=LIMIT_S)
+
+
+# -- case 7: bounded waits on the collective transport ---------------------------------------------
+def scenario_stall():
+    groups = ParallelGroups(ep_size=WORLD)
+    torch.manual_seed(0)
+    layer = MoELayer(cfg(peer_timeout_s=2.0), groups, name="slow")
+    layer(torch.randn(4, H))
+    if groups.rank == 1:
+        time.sleep(6.0)  # the stalled rank
+        os._exit(0)
+    err, s = timed(layer, torch.randn(4, H))
+    expect_on_every_rank(
+        err, PeerTimeout, r"layer 'slow', step 1: dispatch handshake: no answer within 2 s", s
+    )
+    assert s >= 1.9, s
+    os._exit(0)  # the group is unusable after a timeout: leave without the harness's barrier
+
+
+def test_a_stalled_peer_raises_peer_timeout_naming_the_layer():
+    run_distributed(scenario_stall, WORLD, timeout_s=LIMIT_S)
 
 
 def scenario_clip_refuses_groups_none():
