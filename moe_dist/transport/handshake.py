@@ -349,11 +349,16 @@ def wait_bounded(
     except RuntimeError as e:
         if isinstance(e, MoERuntimeError):
             raise
-        text = str(e)
-        if "timed out" not in text.lower() and "timeout" not in text.lower():
-            raise
+        text = str(e).lower()
         me = dist.get_rank()
         peers = [r for r in ranks if r != me]
+        if "closed" in text or "reset" in text or "broken pipe" in text:
+            raise RankFailed(
+                f"{what}: a peer of the EP group {peers} closed its connection (this is rank "
+                f"{me}): that process crashed or was killed; see its log for the cause"
+            ) from e
+        if "timed out" not in text and "timeout" not in text:
+            raise
         raise PeerTimeout(
             f"{what}: no answer within {timeout_s:g} s from the EP group's other ranks {peers} "
             f"(this is rank {me}); a peer failed, stalled or took another path"
