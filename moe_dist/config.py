@@ -38,7 +38,8 @@ class MoEConfig:
     router_bias_update_rate: float = 1e-3
     aux_loss_coef: float = 1e-2
     z_loss_coef: float = 0.0
-    capacity_factor: float | None = None  # None = dropless
+    # None = dropless; per rank: capacity = ceil(factor * T * top_k / E) for this rank's T tokens
+    capacity_factor: float | None = None
 
     # Experts and execution.
     activation: str = "swiglu"
