@@ -40,6 +40,8 @@ class RankMismatch(MoERuntimeError):
 NONFINITE_LOGITS = 1
 BUFFER_OVERFLOW = 2
 PEER_TIMEOUT = 4
+RANK_MISMATCH = 8  # nvshmem: a peer's count-row header differs (detail: field * 65536 + PE)
+PEER_FAILED = 16  # nvshmem: a peer's header carried an error (detail: origin * 65536 + status)
 _MESSAGES = {
     NONFINITE_LOGITS: (NonFiniteRouterLogits, "router logits (or expert_bias) held NaN or Inf"),
     BUFFER_OVERFLOW: (
@@ -47,6 +49,8 @@ _MESSAGES = {
         "more tokens were routed than the transport's receive buffer holds",
     ),
     PEER_TIMEOUT: (PeerTimeout, "a peer's signal did not arrive before the timeout"),
+    RANK_MISMATCH: (RankMismatch, "the PEs of the EP group disagree"),
+    PEER_FAILED: (RankFailed, "the forward failed on a PE"),
 }
 
 
@@ -76,8 +80,21 @@ class DeviceErrorFlags:
         if bits == 0:
             return
         self.words.zero_()
-        for code, (exc, text) in _MESSAGES.items():
+        for code in (PEER_FAILED, RANK_MISMATCH, *_MESSAGES):  # a peer's failure explains the rest
+            exc, text = _MESSAGES[code]
             if bits & code:
                 where = f" (peer {detail})" if code == PEER_TIMEOUT and detail >= 0 else ""
+                if code == PEER_FAILED:
+                    origin, status = divmod(detail, 65536)
+                    exc = next((c for k, (c, _) in _MESSAGES.items() if k == status), RankFailed)
+                    where = (
+                        f" (PE {origin} of the EP group, status {status:#x}); every PE raises this"
+                    )
+                elif code == RANK_MISMATCH:
+                    field, pe = divmod(detail, 65536)
+                    from .transport.handshake import FIELDS  # noqa: PLC0415 (cycle at import)
+
+                    name = FIELDS[field] if 0 <= field < len(FIELDS) else f"field {field}"
+                    where = f" on {name} (PE {pe} differs from this PE); nothing was received"
                 raise exc(f"MoE layer '{self.layer_name}', step {step}: {text}{where}")
         raise MoERuntimeError(f"MoE layer '{self.layer_name}', step {step}: error bits {bits:#x}")

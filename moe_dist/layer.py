@@ -102,8 +102,9 @@ class MoELayer(nn.Module):
         for p in self.experts.parameters():
             mark_expert_param(p, ep_size)
         self.step = 0
-        if context is not None:  # every rank of the EP group builds the same layer: check it
-            self.transport.handshake.agree()
+        agree = getattr(self.transport, "agree", None)
+        if agree is not None:  # every rank of the EP group builds the same layer: check it
+            agree()
         self.error_flags: DeviceErrorFlags | None = None
         self._observers: list = []
 
@@ -156,7 +157,7 @@ class MoELayer(nn.Module):
             for observe in self._observers:
                 observe(self, x_TH, plan, counts_G, y_MH)
         except Exception as e:
-            self.fail_together(e)  # the combine's handshake carries it
+            self.fail_together(e, "combine")  # the combine's handshake carries it
         return self.transport.combine(y_MH, handle)
 
     def add_observer(self, fn) -> None:
@@ -229,13 +230,14 @@ class MoELayer(nn.Module):
         if context is not None and self.error_flags is not None:
             context.device_status = self.error_flags.words[:1]
 
-    def fail_together(self, exc: Exception) -> None:
+    def fail_together(self, exc: Exception, phase: str = "dispatch") -> None:
         """Raises `exc` so that every rank of the EP group raises: with an EP>1 transport the next
-        transport call (the one the peers are in) carries the error. Call from an except block."""
+        transport call (the one the peers are in: a dispatch, or a combine after the experts)
+        carries the error. Call from an except block."""
         fail = getattr(self.transport, "fail_together", None)
         if fail is None or isinstance(exc, (RankFailed, RankMismatch, PeerTimeout)):
             raise exc
-        fail(exc)
+        fail(exc, phase)
 
     def _clear_device_errors(self) -> None:
         if self.error_flags is not None:

@@ -142,7 +142,7 @@ def pipelined_moe(
                 try:
                     ys[i] = experts(tokens[i], counts[i])
                 except Exception as e:
-                    layer.fail_together(e)  # the next transport call carries it to the peers
+                    layer.fail_together(e, "combine")  # the next transport call carries it
                 tokens[i] = None
             else:
                 outs[i] = tr.combine(ys[i], handles[i])
@@ -167,7 +167,7 @@ def pipelined_moe(
             try:
                 ys[i] = experts(tokens[i], counts[i])
             except Exception as e:
-                layer.fail_together(e)
+                layer.fail_together(e, "combine")
             computed[i] = torch.cuda.Event()
             computed[i].record(compute)
             tokens[i] = None  # autograd keeps what backward needs; record_stream guards the rest

@@ -106,10 +106,15 @@ class CollectiveTransport:
         """The caller's identity (layer name, step, chunks, config CRC) carried in each header."""
         return self.handshake.context
 
-    def fail_together(self, exc: BaseException) -> None:
+    def agree(self) -> None:
+        """The one-time configuration check (the layer calls it at construction)."""
+        self.handshake.agree()
+
+    def fail_together(self, exc: BaseException, phase: str = "dispatch") -> None:
         """On a rank whose forward failed: the next handshake carries the error; raises on every
-        rank of the EP group."""
-        self.handshake.fail_together(exc)
+        rank of the EP group. (Dispatch and combine handshakes have one shape: the phase only
+        labels the message.)"""
+        self.handshake.fail_together(exc, phase)
 
     @property
     def num_local_experts(self) -> int:

@@ -10,7 +10,7 @@ of a call is complete before its flag goes out: put_signal_kernel calls nvshmem_
 count exchange rides with its flag in one putmem_signal), and the send buffer is not written again
 before that. Unlike the flag waits, a put to a peer that is gone has no time limit: over a network a
 lost put peer can stall the stream instead of raising PeerTimeout. Addresses are int64 symmetric
-addresses on this PE; NVSHMEM maps them to the peer. """
+addresses on this PE; NVSHMEM maps them to the peer."""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..handshake import F as HEADER_INTS
+
 _state = {"initialized": False, "workspaces": {}, "bootstrap": None}
 # Tests only: PEs that workspaces made from now on treat as unreachable under "auto", so one GPU can
 # run a mix of P2P and put peers (tests/gpu/nvshmem_worker.py).
@@ -75,15 +77,16 @@ class SymmetricWorkspace:
     """Symmetric staging for one (EP group, shape) combination, double-buffered by call parity.
 
     Per parity: fwd_rows [C, H] + fwd_meta [C] (dispatch-direction rows, at final positions),
-    ret_rows [T_max*K, H] (combine-direction rows, at the owner's slot), counts [N, E] (int64), and
-    flags [3, N] (count / dispatch / return channels, int64 epochs, monotonic, never reset). Bytes
-    per PE = 2 * (C*H + T_max*K*H) * itemsize + 2 * (8*C + 8*N*E + 24*N). With put peers (peer_path
+    ret_rows [T_max*K, H] (combine-direction rows, at the owner's slot), counts [N, E] (int64),
+    headers [N, 12] (int64) and flags [3, N] (count / dispatch / return channels, int64 epochs,
+    monotonic, never reset). Bytes per PE = 2 * (C*H + T_max*K*H) * itemsize
+    + 2 * (8*C + 8*N*E + 96*N + 24*N). With put peers (peer_path
     "put", or "auto" where a peer has no P2P path) add one send buffer that puts read from: max(C,
     T_max*K) * H * itemsize + 8 * T_max*K bytes.
 
     peer_path: "p2p" = every peer by loads and stores (an error names a peer without a P2P path);
     "put" = every other PE by NVSHMEM put-with-signal; "auto" = P2P where nvshmem_ptr gives an
-    address, put elsewhere. """
+    address, put elsewhere."""
 
     def __init__(
         self,
@@ -114,6 +117,9 @@ class SymmetricWorkspace:
         self.fwd_meta = sym((2, capacity), torch.int64)
         self.ret_rows = sym((2, self.max_slots, hidden), dtype)
         self.counts = sym((2, self.n, num_experts), torch.int64)
+        # every PE's call header (transport/handshake.py FIELDS) beside the counts: checked on the
+        # device after the count exchange
+        self.headers = sym((2, self.n, HEADER_INTS), torch.int64)
         self.flags = sym((2, 3, self.n), torch.int64)
         torch.cuda.synchronize()
         dist.barrier()  # every PE has zeroed its flags before anyone signals
@@ -152,6 +158,7 @@ class SymmetricWorkspace:
 
         self.fwd_rows_at, self.fwd_meta_at = addresses(self.fwd_rows), addresses(self.fwd_meta)
         self.ret_rows_at, self.counts_at = addresses(self.ret_rows), addresses(self.counts)
+        self.headers_at = addresses(self.headers)
         # flags: one address per (parity, channel, peer)
         peers = peer_views(self.flags)
         self.flags_at = torch.tensor(
