@@ -29,6 +29,7 @@ from .harness import run_distributed
 
 WORLD, H = 2, 8
 LIMIT_S = 45  # each test's bound; the 300 s process-group default is never reached
+SLOW_LIMIT_S = 55  # DCP and DeepSpeed start slowly on a loaded 2-core machine
 
 
 def cfg(**kw) -> MoEConfig:
@@ -195,6 +196,37 @@ def test_clip_refuses_groups_none_at_ep2():
     run_distributed(scenario_clip_refuses_groups_none, WORLD, timeout_s=LIMIT_S)
 
 
+# -- case 3: a corrupt checkpoint is an error naming the path and the tensor, on every rank ------
+def scenario_corrupt_checkpoint(root: str):
+    from moe_dist.training import checkpoint
+
+    groups = ParallelGroups(ep_size=WORLD)
+    torch.manual_seed(0)
+    layer = MoELayer(cfg(), groups, name="moe")
+    checkpoint.save(layer, root)
+    expert = int(torch.randint(0, 4, ()))  # held by rank expert // 2 only
+    key = f"model.experts.w_in.{expert}"
+    if groups.rank == 0:
+        reader = checkpoint.SafeFileSystemReader(root)
+        (info,) = [i for x, i in reader.read_metadata().storage_data.items() if x.fqn == key]
+        path = f"{root}/{info.relative_path}"
+        data = bytearray(open(path, "rb").read())
+        at = info.offset + info.length - 100 + int(torch.randint(0, 60, ()))
+        data[at : at + 4] = bytes(b ^ 0x5A for b in data[at : at + 4])
+        open(path, "wb").write(bytes(data))
+    dist.barrier()
+    torch.manual_seed(1)
+    fresh = MoELayer(cfg(), groups, name="moe")
+    with pytest.raises(checkpoint.CheckpointCorrupt, match=rf"{root}: tensor '{key}' .*is corrupt"):
+        checkpoint.load(fresh, root)  # DCP gathers the failure: the rank without it raises too
+
+
+def test_corrupt_checkpoint_raises_on_every_rank(tmp_path):
+    run_distributed(
+        scenario_corrupt_checkpoint, WORLD, str(tmp_path / "ck"), timeout_s=SLOW_LIMIT_S
+    )
+
+
 # -- case 4: DeepSpeed checkpoints load with weights_only=True --------------------------------------
 class _Exploit:
     """Unpickling this runs open(marker, 'w'): the stand-in for arbitrary code."""
@@ -233,5 +265,5 @@ def scenario_deepspeed_refuses_malicious_pickle(root: str):
 
 def test_deepspeed_refuses_a_malicious_pickle(tmp_path):
     run_distributed(
-        scenario_deepspeed_refuses_malicious_pickle, WORLD, str(tmp_path), timeout_s=LIMIT_S
+        scenario_deepspeed_refuses_malicious_pickle, WORLD, str(tmp_path), timeout_s=SLOW_LIMIT_S
     )
