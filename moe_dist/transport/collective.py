@@ -33,7 +33,7 @@ def _all_to_all(out, x, out_splits, in_splits, group, waiter, what: str) -> None
         dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
         return
     work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True)
-    waiter.wait(work, what)  # bounded: PeerTimeout naming the layer and the step
+    waiter.wait_rows(work, what)  # gloo: bounded, PeerTimeout naming the layer and the step
 
 
 class _AllToAllRows(torch.autograd.Function):

@@ -238,6 +238,15 @@ class Handshake:
     def wait(self, work, what: str, cause: BaseException | None = None) -> None:
         wait_bounded(work, self.timeout_s, f"{self.where()}: {what}", self.ranks, cause)
 
+    def wait_rows(self, work, what: str) -> None:
+        """The rows' exchange. NCCL: a stream-ordered wait (a wait with a limit would block the
+        host and end the overlap; the handshake before it, which syncs anyway, is bounded, and
+        NCCL's watchdog covers the rest); other backends (gloo): bounded like the handshake."""
+        if self._device().type == "cuda":
+            work.wait()
+        else:
+            self.wait(work, what)
+
     def _check(self, headers_NF: torch.Tensor, phase: str, own_error=None) -> None:
         h = headers_NF.tolist()
         failed = [r for r in range(self.size) if h[r][_I["status"]] != 0]
