@@ -32,11 +32,16 @@ def _cfg(**kw):
     return MoEConfig(**base)
 
 
-def _layer(timeout_s: float, **kw):
+def _build(c, timeout_s: float):
+    """An EP=2 layer whose transport waits at most timeout_s for a peer."""
     from moe_dist import MoELayer, ParallelGroups
 
+    return MoELayer(c.replace(peer_timeout_s=timeout_s), ParallelGroups(ep_size=2), name="moe.3")
+
+
+def _layer(timeout_s: float, **kw):
     torch.manual_seed(0)
-    layer = MoELayer(_cfg(peer_timeout_s=timeout_s, **kw), ParallelGroups(ep_size=2), name="moe.3")
+    layer = _build(_cfg(**kw), timeout_s)
     layer(torch.randn(8, H))  # one clean step first
     return layer
 
@@ -69,11 +74,9 @@ def case_rank_stalls(rank, timeout_s, tmp):
 
 
 def case_rank_disagrees(rank, timeout_s, tmp):
-    from moe_dist import MoELayer, ParallelGroups
-
     torch.manual_seed(0)
-    c = _cfg(peer_timeout_s=timeout_s, num_chunks=1 + rank)
-    return lambda: MoELayer(c, ParallelGroups(ep_size=2), name="moe.3")(torch.randn(8, H))
+    c = _cfg(num_chunks=1 + rank)
+    return lambda: _build(c, timeout_s)(torch.randn(8, H))
 
 
 def case_rank_killed(rank, timeout_s, tmp):

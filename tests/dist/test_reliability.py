@@ -38,6 +38,11 @@ def cfg(**kw) -> MoEConfig:
     return MoEConfig(**base)
 
 
+def build(c: MoEConfig, groups, timeout_s: float = 20.0, **kw) -> MoELayer:
+    """A layer whose transport waits at most timeout_s for a peer."""
+    return MoELayer(c.replace(peer_timeout_s=timeout_s), groups, **kw)
+
+
 def timed(fn, *args):
     t0 = time.perf_counter()
     try:
@@ -69,9 +74,7 @@ def scenario_errors_travel():
     for check in ("eager", "deferred"):
         for chunks in (1, 2):
             torch.manual_seed(0)
-            layer = MoELayer(
-                cfg(error_check=check, num_chunks=chunks, peer_timeout_s=20.0), groups, name="blk"
-            )
+            layer = build(cfg(error_check=check, num_chunks=chunks), groups, name="blk")
             layer(torch.randn(5, H))  # step 0 runs clean
             bad = int(torch.randint(0, WORLD, (1,)))  # the same on every rank (same seed)
             x = torch.randn(6, H)
@@ -87,7 +90,7 @@ def scenario_errors_travel():
     # An exception inside the experts of one rank (between dispatch and combine).
     for chunks in (1, 3):
         torch.manual_seed(0)
-        layer = MoELayer(cfg(num_chunks=chunks, peer_timeout_s=20.0), groups, name="blk2")
+        layer = build(cfg(num_chunks=chunks), groups, name="blk2")
         if rank == 1:
             real = layer.experts.forward
 
@@ -106,7 +109,7 @@ def scenario_errors_travel():
 
     # A bad input on one rank (wrong dtype): checked at entry, raised on every rank.
     torch.manual_seed(0)
-    layer = MoELayer(cfg(peer_timeout_s=20.0), groups, name="blk3")
+    layer = build(cfg(), groups, name="blk3")
     x = torch.randn(3, H, dtype=torch.float64 if rank == 0 else torch.float32)
     err, s = timed(layer, x)
     expect_on_every_rank(err, RankFailed, r"'blk3', step 0: .*Rank 0: ValueError: .*float64", s)
@@ -139,10 +142,10 @@ def scenario_mismatches():
         change = dict(change) if rank == 1 else {}
         dtype, seed = change.pop("dtype", torch.float32), change.pop("seed", 0)
         torch.manual_seed(seed)
-        c = cfg(peer_timeout_s=20.0, **change)
+        c = cfg(**change)
 
         def build_and_run():
-            layer = MoELayer(c, groups, name=f"m{i}", dtype=dtype)
+            layer = build(c, groups, name=f"m{i}", dtype=dtype)
             layer(torch.randn(5, c.hidden_size, dtype=dtype))
 
         err, s = timed(build_and_run)
@@ -150,7 +153,7 @@ def scenario_mismatches():
 
     # A different number of forward calls: rank 0 runs layer a twice, rank 1 once, then both b.
     torch.manual_seed(0)
-    a, b = (MoELayer(cfg(peer_timeout_s=20.0), groups, name=n) for n in "ab")
+    a, b = (build(cfg(), groups, name=n) for n in "ab")
     x = torch.randn(4, H)
     a(x)
     err, s = timed(lambda: [a(x), b(x)] if rank == 0 else b(x))
@@ -165,7 +168,7 @@ def test_ranks_that_disagree_fail_together():
 def scenario_stall():
     groups = ParallelGroups(ep_size=WORLD)
     torch.manual_seed(0)
-    layer = MoELayer(cfg(peer_timeout_s=2.0), groups, name="slow")
+    layer = build(cfg(), groups, timeout_s=2.0, name="slow")
     layer(torch.randn(4, H))
     if groups.rank == 1:
         time.sleep(6.0)  # the stalled rank
