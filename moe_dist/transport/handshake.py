@@ -117,9 +117,9 @@ def tensor_crc(t: torch.Tensor) -> int:
 @dataclasses.dataclass
 class CallContext:
     """Who calls the transport, set by the layer at each forward (defaults: a bare transport).
-    `config`/`config_text`: the layer's config CRC and fields; `router_crc`: the router
-    weights' CRC, sent once; `device_status`: a device int tensor of error bits recorded without a host sync
-    (deferred error checks), sent with the next dispatch."""
+    `config`/`config_text`: the layer's config CRC and fields; `router_crc`: the router weights'
+    CRC, sent once; `device_status`: a device int tensor of error bits recorded without a host
+    sync (deferred error checks), sent with the next dispatch."""
 
     layer: str = "transport"
     step: int = 0
