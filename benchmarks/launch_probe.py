@@ -2,7 +2,7 @@
 per dispatch+combine): the JITFunction path every launch takes now, against the compiled kernel's
 handle.
 
-    python benchmarks/launch_probe.py        # GPU only
+    python -m benchmarks.launch_probe        # GPU only
 """
 
 import sys

@@ -5,62 +5,31 @@ floor         only the expert matmuls through torch._grouped_mm on a perfectly b
 hf_loop       Hugging Face Mixtral-style per-expert loop (same router and weights as moe_dist)
 deepspeed     deepspeed.moe.layer.MoE, dropless top-2, same expert shape (SwiGLU)
 
-  python benchmarks/layer.py --out benchmarks/results          # GPU, bf16, DESIGN.md's two configs
-  python benchmarks/layer.py --smoke                           # tiny CPU run (CI)
+  python -m benchmarks.layer --out benchmarks/results          # GPU, bf16, DESIGN.md's two configs
+  python -m benchmarks.layer --smoke                           # tiny CPU run (CI)
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import sys
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (
     init_single_process_group,
     peak_memory_mb,
     save_results,
     time_ms,
-)  # noqa: E402
-from moe_dist import MoEConfig, MoELayer  # noqa: E402
+)
+from benchmarks.peers import SwiGLUExpert, deepspeed_moe, hf_loop_forward
+from moe_dist import MoEConfig, MoELayer
 
 CONFIGS = {  # tokens, hidden, ffn, experts, top-k (DESIGN.md)
     "mixtral": (8192, 4096, 14336, 8, 2),
     "fine_grained": (16384, 2048, 1408, 64, 2),
 }
 SMOKE_CONFIGS = {"mixtral": (64, 32, 64, 4, 2), "fine_grained": (128, 32, 16, 16, 2)}
-
-
-class SwiGLU(nn.Module):
-    """One expert as DeepSpeed and HF see it."""
-
-    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor):
-        super().__init__()
-        self.w_in, self.w_out = nn.Parameter(w_in.clone()), nn.Parameter(w_out.clone())
-
-    def forward(self, x):
-        gate, up = F.linear(x, self.w_in).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w_out)
-
-
-def hf_loop_forward(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """Mixtral's MixtralSparseMoeBlock.forward, written against MoELayer's weights."""
-    probs = F.softmax(F.linear(x.float(), layer.router.weight.float()), dim=-1)
-    w, idx = probs.topk(layer.cfg.top_k, dim=-1)
-    w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
-    out = torch.zeros_like(x)
-    mask = F.one_hot(idx, layer.cfg.num_experts).permute(2, 1, 0)
-    for e in range(layer.cfg.num_experts):
-        slot, token = torch.where(mask[e])
-        gate, up = F.linear(x[token], layer.experts.w_in[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, layer.experts.w_out[e]) * w[token, slot, None]
-        out.index_add_(0, token, y)
-    return out
 
 
 def build_variants(name, T, H, Fh, E, K, device, dtype):
@@ -112,20 +81,9 @@ def build_variants(name, T, H, Fh, E, K, device, dtype):
 
 def deepspeed_variant(layer: MoELayer, x, grad, k):
     init_single_process_group()
-    from deepspeed.moe.layer import MoE
-
-    E = layer.cfg.num_experts
-    ds = MoE(
-        layer.cfg.hidden_size,
-        SwiGLU(layer.experts.w_in[0].detach(), layer.experts.w_out[0].detach()),
-        num_experts=E,
-        ep_size=1,
-        k=k,
-        capacity_factor=1.0,
-        drop_tokens=False,
-        use_rts=False,
-        top2_2nd_expert_sampling=False,
-    ).to(x.device, x.dtype)
+    expert = SwiGLUExpert(layer.experts.w_in[0], layer.experts.w_out[0])
+    ds = deepspeed_moe(layer.cfg.hidden_size, expert, layer.cfg.num_experts, 1, k)
+    ds = ds.to(x.device, x.dtype)
 
     def run():
         out, _, _ = ds(x.unsqueeze(0))

@@ -1,22 +1,18 @@
 """Where the nvshmem transport's time goes, one PE: torch.profiler over dispatch+combine at one
 shape, kernels by GPU time and the host time per call (launch-bound or bandwidth-bound?).
 
-    python benchmarks/nvshmem_profile.py --tokens 4096 --hidden 7168 --top-k 8     (GPU +
-    nvshmem4py)
+    python -m benchmarks.nvshmem_profile --tokens 4096 --hidden 7168 --top-k 8  # GPU + nvshmem4py
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.transport import random_plan  # noqa: E402
-from moe_dist import MoEConfig  # noqa: E402
+from benchmarks.transport import random_plan
+from moe_dist import MoEConfig
 
 
 def main(argv=None):

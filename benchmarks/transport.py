@@ -1,10 +1,10 @@
 """Dispatch and combine latency and bandwidth: nvshmem against collective (all_to_all_single) in one
 run.
 
-    python benchmarks/transport.py --out benchmarks/results                     # one GPU, one PE
-    torchrun --nproc-per-node 2 benchmarks/transport.py --backend gloo ...      # PEs sharing one
-    GPU (correctness-grade timings) python benchmarks/transport.py --smoke
-    # CPU: collective only (CI)
+    python -m benchmarks.transport --out benchmarks/results                 # one GPU, one PE
+    torchrun --nproc-per-node 2 -m benchmarks.transport --backend gloo ...
+                                            # PEs sharing one GPU (correctness-grade timings)
+    python -m benchmarks.transport --smoke  # CPU: collective only (CI)
 
 With several PEs, `nvshmem_put` is the nvshmem transport with every peer on the put-with-signal path
 (nvshmem_peer_path="put"), the path taken for peers without a P2P route.
@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import save_results, time_ms  # noqa: E402
-from moe_dist import ParallelGroups  # noqa: E402
-from moe_dist.routing import RoutingPlan  # noqa: E402
-from moe_dist.transport import CollectiveTransport, nvshmem_unavailable_reason  # noqa: E402
+from benchmarks.common import save_results, time_ms
+from moe_dist import ParallelGroups
+from moe_dist.routing import RoutingPlan
+from moe_dist.transport import CollectiveTransport, nvshmem_unavailable_reason
 
 
 def copy_bandwidth_gbs(device) -> float:

@@ -3,7 +3,6 @@ transport against the reference transport, forward and backward; no host sync; C
 overflow and timeout errors. Prints 'NVSHMEM WORKER OK <n>' on success. Used by
 tests/gpu/test_nvshmem.py."""
 
-import os
 import sys
 import time
 
@@ -21,8 +20,8 @@ from moe_dist import (
 from moe_dist.transport.nvshmem import runtime as nvshmem_runtime
 from moe_dist.transport.nvshmem.runtime import bootstrap_method
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torchrun_pes import setup_pe  # noqa: E402
+from tests.conftest import assert_same_rows, stamp
+from tests.gpu.torchrun_pes import setup_pe
 
 H, F, E = 64, 32, 8
 rank, world, dev, groups = setup_pe()
@@ -39,8 +38,7 @@ def passed(msg):
 def tokens(r, seed, skew=False, hidden=H):
     T = [9, 0, 17, 5][r % 4] + seed % 3
     g = torch.Generator().manual_seed(1000 * seed + r)
-    x = torch.randn(T, hidden, generator=g)
-    x[:, 0], x[:, 1] = r, torch.arange(T, dtype=torch.float32)  # stamps: source rank, token index
+    x = stamp(torch.randn(T, hidden, generator=g), r)
     return (x + (3.0 if skew else 0.0)).to(dev)
 
 
@@ -98,9 +96,7 @@ def compare(cfg, seed, skew=False, dtype=torch.float32):
     rtok, rcounts, _ = ref.transport.dispatch(x, plan)
     n = int(counts.sum())
     assert torch.equal(counts, rcounts), (counts, rcounts)
-    assert torch.equal(
-        tok[:n], rtok
-    ), f"rank {rank}: got (src, token) {tok[:n, :2].tolist()} want {rtok[:, :2].tolist()}"
+    assert_same_rows(tok[:n], rtok, f"rank {rank}")
     mixed = (
         f" (put to PEs {sorted(nvshmem_runtime.TEST_PUT_PEERS)})"
         if nvshmem_runtime.TEST_PUT_PEERS

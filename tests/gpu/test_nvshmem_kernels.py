@@ -12,6 +12,8 @@ import torch
 
 from moe_dist.transport.nvshmem.layout import ranks_in_expert, segments, slot_destinations
 
+from tests.conftest import stamp
+
 triton = pytest.importorskip(
     "triton", reason="the nvshmem kernels are Triton kernels (pip install triton)"
 )
@@ -118,7 +120,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
     dt = torch.bfloat16
     x = [torch.randn(T, H, generator=gen).to(dt).to(DEV) for T in T_of]
     for pe, xt in enumerate(x):
-        xt[:, 0], xt[:, 1] = pe, torch.arange(xt.shape[0])  # stamps (exact in bf16 for these sizes)
+        stamp(xt, pe)  # exact in bf16 for these sizes
     idx = [random_idx(T, E, K, gen, hot=hot) for T in T_of]
     w = [torch.rand(T, K, generator=gen).to(DEV) for T in T_of]
     counts = [torch.zeros(N, E, dtype=torch.int64, device=DEV) for _ in range(N)]

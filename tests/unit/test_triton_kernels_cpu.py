@@ -4,17 +4,16 @@ Hopper (sm_90) through Triton's whole pipeline, ptxas included, so a type
 - the nvshmem transport's kernels and the fused SwiGLU run in Triton's interpreter on CPU tensors
   against their plain-torch oracles (tests/gpu/test_nvshmem_kernels.py and test_swiglu_kernel.py
   with TRITON_INTERPRET=1).
-Both need triton (docker/install.sh --dev installs it); without it they skip, saying so."""
+Both need triton (docker/install.sh --dev installs it); without it they skip, saying so.
+Compiling and interpreting takes a minute and more on two cores: the module is in the slow tier."""
 
 import itertools
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, assert_ran, run_python
+
+pytestmark = pytest.mark.slow
 triton = pytest.importorskip(
     "triton", reason="triton is not installed (docker/install.sh --dev installs it)"
 )
@@ -37,31 +36,11 @@ def test_kernels_match_their_oracles_in_the_interpreter(test_file):
     reason = interpreter_works()
     if reason:
         pytest.skip(reason)
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-W",
-            "ignore",
-            str(ROOT / "tests/gpu" / test_file),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and " passed" in out and "skipped" not in out, out[-4000:]
+    test_path = ROOT / "tests/gpu" / test_file
+    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore", test_path]
+    proc = run_python(*args, timeout=600, env={"TRITON_INTERPRET": "1"})
+    out = assert_ran(proc)
+    assert " passed" in out and "skipped" not in out, out[-4000:]
 
 
 P64, P32, PBF, PF32 = "*i64", "*i32", "*bf16", "*fp32"
