@@ -111,7 +111,8 @@ def tensor_crc(t: torch.Tensor) -> int:
     flat = t.contiguous().view(-1)
     if flat.numel() == 0:
         return 0
-    return crc32(flat.view(torch.uint8).cpu().numpy().tobytes())
+    # a copy: numpy on the parameter's own storage would pin it (FSDP2 resizes that storage)
+    return crc32(flat.view(torch.uint8).to("cpu", copy=True).numpy().tobytes())
 
 
 @dataclasses.dataclass
