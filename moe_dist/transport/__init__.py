@@ -8,9 +8,14 @@ import torch
 
 from .base import Transport
 from .collective import CollectiveTransport
+from .fp8 import fp8_unsupported_reason
 from .local import LocalTransport
 from .permute import sort_slots_by_expert
 from .reference import ReferenceTransport
+
+
+# fp8 rows on nvshmem: the deduplicated (all-P2P) path; its dispatch refuses put peers clearly
+NVSHMEM_DISPATCH_DTYPES = ("bf16", "fp8_e4m3")
 
 
 def nvshmem_unavailable_reason(device: torch.device | None) -> str | None:
@@ -50,6 +55,11 @@ def build_transport(
     """`groups=None` means one process (EP=1). "auto" = nvshmem where it can run, else
     collective."""
     ep_size = 1 if groups is None else groups.ep_size
+    dispatch_dtype = getattr(cfg, "dispatch_dtype", "bf16")
+    if dispatch_dtype != "bf16":
+        reason = fp8_unsupported_reason(device)
+        if reason is not None:
+            raise ValueError(f"dispatch_dtype={dispatch_dtype!r} cannot run: {reason}")
     load_group = None if groups is None else groups.dp_group
     if kind == "reference":
         return ReferenceTransport(
@@ -63,7 +73,9 @@ def build_transport(
             one_node = ep_nodes(groups.ep_ranks) == 1  # "auto" keeps nvshmem to one node for now
             kind = (
                 "nvshmem"
-                if one_node and nvshmem_unavailable_reason(device) is None
+                if one_node
+                and nvshmem_unavailable_reason(device) is None
+                and dispatch_dtype in NVSHMEM_DISPATCH_DTYPES
                 else "collective"
             )
     if kind == "local":
@@ -81,6 +93,8 @@ def build_transport(
                 " nvshmem_peer_path='p2p' stores through P2P pointers only: use 'auto' (puts to"
                 " peers without P2P) or 'put'"
             )
+        if reason is None and dispatch_dtype not in NVSHMEM_DISPATCH_DTYPES:
+            reason = f"it does not implement dispatch_dtype={dispatch_dtype!r} yet"
         if reason is not None:
             raise RuntimeError(
                 f"transport='nvshmem' cannot run: {reason}. Use transport='auto' or 'collective'."
@@ -91,7 +105,9 @@ def build_transport(
     if groups is None:
         return LocalTransport(num_experts, None)  # collective over a world of one is the local case
     timeout_s = 60.0 if cfg is None else cfg.peer_timeout_s
-    return CollectiveTransport(num_experts, groups.ep_group, load_group, peer_timeout_s=timeout_s)
+    return CollectiveTransport(
+        num_experts, groups.ep_group, load_group, dispatch_dtype, peer_timeout_s=timeout_s
+    )
 
 
 __all__ = [

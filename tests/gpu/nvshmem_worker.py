@@ -17,6 +17,7 @@ from moe_dist import (
     PeerTimeout,
     RankMismatch,
 )
+from moe_dist.transport.dedup import count_pairs
 from moe_dist.transport.nvshmem import runtime as nvshmem_runtime
 from moe_dist.transport.nvshmem.runtime import bootstrap_method
 
@@ -97,6 +98,12 @@ def compare(cfg, seed, skew=False, dtype=torch.float32):
     n = int(counts.sum())
     assert torch.equal(counts, rcounts), (counts, rcounts)
     assert_same_rows(tok[:n], rtok, f"rank {rank}")
+    # dedup (every peer P2P): rows sent = distinct (token, peer PE) pairs of the routing
+    sent = fast.transport.sent_rows_N
+    if sent is not None:
+        want = count_pairs(plan.expert_idx_TK, E // world, world)
+        want[rank] = 0
+        assert sent.tolist() == want.tolist(), f"rank {rank}: sent {sent.tolist()} != {want}"
     mixed = (
         f" (put to PEs {sorted(nvshmem_runtime.TEST_PUT_PEERS)})"
         if nvshmem_runtime.TEST_PUT_PEERS
@@ -104,8 +111,27 @@ def compare(cfg, seed, skew=False, dtype=torch.float32):
     )
     passed(
         f"equal cfg={cfg.router}/k{cfg.top_k} H={cfg.hidden_size} {str(dtype)[6:]} skew={skew} "
-        f"peers={cfg.nvshmem_peer_path}{mixed}"
+        f"peers={cfg.nvshmem_peer_path}{mixed} dedup={sent is not None}"
     )
+
+
+def compare_fp8(cfg, seed, dtype=torch.bfloat16):
+    """dispatch_dtype='fp8_e4m3' against the reference (activation-dtype rows): bounded relative
+    error on outputs, input and weight gradients, and fewer bytes than bf16 by design."""
+    fast, ref = pair(cfg.replace(dispatch_dtype="fp8_e4m3"), seed, dtype)
+    x = tokens(rank, seed, hidden=cfg.hidden_size).to(dtype)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(dev, dtype)
+    outs = []
+    for layer in (fast, ref):
+        xi = x.clone().requires_grad_(True)
+        y, aux, _ = layer(xi)
+        (y * g).sum().add(aux).backward()
+        outs.append((y.detach(), xi.grad, _grad(layer.experts.w_in)))
+    fast.check_errors()
+    for name, a, b in zip(("output", "input grad", "w_in grad"), outs[0], outs[1]):
+        err = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6))
+        assert err < 0.06, f"rank {rank}: fp8 {name} differs from the reference by {err:.3g}"
+    passed(f"fp8 dispatch within 6% of the reference cfg=k{cfg.top_k} H={cfg.hidden_size}")
 
 
 base = MoEConfig(
@@ -135,21 +161,41 @@ nvshmem_runtime.TEST_PUT_PEERS = {pe for pe in range(world) if pe % 2}
 compare(base.replace(hidden_size=1500), 10)
 compare(base.replace(hidden_size=1500, top_k=1), 11, skew=True, dtype=torch.bfloat16)
 nvshmem_runtime.TEST_PUT_PEERS = set()
+# FP8 rows (dedup path, every peer P2P), forward and backward; refused clearly with put peers.
+compare_fp8(base.replace(hidden_size=256, top_k=4), 12)
+compare_fp8(base.replace(hidden_size=1152, router="top_p", top_k=3, top_p=0.6), 13)
+if world > 1:
+    torch.manual_seed(14)
+    fp8_put = MoELayer(
+        base.replace(transport="nvshmem", nvshmem_peer_path="put", hidden_size=256,
+                     dispatch_dtype="fp8_e4m3"),
+        groups, name="fp8_put", device=dev, dtype=torch.bfloat16,
+    )  # fmt: skip
+    try:
+        fp8_put(tokens(rank, 14, hidden=256).to(torch.bfloat16))
+        raise AssertionError("fp8 with put peers not refused")
+    except RuntimeError as e:
+        assert "fp8_e4m3" in str(e) and "put peers" in str(e), e
+        passed("fp8 with put peers refused")
 
 # No host synchronisation between router and combine output, forward and backward (bf16 fast path).
 fast_cfg = base.replace(
     expert_backend="auto", error_check="deferred", hidden_size=64, ffn_hidden_size=32
 )
-for peer_path in ("put", "auto"):  # the last one's layer goes on to the CUDA-graph check
+# (the last one's layer goes on to the CUDA-graph check)
+for peer_path, ddt in (("put", "bf16"), ("auto", "fp8_e4m3"), ("auto", "bf16")):
     torch.manual_seed(7)
+    hidden = 128 if ddt == "fp8_e4m3" else 64
     layer = MoELayer(
-        fast_cfg.replace(transport="nvshmem", nvshmem_peer_path=peer_path),
+        fast_cfg.replace(
+            transport="nvshmem", nvshmem_peer_path=peer_path, dispatch_dtype=ddt, hidden_size=hidden
+        ),
         groups,
         name="nosync",
         device=dev,
         dtype=torch.bfloat16,
     )
-    x = tokens(rank, 7).to(torch.bfloat16).requires_grad_(True)
+    x = tokens(rank, 7, hidden=hidden).to(torch.bfloat16).requires_grad_(True)
     for _ in range(2):  # warm-up compiles the Triton kernels (compilation itself may sync)
         layer(x).output.float().sum().backward()
     torch.cuda.synchronize()
@@ -158,7 +204,7 @@ for peer_path in ("put", "auto"):  # the last one's layer goes on to the CUDA-gr
     y.float().sum().backward()
     torch.cuda.set_sync_debug_mode(0)
     layer.check_errors()
-    passed(f"no host sync in forward+backward (peers={peer_path})")
+    passed(f"no host sync in forward+backward (peers={peer_path}, dispatch {ddt})")
 
 # CUDA-graph capture of a forward, replayed on new data.
 static_x = tokens(rank, 8).to(torch.bfloat16)
