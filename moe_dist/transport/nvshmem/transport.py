@@ -243,8 +243,9 @@ class NvshmemTransport:
             ("origin", self.ep_rank if status else -1),
         ):
             values[HS.FIELDS.index(name)] = v
-        hdr = torch.tensor(values, dtype=torch.int64).pin_memory()
-        hdr = hdr.to(self.device, non_blocking=True)  # no host sync
+        hdr = torch.tensor(values, dtype=torch.int64)
+        if torch.device(self.device).type == "cuda":
+            hdr = hdr.pin_memory().to(self.device, non_blocking=True)  # no host sync
         if c.device_status is not None and not status:
             bits = c.device_status.reshape(1).to(torch.int64)[0]
             hdr[HS.FIELDS.index("status")] = bits
