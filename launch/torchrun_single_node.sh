@@ -23,6 +23,12 @@ moe_dist_require_posint NPROC "$nproc_per_node"
 
 moe_dist_setup_env "$nproc_per_node"
 moe_dist_torchrun_cmd
+# The trainer's flags are checked once here, as its ranks would check them: a bad one ends the job
+# with one line naming it (exit 2) instead of every rank failing and torchrun reporting each.
+if [[ $MODULE == moe_dist.lm.train ]] && ((!MOE_DIST_DRY_RUN)) && [[ " $* " != *" -h "* ]] &&
+  [[ " $* " != *" --help "* ]]; then
+  WORLD_SIZE="$nproc_per_node" LOCAL_RANK=0 "$PYTHON" -m "$MODULE" --check-args "$@" || exit $?
+fi
 # --standalone: a private c10d rendezvous on a free local port, so two jobs on one node never clash.
 moe_dist_run "${MOE_DIST_TORCHRUN[@]}" --standalone --nnodes 1 --nproc-per-node "$nproc_per_node" \
   -m "$MODULE" "$@"

@@ -12,7 +12,7 @@ from .errors import (
 from .layer import MoELayer, MoEOutput, is_expert_param
 from .parallel import ParallelGroups, init_distributed
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the only place; pyproject.toml reads it (CHANGELOG.md)
 
 # Heavier parts load on first use, so `import moe_dist` stays light and optional deps stay optional.
 _LAZY = {

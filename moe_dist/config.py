@@ -1,9 +1,17 @@
-"""MoEConfig: every knob of one MoE layer, validated at construction. Reads no environment."""
+"""MoEConfig: every knob of one MoE layer, validated at construction. Reads no environment.
+
+Each field's comment is its documentation: `field_docs()` reads them from this file, and
+`python -m moe_dist.config --markdown` prints the README's reference table (`--update-readme`
+rewrites it in place; tests/unit/test_config_docs.py fails when the README drifts)."""
 
 from __future__ import annotations
 
+import ast
+import inspect
+import io
 import math
-from dataclasses import dataclass, fields
+import tokenize
+from dataclasses import MISSING, dataclass, fields
 
 ROUTERS = ("softmax", "sigmoid", "group_limited", "top_p")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -16,36 +24,33 @@ DISPATCH_DTYPES = ("bf16", "fp8_e4m3")  # transport/fp8.py
 
 @dataclass(frozen=True)
 class MoEConfig:
-    hidden_size: int
-    ffn_hidden_size: int
-    num_experts: int
-    top_k: int = 2
+    hidden_size: int  # model width H: tokens enter and leave the layer as [T, H]
+    ffn_hidden_size: int  # hidden width F of each routed expert
+    num_experts: int  # routed experts E (divisible by the EP size)
+    top_k: int = 2  # experts each token is routed to
 
     # Shared (always-on) experts, DeepSeekMoE style: one dense FFN of num_shared_experts * shared
     # size.
-    num_shared_experts: int = 0
+    num_shared_experts: int = 0  # always-on experts every token passes through
     shared_ffn_hidden_size: int | None = None  # None: ffn_hidden_size
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x @ w_gate) scales the shared output
 
     # Routing.
-    router: str = "softmax"
+    router: str = "softmax"  # scoring and selection of the experts (routing/)
     norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1
-    routed_scaling_factor: float = 1.0
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' weights (DeepSeek-V3)
     num_expert_groups: int = 1  # group-limited routing: experts split into groups...
     topk_groups: int = 1  # ...and each token may only use experts of its best topk_groups groups
-    # router="top_p": take experts until their probability mass reaches top_p
-    top_p: float = _TOP_P_DEFAULT
-    # router="sigmoid": aux-loss-free bias step (0 disables); the other routers ignore it
-    router_bias_update_rate: float = 1e-3
-    aux_loss_coef: float = 1e-2
-    z_loss_coef: float = 0.0
-    # None = dropless; per rank: capacity = ceil(factor * T * top_k / E) for this rank's T tokens
-    capacity_factor: float | None = None
+    top_p: float = _TOP_P_DEFAULT  # router="top_p": take experts until their mass reaches top_p
+    router_bias_update_rate: float = 1e-3  # router="sigmoid": aux-loss-free bias step (0 disables)
+    aux_loss_coef: float = 1e-2  # load-balancing loss weight (Switch/GShard style)
+    z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE): keeps router logits small
+    capacity_factor: float | None = None  # None = dropless; per rank: ceil(factor * T * K / E)
 
     # Experts and execution.
-    activation: str = "swiglu"
-    expert_backend: str = "auto"
-    transport: str = "auto"
+    activation: str = "swiglu"  # the experts' FFN activation
+    expert_backend: str = "auto"  # auto: torch._grouped_mm where it runs, else the loop oracle
+    transport: str = "auto"  # auto: local at EP=1, nvshmem in one GPU node, else collective
     num_chunks: int = 1  # >1: pipeline dispatch / experts / combine over token chunks (overlap)
     shared_expert_overlap: bool = True  # CUDA: shared experts on a side stream while tokens travel
     max_tokens_per_rank: int = 16384  # sizes the nvshmem transport's symmetric buffers
@@ -60,7 +65,7 @@ class MoEConfig:
     error_check: str = (
         "eager"  # "deferred": record errors on device, raise at the next check (no sync)
     )
-    init_seed_offset: int = 0
+    init_seed_offset: int = 0  # added to the seed of the layer's init (distinct layers, one seed)
     # Transport v2 (these move to the transport options object with the other transport knobs).
     dispatch_dtype: str = "bf16"  # "bf16": rows in the activation dtype; "fp8_e4m3": e4m3 + scales
     num_comm_sms: int = 24  # nvshmem: programs (SMs) each communication kernel may occupy
@@ -213,3 +218,103 @@ def _check_router_settings(cfg: "MoEConfig") -> None:
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+# -- the field reference: generated from the comments above
+# --------------------------------------------
+CHOICES = {
+    "router": ROUTERS,
+    "activation": ACTIVATIONS,
+    "transport": TRANSPORTS,
+    "expert_backend": EXPERT_BACKENDS,
+    "error_check": ERROR_CHECKS,
+    "nvshmem_peer_path": ("auto", "p2p", "put"),
+}
+README_BEGIN = "<!-- MoEConfig fields: generated by `python -m moe_dist.config --update-readme` -->"
+README_END = "<!-- end of MoEConfig fields -->"
+
+
+def field_docs() -> dict[str, dict[str, str]]:
+    """{field: {"type", "default", "doc", "section"}} in declaration order. The doc is the comment
+    on the field's line(s); the section is the last comment line standing alone above it."""
+    source = inspect.getsource(MoEConfig)
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    body = ast.parse(source).body[0].body
+    statements = [n for n in body if isinstance(n, ast.AnnAssign)]
+    defaults = {f.name: f.default for f in fields(MoEConfig)}
+    docs, section, previous_end = {}, "", body[0].lineno - 1
+    for node in statements:
+        name = node.target.id
+        above = [comments[i] for i in range(previous_end + 1, node.lineno) if i in comments]
+        if above:
+            section = " ".join(above)
+        own = [comments[i] for i in range(node.lineno, node.end_lineno + 1) if i in comments]
+        doc = " ".join(own).strip()
+        if doc and not doc.endswith("."):
+            doc += "."
+        if name in CHOICES:
+            doc += f" One of {', '.join(repr(c) for c in CHOICES[name])}."
+        default = defaults[name]
+        docs[name] = {
+            "type": ast.unparse(node.annotation),
+            "default": "required" if default is MISSING else repr(default),
+            "doc": doc.strip(),
+            "section": section,
+        }
+        previous_end = node.end_lineno
+    return docs
+
+
+def markdown_table() -> str:
+    """The README's MoEConfig reference: one row per field, grouped by the source's sections."""
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    section = None
+    for name, d in field_docs().items():
+        if d["section"] != section and d["section"]:
+            section = d["section"]
+            rows.append(f"| **{section.rstrip('.')}** | | | |")
+        doc, typ = (d[k].replace("|", "\\|") for k in ("doc", "type"))
+        rows.append(f"| `{name}` | `{typ}` | `{d['default']}` | {doc} |")
+    return "\n".join(rows)
+
+
+def readme_block() -> str:
+    return f"{README_BEGIN}\n{markdown_table()}\n{README_END}"
+
+
+def _main(argv=None) -> int:
+    import argparse
+    import re
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(
+        prog="python -m moe_dist.config", description="The MoEConfig field reference."
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--markdown", action="store_true", help="print the markdown table")
+    what.add_argument(
+        "--update-readme",
+        nargs="?",
+        const="README.md",
+        metavar="PATH",
+        help="rewrite the table between the markers in PATH (default: README.md)",
+    )
+    args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown_table())
+        return 0
+    path = Path(args.update_readme)
+    text = path.read_text()
+    pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
+    if not pattern.search(text):
+        p.error(f"{path} has no '{README_BEGIN}' ... '{README_END}' block to rewrite")
+    path.write_text(pattern.sub(lambda _: readme_block(), text, count=1))
+    print(f"rewrote the MoEConfig table in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

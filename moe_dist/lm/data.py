@@ -56,6 +56,25 @@ class ByteCorpus:
     def from_path(cls, path: str | Path | None, max_bytes: int | None = None) -> "ByteCorpus":
         return cls(stdlib_sources() if path is None else text_files(path), max_bytes)
 
+    def split_validation(
+        self, fraction: float, min_bytes: int
+    ) -> tuple["ByteCorpus", "ByteCorpus"]:
+        """(train, validation): the last `fraction` of the bytes (at least `min_bytes`) held out.
+        Both views share this corpus's memory."""
+        held = max(int(len(self) * fraction), min_bytes)
+        if len(self) - held < min_bytes:
+            raise ValueError(
+                f"corpus has {len(self)} bytes: too few to hold out {held} for validation and"
+                f" keep {min_bytes} for training"
+            )
+        return self._view(self.data[:-held]), self._view(self.data[-held:])
+
+    @classmethod
+    def _view(cls, data: torch.Tensor) -> "ByteCorpus":
+        corpus = cls.__new__(cls)
+        corpus.data, corpus.num_files = data, None
+        return corpus
+
     def __len__(self) -> int:
         return self.data.numel()
 

@@ -102,7 +102,7 @@ class MoETransformer(nn.Module):
     `moe_factory` swaps the MoE implementation (the benchmark puts DeepSpeed's MoE there); by
     default each block gets a moe_dist MoELayer built from `moe_cfg` and `groups`, or a
     ChainOfExperts around one when `cfg.coe_iterations` > 1. Under one torch.manual_seed the model
-    is EP-invariant, like MoELayer: every parameter is drawn in the same order at any EP size. """
+    is EP-invariant, like MoELayer: every parameter is drawn in the same order at any EP size."""
 
     def __init__(
         self,

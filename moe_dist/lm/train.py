@@ -1,22 +1,17 @@
 """Train the example MoE language model on bytes of text:
 
-    torchrun --standalone --nproc-per-node 2 -m moe_dist.lm.train --ep 2 --backend fsdp
-    launch/torchrun_single_node.sh --ep 2 --backend deepspeed --zero-stage 2 --steps 200
+    torchrun --standalone --nproc-per-node 2 -m moe_dist.lm.train
+    launch/torchrun_single_node.sh --backend deepspeed --zero-stage 2 --steps 200
 
-By default it reads the Python standard library's sources (every machine has them); --data PATH for
-yours. The global batch is the same at every world and EP size, each data-parallel rank takes its
-rows, so loss curves are comparable across parallel layouts. On CPU the default model is tiny (about
-a minute over two gloo processes); with GPUs it is larger, runs in bf16 and uses the fastest
-transport.
-
---coe-iterations N (default 1) turns every MoE FFN into a Chain-of-Experts layer of N routed passes.
-Prints a progress line per --log-every steps (loss, tokens/s, expert load, dropped tokens) and ends
-with `final loss X (start Y) ...`. --json PATH writes the loss curve; --save DIR / --resume DIR
-checkpoint. """
+Flags and their checks live in cli.py (`--help` lists them), the log line, JSONL and TensorBoard in
+metrics.py, the data in data.py; this file holds the backends and the loop. By default the experts
+are sharded over every process (EP = world size). The run ends with `final loss X (start Y) ...`;
+--json PATH writes the loss curve, --save DIR / --resume DIR checkpoint.
+"""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,174 +22,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe_dist import MoEConfig, MoELayer, ParallelGroups, init_distributed
-from moe_dist.training.clip import clip_grad_norm_
+from moe_dist import MoELayer, ParallelGroups, init_distributed
+
+from .cli import SIZES, TRAINER_FILE, model_configs, parse_args, preset  # noqa: F401 (re-exported)
 from .data import ByteCorpus, local_rows, rows_per_rank
-from .model import ModelConfig, MoETransformer
-
-SIZES = (
-    {  # rows_per_rank: sequences per data-parallel rank (the global batch scales with the world)
-        "tiny": (
-            dict(
-                d_model=64,
-                layers=2,
-                heads=4,
-                experts=8,
-                top_k=2,
-                ffn=128,
-                seq_len=64,
-                rows_per_rank=8,
-            )
-        ),
-        "small": (
-            dict(
-                d_model=512,
-                layers=8,
-                heads=8,
-                experts=16,
-                top_k=2,
-                ffn=1024,
-                seq_len=512,
-                rows_per_rank=16,
-            )
-        ),
-        "medium": (
-            dict(
-                d_model=1024,
-                layers=16,
-                heads=16,
-                experts=64,
-                top_k=6,
-                ffn=704,
-                seq_len=1024,
-                rows_per_rank=8,
-            )
-        ),
-    }
+from .metrics import (
+    TELEMETRY_LEGEND,
+    MetricsSink,
+    flops_per_token,
+    peak_flops,
+    peak_memory_gib,
 )
+from .model import MoETransformer
 
-
-def preset(args, on_gpu: bool) -> dict:
-    """The --size preset (tiny on CPU, small on GPU by default) with the explicit flags applied."""
-    size = dict(SIZES[args.size or ("small" if on_gpu else "tiny")])
-    for name in size:
-        if getattr(args, name, None) is not None:
-            size[name] = getattr(args, name)
-    return size
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m moe_dist.lm.train",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "--ep", type=int, default=1, help="expert-parallel size (divides the world size)"
-    )
-    p.add_argument(
-        "--backend",
-        choices=("fsdp", "deepspeed", "none"),
-        default="fsdp",
-        help="fsdp: FSDP2; deepspeed: DeepSpeed ZeRO; none: replicated data parallel",
-    )
-    p.add_argument("--zero-stage", type=int, default=1, help="DeepSpeed ZeRO stage (0, 1 or 2)")
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=300,
-        help="total optimizer steps (a resumed run continues to it)",
-    )
-    p.add_argument(
-        "--data", default=None, help="text file or directory (default: the Python stdlib sources)"
-    )
-    p.add_argument(
-        "--max-bytes", type=int, default=None, help="read at most this many bytes of text"
-    )
-    p.add_argument(
-        "--size",
-        choices=sorted(SIZES),
-        default=None,
-        help="model preset (default: tiny on CPU, small on GPU); the flags below override it",
-    )
-    for flag in ("d-model", "layers", "heads", "experts", "top-k", "ffn", "seq-len"):
-        p.add_argument(f"--{flag}", type=int, default=None)
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help=(
-            "global batch in sequences (default: the preset's per-rank batch times the world size)"
-        ),
-    )
-    p.add_argument("--shared-experts", type=int, default=0)
-    p.add_argument(
-        "--router", default="softmax", choices=("softmax", "sigmoid", "group_limited", "top_p")
-    )
-    p.add_argument(
-        "--capacity-factor",
-        type=float,
-        default=None,
-        help="drop tokens over capacity (default dropless)",
-    )
-    p.add_argument(
-        "--coe-iterations",
-        type=int,
-        default=1,
-        help=(
-            "Chain-of-Experts: > 1 makes every MoE FFN route its tokens this many times through the"
-            " same experts, each pass with its own router and a residual (expert compute per token"
-            " = iterations x top-k: halve --top-k for equal compute)"
-        ),
-    )
-    p.add_argument("--transport", default="auto")
-    p.add_argument(
-        "--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU"
-    )
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save", default=None, help="checkpoint directory, written at the end")
-    p.add_argument("--save-every", type=int, default=0, help="also save every N steps")
-    p.add_argument("--resume", default=None, help="checkpoint directory to continue from")
-    p.add_argument("--json", default=None, help="write the loss curve and summary here (rank 0)")
-    p.add_argument(
-        "--telemetry-every",
-        type=int,
-        default=50,
-        help=(
-            "routing telemetry (moe_dist.extensions.telemetry): its local-routing-consistency scan"
-            " runs on every N-th forward of a layer; a summary line ends the run (0: off)"
-        ),
-    )
-    return p.parse_args(argv)
-
-
-def model_configs(args, on_gpu: bool) -> tuple[ModelConfig, MoEConfig]:
-    size = preset(args, on_gpu)
-    model_cfg = ModelConfig(
-        d_model=size["d_model"],
-        n_layers=size["layers"],
-        n_heads=size["heads"],
-        max_seq_len=size["seq_len"],
-        coe_iterations=args.coe_iterations,
-    )
-    moe_cfg = MoEConfig(
-        hidden_size=size["d_model"],
-        ffn_hidden_size=size["ffn"],
-        num_experts=size["experts"],
-        top_k=size["top_k"],
-        num_shared_experts=args.shared_experts,
-        router=args.router,
-        num_expert_groups=2 if args.router == "group_limited" else 1,
-        capacity_factor=args.capacity_factor,
-        transport=args.transport,
-        error_check="deferred",
-    )  # no host sync inside a step; raised at each log line (train())
-    return model_cfg, moe_cfg
+VAL_FRACTION = 0.01  # of the corpus's bytes, held out (its end) for the validation loss
+VAL_SEED = 12345  # the validation batches are the same at every evaluation
 
 
 # -- backends: one interface over FSDP2, DeepSpeed and plain data parallelism
@@ -227,6 +69,8 @@ class ReplicatedBackend:
     def step(self, lr: float) -> float | None:
         """Reduces gradients, clips, steps; returns the global gradient norm before clipping (None:
         no clip)."""
+        from moe_dist.training.clip import clip_grad_norm_  # torch.distributed.tensor: slow import
+
         self.reduce_gradients()
         norm = (
             clip_grad_norm_(self.model.parameters(), self.clip, self.groups)
@@ -246,6 +90,7 @@ class ReplicatedBackend:
             self.model, directory / f"step_{step}", optimizer=self.optimizer, extra=extra
         )
         if self.groups.rank == 0:
+            record_backend(directory / f"step_{step}", self.name, extra)
             (directory / "latest").write_text(f"step_{step}")
 
     def load(self, directory: Path) -> dict:
@@ -320,6 +165,8 @@ class DeepSpeedBackend:
         self.engine.save_checkpoint(
             str(directory), tag=f"step_{step}", client_state={"moe_dist": extra}
         )
+        if self.groups.rank == 0:
+            record_backend(directory / f"step_{step}", self.name, extra)
 
     def load(self, directory: Path) -> dict:
         # A run directory (DeepSpeed's `latest` names the tag) or one tag's directory.
@@ -339,6 +186,11 @@ def _latest(directory: Path) -> Path:
     itself."""
     latest = directory / "latest"
     return directory / latest.read_text().strip() if latest.is_file() else directory
+
+
+def record_backend(step_dir: Path, backend: str, extra: dict) -> None:
+    """Which backend wrote a checkpoint: --resume reads it before building anything (cli.py)."""
+    (step_dir / TRAINER_FILE).write_text(json.dumps({"backend": backend, **extra}))
 
 
 def make_backend(name: str, model, groups, args, *, device: torch.device, micro_batch: int):
@@ -381,18 +233,10 @@ class ExpertTelemetry:
         return both[:-1].cpu(), int(both[-1])
 
 
-def progress_line(
-    step: int, total: int, loss: float, tok_s: float, load: torch.Tensor, dropped: int
-) -> str:
-    width = 20
-    done = int(width * step / total)
-    share = load.float() / max(int(load.sum()), 1)
-    imbalance = float(share.max() * share.numel()) if share.numel() else 0.0
-    return (
-        f"[{'#' * done}{'.' * (width - done)}] step {step}/{total} loss {loss:.4f} | "
-        f"{tok_s:,.0f} tok/s | expert load % {' '.join(f'{100 * s:.0f}' for s in share.tolist())} "
-        f"(max/mean {imbalance:.2f}) | dropped {dropped}"
-    )
+def load_imbalance(load: torch.Tensor) -> float:
+    """Slots of the busiest expert over the mean (1.0 = balanced; 0.0 when nothing was routed)."""
+    total = int(load.sum())
+    return float(load.max()) * load.numel() / total if total else 0.0
 
 
 # -- the loop
@@ -406,14 +250,56 @@ def learning_rate(step: int, args) -> float:
     return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
 
 
+@contextlib.contextmanager
+def observers_paused(model):
+    """Telemetry observers see training forwards only, not the validation's."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    saved = [layer._observers for layer in layers]
+    for layer in layers:
+        layer._observers = []
+    try:
+        yield
+    finally:
+        for layer, observers in zip(layers, saved):
+            layer._observers = observers
+
+
+@torch.no_grad()
+def validation_loss(model, corpus, batch_size, seq_len, n_batches, groups, device) -> float:
+    """Mean next-byte cross-entropy (nats/byte) over `n_batches` fixed global batches of held-out
+    bytes, averaged over the data-parallel ranks. Eval mode: no router-bias update."""
+    model.eval()
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    try:
+        with observers_paused(model):
+            for i in range(n_batches):
+                batch = local_rows(
+                    corpus.global_batch(i, batch_size, seq_len, VAL_SEED),
+                    groups.rank,
+                    groups.world_size,
+                )
+                batch = batch.to(device)
+                total += model(batch[:, :-1], batch[:, 1:]).ce_loss.float()
+    finally:
+        model.train()
+    dist.all_reduce(total, group=groups.dp_group)
+    return float(total) / (n_batches * groups.world_size)
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # every flag checked before any process group exists (cli.py)
+    if args.check_args:
+        return 0
     rank, world, device = init_distributed()
     groups = ParallelGroups(ep_size=args.ep)
-    model_cfg, moe_cfg = model_configs(args, device.type == "cuda")
-    batch_size = args.batch_size or preset(args, device.type == "cuda")["rows_per_rank"] * world
+    on_gpu = device.type == "cuda"
+    model_cfg, moe_cfg = model_configs(args, on_gpu)
+    seq_len = model_cfg.max_seq_len
+    batch_size = args.batch_size or preset(args, on_gpu)["rows_per_rank"] * world
     local_batch = rows_per_rank(batch_size, world)
-    corpus = ByteCorpus.from_path(args.data, args.max_bytes)
+    corpus, val_corpus = ByteCorpus.from_path(args.data, args.max_bytes).split_validation(
+        VAL_FRACTION, seq_len + 2
+    )
 
     torch.manual_seed(args.seed)  # same seed everywhere: EP-invariant initialisation
     model = MoETransformer(model_cfg, moe_cfg, groups, device=device)
@@ -425,71 +311,121 @@ def main(argv=None) -> int:
     if args.telemetry_every > 0:
         from moe_dist.extensions.telemetry import RoutingTelemetry
 
-        routing = RoutingTelemetry(
-            backend.model, seq_len=model_cfg.max_seq_len, lrc_every=args.telemetry_every
-        )
-    say = print if rank == 0 else (lambda *a, **k: None)
+        routing = RoutingTelemetry(backend.model, seq_len=seq_len, lrc_every=args.telemetry_every)
     n_params = sum(p.numel() for p in model.parameters())
+    E = moe_cfg.num_experts
     moe_kind = (
         f"Chain-of-Experts FFNs ({model_cfg.coe_iterations} iterations x top-{moe_cfg.top_k})"
         if model_cfg.coe_iterations > 1
         else f"MoE FFNs (top-{moe_cfg.top_k})"
     )
-    say(
-        f"moe_dist.lm.train: backend {args.backend}, world {world}, ep {args.ep}, device"
-        f" {device.type}, {n_params:,} parameters on rank 0, {moe_cfg.num_experts} experts,"
-        f" {moe_kind}, {len(corpus):,} bytes of text, global batch {batch_size} x"
-        f" {model_cfg.max_seq_len}",
-        flush=True,
-    )
+    if rank == 0:
+        print(
+            f"moe_dist.lm.train: {world} processes on {device.type}, expert parallelism EP"
+            f" {args.ep} (each rank holds {E // args.ep} of the {E} experts of every layer),"
+            f" backend {args.backend}, {model_cfg.n_layers} layers of {moe_kind},"
+            f" {n_params:,} parameters on rank 0, {len(corpus):,} bytes of text"
+            f" (+{len(val_corpus):,} held out), global batch {batch_size} x {seq_len} bytes",
+            flush=True,
+        )
+        print(
+            "log columns: loss and val = next-byte cross-entropy in nats/byte (ln 256 = 5.55 at"
+            " random), gnorm = gradient norm before clipping, load = busiest expert / mean,"
+            " elapsed<ETA (python -m moe_dist.lm.train --help explains every column)",
+            flush=True,
+        )
 
     start_step = 0
     if args.resume:
         start_step = int(backend.load(Path(args.resume))["step"])
-        say(f"resumed from {args.resume} at step {start_step}", flush=True)
+        if rank == 0:
+            print(f"resumed from {args.resume} at step {start_step}", flush=True)
         if start_step >= args.steps:
-            say(f"nothing to do: the checkpoint is at step {start_step}, --steps is {args.steps}")
+            if rank == 0:
+                print(
+                    f"nothing to do: the checkpoint is at step {start_step},"
+                    f" --steps is {args.steps}"
+                )
             shutdown()
             return 0
     save_dir = Path(args.save) if args.save else None
     if save_dir is not None and rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
 
+    sink = MetricsSink(
+        active=rank == 0,
+        total_steps=args.steps,
+        start_step=start_step,
+        progress=args.progress,
+        jsonl=args.metrics_jsonl,
+        tensorboard=args.tensorboard,
+    )
+    low_precision = args.dtype == "bf16" or (args.dtype == "auto" and on_gpu)
+    peak = peak_flops(device) if low_precision else None
+    step_flops = flops_per_token(model_cfg, moe_cfg) * batch_size * seq_len
     losses: list[float] = []
+    val_losses: list[tuple[int, float]] = []
     pending: list[torch.Tensor] = []
-    tokens_per_step = batch_size * model_cfg.max_seq_len
-    interval_start, interval_steps, timed = time.perf_counter(), 0, []
+    grad_norm = None
+    tokens_per_step = batch_size * seq_len
+    run_start = time.perf_counter()
+    interval_start, interval_steps, timed = run_start, 0, []
+    tok_s = 0.0
     for step in range(start_step, args.steps):
-        batch = local_rows(
-            corpus.global_batch(step, batch_size, model_cfg.max_seq_len, args.seed), rank, world
-        )
+        batch = local_rows(corpus.global_batch(step, batch_size, seq_len, args.seed), rank, world)
         batch = batch.to(device)
         out = backend.forward_backward(batch[:, :-1], batch[:, 1:])
-        backend.step(learning_rate(step, args))
+        lr = learning_rate(step, args)
+        grad_norm = backend.step(lr)  # a device tensor or a float; read at the log line
         telemetry.record(out.tokens_per_expert)
-        pending.append(out.loss.detach().float())
+        pending.append(out.ce_loss.detach().float())
         interval_steps += 1
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            for (
-                layer
-            ) in (
-                model.moe_layers()
-            ):  # errors recorded on the device (NaN logits, overflow, silent peer)
-                layer.check_errors()  # raise here, naming the layer and the step they happened at
+        sink.advance()
+        last = step + 1 == args.steps
+        if (step + 1) % args.log_every == 0 or last:
+            for layer in model.moe_layers():
+                # Errors recorded on the device (NaN logits, overflow, silent peer) raise here,
+                # naming the layer and the step they happened at.
+                layer.check_errors()
             step_losses = torch.stack(pending)
             dist.all_reduce(step_losses, group=groups.dp_group)
             losses.extend((step_losses / world).tolist())
             pending = []
-            if device.type == "cuda":
+            if on_gpu:
                 torch.cuda.synchronize()
-            elapsed = time.perf_counter() - interval_start
-            tok_s = interval_steps * tokens_per_step / elapsed
+            now = time.perf_counter()
+            tok_s = interval_steps * tokens_per_step / (now - interval_start)
             if step + 1 > args.log_every or start_step > 0:  # the first interval includes warm-up
                 timed.append(tok_s)
             load, dropped = telemetry.collect()
-            interval_loss = sum(losses[-interval_steps:]) / interval_steps
-            say(
-                progress_line(step + 1, args.steps, interval_loss, tok_s, load, dropped), flush=True
+            val = None
+            if last or (args.val_every and (step + 1) % args.val_every == 0):
+                val = validation_loss(
+                    backend.model, val_corpus, batch_size, seq_len, args.val_batches, groups, device
+                )
+                val_losses.append((step + 1, val))
+            elapsed = time.perf_counter() - run_start
+            done = step + 1 - start_step
+            sink.log(
+                {
+                    "step": step + 1,
+                    "total_steps": args.steps,
+                    "loss": sum(losses[-interval_steps:]) / interval_steps,
+                    "val_loss": val,
+                    "lr": lr,
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "tokens_per_s": tok_s,
+                    "mfu": (
+                        None
+                        if peak is None
+                        else tok_s / tokens_per_step * step_flops / (peak * world)
+                    ),
+                    "mem_gib": peak_memory_gib(device)[0],
+                    "load_imbalance": load_imbalance(load),
+                    "dropped": dropped,
+                    "elapsed_s": elapsed,
+                    "eta_s": elapsed / done * (args.steps - step - 1),
+                }
             )
             interval_start, interval_steps = time.perf_counter(), 0
         if (
@@ -499,20 +435,24 @@ def main(argv=None) -> int:
             and step + 1 < args.steps
         ):
             backend.save(save_dir, step + 1, {"step": step + 1})
+    sink.close()
+    say = sink.say
     if save_dir is not None:
         backend.save(save_dir, args.steps, {"step": args.steps})
-        say(f"saved checkpoint to {save_dir}", flush=True)
+        say(f"saved checkpoint to {save_dir}")
 
     tok_s = sum(timed) / len(timed) if timed else tok_s
     routing_summary = routing.reduce(groups.dp_group).summary() if routing is not None else None
     if routing_summary is not None:
-        say(routing_summary, flush=True)
-    final = sum(losses[-10:]) / len(
-        losses[-10:]
-    )  # one step's loss is noisy: the mean of the last ten
+        say(TELEMETRY_LEGEND)
+        say(routing_summary)
+    tail = losses[-10:]  # one step's loss is noisy: the mean of the last ten
+    final = sum(tail) / len(tail)
     summary = {
         "first_loss": losses[0],
         "final_loss": final,
+        "final_val_loss": val_losses[-1][1],
+        "loss_unit": "nats/byte",
         "steps": args.steps,
         "start_step": start_step,
         "tokens_per_s": tok_s,
@@ -526,12 +466,15 @@ def main(argv=None) -> int:
     }
     if rank == 0 and args.json:
         Path(args.json).write_text(
-            json.dumps({**summary, "losses": losses, "args": vars(args)}, indent=1)
+            json.dumps(
+                {**summary, "losses": losses, "val_losses": val_losses, "args": vars(args)},
+                indent=1,
+            )
         )
     say(
-        f"final loss {final:.4f} (start {losses[0]:.4f}; final = mean of the last"
-        f" {len(losses[-10:])} steps) after {args.steps} steps, {tok_s:,.0f} tokens/s",
-        flush=True,
+        f"final loss {final:.4f} (start {losses[0]:.4f}; final = mean of the last {len(tail)}"
+        f" steps; nats/byte), validation loss {val_losses[-1][1]:.4f}, after {args.steps} steps,"
+        f" {tok_s:,.0f} tokens/s"
     )
     shutdown()
     return 0 if math.isfinite(final) else 1

@@ -18,6 +18,11 @@ def train(*args: str, timeout: float = 240) -> str:
     return assert_ran(torchrun(2, "-m", "moe_dist.lm.train", *args, timeout=timeout))
 
 
+def train_failing(*args: str, timeout: float = 240):
+    """The same, for runs expected to fail: the CompletedProcess."""
+    return torchrun(2, "-m", "moe_dist.lm.train", *args, timeout=timeout)
+
+
 def read_curve(path: Path) -> dict:
     result = json.loads(path.read_text())
     assert len(result["losses"]) == result["steps"] - result["start_step"], result
@@ -26,11 +31,24 @@ def read_curve(path: Path) -> dict:
 
 def test_fsdp_trainer_loss_falls_and_resume_repeats_the_curve(tmp_path):
     out = train("--ep", "2", "--backend", "fsdp", "--steps", "40", "--save", str(tmp_path / "run"),
-                   "--save-every", "20", "--json", str(tmp_path / "full.json"), *FAST)
+                "--save-every", "20", "--json", str(tmp_path / "full.json"), "--val-every", "20",
+                "--metrics-jsonl", str(tmp_path / "metrics.jsonl"), *FAST)
     full = read_curve(tmp_path / "full.json")
     assert f"final loss {full['final_loss']:.4f} (start {full['first_loss']:.4f}" in out, out
     assert full["final_loss"] < full["first_loss"] - 1.0, full  # bytes: ln(256) = 5.5 at the start
-    assert "expert load %" in out and "tok/s" in out and "dropped 0" in out, out
+    last_line = next(line for line in out.splitlines() if line.startswith("step 40/40"))
+    for column in ("loss", "val", "lr", "gnorm", "tok/s", "mem", "load", "dropped 0", "<00:00"):
+        assert column in last_line, out
+    assert "nats/byte" in out.splitlines()[1], out  # the units, stated once in the header
+    # One JSONL record per log line, streamed; validation loss on held-out bytes at 20 and 40.
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30, 40], records
+    assert [r["val_loss"] is not None for r in records] == [False, True, False, True], records
+    assert full["val_losses"] == [[20, records[1]["val_loss"]], [40, records[3]["val_loss"]]]
+    assert records[3]["val_loss"] < records[1]["val_loss"] < 5.0, records
+    for r in records:
+        assert r["grad_norm"] > 0 and r["mem_gib"] > 0 and r["eta_s"] >= 0 and r["lr"] > 0, r
+    assert (tmp_path / "run" / "step_20" / "trainer.json").is_file()
     assert (tmp_path / "run" / "step_20" / "moe_dist.json").is_file()
     assert (tmp_path / "run" / "latest").read_text() == "step_40"
 
@@ -47,6 +65,13 @@ def test_deepspeed_trainer_loss_falls_and_resume_repeats_the_curve(tmp_path):
     full = read_curve(tmp_path / "full.json")
     assert full["final_loss"] < full["first_loss"] - 1.0, full
     assert (tmp_path / "ds" / "step_15" / "layer_0_expert_7_mp_rank_00_model_states.pt").is_file()
+    # Another backend cannot read DeepSpeed's format: one line per node, exit 2, before any
+    # process group (so no traceback from the trainer; torchrun reports the exit code itself).
+    bad = train_failing(*common, "--backend", "fsdp", "--resume", str(tmp_path / "ds"))
+    lines = [line for line in bad.stderr.splitlines() if "moe_dist.lm.train: error" in line]
+    assert bad.returncode != 0 and len(lines) == 1, bad.stderr
+    assert "was written with --backend deepspeed" in lines[0] and "--backend fsdp" in lines[0]
+    assert 'moe_dist/lm' not in bad.stderr  # no frame of ours in any traceback
 
     train(*common, "--resume", str(tmp_path / "ds" / "step_15"), "--json", str(tmp_path / "resumed.json"))
     resumed = read_curve(tmp_path / "resumed.json")
@@ -69,3 +94,23 @@ def test_trainer_selects_chain_of_experts_and_its_loss_falls(tmp_path):
     assert run["routing"].startswith("routing 2 layers 80 steps") and "dropped 0.00%" in run["routing"], run
     assert run["routing"] in out, out
     assert run["final_loss"] < run["first_loss"] - 1.0, run
+
+
+def test_bad_flag_under_torchrun_is_one_line_without_traceback():
+    """--ep 3 on 2 processes: local rank 0 prints one line naming the flag, both exit 2 before any
+    rendezvous; torchrun then reports the failed workers (its own report, no frame of ours)."""
+    proc = train_failing("--ep", "3", "--steps", "5", timeout=120)
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines() if "moe_dist.lm.train:" in line]
+    assert ours == ["python -m moe_dist.lm.train: error: --ep 3 does not divide the number of"
+                    " processes (2); use a divisor of 2 (see --help)"], proc.stderr
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr
+    assert "moe_dist/lm" not in proc.stderr and "UnboundLocalError" not in proc.stderr
+
+
+def test_resume_across_fsdp_and_replicated(tmp_path):
+    """fsdp and none write the same checkpoint format (any sharding, any EP size): a checkpoint of
+    one resumes under the other."""
+    fast = ["--steps", "4", "--log-every", "2", "--max-bytes", "200000", "--telemetry-every", "0"]
+    train("--backend", "none", *fast[:1], "2", *fast[2:], "--save", str(tmp_path / "run"))
+    out = train("--backend", "fsdp", *fast, "--resume", str(tmp_path / "run"))
+    assert "resumed from" in out and "at step 2" in out, out
