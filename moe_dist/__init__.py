@@ -1,7 +1,14 @@
 """moe_dist: an expert-parallel Mixture-of-Experts runtime for PyTorch."""
 
 from .config import MoEConfig
-from .errors import BufferOverflow, MoERuntimeError, NonFiniteRouterLogits, PeerTimeout
+from .errors import (
+    BufferOverflow,
+    MoERuntimeError,
+    NonFiniteRouterLogits,
+    PeerTimeout,
+    RankFailed,
+    RankMismatch,
+)
 from .layer import MoELayer, MoEOutput, is_expert_param
 from .parallel import ParallelGroups, init_distributed
 
@@ -32,6 +39,8 @@ __all__ = [
     "NonFiniteRouterLogits",
     "ParallelGroups",
     "PeerTimeout",
+    "RankFailed",
+    "RankMismatch",
     "RoutingTelemetry",
     "clip_grad_norm_",
     "init_distributed",

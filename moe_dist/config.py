@@ -18,6 +18,7 @@ ACTIVATIONS = ("swiglu", "gelu", "clamped_swiglu")
 TRANSPORTS = ("auto", "local", "collective", "nvshmem", "reference")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
 ERROR_CHECKS = ("eager", "deferred")
+_TOP_P_DEFAULT = 0.5
 DISPATCH_DTYPES = ("bf16", "fp8_e4m3")  # transport/fp8.py
 
 
@@ -40,11 +41,11 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0  # multiplies the routed experts' weights (DeepSeek-V3)
     num_expert_groups: int = 1  # group-limited routing: experts split into groups...
     topk_groups: int = 1  # ...and each token may only use experts of its best topk_groups groups
-    top_p: float = 0.5  # router="top_p": take experts until their probability mass reaches top_p
+    top_p: float = _TOP_P_DEFAULT  # router="top_p": take experts until their mass reaches top_p
     router_bias_update_rate: float = 1e-3  # router="sigmoid": aux-loss-free bias step (0 disables)
     aux_loss_coef: float = 1e-2  # load-balancing loss weight (Switch/GShard style)
     z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE): keeps router logits small
-    capacity_factor: float | None = None  # None = dropless
+    capacity_factor: float | None = None  # None = dropless; per rank: ceil(factor * T * K / E)
 
     # Experts and execution.
     activation: str = "swiglu"  # the experts' FFN activation
@@ -90,18 +91,40 @@ class MoEConfig:
             "max_tokens_per_rank",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.shared_expert_overlap, bool):
-            raise ValueError(
-                f"shared_expert_overlap must be a bool, got {self.shared_expert_overlap!r}"
-            )
+        for name in ("num_shared_experts", "init_seed_offset"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
+        for name in (
+            "shared_expert_overlap",
+            "shared_expert_gate",
+            "check_finite",
+            "norm_topk_prob",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for name in (
+            "routed_scaling_factor",
+            "top_p",
+            "router_bias_update_rate",
+            "aux_loss_coef",
+            "z_loss_coef",
+        ):
+            _finite_float(name, getattr(self, name))
+        if self.capacity_factor is not None:
+            _finite_float("capacity_factor", self.capacity_factor, " (or None: dropless)")
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
-        if self.shared_ffn_hidden_size is not None and self.shared_ffn_hidden_size < 1:
+        if self.shared_ffn_hidden_size is not None and (
+            not _is_int(self.shared_ffn_hidden_size) or self.shared_ffn_hidden_size < 1
+        ):
             raise ValueError(
-                f"shared_ffn_hidden_size must be >= 1, got {self.shared_ffn_hidden_size}"
+                f"shared_ffn_hidden_size must be a positive int or None, "
+                f"got {self.shared_ffn_hidden_size!r}"
             )
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
         _one_of("router", self.router, ROUTERS)
         _one_of("activation", self.activation, ACTIVATIONS)
         _one_of("transport", self.transport, TRANSPORTS)
@@ -150,7 +173,7 @@ class MoEConfig:
                 f"dispatch_dtype='fp8_e4m3' needs hidden_size divisible by 128 (one scale per 128"
                 f" channels; not padded), got hidden_size={self.hidden_size}"
             )
-        if not isinstance(self.num_comm_sms, int) or self.num_comm_sms < 1:
+        if not _is_int(self.num_comm_sms) or self.num_comm_sms < 1:
             raise ValueError(f"num_comm_sms must be a positive int, got {self.num_comm_sms!r}")
         for name in (
             "router_bias",
@@ -183,6 +206,7 @@ class MoEConfig:
         for name in ("aux_loss_coef", "z_loss_coef", "router_bias_update_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        _check_router_settings(self)
 
     @property
     def shared_hidden(self) -> int:
@@ -196,6 +220,36 @@ class MoEConfig:
             raise ValueError(f"unknown MoEConfig fields: {sorted(unknown)}")
         values.update(changes)
         return MoEConfig(**values)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite_float(name: str, value, also: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number{also}, got {value!r}")
+
+
+def _check_router_settings(cfg: "MoEConfig") -> None:
+    """Settings the chosen router would ignore are errors, not silent no-ops. (The sigmoid
+    router's router_bias_update_rate is ignored by the other routers: its non-zero default makes
+    it undetectable; documented on the field.)"""
+    ignored = []
+    if cfg.router in ("softmax", "top_p"):
+        ignored += [
+            f"{name}={getattr(cfg, name)}"
+            for name in ("num_expert_groups", "topk_groups")
+            if getattr(cfg, name) != 1
+        ]
+    if cfg.router != "top_p" and cfg.top_p != _TOP_P_DEFAULT:
+        ignored.append(f"top_p={cfg.top_p}")
+    if ignored:
+        raise ValueError(
+            f"router={cfg.router!r} ignores {', '.join(ignored)}: remove "
+            f"{'it' if len(ignored) == 1 else 'them'} or choose a router that uses "
+            f"{'it' if len(ignored) == 1 else 'them'}"
+        )
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

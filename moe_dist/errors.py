@@ -22,19 +22,35 @@ class BufferOverflow(MoERuntimeError):
 
 
 class PeerTimeout(MoERuntimeError):
-    pass
+    """A peer did not answer within the transport's time limit (peer_timeout_s)."""
+
+
+class RankFailed(MoERuntimeError):
+    """The forward of a layer failed on one rank of the EP group; every rank raises this, naming
+    the layer, the step and the rank where it began (its exception chained on that rank)."""
+
+    origin_rank: int = -1
+
+
+class RankMismatch(MoERuntimeError):
+    """The ranks of an EP group disagree on a call (layer, step, chunks, dtype, hidden size, top_k,
+    configuration or router weights); every rank raises it before any token moves."""
 
 
 NONFINITE_LOGITS = 1
 BUFFER_OVERFLOW = 2
 PEER_TIMEOUT = 4
+RANK_MISMATCH = 8  # nvshmem: a peer's count-row header differs (detail: field * 65536 + PE)
+PEER_FAILED = 16  # nvshmem: a peer's header carried an error (detail: origin * 65536 + status)
 _MESSAGES = {
-    NONFINITE_LOGITS: (NonFiniteRouterLogits, "router logits contained NaN or Inf"),
+    NONFINITE_LOGITS: (NonFiniteRouterLogits, "router logits (or expert_bias) held NaN or Inf"),
     BUFFER_OVERFLOW: (
         BufferOverflow,
         "more tokens were routed than the transport's receive buffer holds",
     ),
     PEER_TIMEOUT: (PeerTimeout, "a peer's signal did not arrive before the timeout"),
+    RANK_MISMATCH: (RankMismatch, "the PEs of the EP group disagree"),
+    PEER_FAILED: (RankFailed, "the forward failed on a PE"),
 }
 
 
@@ -64,8 +80,21 @@ class DeviceErrorFlags:
         if bits == 0:
             return
         self.words.zero_()
-        for code, (exc, text) in _MESSAGES.items():
+        for code in (PEER_FAILED, RANK_MISMATCH, *_MESSAGES):  # a peer's failure explains the rest
+            exc, text = _MESSAGES[code]
             if bits & code:
                 where = f" (peer {detail})" if code == PEER_TIMEOUT and detail >= 0 else ""
+                if code == PEER_FAILED:
+                    origin, status = divmod(detail, 65536)
+                    exc = next((c for k, (c, _) in _MESSAGES.items() if k == status), RankFailed)
+                    where = (
+                        f" (PE {origin} of the EP group, status {status:#x}); every PE raises this"
+                    )
+                elif code == RANK_MISMATCH:
+                    field, pe = divmod(detail, 65536)
+                    from .transport.handshake import FIELDS  # noqa: PLC0415 (cycle at import)
+
+                    name = FIELDS[field] if 0 <= field < len(FIELDS) else f"field {field}"
+                    where = f" on {name} (PE {pe} differs from this PE); nothing was received"
                 raise exc(f"MoE layer '{self.layer_name}', step {step}: {text}{where}")
         raise MoERuntimeError(f"MoE layer '{self.layer_name}', step {step}: error bits {bits:#x}")

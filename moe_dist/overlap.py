@@ -95,7 +95,7 @@ def split_plan(plan: RoutingPlan, num_chunks: int) -> list[RoutingPlan]:
     """The plan of C contiguous token chunks (torch.tensor_split: uneven T, T < C and T == 0 all
     give exactly C chunks, some maybe empty). A chunk plan carries its own slot counts; its aux loss
     and dropped count are zero: those belong to the whole batch and the layer returns the full
-    plan's. """
+    plan's."""
     E = plan.tokens_per_expert_E.numel()
     zero_loss = torch.zeros((), dtype=plan.aux_loss.dtype, device=plan.aux_loss.device)
     zero_dropped = torch.zeros(
@@ -125,7 +125,7 @@ def pipelined_moe(
     """Routed experts of `layer` over `num_chunks` (default layer.cfg.num_chunks) token chunks, with
     dispatch / experts / combine of neighbouring chunks overlapped on CUDA. Returns out_TH (without
     the shared experts). Every rank must call it with the same num_chunks (transport calls are
-    collective). """
+    collective)."""
     C = layer.cfg.num_chunks if num_chunks is None else num_chunks
     if layer._observers:
         return layer.routed_experts(x_TH, plan)
@@ -139,7 +139,10 @@ def pipelined_moe(
             if op == "dispatch":
                 tokens[i], counts[i], handles[i] = tr.dispatch(x_chunks[i], plans[i])
             elif op == "experts":
-                ys[i] = experts(tokens[i], counts[i])
+                try:
+                    ys[i] = experts(tokens[i], counts[i])
+                except Exception as e:
+                    layer.fail_together(e, "combine")  # the next transport call carries it
                 tokens[i] = None
             else:
                 outs[i] = tr.combine(ys[i], handles[i])
@@ -161,7 +164,10 @@ def pipelined_moe(
             compute.wait_event(dispatched[i])
             _use(tokens[i], compute)
             _use(counts[i], compute)
-            ys[i] = experts(tokens[i], counts[i])
+            try:
+                ys[i] = experts(tokens[i], counts[i])
+            except Exception as e:
+                layer.fail_together(e, "combine")
             computed[i] = torch.cuda.Event()
             computed[i].record(compute)
             tokens[i] = None  # autograd keeps what backward needs; record_stream guards the rest

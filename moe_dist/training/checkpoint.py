@@ -15,9 +15,14 @@ A rank stores, and on load asks for, exactly the experts it holds: at EP=P rank 
 experts [r*E/P, (r+1)*E/P) (and, under FSDP, its EDP shard of those), so a checkpoint written at
 EP=4 reads back at EP=2 or EP=1 without any conversion step.
 
+Verified: moe_dist.json holds a CRC-32 of DCP's `.metadata` file and of every stored tensor (each
+byte range DCP wrote), and a CRC-32 of its own content; load checks each before using it and raises
+CheckpointCorrupt naming the checkpoint path and the tensor (or file). A rank checks the tensors it
+reads. Checkpoints without checksums (format /1) are refused.
+
 Loading never unpickles arbitrary objects: tensors load with weights_only, DCP's metadata file is
 read with an unpickler that admits only DCP's own metadata classes, and moe_dist never stores
-pickled objects. """
+pickled objects."""
 
 from __future__ import annotations
 
@@ -25,12 +30,14 @@ import io
 import json
 import os
 import pickle
+import zlib
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -42,12 +49,31 @@ from torch.distributed.tensor import DTensor, Shard
 
 from moe_dist.layer import MoELayer
 
-FORMAT = "moe_dist.training.checkpoint/1"
+FORMAT = "moe_dist.training.checkpoint/2"  # /2: checksums
 META_FILE = "moe_dist.json"
 
 
 class CheckpointMismatch(ValueError):
     """The checkpoint does not fit the model: a missing, unexpected or differently shaped tensor."""
+
+
+class CheckpointCorrupt(CheckpointMismatch):
+    """A checkpoint file's bytes differ from what save wrote (checksum), or cannot be parsed."""
+
+
+def _crc(data: bytes) -> str:
+    return f"{zlib.crc32(data):08x}"
+
+
+def _item_key(index) -> str:
+    """A DCP storage index (fqn, chunk offset) as a JSON key: 'fqn' or 'fqn' (chunk at [0, 4])."""
+    offset = getattr(index, "offset", None)
+    return f"'{index.fqn}'" if offset is None else f"'{index.fqn}' (chunk at {list(offset)})"
+
+
+def _meta_crc(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "crc32"}
+    return _crc(json.dumps(body, sort_keys=True).encode())
 
 
 # -- which rows of an expert tensor are which global experts
@@ -179,18 +205,81 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 class SafeFileSystemReader(dcp.FileSystemReader):
     """DCP's reader with its metadata unpickled through an allow-list (DCP uses plain
-    pickle.load)."""
+    pickle.load), and, given `checksums` (moe_dist.json's), every byte range verified before use."""
+
+    def __init__(self, path, checksums: dict | None = None):
+        super().__init__(path)
+        self.checksums = checksums
 
     def read_metadata(self, *args, **kwargs):
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+            data = f.read()
+        if self.checksums is not None and _crc(data) != self.checksums["metadata"]:
+            raise CheckpointCorrupt(
+                f"checkpoint {self.path}: {path} is corrupt (CRC-32 {_crc(data)}, saved "
+                f"{self.checksums['metadata']}); the tensor index cannot be trusted"
+            )
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        except pickle.UnpicklingError:
+            raise
+        except Exception as e:  # truncated or garbled: name the file, not just pickle's complaint
+            raise CheckpointCorrupt(f"checkpoint {self.path}: cannot read {path}: {e!r}") from e
         if getattr(metadata, "storage_meta", None) is None:
             from torch.distributed.checkpoint.metadata import StorageMeta
 
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def read_data(self, plan, planner):
+        if self.checksums is not None:
+            self._verify({item.storage_index for item in plan.items})
+        return super().read_data(plan, planner)
+
+    def _verify(self, indices) -> None:
+        """Checks the CRC-32 of every byte range this rank is about to read."""
+        per_file: dict[str, list] = {}
+        for index in indices:
+            per_file.setdefault(self.storage_data[index].relative_path, []).append(index)
+        tensors = self.checksums["tensors"]
+        for relative_path, file_indices in per_file.items():
+            file_path = self.fs.concat_path(self.path, relative_path)
+            with self.fs.create_stream(file_path, "rb") as f:
+                for index in file_indices:
+                    info, key = self.storage_data[index], _item_key(index)
+                    f.seek(info.offset)
+                    got = _crc(f.read(info.length))
+                    want = tensors.get(key)
+                    if want is None:
+                        raise CheckpointCorrupt(
+                            f"checkpoint {self.path}: tensor {key} has no saved checksum "
+                            f"in {META_FILE}"
+                        )
+                    if got != want:
+                        raise CheckpointCorrupt(
+                            f"checkpoint {self.path}: tensor {key} is corrupt in {file_path} "
+                            f"(CRC-32 {got}, saved {want})"
+                        )
+
+
+def _checksums(path: Path) -> dict:
+    """CRC-32 of the .metadata file and of every stored byte range (run after DCP's save)."""
+    reader = SafeFileSystemReader(path)
+    metadata = reader.read_metadata()
+    tensors, handles = {}, {}
+    try:
+        for index, info in metadata.storage_data.items():
+            if info.relative_path not in handles:
+                handles[info.relative_path] = open(path / info.relative_path, "rb")
+            f = handles[info.relative_path]
+            f.seek(info.offset)
+            tensors[_item_key(index)] = _crc(f.read(info.length))
+    finally:
+        for f in handles.values():
+            f.close()
+    return {"metadata": _crc(Path(reader._get_metadata_path()).read_bytes()), "tensors": tensors}
 
 
 class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
@@ -224,7 +313,9 @@ def save(
             },
             "param_groups": None if osd is None else _jsonable(osd["param_groups"]),
             "extra": extra or {},
+            "checksums": _checksums(path),
         }
+        meta["crc32"] = _meta_crc(meta)
         (path / META_FILE).write_text(json.dumps(meta, indent=1))
     if dist.is_initialized():
         dist.barrier()
@@ -234,9 +325,24 @@ def read_meta(path: str | os.PathLike) -> dict:
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not a moe_dist checkpoint (no {META_FILE})")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointCorrupt(f"checkpoint {path}: {meta_path} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointCorrupt(f"checkpoint {path}: {meta_path} holds a {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointMismatch(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    missing = [
+        k for k in ("experts", "param_groups", "extra", "checksums", "crc32") if k not in meta
+    ]
+    if missing:
+        raise CheckpointCorrupt(f"checkpoint {path}: {meta_path} lacks the keys {missing}")
+    if _meta_crc(meta) != meta["crc32"]:
+        raise CheckpointCorrupt(
+            f"checkpoint {path}: {meta_path} is corrupt (CRC-32 {_meta_crc(meta)}, saved "
+            f"{meta['crc32']})"
+        )
     return meta
 
 
@@ -253,7 +359,7 @@ def load(
     missing, or (strict) the checkpoint holds model tensors this model has no place for."""
     model = _unwrap(model)
     meta = read_meta(path)
-    reader = SafeFileSystemReader(path)
+    reader = SafeFileSystemReader(path, meta["checksums"])
     saved = reader.read_metadata().state_dict_metadata
     if optimizer is not None and meta["param_groups"] is None:
         raise CheckpointMismatch(
@@ -282,9 +388,14 @@ def load(
                 f"checkpoint {path} holds tensors the model has no place for: "
                 f"{unexpected[:5]}{more}"
             )
-    dcp.load(
-        flat, storage_reader=reader, planner=_WeightsOnlyLoadPlanner()
-    )  # in place, into the views above
+    try:
+        dcp.load(flat, storage_reader=reader, planner=_WeightsOnlyLoadPlanner())  # in place
+    except CheckpointException as e:
+        # DCP gathers every rank's failure: re-raise the first one's own error, path and tensor
+        first = next(iter(e.failures.values()), None)
+        if isinstance(first, tuple) and isinstance(first[0], Exception):
+            raise first[0] from None
+        raise
     if optimizer is not None:
         osd["param_groups"] = _restore_groups(meta["param_groups"], osd["param_groups"])
         set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(strict=True))

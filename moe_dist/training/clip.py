@@ -9,7 +9,7 @@ inf):
   EP group only expert, DTensor (FSDP shard over EDP)                               over its shard
   dims (EDP), then the EP group
 Expert norms are summed across the EP group (each rank holds other experts), never averaged, and
-never summed over EDP replicas, which hold copies. """
+never summed over EDP replicas, which hold copies."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def total_grad_norm(
 ) -> torch.Tensor:
     """The global gradient norm (float32 scalar, identical on every rank). Collective: call on all
     ranks."""
+    parameters = list(parameters)
+    if groups is None or groups.ep_size == 1:
+        _refuse_sharded_experts(parameters, groups)
     norm_type = float(norm_type)
     is_inf = math.isinf(norm_type)
     # Parameters are visited in model order, the same on every rank, so every rank issues the same
@@ -75,6 +78,20 @@ def total_grad_norm(
     if total is None:
         return torch.zeros((), dtype=torch.float32)
     return total if is_inf else total ** (1.0 / norm_type)
+
+
+def _refuse_sharded_experts(parameters: list[torch.Tensor], groups) -> None:
+    """Expert parameters of an EP>1 layer hold only this rank's experts: without the EP group the
+    norm would be a per-rank norm, different on each rank, and each rank would clip differently."""
+    for p in parameters:
+        name = getattr(p, "group_name", "")
+        if is_expert_param(p) and name.startswith("ep_size_") and name != "ep_size_1":
+            have = "groups=None" if groups is None else f"groups with ep_size={groups.ep_size}"
+            raise ValueError(
+                f"clip_grad_norm_ got expert parameters of an EP>1 layer (group_name '{name}') "
+                f"but {have}: pass the ParallelGroups the model was built with, so that expert "
+                "norms are summed over the EP group"
+            )
 
 
 @torch.no_grad()

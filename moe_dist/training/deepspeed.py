@@ -17,8 +17,15 @@ when
   ranks hold different experts; the subclass clips with moe_dist.clip_grad_norm_ (ZeRO-1/2 and the
   bf16 optimizer already sum expert norms over the EP group).
 
+Loading is safe: `engine.load_checkpoint` on an engine built here reads every file (model states,
+ZeRO optimizer states, expert files) with torch.load(weights_only=True), allow-listing only the
+few plain classes DeepSpeed stores (`DEEPSPEED_SAFE_GLOBALS`: its loss scaler, the ZeRO stage enum,
+the fragment_address tuple). A file holding anything else is refused with UnsafeCheckpoint naming
+the file and the global, never unpickled. DeepSpeed's universal checkpoints (which it reads with
+weights_only=False in its own modules) are refused.
+
 DeepSpeed divides expert gradients by the whole data-parallel degree after summing them over EDP,
-which is what EP=N == EP=1 needs (fsdp.py has the arithmetic). """
+which is what EP=N == EP=1 needs (fsdp.py has the arithmetic)."""
 
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ import copy
 import functools
 import json
 import os
+import pickle
+import re
 import threading
 
 import torch
@@ -35,6 +44,60 @@ from torch import nn
 from moe_dist.layer import MoELayer, is_expert_param
 
 _ENGINE_SWAP_LOCK = threading.Lock()
+
+
+# -- safe loading
+# -------------------------------------------------------------------------------------------
+# (module, name) of every non-tensor type DeepSpeed 0.19 writes into its checkpoint files
+DEEPSPEED_SAFE_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    """A DeepSpeed checkpoint file holds an object that weights_only loading does not admit."""
+
+
+def _safe_globals() -> list:
+    import importlib
+
+    out = []
+    for module, name in DEEPSPEED_SAFE_GLOBALS:
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass  # another DeepSpeed version: that type cannot occur in its files
+    return out
+
+
+def safe_load(path, map_location=None):
+    """torch.load(weights_only=True) with DeepSpeed's allow-listed types; refuses anything else."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \S+)", str(e))
+        why = found.group(1) if found else str(e).splitlines()[0]
+        raise UnsafeCheckpoint(
+            f"DeepSpeed checkpoint file {path} cannot be loaded safely ({why}); moe_dist loads "
+            "DeepSpeed checkpoints with weights_only=True and refuses to unpickle other objects"
+        ) from None
+
+
+class _SafeCheckpointEngine:
+    """DeepSpeed's checkpoint engine with `load` replaced by `safe_load`; the rest delegated."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def load(self, path, map_location=None):
+        return safe_load(path, map_location=map_location)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 # -- groups
@@ -195,6 +258,21 @@ def _engine_class():
                 exclude_frozen_parameters=exclude_frozen_parameters,
             )
 
+        def load_checkpoint(self, *args, **kwargs):
+            """DeepSpeed's load_checkpoint, every file read with weights_only=True (see the
+            module docstring); raises UnsafeCheckpoint rather than unpickle anything else."""
+            if self.load_universal_checkpoint():
+                raise ValueError(
+                    "DeepSpeed universal checkpoints are read with weights_only=False inside "
+                    "DeepSpeed; moe_dist refuses them (load a regular DeepSpeed checkpoint)"
+                )
+            original = self.checkpoint_engine
+            self.checkpoint_engine = _SafeCheckpointEngine(original)
+            try:
+                return super().load_checkpoint(*args, **kwargs)
+            finally:
+                self.checkpoint_engine = original
+
         def _load_checkpoint(self, load_dir, tag, *args, **kwargs):
             self._moe_dist_loading = (load_dir, tag)
             try:
@@ -224,7 +302,7 @@ def _engine_class():
                             f"DeepSpeed checkpoint {load_dir!r} (tag {tag!r}) has no file for "
                             f"expert {e} of MoE layer '{name}': {path}"
                         )
-                    state = torch.load(path, map_location="cpu", weights_only=True)
+                    state = safe_load(path, map_location="cpu")
                     for key in per_key:
                         per_key[key].append(state[key])
                 out.update({key: torch.stack(tensors) for key, tensors in per_key.items()})

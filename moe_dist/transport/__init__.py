@@ -104,7 +104,10 @@ def build_transport(
         return NvshmemTransport(num_experts, groups, device, cfg, dtype)
     if groups is None:
         return LocalTransport(num_experts, None)  # collective over a world of one is the local case
-    return CollectiveTransport(num_experts, groups.ep_group, load_group, dispatch_dtype)
+    timeout_s = 60.0 if cfg is None else cfg.peer_timeout_s
+    return CollectiveTransport(
+        num_experts, groups.ep_group, load_group, dispatch_dtype, peer_timeout_s=timeout_s
+    )
 
 
 __all__ = [

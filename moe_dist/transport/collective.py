@@ -11,6 +11,10 @@ sends that one row back, and the sender sums its rows from every rank. Autograd:
 all_to_all is the reverse all_to_all; the backward of the expansion is a reduce at the expert rank.
 dispatch_dtype="fp8_e4m3": rows travel as e4m3 with a float32 scale per 128 channels (fp8.py); the
 gradients of the backward travel in the activation dtype.
+Every dispatch and combine begins with a handshake (handshake.py): the count exchange carries a
+header per peer (layer, step, call, dtype, hidden, top_k, config, error status), the combine the
+same header without counts, so a failed or disagreeing rank makes every rank raise, and every wait
+is bounded (PeerTimeout after peer_timeout_s).
 Legend: T tokens, K slots/token, N ranks in the EP group, G local experts, P pairs (rows) sent, R
 rows received, M expanded rows, H hidden, C metadata columns."""
 
@@ -33,29 +37,47 @@ from .dedup import (
     trim_links,
 )
 from .fp8 import dequantize_rows, quantize_rows
+from .handshake import Handshake
 from .stats import CallCounters, TransportStats
+
+
+def _all_to_all(out, x, out_splits, in_splits, group, waiter, what: str) -> None:
+    if waiter is None:
+        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+        return
+    work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True)
+    waiter.wait_rows(work, what)  # gloo: bounded, PeerTimeout naming the layer and the step
 
 
 class _AllToAllRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, send_splits, recv_splits, group):
+    def forward(ctx, x, send_splits, recv_splits, group, waiter=None, what="rows"):
         ctx.splits, ctx.group = (send_splits, recv_splits), group
+        ctx.waiter, ctx.what = waiter, what
         out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        _all_to_all(out, x.contiguous(), recv_splits, send_splits, group, waiter, what)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         send_splits, recv_splits = ctx.splits
         grad_in = grad.new_empty((sum(send_splits),) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(
-            grad_in, grad.contiguous(), send_splits, recv_splits, group=ctx.group
+        _all_to_all(
+            grad_in,
+            grad.contiguous(),
+            send_splits,
+            recv_splits,
+            ctx.group,
+            ctx.waiter,
+            f"backward of the {ctx.what}",
         )
-        return grad_in, None, None, None
+        return grad_in, None, None, None, None, None
 
 
-def all_to_all_rows(x, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
-    return _AllToAllRows.apply(x, send_splits, recv_splits, group)
+def all_to_all_rows(
+    x, send_splits: list[int], recv_splits: list[int], group, waiter=None, what: str = "rows"
+) -> torch.Tensor:
+    return _AllToAllRows.apply(x, send_splits, recv_splits, group, waiter, what)
 
 
 class _Fp8AllToAllRows(torch.autograd.Function):
@@ -63,13 +85,14 @@ class _Fp8AllToAllRows(torch.autograd.Function):
     through the quantisation)."""
 
     @staticmethod
-    def forward(ctx, x_PH, send_splits, recv_splits, group):
+    def forward(ctx, x_PH, send_splits, recv_splits, group, waiter=None, what="rows"):
         ctx.splits, ctx.group = (send_splits, recv_splits), group
+        ctx.waiter, ctx.what = waiter, what
         q_PH, scales_PC = quantize_rows(x_PH)
         q_RH = q_PH.new_empty((sum(recv_splits), q_PH.shape[1]))
-        dist.all_to_all_single(q_RH, q_PH, recv_splits, send_splits, group=group)
+        _all_to_all(q_RH, q_PH, recv_splits, send_splits, group, waiter, what)
         scales_RC = scales_PC.new_empty((sum(recv_splits), scales_PC.shape[1]))
-        dist.all_to_all_single(scales_RC, scales_PC, recv_splits, send_splits, group=group)
+        _all_to_all(scales_RC, scales_PC, recv_splits, send_splits, group, waiter, what)
         return dequantize_rows(q_RH, scales_RC, x_PH.dtype)
 
     @staticmethod
@@ -95,6 +118,7 @@ class CollectiveTransport:
         ep_group: dist.ProcessGroup,
         load_group: dist.ProcessGroup | None,
         dispatch_dtype: str = "bf16",
+        peer_timeout_s: float = 60.0,
     ):
         self.num_experts = num_experts
         self.ep_group = ep_group
@@ -104,18 +128,36 @@ class CollectiveTransport:
         self.dispatch_dtype = dispatch_dtype  # "bf16" = the activation dtype, or "fp8_e4m3"
         self.stats = TransportStats()
         assert num_experts % self.ep_size == 0, "validated by MoELayer"
+        # Every collective of this transport waits at most peer_timeout_s (PeerTimeout after);
+        # the count exchange sends per peer [rows per local expert..., pairs]: G + 1 columns.
+        self.handshake = Handshake(ep_group, self.num_local_experts + 1, peer_timeout_s)
+
+    @property
+    def context(self):
+        """The caller's identity (layer name, step, chunks, config CRC) carried in each header."""
+        return self.handshake.context
+
+    def agree(self) -> None:
+        """The one-time configuration check (the layer calls it at construction)."""
+        self.handshake.agree()
+
+    def fail_together(self, exc: BaseException, phase: str = "dispatch") -> None:
+        """On a rank whose forward failed: the next handshake carries the error; raises on every
+        rank of the EP group. (Dispatch and combine handshakes have one shape: the phase only
+        labels the message.)"""
+        self.handshake.fail_together(exc, phase)
 
     @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.ep_size
 
-    def exchange_counts(self, counts_NC: torch.Tensor) -> torch.Tensor:
+    def exchange_counts(
+        self, counts_NC: torch.Tensor, dtype: torch.dtype, hidden: int, top_k: int
+    ) -> torch.Tensor:
         """counts_NC[r]: the C ints this rank tells rank r -> recv_NC[src]: what src told this
-        rank. (Dispatch sends, per rank, rows per local expert then pairs.)"""
-        send = counts_NC.reshape(-1).contiguous()
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.ep_group)
-        return recv.view(self.ep_size, -1)
+        rank. (Dispatch sends, per rank, rows per local expert then pairs.) The dispatch handshake:
+        raises on every rank if a rank failed or the ranks disagree (handshake.py)."""
+        return self.handshake.exchange(counts_NC, "dispatch", dtype, hidden, top_k)
 
     def dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
         N, G, me = self.ep_size, self.num_local_experts, self.ep_rank
@@ -129,7 +171,7 @@ class CollectiveTransport:
             0, torch.where(valid_S, idx_TK.reshape(-1), self.num_experts), valid_S.long()
         )
         send_NC = torch.cat([counts_E[:-1].view(N, G), pp.pairs_N.unsqueeze(1)], 1)
-        recv_NC = self.exchange_counts(send_NC)
+        recv_NC = self.exchange_counts(send_NC, x_TH.dtype, x_TH.shape[-1], K)
         recv_NG = recv_NC[:, :G]
         sizes = torch.cat([pp.pairs_N, recv_NC[:, G], recv_NG.sum().view(1)]).tolist()  # host sync
         send_splits, recv_splits, M = sizes[:N], sizes[N : 2 * N], sizes[2 * N]
@@ -143,8 +185,13 @@ class CollectiveTransport:
         meta_PC = torch.cat([w_PK, gl_PK.float()], 1)  # small ints are exact in float32
         rows_PH = gather_rows(x_TH, send_links)
         move = _Fp8AllToAllRows if self.dispatch_dtype == "fp8_e4m3" else _AllToAllRows
-        received_RH = move.apply(rows_PH, send_splits, recv_splits, self.ep_group)
-        meta_RC = all_to_all_rows(meta_PC, send_splits, recv_splits, self.ep_group)
+        hs = self.handshake
+        received_RH = move.apply(
+            rows_PH, send_splits, recv_splits, self.ep_group, hs, "dispatch rows"
+        )
+        meta_RC = all_to_all_rows(
+            meta_PC, send_splits, recv_splits, self.ep_group, hs, "dispatch metadata"
+        )
 
         recv_links = expand_links(meta_RC[:, K:].long(), G, M)
         tokens_MH = gather_rows(received_RH, recv_links)
@@ -153,8 +200,15 @@ class CollectiveTransport:
         return tokens_MH, recv_NG.sum(0), handle
 
     def combine(self, y_MH: torch.Tensor, h: CollectiveHandle) -> torch.Tensor:
+        # The combine handshake: a rank whose experts failed carries the error here instead.
+        no_counts = torch.zeros(
+            self.ep_size, self.handshake.count_cols, dtype=torch.int64, device=y_MH.device
+        )
+        self.handshake.exchange(no_counts, "combine", y_MH.dtype, y_MH.shape[-1], 0)
         partial_RH = reduce_rows(y_MH[: h.recv_links.num_members], h.recv_links, h.weights_RK)
-        returned_PH = all_to_all_rows(partial_RH, h.recv_splits, h.send_splits, self.ep_group)
+        returned_PH = all_to_all_rows(
+            partial_RH, h.recv_splits, h.send_splits, self.ep_group, self.handshake, "combine rows"
+        )
         self.stats.record("combine", self._counters(y_MH, h.recv_splits, 0, fp8=False))
         return reduce_rows(returned_PH, h.send_links)
 

@@ -9,7 +9,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from moe_dist import BufferOverflow, MoEConfig, MoELayer, PeerTimeout
+from moe_dist import (
+    BufferOverflow,
+    MoEConfig,
+    MoELayer,
+    NonFiniteRouterLogits,
+    PeerTimeout,
+    RankMismatch,
+)
 from moe_dist.transport.dedup import count_pairs
 from moe_dist.transport.nvshmem import runtime as nvshmem_runtime
 from moe_dist.transport.nvshmem.runtime import bootstrap_method
@@ -233,6 +240,44 @@ try:
 except BufferOverflow as e:
     assert "tiny_buffer" in str(e), e
     passed(f"overflow raises: {e}")
+
+# The call header beside the counts (PROTOCOL.md "Header"), each check on its own workspace (hidden
+# size): PEs that call different layers record RANK_MISMATCH on the device; a PE whose routing
+# fails carries the error in its header and every PE raises it; neither waits for a timeout.
+if world > 1:
+    torch.manual_seed(12)
+    hdr_cfg = base.replace(transport="nvshmem", hidden_size=80, peer_timeout_s=20.0)
+    one, other = (
+        MoELayer(hdr_cfg, groups, name=n, device=dev, dtype=torch.float32) for n in ("one", "other")
+    )
+    t0 = time.monotonic()
+    try:
+        (one if rank == 0 else other)(tokens(rank, 12, hidden=80))
+        raise AssertionError("a header mismatch was not reported")
+    except RankMismatch as e:
+        assert "disagree on layer" in str(e), e
+        assert time.monotonic() - t0 < 10, "the mismatch waited for a timeout"
+        passed(f"header mismatch raises: {e}")
+    torch.manual_seed(13)
+    flaky = MoELayer(
+        base.replace(transport="nvshmem", hidden_size=96, peer_timeout_s=20.0),
+        groups,
+        name="flaky",
+        device=dev,
+        dtype=torch.float32,
+    )
+    x = tokens(rank, 13, hidden=96)
+    if rank == world - 1:
+        x[0, 5] = float("nan")
+    t0 = time.monotonic()
+    try:
+        flaky(x)
+        raise AssertionError("the error status was not reported")
+    except NonFiniteRouterLogits as e:
+        assert "flaky" in str(e) and f"PE {world - 1} of the EP group" in str(e), e
+        assert time.monotonic() - t0 < 10, "the error waited for a timeout"
+        passed(f"error status raises on every PE: {e}")
+    dist.barrier()
 
 # Timeout: rank 0 dispatches alone; it must get an error naming a peer, not hang.
 if world > 1:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from moe_dist.errors import DeviceErrorFlags
+from moe_dist.transport import handshake as HS
 from moe_dist.routing import RoutingPlan
 from moe_dist.transport.dedup import count_pairs
 from moe_dist.transport.fp8 import dequantize_rows, quantize_rows
@@ -48,6 +49,7 @@ def workspaces(N, E, K, H, T_max, C, dtype):
     Q = N * T_max
     bufs = {
         "counts": [torch.zeros(2, N, E, dtype=torch.int64) for _ in range(N)],
+        "headers": [torch.full((2, N, HS.F), -3, dtype=torch.int64) for _ in range(N)],
         "pair_rows": [torch.randn(2, Q, H).to(dtype) for _ in range(N)],  # stale garbage
         "pair_meta": [torch.randint(-1, 3, (2, Q, K + 1)) for _ in range(N)],
         "pair_w": [torch.rand(2, Q, K) for _ in range(N)],
@@ -72,6 +74,7 @@ def workspaces(N, E, K, H, T_max, C, dtype):
             return ws.calls % 2
 
         ws.next_epoch = next_epoch
+        ws.via_put = torch.zeros(N, dtype=torch.int32)  # every peer P2P
         out.append(ws)
     return out
 
@@ -82,6 +85,7 @@ def make_transport(ws, E, K, T_max, sms, fp8, barrier):
     tr.max_tokens, tr.capacity, tr.peer_path, tr.fp8 = T_max, ws.capacity, "p2p", fp8
     tr.num_comm_sms, tr.calls, tr._put_libs, tr.sent_rows_N = sms, 0, None, None
     tr.error_flags = DeviceErrorFlags("emulated", "cpu")
+    tr.device, tr.context, tr._header_TF = "cpu", HS.CallContext(), None  # the call header
     tr._workspaces = {(ws.dtype, None): ws}
     tr.workspace = lambda dtype, hidden: ws
 

@@ -472,3 +472,90 @@ def test_p2p_kernels_leave_put_peers_to_the_put_kernels():
     sync()
     assert torch.equal(ret[1][4], rows[1]) and ret[1].isnan().sum() == (S - 1) * H
     assert ret[2].isnan().all() and ret[0].isnan().all()
+
+
+# -- the call header beside the counts (transport/handshake.py FIELDS; PROTOCOL.md "Header") -------
+def run_headers(headers, via_put=None):
+    """Emulated PEs: each sends its header to every PE, then each checks the matrix it holds.
+    Returns the error words [N, 3] each PE recorded."""
+    from moe_dist.transport import handshake as HS
+
+    N, F = len(headers), HS.F
+    mats = [torch.full((N, F), -9, dtype=torch.int64, device=DEV) for _ in range(N)]
+    for me, h in enumerate(headers):
+        K_.send_header_kernel[(N,)](h.to(DEV), addresses(mats), me, F=F, FB=16)
+    via = torch.zeros(N, dtype=torch.int32, device=DEV) if via_put is None else via_put.to(DEV)
+    words = torch.zeros(N, 3, dtype=torch.int32, device=DEV)
+    for me in range(N):
+        K_.check_header_kernel[(1,)](
+            mats[me],
+            via,
+            me,
+            N,
+            words[me],
+            7,
+            F=F,
+            STATUS=HS.FIELDS.index("status"),
+            ORIGIN=HS.FIELDS.index("origin"),
+            NB=triton.next_power_of_2(N),
+            FB=16,
+            HAS_PUT=via_put is not None,
+        )
+    sync()
+    for m in mats:  # every PE holds every PE's header
+        assert torch.equal(m.cpu(), torch.stack(headers)), m
+    return words.cpu()
+
+
+def a_header(gen, **fields):
+    from moe_dist.transport import handshake as HS
+
+    h = torch.randint(0, 1000, (HS.F,), generator=gen)
+    h[HS.FIELDS.index("status")], h[HS.FIELDS.index("origin")] = 0, -1
+    for name, v in fields.items():
+        h[HS.FIELDS.index(name)] = v
+    return h
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_headers_agree_mismatch_and_failure(seed):
+    from moe_dist.errors import PEER_FAILED, RANK_MISMATCH
+    from moe_dist.transport import handshake as HS
+
+    gen = torch.Generator().manual_seed(seed)
+    N = 2 + seed
+    base = a_header(gen)
+    assert run_headers([base.clone() for _ in range(N)]).abs().sum() == 0  # agreement: no error
+
+    # one PE differs in one field: every PE records RANK_MISMATCH naming that field
+    odd = int(torch.randint(0, N, (1,), generator=gen))
+    field = int(torch.randint(0, HS.FIELDS.index("status"), (1,), generator=gen))
+    hs = [base.clone() for _ in range(N)]
+    hs[odd][field] += 1 + int(torch.randint(0, 5, (1,), generator=gen))
+    words = run_headers(hs)
+    assert (words[:, 0] == RANK_MISMATCH).all() and (words[:, 1] == 7).all(), words
+    assert ((words[:, 2] // 65536) == field).all(), (words, field)
+    for me in range(N):  # the first PE whose header differs from this PE's own
+        assert words[me, 2] % 65536 == (odd if me != odd else (1 if odd == 0 else 0))
+
+    # one PE carries an error status: every PE records PEER_FAILED with its origin and status;
+    # a mismatch beside it is not reported (the failure explains it)
+    hs = [base.clone() for _ in range(N)]
+    hs[odd][HS.FIELDS.index("status")] = HS.RANK_FAILED
+    hs[odd][HS.FIELDS.index("origin")] = odd
+    hs[odd][HS.FIELDS.index("hidden")] += 3
+    words = run_headers(hs)
+    assert (words[:, 0] == PEER_FAILED).all(), words
+    assert (words[:, 2] == odd * 65536 + HS.RANK_FAILED).all(), words
+
+
+def test_header_rows_of_put_peers_are_skipped():
+    from moe_dist.transport import handshake as HS
+
+    gen = torch.Generator().manual_seed(5)
+    base = a_header(gen)
+    hs = [base.clone() for _ in range(3)]
+    hs[2][HS.FIELDS.index("chunks")] += 1  # PE 2 is a put peer of PE 0: its row never came
+    via = torch.tensor([0, 0, 1], dtype=torch.int32)
+    words = run_headers(hs, via)
+    assert words[0, 0] == 0 and words[1, 0] == 0, words

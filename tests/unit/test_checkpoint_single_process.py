@@ -5,7 +5,9 @@ tests/dist/test_training_checkpoint.py.)"""
 
 from __future__ import annotations
 
+import json
 import pickle
+import zlib
 
 import pytest
 import torch
@@ -115,7 +117,13 @@ class _Exploit:
 
 def test_loading_never_unpickles_foreign_objects(tmp_path):
     checkpoint.save(make(0), tmp_path / "ck")
-    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(_Exploit()))
+    evil = pickle.dumps(_Exploit())
+    (tmp_path / "ck" / ".metadata").write_bytes(evil)
+    # An attacker can re-sign the checksums; the allow-listed unpickler is what stops the exploit.
+    meta = json.loads((tmp_path / "ck" / checkpoint.META_FILE).read_text())
+    meta["checksums"]["metadata"] = f"{zlib.crc32(evil):08x}"
+    meta["crc32"] = checkpoint._meta_crc(meta)
+    (tmp_path / "ck" / checkpoint.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(pickle.UnpicklingError, match=r"refers to io.open"):
         checkpoint.load(make(0), tmp_path / "ck")
     import os

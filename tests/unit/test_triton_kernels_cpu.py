@@ -80,6 +80,22 @@ def kernel_cases():
             "step": "i32",
             "BUMP": "constexpr",
         }, {"BUMP": bump}
+    yield "send_header", K.send_header_kernel, {
+        "hdr_ptr": P64,
+        "peer_hdr_addr_ptr": P64,
+        "me": "i32",
+        "F": "constexpr",
+        "FB": "constexpr",
+    }, {"F": 12, "FB": 16}
+    for put in (False, True):
+        yield f"check_header(HAS_PUT={put})", K.check_header_kernel, {
+            "hdr_ptr": P64,
+            "via_put_ptr": P32,
+            **ints("me", "N"),
+            "err_ptr": P32,
+            "step": "i32",
+            **{c: "constexpr" for c in ("F", "STATUS", "ORIGIN", "NB", "FB", "HAS_PUT")},
+        }, {"F": 12, "STATUS": 10, "ORIGIN": 11, "NB": 8, "FB": 16, "HAS_PUT": put}
     yield "layout", K.layout_kernel, {
         "counts_ptr": P64,
         **ints("me", "N", "E", "G", "capacity"),

@@ -153,7 +153,7 @@ _hook_installed = [False]
 def install_module_init_hook() -> None:
     """Fills NVSHMEM's device state in every module Triton loads for a PUT_KERNELS kernel (once per
     module, before its first launch). Other kernels, and any hook installed before this one, are
-    left as they are. """
+    left as they are."""
     if _hook_installed[0]:
         return
     from triton import knobs

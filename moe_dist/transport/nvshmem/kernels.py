@@ -18,6 +18,9 @@ import triton
 import triton.language as tl
 
 PEER_TIMEOUT_BIT = tl.constexpr(4)  # moe_dist.errors.PEER_TIMEOUT
+RANK_MISMATCH_BIT = tl.constexpr(8)  # moe_dist.errors.RANK_MISMATCH
+PEER_FAILED_BIT = tl.constexpr(16)  # moe_dist.errors.PEER_FAILED
+OUT_OF_STEP = tl.constexpr(4 | 8 | 16)  # after these, later waits of the layer do not wait
 BUFFER_OVERFLOW_BIT = tl.constexpr(2)  # moe_dist.errors.BUFFER_OVERFLOW
 ROW_BLOCK = 1024  # elements of a row per program: 2 KiB of bf16, 16-byte accesses with 4 warps
 
@@ -66,7 +69,7 @@ def signal_and_wait_kernel(
     if BUMP:
         epoch += 1
         tl.store(epoch_ptr, epoch)
-    earlier_timeout = tl.load(err_ptr) & PEER_TIMEOUT_BIT
+    earlier_timeout = tl.load(err_ptr) & OUT_OF_STEP
     for q in range(n):
         flag = tl.load(peer_flag_addr_ptr + q).to(tl.pointer_type(tl.int64))
         tl.atomic_xchg(flag + me, epoch, sem="release", scope="sys")
@@ -82,6 +85,65 @@ def signal_and_wait_kernel(
                     tl.store(err_ptr + 2, q)
             else:
                 seen = tl.atomic_add(flag_ptr + q, 0, sem="acquire", scope="sys")
+
+
+@triton.jit
+def send_header_kernel(hdr_ptr, peer_hdr_addr_ptr, me, F: tl.constexpr, FB: tl.constexpr):
+    """Program q: this PE's header (handshake.FIELDS, F int64) -> row `me` of PE q's header
+    matrix [N, F]. Launched before signal_and_wait(COUNT), whose release makes it visible."""
+    q = tl.program_id(0)
+    f = tl.arange(0, FB)
+    vals = tl.load(hdr_ptr + f, mask=f < F, other=0)
+    rows = tl.load(peer_hdr_addr_ptr + q).to(tl.pointer_type(tl.int64))
+    tl.store(rows + me * F + f, vals, mask=f < F)
+
+
+@triton.jit
+def check_header_kernel(
+    hdr_ptr,
+    via_put_ptr,
+    me,
+    N,
+    err_ptr,
+    step,
+    F: tl.constexpr,
+    STATUS: tl.constexpr,
+    ORIGIN: tl.constexpr,
+    NB: tl.constexpr,
+    FB: tl.constexpr,
+    HAS_PUT: tl.constexpr,
+):
+    """After the COUNT wait, every PE holds every PE's header [N, F] (rows of put peers are not
+    exchanged: skipped). A row whose status is set: PEER_FAILED, detail = origin * 65536 + status
+    (the first failed row). Otherwise a field before STATUS that differs from this PE's own row:
+    RANK_MISMATCH, detail = field * 65536 + the first PE that differs. Every PE sees the same
+    matrix, so every PE records the same error; the waits after it do not wait (OUT_OF_STEP)."""
+    q = tl.arange(0, NB)[:, None]
+    f = tl.arange(0, FB)[None, :]
+    valid = q < N
+    if HAS_PUT:
+        valid = valid & (tl.load(via_put_ptr + q, mask=q < N, other=1) == 0)
+    valid = valid | (q == me)
+    h = tl.load(hdr_ptr + q * F + f, mask=valid & (f < F), other=0)
+    mine = tl.load(hdr_ptr + me * F + f, mask=f < F, other=0)
+    status_Q = tl.sum(tl.where(f == STATUS, h, 0), 1)
+    origin_Q = tl.sum(tl.where(f == ORIGIN, h, 0), 1)
+    qv = tl.arange(0, NB)
+    failed = (status_Q != 0) & (qv < N)
+    first_failed = tl.min(tl.where(failed, qv, NB), 0)
+    differs = valid & (f < STATUS) & (h != mine)
+    code = tl.where(differs, f * 65536 + q, NB * 65536 * FB)  # smallest: first field, first PE
+    first_diff = tl.min(tl.min(code, 1), 0)
+    if first_failed < NB:
+        status = tl.sum(tl.where(qv == first_failed, status_Q, 0), 0)
+        origin = tl.sum(tl.where(qv == first_failed, origin_Q, 0), 0)
+        if tl.atomic_or(err_ptr, PEER_FAILED_BIT) == 0:
+            tl.store(err_ptr + 1, step)
+            tl.store(err_ptr + 2, (origin * 65536 + status).to(tl.int32))
+    elif first_diff < NB * 65536 * FB:
+        if tl.atomic_or(err_ptr, RANK_MISMATCH_BIT) == 0:
+            tl.store(err_ptr + 1, step)
+            tl.store(err_ptr + 2, first_diff.to(tl.int32))
 
 
 @triton.jit

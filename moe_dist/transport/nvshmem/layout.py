@@ -5,7 +5,7 @@ Receiver r (experts [r*G, (r+1)*G)) lays its rows out grouped by local expert, t
 in the source's slot order; that is the order the reference transport defines. Every sender can
 compute its own rows' final positions at every receiver from the same matrix, so rows are written
 straight to their final place and the receiver never sorts. Legend: N PEs in the EP group, E
-experts, G = E/N local experts, S slots of this rank, C capacity rows. """
+experts, G = E/N local experts, S slots of this rank, C capacity rows."""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..handshake import F as HEADER_INTS
+
 _state = {"initialized": False, "workspaces": {}, "bootstrap": None}
 # Tests only: PEs that workspaces made from now on treat as unreachable under "auto", so one GPU can
 # run a mix of P2P and put peers (tests/gpu/nvshmem_worker.py).
@@ -74,7 +76,8 @@ def finalize() -> None:
 class SymmetricWorkspace:
     """Symmetric staging for one (EP group, shape) combination, double-buffered by call parity.
 
-    Per parity: counts [N, E] (int64) and flags [3, N] (count / dispatch / return channels, int64
+    Per parity: counts [N, E] (int64), headers [N, 12] (int64: the call headers beside the counts,
+    96*N bytes more per parity) and flags [3, N] (count / dispatch / return channels, int64
     epochs, monotonic, never reset), then the rows' staging, by path:
     - every peer P2P (`dedup`; dedup_kernels.py): pair_rows and pair_ret [Q, H] with Q = N*T_max
       (row src*T_max + t: token t of PE src, at most once), pair_meta [Q, K+1] int64 (stamp,
@@ -117,6 +120,9 @@ class SymmetricWorkspace:
 
         self.max_tokens, self.top_k = max_tokens, top_k
         self.counts = sym((2, self.n, num_experts), torch.int64)
+        # every PE's call header (transport/handshake.py FIELDS) beside the counts: checked on the
+        # device after the count exchange
+        self.headers = sym((2, self.n, HEADER_INTS), torch.int64)
         self.flags = sym((2, 3, self.n), torch.int64)
         torch.cuda.synchronize()
         dist.barrier()  # every PE has zeroed its flags before anyone signals
@@ -184,6 +190,7 @@ class SymmetricWorkspace:
             self.fwd_rows_at, self.fwd_meta_at = addresses(self.fwd_rows), addresses(self.fwd_meta)
             self.ret_rows_at = addresses(self.ret_rows)
         self.counts_at = addresses(self.counts)
+        self.headers_at = addresses(self.headers)
         # flags: one address per (parity, channel, peer)
         peers = peer_views(self.flags)
         self.flags_at = torch.tensor(

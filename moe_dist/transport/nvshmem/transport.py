@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 import triton
 
-from ...errors import BufferOverflow, DeviceErrorFlags
+from ...errors import BufferOverflow, DeviceErrorFlags, MoERuntimeError
+from .. import handshake as HS
 from ...parallel.groups import all_reduce_sum
 from ...routing import RoutingPlan
 from ..permute import slot_weight_grad
@@ -82,6 +83,12 @@ class NvshmemTransport:
         self._put_libs = None  # NVSHMEM's device bitcode, looked up when a workspace has put peers
         self.error_flags = DeviceErrorFlags("moe", device)
         self.calls = 0
+        # the call header that travels beside the counts (transport/handshake.py): identity set
+        # by the layer; the construction-time config check runs over the EP process group
+        self.context = HS.CallContext()
+        self._ep_group = None if groups is None else groups.ep_group
+        self._timeout_s = cfg.peer_timeout_s
+        self._header_TF = None  # the last header (reused under CUDA-graph capture)
         if not dist.is_initialized() and self.ep_size == 1:
             from ...parallel import init_distributed
 
@@ -206,16 +213,99 @@ class NvshmemTransport:
             BUMP=first_of_call,
         )
 
-    def route_and_layout(self, ws: SymmetricWorkspace, idx_S: torch.Tensor, p: int):
-        """Counts and in-expert ranks of this PE's slots, the count exchange, and the layout every
-        later step reads: (offs_E, overflow_N, counts_G, seg_2NG, rank_S)."""
+    # -- the call header (PROTOCOL.md "Header")
+    def agree(self) -> None:
+        """The one-time configuration check at the layer's construction (host, EP group)."""
+        if self._ep_group is not None and self.ep_size > 1:
+            hs = HS.Handshake(self._ep_group, 0, self._timeout_s)
+            hs.context = self.context
+            hs.agree()
+
+    def header(self, dtype, hidden: int, top_k: int, status: int = 0) -> torch.Tensor:
+        """This call's header on the device. Deferred error bits (context.device_status) go into
+        its status field without a host sync. Under CUDA-graph capture the captured header is
+        replayed (a host->device copy cannot be captured)."""
+        if self._header_TF is not None and torch.cuda.is_current_stream_capturing():
+            return self._header_TF
+        c = self.context
+        values = [0] * HS.F
+        for name, v in (
+            ("layer", HS.crc32(c.layer)),
+            ("step", c.step),
+            ("call", self.calls),
+            ("chunks", c.chunks),
+            ("dtype", HS.dtype_code(dtype) if dtype is not None else -1),
+            ("hidden", hidden),
+            ("top_k", top_k),
+            ("config", c.config),
+            ("router", c.router_crc if self.calls <= 1 else 0),
+            ("status", status),
+            ("origin", self.ep_rank if status else -1),
+        ):
+            values[HS.FIELDS.index(name)] = v
+        hdr = torch.tensor(values, dtype=torch.int64)
+        if torch.device(self.device).type == "cuda":
+            hdr = hdr.pin_memory().to(self.device, non_blocking=True)  # no host sync
+        if c.device_status is not None and not status:
+            bits = c.device_status.reshape(1).to(torch.int64)[0]
+            hdr[HS.FIELDS.index("status")] = bits
+            hdr[HS.FIELDS.index("origin")] = torch.where(bits != 0, self.ep_rank, -1)
+        self._header_TF = hdr
+        return hdr
+
+    def _exchange_header(self, ws: SymmetricWorkspace, p: int, hdr) -> None:
+        K_.send_header_kernel[(ws.n,)](hdr, ws.headers_at[p], ws.me, F=HS.F, FB=16)
+
+    def _check_headers(self, ws: SymmetricWorkspace, p: int) -> None:
+        K_.check_header_kernel[(1,)](
+            ws.headers[p],
+            ws.via_put,
+            ws.me,
+            ws.n,
+            self.error_flags.words,
+            self.calls,
+            F=HS.F,
+            STATUS=HS.FIELDS.index("status"),
+            ORIGIN=HS.FIELDS.index("origin"),
+            NB=triton.next_power_of_2(ws.n),
+            FB=16,
+            HAS_PUT=ws.any_put,
+        )
+
+    def fail_together(self, exc: BaseException, phase: str = "dispatch") -> None:
+        """On a PE whose forward failed before dispatch: one count exchange carrying the error
+        (zero counts), so every PE records PEER_FAILED and its later waits do not wait; then the
+        error is raised here (one sync). Peers raise at their next check (eager: the end of the
+        forward). Without a workspace yet there is nothing to exchange: the peers time out."""
+        ws = next(iter(self._workspaces.values()), None)
+        if ws is None or phase != "dispatch" or isinstance(exc, MoERuntimeError):
+            raise exc  # after the dispatch the peers wait on RETURN: they time out (PeerTimeout)
+        code = next((k for k, cls in HS._CLASSES.items() if isinstance(exc, cls)), HS.RANK_FAILED)
+        p = self.new_call(ws)
+        idx_S = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.route_and_layout(ws, idx_S, p, self.header(None, 0, 0, status=code))
+        self._header_TF = None
+        try:
+            self.error_flags.check()
+        except MoERuntimeError as err:
+            raise err from exc
+        raise exc  # pragma: no cover (the header carried the error)
+
+    def route_and_layout(self, ws: SymmetricWorkspace, idx_S: torch.Tensor, p: int, hdr=None):
+        """Counts and in-expert ranks of this PE's slots, the count exchange (with this call's
+        header, checked on the device), and the layout every later step reads: (offs_E,
+        overflow_N, counts_G, seg_2NG, rank_S)."""
         E, G = self.num_experts, self.num_local_experts
         dev = idx_S.device
         rank_S = torch.empty(idx_S.numel(), dtype=torch.int64, device=dev)
+        if hdr is not None:
+            self._exchange_header(ws, p, hdr)
         K_.count_and_rank_kernel[(E,)](
             idx_S, idx_S.numel(), rank_S, ws.counts_at[p], ws.me, ws.n, E, BLOCK=1024
         )
         self._signal_and_wait(ws, COUNT, p, first_of_call=True)
+        if hdr is not None:
+            self._check_headers(ws, p)
         offs_E = torch.empty(E, dtype=torch.int64, device=dev)
         overflow_N = torch.empty(ws.n, dtype=torch.int32, device=dev)
         counts_G = torch.empty(G, dtype=torch.int64, device=dev)
@@ -412,7 +502,8 @@ class _Dispatch(torch.autograd.Function):
         p = tr.new_call(
             ws
         )  # the count exchange and the rows share this call's epoch (separate flags)
-        layout = tr.route_and_layout(ws, idx_S, p)
+        hdr = tr.header(x_TH.dtype, x_TH.shape[1], K)
+        layout = tr.route_and_layout(ws, idx_S, p, hdr)
         counts_G, seg_2NG = layout[2], layout[3]
         dest_rank_S = torch.empty(T * K, dtype=torch.int64, device=x_TH.device)
         dest_pos_S = torch.empty(T * K, dtype=torch.int64, device=x_TH.device)
@@ -562,7 +653,8 @@ class _DedupDispatch(torch.autograd.Function):
         ws = tr.workspace(x_TH.dtype, H)
         idx_S = plan.expert_idx_TK.reshape(-1).contiguous()
         p = tr.new_call(ws)  # the count exchange and the rows share this call's epoch
-        offs_E, overflow_N, counts_G, _, rank_S = tr.route_and_layout(ws, idx_S, p)
+        hdr = tr.header(x_TH.dtype, H, K)  # the call header travels with the counts
+        offs_E, overflow_N, counts_G, _, rank_S = tr.route_and_layout(ws, idx_S, p, hdr)
         dest_rank_S = torch.empty(T * K, dtype=torch.int64, device=dev)
         dest_pos_S = torch.empty(T * K, dtype=torch.int64, device=dev)
         if T:
