@@ -8,6 +8,7 @@ shape, kernels by GPU time and the host time per call (launch-bound or bandwidth
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.transport import random_plan  # noqa: E402
-from moe_dist import MoEConfig  # noqa: E402
 
 
 def main(argv=None):
@@ -36,8 +36,11 @@ def main(argv=None):
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
     T, H, K, E = args.tokens, args.hidden, args.top_k, args.experts
-    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=E, top_k=K, max_tokens_per_rank=T)
-    tr = NvshmemTransport(E, None, dev, cfg)
+    from moe_dist.transport import NvshmemOptions
+
+    tr = NvshmemTransport(
+        E, K, None, dev, NvshmemOptions.from_env(os.environ, max_tokens_per_rank=T)
+    )
     x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
     plan = random_plan(T, E, K, dev, torch.Generator().manual_seed(0))
 

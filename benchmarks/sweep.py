@@ -46,7 +46,11 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import save_results, time_ms  # noqa: E402
 from moe_dist import MoEConfig, MoELayer, ParallelGroups  # noqa: E402
-from moe_dist.transport import nvshmem_unavailable_reason  # noqa: E402
+from moe_dist.transport import (  # noqa: E402
+    NvshmemOptions,
+    TransportOptions,
+    nvshmem_unavailable_reason,
+)
 from moe_dist.transport.permute import sort_slots_by_expert  # noqa: E402
 
 TRANSPORTS = ("local", "collective", "nvshmem", "auto")
@@ -195,10 +199,12 @@ def build_layer(ctx: Ctx, p: Point, transport: str) -> MoELayer:
         norm_topk_prob=p.top_k > 1,  # DeepSpeed's top-1 gate keeps the raw probability
         aux_loss_coef=0.0,
         transport=transport,
-        max_tokens_per_rank=ctx.max_tokens,
         error_check="deferred",
     )  # the no-sync path; an error shows as a mismatch with the reference
-    return MoELayer(cfg, ctx.groups, device=ctx.device, dtype=ctx.dtype)
+    options = TransportOptions(
+        nvshmem=NvshmemOptions.from_env(os.environ, max_tokens_per_rank=ctx.max_tokens)
+    )
+    return MoELayer(cfg, ctx.groups, transport_options=options, device=ctx.device, dtype=ctx.dtype)
 
 
 def deepspeed_layer(ctx: Ctx, ref: MoELayer):
@@ -768,7 +774,8 @@ def main(argv=None) -> dict:
                 "check_tokens",
                 "seed",
             )
-        } | {"dtype": str(dtype)},
+        }
+        | {"dtype": str(dtype)},
         "unavailable": unavailable,
         "peer_labels": PEER_LABELS,
         "elapsed_s": time.perf_counter() - t0,

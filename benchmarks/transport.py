@@ -18,6 +18,7 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -86,20 +87,18 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     groups = ParallelGroups(ep_size=world)
     E, K = args.experts, args.top_k
-    transports = {"collective": CollectiveTransport(E, groups.ep_group, groups.dp_group)}
+    transports = {"collective": CollectiveTransport(E, groups.ep_group)}
     reason = nvshmem_unavailable_reason(device)
     if reason is None:
-        from moe_dist import MoEConfig
+        from moe_dist.transport import NvshmemOptions
         from moe_dist.transport.nvshmem.transport import NvshmemTransport
 
         max_t = max(int(t) for t in args.tokens.split(","))
-        cfg = MoEConfig(
-            hidden_size=8, ffn_hidden_size=8, num_experts=E, top_k=K, max_tokens_per_rank=max_t
-        )
-        transports["nvshmem"] = NvshmemTransport(E, groups, device, cfg)
+        nv = NvshmemOptions.from_env(os.environ, max_tokens_per_rank=max_t)
+        transports["nvshmem"] = NvshmemTransport(E, K, groups, device, nv)
         if world > 1:  # the put-with-signal path (for peers without P2P), forced for every peer
             transports["nvshmem_put"] = NvshmemTransport(
-                E, groups, device, cfg.replace(nvshmem_peer_path="put")
+                E, K, groups, device, dataclasses.replace(nv, peer_path="put")
             )
     elif rank == 0:
         print(f"nvshmem skipped: {reason}")

@@ -1,4 +1,6 @@
-"""MoEConfig: every knob of one MoE layer, validated at construction. Reads no environment."""
+"""MoEConfig: the model math of one MoE layer and its execution knobs, validated at construction.
+Reads no environment. How tokens travel is sized and tuned apart: moe_dist.transport.TransportOptions
+(NVSHMEM buffers, peer path, timeout, bootstrap), given to build_transport or MoELayer."""
 
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ ERROR_CHECKS = ("eager", "deferred")
 
 @dataclass(frozen=True)
 class MoEConfig:
-    hidden_size: int
-    ffn_hidden_size: int
-    num_experts: int
-    top_k: int = 2
+    hidden_size: int  # H: the width of the tokens in and out
+    ffn_hidden_size: int  # each routed expert's inner width
+    num_experts: int  # E: routed experts over all ranks (split evenly over the EP group)
+    top_k: int = 2  # K: experts chosen per token (router="top_p": the most it may take)
 
     # Shared (always-on) experts, DeepSeekMoE style: one dense FFN of num_shared_experts * shared
     # size.
@@ -25,36 +27,33 @@ class MoEConfig:
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x @ w_gate) scales the shared output
 
     # Routing.
-    router: str = "softmax"
+    router: str = "softmax"  # "softmax" | "sigmoid" (DeepSeek-V3, aux-loss-free bias) | ...
     norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1
-    routed_scaling_factor: float = 1.0
+    routed_scaling_factor: float = 1.0  # multiplies the chosen experts' combine weights
     num_expert_groups: int = 1  # group-limited routing: experts split into groups...
     topk_groups: int = 1  # ...and each token may only use experts of its best topk_groups groups
     top_p: float = 0.5  # router="top_p": take experts until their probability mass reaches top_p
-    router_bias_update_rate: float = 1e-3  # router="sigmoid": aux-loss-free bias step (0 disables)
-    aux_loss_coef: float = 1e-2
-    z_loss_coef: float = 0.0
+    # router="sigmoid": the aux-loss-free bias step, applied once per optimizer step by
+    # moe_dist.training.router_bias.RouterBiasUpdater (0 disables; the forward only reads the bias)
+    router_bias_update_rate: float = 1e-3
+    aux_loss_coef: float = 1e-2  # load-balancing loss (Switch) coefficient in MoEOutput.aux_loss
+    z_loss_coef: float = 0.0  # router z-loss coefficient (ST-MoE)
     capacity_factor: float | None = None  # None = dropless
 
     # Experts and execution.
-    activation: str = "swiglu"
-    expert_backend: str = "auto"
+    activation: str = "swiglu"  # "swiglu" | "gelu", routed and shared experts alike
+    expert_backend: str = "auto"  # "grouped_mm" (torch._grouped_mm) | "loop" (the oracle) | "auto"
+    # Execution knob: which transport MoELayer builds when it is given none ("auto": local at EP=1,
+    # nvshmem on one node where it can run, else collective; "reference": the oracle).
+    # TransportOptions(kind=...) overrides it.
     transport: str = "auto"
     num_chunks: int = 1  # >1: pipeline dispatch / experts / combine over token chunks (overlap)
     shared_expert_overlap: bool = True  # CUDA: shared experts on a side stream while tokens travel
-    max_tokens_per_rank: int = 16384  # sizes the nvshmem transport's symmetric buffers
-    nvshmem_recv_capacity: int | None = (
-        None  # rows a PE can receive; None = worst case (see README)
-    )
-    nvshmem_peer_path: str = (
-        "auto"  # "auto": loads/stores to P2P peers, put-with-signal to others; "p2p"; "put"
-    )
-    peer_timeout_s: float = 60.0  # nvshmem: a wait longer than this records a PeerTimeout error
     check_finite: bool = True  # NaN/Inf router logits raise instead of routing garbage
     error_check: str = (
         "eager"  # "deferred": record errors on device, raise at the next check (no sync)
     )
-    init_seed_offset: int = 0
+    init_seed_offset: int = 0  # added to the experts' base seed (distinct layers, same seed)
 
     def __post_init__(self) -> None:
         for name in (
@@ -65,7 +64,6 @@ class MoEConfig:
             "num_expert_groups",
             "topk_groups",
             "num_chunks",
-            "max_tokens_per_rank",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -106,16 +104,6 @@ class MoEConfig:
             )
         if self.router == "group_limited" and self.num_expert_groups == 1:
             raise ValueError("router='group_limited' needs num_expert_groups > 1")
-        if self.nvshmem_recv_capacity is not None and self.nvshmem_recv_capacity < 1:
-            raise ValueError(
-                f"nvshmem_recv_capacity must be >= 1 or None, got {self.nvshmem_recv_capacity}"
-            )
-        if self.nvshmem_peer_path not in ("auto", "p2p", "put"):
-            raise ValueError(
-                f"nvshmem_peer_path must be 'auto', 'p2p' or 'put', got {self.nvshmem_peer_path!r}"
-            )
-        if not self.peer_timeout_s > 0:
-            raise ValueError(f"peer_timeout_s must be > 0, got {self.peer_timeout_s}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:

@@ -2,7 +2,7 @@
 where tokens travel is its transport's business (transport/), which ranks exist is parallel/'s.
 
 Legend: T tokens on this rank, H hidden, E experts, K slots per token, M rows received by local
-experts. """
+experts."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from torch import nn
 from .config import MoEConfig
 from .errors import NONFINITE_LOGITS, DeviceErrorFlags, NonFiniteRouterLogits
 from .experts import DenseFFN, GroupedExperts, grouped_mm_supported
-from .overlap import pipelined_moe, start_shared_experts
+from .overlap import SharedExperts, StreamSet, pipelined_moe
 from .routing import Router, RoutingPlan
-from .transport import build_transport
+from .transport import Transport, TransportOptions, build_transport
 
 
 class MoEOutput(NamedTuple):
@@ -33,11 +33,41 @@ class MoELayer(nn.Module):
     EP-invariant initialisation: the router and shared experts draw from torch's global RNG in a
     fixed order, then one base seed is drawn, and expert e is initialised from seed (base + e). So
     under one torch.manual_seed an EP=N layer holds exactly the EP=1 weights of its local experts.
+
+    The transport is given (`transport=`, e.g. from moe_dist.transport.build_transport) or built
+    here by build_transport(cfg, groups, transport_options). `streams`: the CUDA streams the
+    overlap uses (overlap.StreamSet; several layers may share one); None: the layer's own.
+
+    The sigmoid router's bias is only read here: the forward records each step's load on the
+    device (router.load_E) and moe_dist.training.router_bias updates the bias once per optimizer
+    step, so an activation-checkpoint recompute routes exactly as the forward did.
     """
 
-    def __init__(self, cfg: MoEConfig, groups=None, *, name: str = "moe", device=None, dtype=None):
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        groups=None,
+        *,
+        transport: Transport | None = None,
+        transport_options: TransportOptions | None = None,
+        streams: StreamSet | None = None,
+        name: str = "moe",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         ep_size = 1 if groups is None else groups.ep_size
+        if transport is not None:
+            if transport_options is not None:
+                raise ValueError("pass a built transport or transport_options, not both")
+            if groups is None:
+                ep_size = transport.ep_size
+            if transport.num_experts != cfg.num_experts or transport.ep_size != ep_size:
+                raise ValueError(
+                    f"the transport given moves tokens among {transport.num_experts} experts over "
+                    f"ep_size {transport.ep_size}, the layer has num_experts ({cfg.num_experts}) "
+                    f"over ep_size ({ep_size})"
+                )
         if cfg.num_experts % ep_size:
             raise ValueError(
                 f"num_experts ({cfg.num_experts}) must be divisible by ep_size ({ep_size})"
@@ -56,6 +86,7 @@ class MoELayer(nn.Module):
                     f"ffn_hidden_size={cfg.ffn_hidden_size}): {why}"
                 )
         self.cfg, self.name = cfg, name
+        self.streams = streams if streams is not None else StreamSet()
         self.router = Router(cfg, device=device, dtype=dtype)
         self.shared_experts = (
             DenseFFN(
@@ -69,7 +100,9 @@ class MoELayer(nn.Module):
             if cfg.num_shared_experts
             else None
         )
-        self.transport = build_transport(cfg.transport, cfg.num_experts, groups, device, cfg, dtype)
+        if transport is None:
+            transport = build_transport(cfg, groups, transport_options, device=device, dtype=dtype)
+        self.transport = transport
         if getattr(self.transport, "error_flags", None) is not None:
             self.transport.error_flags.layer_name = name
         base_seed = int(torch.randint(0, 2**62, (1,)).item()) + cfg.init_seed_offset
@@ -100,38 +133,51 @@ class MoELayer(nn.Module):
                 f"input hidden size ({x.shape[-1]}) does not match MoEConfig.hidden_size "
                 f"({self.cfg.hidden_size}) in MoE layer '{self.name}'"
             )
-        x_TH = x.reshape(-1, x.shape[-1])
-        # On CUDA the shared experts run on a side stream from here on, while tokens route and
-        # travel.
-        shared = start_shared_experts(self, x_TH)
-        plan = self.route(x_TH)
-        if self.cfg.num_chunks > 1:
-            out_TH = pipelined_moe(
-                self, x_TH, plan
-            )  # dispatch/experts/combine of chunks overlapped
-        else:
-            out_TH = self.routed_experts(x_TH, plan)
-        out_TH = shared.add_to(out_TH)
-        if self.cfg.error_check == "eager":
-            # The nvshmem transport records overflow and timeouts on the device; eager mode raises
-            # them here (one host sync, only where flags exist), also those of the previous
-            # backward.
-            self.check_errors()
-        self.step += 1
+        out_TH, plan = self.routed_pass(x.reshape(-1, x.shape[-1]))
+        self.finish_step()
         return MoEOutput(out_TH.view(x.shape), plan.aux_loss, plan.tokens_per_expert_E)
 
-    def route(self, x_TH: torch.Tensor) -> RoutingPlan:
-        logits_TE = self.router.logits(x_TH)
+    def routed_pass(
+        self,
+        x_TH: torch.Tensor,
+        plan: RoutingPlan | None = None,
+        *,
+        router: Router | None = None,
+    ) -> tuple[torch.Tensor, RoutingPlan]:
+        """One routed pass: route (unless `plan` is given) -> dispatch -> experts -> combine, plus
+        the shared experts (added here and nowhere else). Chunked and overlapped when
+        cfg.num_chunks > 1 and no observer is attached. `router`: route with another router of
+        the same config (Chain-of-Experts' later passes); default self.router. Returns (out_TH,
+        plan). Collective at EP > 1: every rank calls it the same number of times."""
+        # On CUDA the shared experts run on a side stream from here on, while tokens route and
+        # travel.
+        shared = SharedExperts(
+            self.shared_experts, x_TH, self.streams, self.cfg.shared_expert_overlap
+        )
+        if plan is None:
+            plan = self.route(x_TH, router)
+        if self.cfg.num_chunks > 1 and not self._observers:
+            out_TH = pipelined_moe(
+                self.transport, self.experts, x_TH, plan, self.cfg.num_chunks, self.streams
+            )
+        else:
+            out_TH = self._routed_experts(x_TH, plan)
+        return shared.add_to(out_TH), plan
+
+    def route(self, x_TH: torch.Tensor, router: Router | None = None) -> RoutingPlan:
+        """The routing plan of x_TH: logits, the finiteness check, selection. In training, a
+        router whose bias learns records this pass's load on the device (not inside an
+        activation-checkpoint recompute: that pass was recorded when it first ran)."""
+        router = self.router if router is None else router
+        logits_TE = router.logits(x_TH)
         if self.cfg.check_finite:
-            self._check_finite(logits_TE)
-        plan = self.router(x_TH, logits_TE)
-        if self.training and self.cfg.router == "sigmoid" and self.cfg.router_bias_update_rate > 0:
-            # The bias for the next step comes from this step's load over the whole batch (all
-            # ranks).
-            self.router.update_bias(self.transport.global_load(plan.tokens_per_expert_E))
+            self.check_finite(logits_TE)
+        plan = router(x_TH, logits_TE)
+        if self.training and router.updates_bias and not _in_backward():
+            router.record_load(plan.tokens_per_expert_E)
         return plan
 
-    def routed_experts(self, x_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    def _routed_experts(self, x_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         tokens_MH, counts_G, handle = self.transport.dispatch(x_TH, plan)
         y_MH = self.experts(tokens_MH, counts_G)
         for observe in self._observers:
@@ -149,7 +195,9 @@ class MoELayer(nn.Module):
 
     # -- errors
     # ------------------------------------------------------------------------------------------
-    def _check_finite(self, logits_TE: torch.Tensor) -> None:
+    def check_finite(self, logits_TE: torch.Tensor) -> None:
+        """NaN/Inf router logits raise NonFiniteRouterLogits (cfg.error_check="eager") or are
+        recorded on the device for check_errors ("deferred")."""
         bad = ~torch.isfinite(logits_TE).all()
         if self.cfg.error_check == "deferred":
             if self.error_flags is None:
@@ -162,11 +210,25 @@ class MoELayer(nn.Module):
                 f"NaN or Inf for {rows} of {logits_TE.shape[0]} tokens"
             )
 
+    def finish_step(self) -> None:
+        """End of one forward (MoELayer's or a wrapper's such as Chain-of-Experts): in eager error
+        mode raises what the transport recorded on the device (one host sync, only where flags
+        exist; also those of the previous backward), then counts the step."""
+        if self.cfg.error_check == "eager":
+            self.check_errors()
+        self.step += 1
+
     def check_errors(self) -> None:
         """Raises what a deferred-check forward recorded on the device (synchronises)."""
         for flags in (self.error_flags, getattr(self.transport, "error_flags", None)):
             if flags is not None:
                 flags.check()
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward: that is where activation checkpointing recomputes the
+    forward (reentrant or not)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def mark_expert_param(p: nn.Parameter, ep_size: int) -> None:

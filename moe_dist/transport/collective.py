@@ -6,7 +6,7 @@ sync this transport needs, which the nvshmem transport removes); (4) all_to_all 
 reorder the rows received in (source rank, local expert) order into (local expert, source rank)
 order for the grouped GEMM. Combine runs the same steps backwards. Autograd: the backward of an
 all_to_all is the reverse all_to_all. Legend: T tokens, K slots/token, S = T*K, N ranks in the EP
-group, G local experts, R received rows. """
+group, G local experts, R received rows."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..parallel.groups import all_reduce_sum
 from ..routing import RoutingPlan
+from .base import Transport
 from .permute import (
     SlotOrder,
     gather_token_copies,
@@ -59,15 +59,12 @@ class CollectiveHandle:
     ungroup_R: torch.Tensor  # its inverse
 
 
-class CollectiveTransport:
+class CollectiveTransport(Transport):
     name = "collective"
 
-    def __init__(
-        self, num_experts: int, ep_group: dist.ProcessGroup, load_group: dist.ProcessGroup | None
-    ):
+    def __init__(self, num_experts: int, ep_group: dist.ProcessGroup):
         self.num_experts = num_experts
         self.ep_group = ep_group
-        self.load_group = load_group
         self.ep_size = dist.get_world_size(ep_group)
         self.ep_rank = dist.get_rank(ep_group)
         assert num_experts % self.ep_size == 0, "validated by MoELayer"
@@ -83,7 +80,7 @@ class CollectiveTransport:
         dist.all_to_all_single(recv, counts_E, group=self.ep_group)
         return recv.view(self.ep_size, self.num_local_experts)
 
-    def dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
+    def _dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
         N, G = self.ep_size, self.num_local_experts
         slots = sort_slots_by_expert(plan.expert_idx_TK, self.num_experts)
         recv_NG = self.exchange_counts(slots.counts_E)
@@ -111,13 +108,10 @@ class CollectiveTransport:
         )
         return tokens_RH, recv_NG.sum(0), handle
 
-    def combine(self, y_RH: torch.Tensor, h: CollectiveHandle) -> torch.Tensor:
+    def _combine(self, y_RH: torch.Tensor, h: CollectiveHandle) -> torch.Tensor:
         by_source_RH = permute_rows(y_RH[: h.regroup_R.numel()], h.ungroup_R, h.regroup_R)
         returned = all_to_all_rows(by_source_RH, h.recv_splits, h.send_splits, self.ep_group)
         unused = h.slots.order_S.numel() - returned.shape[0]
         if unused:
             returned = torch.cat([returned, returned.new_zeros(unused, returned.shape[1])])
         return weighted_sum_of_slots(returned, h.slots, h.weights_TK, h.used_TK)
-
-    def global_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(tokens_per_expert_E.clone(), self.load_group)

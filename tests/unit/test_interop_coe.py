@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from moe_dist import MoEConfig, MoELayer, is_expert_param
 from moe_dist.extensions.coe import ChainOfExperts, build_moe_layer
+from moe_dist.training.router_bias import RouterBiasUpdater
 
 H, FF, E = 16, 12, 8
 
@@ -139,7 +140,7 @@ def test_state_output_and_aux_loss():
     # The aux loss sums every pass's router loss: pass 1 routes x, pass 2 routes x + update of pass
     # 1.
     expected = update_coe.router_of(0)(x).aux_loss
-    first = update_coe.experts_pass(x, update_coe.router_of(0)(x))
+    first, _ = update_coe.moe.routed_pass(x, update_coe.router_of(0)(x))
     expected = expected + update_coe.router_of(1)(x + first).aux_loss
     torch.testing.assert_close(aux, expected)
     torch.testing.assert_close(aux2, expected)
@@ -150,6 +151,11 @@ def test_each_router_keeps_its_own_bias_update():
     torch.manual_seed(8)
     coe = ChainOfExperts(cfg, iterations=2).train()
     coe(torch.randn(40, H))
+    b0, b1 = coe.router_of(0).expert_bias, coe.router_of(1).expert_bias
+    assert b0.abs().sum() == 0 and b1.abs().sum() == 0  # the forward only records the load
+    assert int(coe.router_of(0).load_E.sum()) == int(coe.router_of(1).load_E.sum()) == 40 * 2
+    RouterBiasUpdater(coe).step()  # once per optimizer step
+    assert coe.router_of(0).load_E.sum() == 0
     b0, b1 = coe.router_of(0).expert_bias, coe.router_of(1).expert_bias
     assert b0.abs().sum() > 0 and b1.abs().sum() > 0 and not torch.equal(b0, b1)
     coe.eval()

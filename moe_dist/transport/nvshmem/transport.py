@@ -12,7 +12,7 @@ Every peer signals every peer each epoch, rows or not, so nobody waits for a mes
 comes; waits are bounded and record a PEER_TIMEOUT error instead of hanging. Errors are raised by
 `check_errors()` (the layer's; synchronises), so the forward and backward themselves never sync.
 Legend: T tokens, K slots/token, S = T*K, N PEs, E experts, G = E/N, C receive capacity rows, H
-hidden. """
+hidden."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ import torch.distributed as dist
 import triton
 
 from ...errors import BufferOverflow, DeviceErrorFlags
-from ...parallel.groups import all_reduce_sum
 from ...routing import RoutingPlan
+from ..base import Transport
+from ..options import NvshmemOptions
 from ..permute import slot_weight_grad
 from . import kernels as K_
 from . import put_kernels as P_
@@ -50,45 +51,53 @@ class NvshmemHandle:
     ws: SymmetricWorkspace  # the symmetric buffers of this hidden size and dtype
 
 
-class NvshmemTransport:
+class NvshmemTransport(Transport):
     name = "nvshmem"
 
     def __init__(
-        self, num_experts: int, groups, device: torch.device, cfg, dtype: torch.dtype | None = None
+        self,
+        num_experts: int,
+        top_k: int,
+        groups,
+        device: torch.device,
+        options: NvshmemOptions,
+        *,
+        hidden_size: int | None = None,
+        dtype: torch.dtype | None = None,
     ):
+        """Needs torch.distributed initialised (NVSHMEM's uid bootstrap rides on it; the factory,
+        build_transport, starts a world of one where there is none) and options.bootstrap set.
+        `groups=None`: this rank alone."""
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "NvshmemTransport needs torch.distributed initialised (build it through "
+                "moe_dist.transport.build_transport, or call moe_dist.init_distributed() first)"
+            )
+        if options.bootstrap is None:
+            raise ValueError("NvshmemOptions.bootstrap must be 'uid' or 'mpi' here, got None")
         self.num_experts = num_experts
-        if groups is None:
-            self.pes = [dist.get_rank() if dist.is_initialized() else 0]
-        else:
-            self.pes = groups.ep_ranks
-        self.load_group = None if groups is None else groups.dp_group
+        self.pes = [dist.get_rank()] if groups is None else groups.ep_ranks
         self.ep_size = len(self.pes)
-        me_global = dist.get_rank() if dist.is_initialized() else 0
-        self.ep_rank = self.pes.index(me_global)
+        self.ep_rank = self.pes.index(dist.get_rank())
         self.device = device
-        self.max_tokens = cfg.max_tokens_per_rank
-        self.top_k = cfg.top_k
-        self.capacity = (
-            cfg.nvshmem_recv_capacity or cfg.max_tokens_per_rank * cfg.top_k * self.ep_size
-        )
-        self.timeout_ns = int(cfg.peer_timeout_s * 1e9)
-        self.peer_path = cfg.nvshmem_peer_path
+        self.options = options
+        self.max_tokens = options.max_tokens_per_rank
+        self.top_k = top_k
+        self.capacity = options.recv_capacity or options.max_tokens_per_rank * top_k * self.ep_size
+        self.timeout_ns = int(options.peer_timeout_s * 1e9)
+        self.peer_path = options.peer_path
         self._put_libs = None  # NVSHMEM's device bitcode, looked up when a workspace has put peers
         self.error_flags = DeviceErrorFlags("moe", device)
         self.calls = 0
-        if not dist.is_initialized() and self.ep_size == 1:
-            from ...parallel import init_distributed
-
-            init_distributed()  # NVSHMEM's uid bootstrap rides on a (world of one) process group
-        ensure_initialized(device)
+        ensure_initialized(device, options.bootstrap)
         self._workspaces: dict = {}
         # Symmetric allocation is collective. With the layer's dtype known it is made here, where
         # every PE builds the layer, not in a first dispatch that a silent peer would never join
         # (that would hang instead of timing out). Without it (mixed precision casts the
         # activations) it waits for the first call: a default-dtype set made now could go unused and
         # cost gigabytes.
-        if dtype is not None:
-            self.workspace(dtype, cfg.hidden_size)
+        if dtype is not None and hidden_size is not None:
+            self.workspace(dtype, hidden_size)
 
     @property
     def num_local_experts(self) -> int:
@@ -110,6 +119,7 @@ class NvshmemTransport:
                 self.capacity,
                 dtype,
                 self.peer_path,
+                self.options.put_peers,
             )
             if ws.any_put and self._put_libs is None:
                 self._put_libs = extern_libs(torch.cuda.get_device_capability(self.device))
@@ -124,7 +134,7 @@ class NvshmemTransport:
 
     # -- public interface
     # ----------------------------------------------------------------------------
-    def dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
+    def _dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
         T, K = plan.expert_idx_TK.shape
         if T > self.max_tokens:
             raise BufferOverflow(
@@ -138,11 +148,8 @@ class NvshmemTransport:
         tokens, counts_G, handle_box = _Dispatch.apply(x_TH, self, plan)
         return tokens, counts_G, handle_box.handle
 
-    def combine(self, y_CH: torch.Tensor, handle: NvshmemHandle) -> torch.Tensor:
+    def _combine(self, y_CH: torch.Tensor, handle: NvshmemHandle) -> torch.Tensor:
         return _Combine.apply(y_CH, handle.weights_TK, self, handle)
-
-    def global_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(tokens_per_expert_E.clone(), self.load_group)
 
     # -- the steps of a call, in order
     # -----------------------------------------------------------------
@@ -232,7 +239,7 @@ class NvshmemTransport:
         """Dispatch direction: one row per slot to its receiver (final position), flag, wait, then
         rows from peers out of the staging. With `layout` the destinations are computed (and stored
         into dest_rank_S / dest_pos_S); without, they are read from them. Returns the [C, H] rows
-        received. """
+        received."""
         rows_TH = rows_TH.to(
             ws.dtype
         ).contiguous()  # the staging holds this dtype (a gradient may differ)
