@@ -7,7 +7,7 @@ run.
     # CPU: collective only (CI)
 
 With several PEs, `nvshmem_put` is the nvshmem transport with every peer on the put-with-signal path
-(nvshmem_peer_path="put"), the path taken for peers without a P2P route.
+(NvshmemOptions(peer_path="put")), the path taken for peers without a P2P route.
 
 Bandwidth counts the rows each phase reads and writes: dispatch reads S = T*top_k token rows and
 writes S rows, combine reads S expert rows and writes them back to their owners, so

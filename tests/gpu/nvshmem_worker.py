@@ -10,8 +10,10 @@ import time
 import torch
 import torch.distributed as dist
 
+import dataclasses
+
 from moe_dist import BufferOverflow, MoEConfig, MoELayer, PeerTimeout
-from moe_dist.transport.nvshmem import runtime as nvshmem_runtime
+from moe_dist.transport import NvshmemOptions, TransportOptions
 from moe_dist.transport.nvshmem.runtime import bootstrap_method
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,9 +39,18 @@ def tokens(r, seed, skew=False, hidden=H):
     return (x + (3.0 if skew else 0.0)).to(dev)
 
 
-def pair(cfg, seed, dtype=torch.float32):
+# The launcher's bootstrap (test_nvshmem.py runs this under mpirun with MOE_DIST_NVSHMEM_BOOTSTRAP).
+NV = NvshmemOptions.from_env(os.environ, max_tokens_per_rank=64, peer_timeout_s=20.0)
+
+
+def nvshmem_layer(cfg, nv=NV, **kw):
+    options = TransportOptions(kind="nvshmem", nvshmem=nv)
+    return MoELayer(cfg, groups, transport_options=options, device=dev, **kw)
+
+
+def pair(cfg, seed, dtype=torch.float32, nv=NV):
     torch.manual_seed(seed)
-    fast = MoELayer(cfg.replace(transport="nvshmem"), groups, name="fast", device=dev, dtype=dtype)
+    fast = nvshmem_layer(cfg, nv, name="fast", dtype=dtype)
     torch.manual_seed(seed)
     ref = MoELayer(cfg.replace(transport="reference"), groups, name="ref", device=dev, dtype=dtype)
     return fast, ref
@@ -51,8 +62,8 @@ def _grad(p):
     return torch.zeros_like(p) if p.grad is None else p.grad.clone()
 
 
-def compare(cfg, seed, skew=False, dtype=torch.float32):
-    fast, ref = pair(cfg, seed, dtype)
+def compare(cfg, seed, skew=False, dtype=torch.float32, nv=NV):
+    fast, ref = pair(cfg, seed, dtype, nv)
     if skew:
         for layer in (fast, ref):
             with torch.no_grad():
@@ -94,14 +105,10 @@ def compare(cfg, seed, skew=False, dtype=torch.float32):
     assert torch.equal(
         tok[:n], rtok
     ), f"rank {rank}: got (src, token) {tok[:n, :2].tolist()} want {rtok[:, :2].tolist()}"
-    mixed = (
-        f" (put to PEs {sorted(nvshmem_runtime.TEST_PUT_PEERS)})"
-        if nvshmem_runtime.TEST_PUT_PEERS
-        else ""
-    )
+    mixed = f" (put to PEs {sorted(nv.put_peers)})" if nv.put_peers else ""
     passed(
         f"equal cfg={cfg.router}/k{cfg.top_k} H={cfg.hidden_size} {str(dtype)[6:]} skew={skew} "
-        f"peers={cfg.nvshmem_peer_path}{mixed}"
+        f"peers={nv.peer_path}{mixed}"
     )
 
 
@@ -110,9 +117,7 @@ base = MoEConfig(
     ffn_hidden_size=F,
     num_experts=E,
     top_k=2,
-    max_tokens_per_rank=64,
     expert_backend="loop",
-    peer_timeout_s=20.0,
 )
 compare(base, 1)
 compare(base.replace(num_shared_experts=1), 2)
@@ -121,17 +126,16 @@ compare(base.replace(top_k=1), 4, skew=True)
 compare(base, 5, skew=True)
 # The put-with-signal path (for peers without P2P), forced for every peer: NVSHMEM puts to PEs on
 # the same GPU.
-put = base.replace(nvshmem_peer_path="put")
-compare(put, 6)
-compare(put.replace(router="top_p", top_k=3, top_p=0.6, num_shared_experts=1), 7)
-compare(put.replace(top_k=1), 8, skew=True)
+PUT = dataclasses.replace(NV, peer_path="put")
+compare(base, 6, nv=PUT)
+compare(base.replace(router="top_p", top_k=3, top_p=0.6, num_shared_experts=1), 7, nv=PUT)
+compare(base.replace(top_k=1), 8, skew=True, nv=PUT)
 # Rows of two chunks (the second partial) in bf16, all puts; then a mix: odd PEs by puts, the rest
 # by stores.
-compare(put.replace(hidden_size=1500), 9, dtype=torch.bfloat16)
-nvshmem_runtime.TEST_PUT_PEERS = {pe for pe in range(world) if pe % 2}
-compare(base.replace(hidden_size=1500), 10)
-compare(base.replace(hidden_size=1500, top_k=1), 11, skew=True, dtype=torch.bfloat16)
-nvshmem_runtime.TEST_PUT_PEERS = set()
+compare(base.replace(hidden_size=1500), 9, dtype=torch.bfloat16, nv=PUT)
+MIXED = dataclasses.replace(NV, put_peers=frozenset(pe for pe in range(world) if pe % 2))
+compare(base.replace(hidden_size=1500), 10, nv=MIXED)
+compare(base.replace(hidden_size=1500, top_k=1), 11, skew=True, dtype=torch.bfloat16, nv=MIXED)
 
 # No host synchronisation between router and combine output, forward and backward (bf16 fast path).
 fast_cfg = base.replace(
@@ -139,11 +143,10 @@ fast_cfg = base.replace(
 )
 for peer_path in ("put", "auto"):  # the last one's layer goes on to the CUDA-graph check
     torch.manual_seed(7)
-    layer = MoELayer(
-        fast_cfg.replace(transport="nvshmem", nvshmem_peer_path=peer_path),
-        groups,
+    layer = nvshmem_layer(
+        fast_cfg,
+        dataclasses.replace(NV, peer_path=peer_path),
         name="nosync",
-        device=dev,
         dtype=torch.bfloat16,
     )
     x = tokens(rank, 7).to(torch.bfloat16).requires_grad_(True)
@@ -178,11 +181,10 @@ passed("CUDA graph capture + replay")
 
 # Overflow: a receive buffer too small for the rows routed is an error, not silent loss.
 torch.manual_seed(9)
-small = MoELayer(
-    base.replace(transport="nvshmem", nvshmem_recv_capacity=4, error_check="deferred"),
-    groups,
+small = nvshmem_layer(
+    base.replace(error_check="deferred"),
+    dataclasses.replace(NV, recv_capacity=4),
     name="tiny_buffer",
-    device=dev,
 )
 small(tokens(rank, 9) + 0.0)
 try:
@@ -195,13 +197,10 @@ except BufferOverflow as e:
 # Timeout: rank 0 dispatches alone; it must get an error naming a peer, not hang.
 if world > 1:
     torch.manual_seed(10)
-    lonely = MoELayer(
-        base.replace(
-            transport="nvshmem", peer_timeout_s=2.0, error_check="deferred", max_tokens_per_rank=32
-        ),
-        groups,
+    lonely = nvshmem_layer(
+        base.replace(error_check="deferred"),
+        dataclasses.replace(NV, peer_timeout_s=2.0, max_tokens_per_rank=32),
         name="lonely",
-        device=dev,
         dtype=torch.float32,
     )  # a dtype: buffers made now, by every PE (a silent peer never would)
     dist.barrier()

@@ -208,7 +208,7 @@ def _peer_view(nv, t, pe: int, my_pe: int):
     except Exception as e:  # noqa: BLE001 - nvshmem4py says only "Failed to retrieve peer buffer"
         raise RuntimeError(
             f"NVSHMEM PE {pe} is not reachable by loads and stores from PE {my_pe} (nvshmem_ptr "
-            "gave no address: no NVLink/P2P path between their GPUs), and nvshmem_peer_path='p2p' "
+            "gave no address: no NVLink/P2P path between their GPUs), and peer_path='p2p' "
             "allows nothing else: use 'auto' (puts for such peers) or 'put'"
         ) from e
 
