@@ -12,7 +12,7 @@ transport.
 --coe-iterations N (default 1) turns every MoE FFN into a Chain-of-Experts layer of N routed passes.
 Prints a progress line per --log-every steps (loss, tokens/s, expert load, dropped tokens) and ends
 with `final loss X (start Y) ...`. --json PATH writes the loss curve; --save DIR / --resume DIR
-checkpoint. """
+checkpoint."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from moe_dist import MoEConfig, MoELayer, ParallelGroups, init_distributed
 from moe_dist.training.clip import clip_grad_norm_
+from moe_dist.training.router_bias import RouterBiasUpdater
 from .data import ByteCorpus, local_rows, rows_per_rank
 from .model import ModelConfig, MoETransformer
 
@@ -213,6 +214,8 @@ class ReplicatedBackend:
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95)
         )
+        # The sigmoid router's bias: updated before each optimizer step from the step's load.
+        self.router_bias = RouterBiasUpdater(model, groups).attach(self.optimizer)
 
     def forward_backward(self, tokens, targets):
         out = self.model(tokens, targets)

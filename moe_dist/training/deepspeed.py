@@ -17,8 +17,11 @@ when
   ranks hold different experts; the subclass clips with moe_dist.clip_grad_norm_ (ZeRO-1/2 and the
   bf16 optimizer already sum expert norms over the EP group).
 
+- the sigmoid router's aux-loss-free bias moves once per optimizer step: the engine's step() runs
+  a RouterBiasUpdater at each gradient-accumulation boundary (training/router_bias.py).
+
 DeepSpeed divides expert gradients by the whole data-parallel degree after summing them over EDP,
-which is what EP=N == EP=1 needs (fsdp.py has the arithmetic). """
+which is what EP=N == EP=1 needs (fsdp.py has the arithmetic)."""
 
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import torch
 from torch import nn
 
 from moe_dist.layer import MoELayer, is_expert_param
+from moe_dist.training.router_bias import RouterBiasUpdater
 
 _ENGINE_SWAP_LOCK = threading.Lock()
 
@@ -142,6 +146,15 @@ def _engine_class():
             if layers:
                 self.has_moe_layers = True
                 self.num_experts.extend(layer.cfg.num_experts for _, layer in layers)
+
+        def step(self, *args, **kwargs):
+            # The sigmoid router's bias moves once per optimizer step, from the load of every
+            # micro-batch since the last one: at the gradient-accumulation boundary.
+            boundary = self.is_gradient_accumulation_boundary()
+            super().step(*args, **kwargs)
+            router_bias = getattr(self, "moe_dist_router_bias", None)
+            if boundary and router_bias is not None:
+                router_bias.step()
 
         def clip_fp32_gradients(self):
             # ZeRO-0 fp32: DeepSpeed averages the per-rank norms over the DP group, which is not the
@@ -288,4 +301,5 @@ def initialize(model: nn.Module, groups, config: dict | str, **kwargs):
     with _engine_class_swapped(_engine_class()):
         engine, *rest = deepspeed.initialize(model=model, config=config, **kwargs)
     engine.moe_dist_groups = groups
+    engine.moe_dist_router_bias = RouterBiasUpdater(model, groups)  # engine.step() calls it
     return (engine, *rest)
