@@ -1,6 +1,7 @@
 """MoEConfig: the model math of one MoE layer and its execution knobs, validated at construction.
-Reads no environment. How tokens travel is sized and tuned apart: moe_dist.transport.TransportOptions
-(NVSHMEM buffers, peer path, timeout, bootstrap), given to build_transport or MoELayer."""
+Reads no environment. How tokens travel is sized and tuned apart, in
+moe_dist.transport.TransportOptions (NVSHMEM buffers, peer path, timeout, bootstrap), given to
+build_transport or MoELayer."""
 
 from __future__ import annotations
 

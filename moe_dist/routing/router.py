@@ -50,7 +50,7 @@ class Router(nn.Module):
             "expert_bias", torch.zeros(cfg.num_experts, device=device, dtype=torch.float32)
         )
         # This rank's slots per expert since the last bias update (recorded by the layer's forward,
-        # consumed by update_bias once per optimizer step). Not persistent: it is empty after a step.
+        # consumed by update_bias once per optimizer step). Not persistent: empty after a step.
         self.register_buffer(
             "load_E",
             torch.zeros(cfg.num_experts, device=device, dtype=torch.int64),

@@ -23,7 +23,9 @@ SIGMOID = MOE.replace(router="sigmoid", router_bias_update_rate=0.05)
 
 def build(groups):
     torch.manual_seed(0)
-    moe = SIGMOID if groups is not None and groups.ep_size > 1 else SIGMOID.replace(transport="auto")
+    moe = (
+        SIGMOID if groups is not None and groups.ep_size > 1 else SIGMOID.replace(transport="auto")
+    )
     return MoETransformer(MODEL, moe, groups)
 
 
@@ -38,7 +40,9 @@ def reference_run():
     losses = []
     for step in range(STEPS):
         total = 0.0
-        for micro in global_batch(step).chunk(WORLD):  # gradient accumulation over WORLD micro-batches
+        for micro in global_batch(step).chunk(
+            WORLD
+        ):  # gradient accumulation over WORLD micro-batches
             out = model(micro[:, :-1], micro[:, 1:])
             (out.loss / WORLD).backward()
             total += out.loss.item() / WORLD
@@ -52,10 +56,12 @@ def scenario(backend: str):
     want, want_bias = reference_run()
     assert want_bias.abs().sum() > 0
     groups = ParallelGroups(ep_size=2)
-    args = parse_args(["--lr", str(LR), "--clip", "0", "--warmup", "1", "--zero-stage", "1",
-                       "--dtype", "fp32"])
-    trainer = make_backend(backend, build(groups), groups, args, device=torch.device("cpu"),
-                           micro_batch=ROWS_PER_RANK)
+    args = parse_args(
+        ["--lr", str(LR), "--clip", "0", "--warmup", "1", "--zero-stage", "1", "--dtype", "fp32"]
+    )
+    trainer = make_backend(
+        backend, build(groups), groups, args, device=torch.device("cpu"), micro_batch=ROWS_PER_RANK
+    )
     got = []
     try:
         for step in range(STEPS):
@@ -68,10 +74,16 @@ def scenario(backend: str):
     finally:
         if backend == "deepspeed":
             from moe_dist.training.deepspeed import unregister_groups
+
             unregister_groups(groups)
     torch.testing.assert_close(biases(trainer.model), want_bias, msg=f"{backend}: router biases")
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-5, atol=2e-5,
-                               msg=lambda m: f"{backend}: losses {got} vs {want}\n{m}")
+    torch.testing.assert_close(
+        torch.tensor(got),
+        torch.tensor(want),
+        rtol=2e-5,
+        atol=2e-5,
+        msg=lambda m: f"{backend}: losses {got} vs {want}\n{m}",
+    )
 
 
 @pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
