@@ -160,7 +160,7 @@ def _engine_class():
             # ZeRO-0 fp32: DeepSpeed averages the per-rank norms over the DP group, which is not the
             # global norm when ranks hold different experts; ours sums expert norms over the EP
             # group.
-            from ..clip import clip_grad_norm_
+            from .clip import clip_grad_norm_
 
             self._global_grad_norm = float(
                 clip_grad_norm_(

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moe_dist import ParallelGroups, checkpoint
+from moe_dist import ParallelGroups
+from moe_dist.training import checkpoint
 from moe_dist.lm import ModelConfig, MoETransformer
 from moe_dist.lm.train import make_backend, parse_args
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from moe_dist import MoEConfig, checkpoint
+from moe_dist import MoEConfig
+from moe_dist.training import checkpoint
 from moe_dist.lm import ModelConfig, MoETransformer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
