@@ -6,8 +6,8 @@ MoE with top_k = 2k, CoE with 2 iterations of top_k = k over the same experts (t
 compute-matched comparison; CoE adds only one extra router, E x H weights). A third run, MoE with
 top_k = k (half the expert compute), shows where CoE sits between the two.
 
-    python benchmarks/coe_compare.py --out benchmarks/results        # CPU, a couple of minutes
-    python benchmarks/coe_compare.py --smoke                          # seconds (CI)
+    python -m benchmarks.coe_compare --out benchmarks/results        # CPU, a couple of minutes
+    python -m benchmarks.coe_compare --smoke                          # seconds (CI)
 
 The model is moe_dist.lm.MoETransformer (the example model that `python -m moe_dist.lm.train`
 trains) with ModelConfig.coe_iterations set as the trainer's --coe-iterations sets it (its FFNs: a
@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import save_results  # noqa: E402
-from moe_dist import MoEConfig  # noqa: E402
-from moe_dist.lm.data import ByteCorpus  # noqa: E402
-from moe_dist.lm import ModelConfig, MoETransformer  # noqa: E402
+from benchmarks.common import save_results
+from moe_dist import MoEConfig
+from moe_dist.lm.data import ByteCorpus
+from moe_dist.lm import ModelConfig, MoETransformer
 
 FULL = dict(
     d_model=64,

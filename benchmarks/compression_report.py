@@ -12,8 +12,8 @@ Calibration and evaluation batches are disjoint draws from the corpus. Output er
 L2 error of the logits against the uncompressed model; loss change is eval cross-entropy minus the
 uncompressed model's. The uncompressed model's routing telemetry (load, SRP, SCH) is reported too.
 
-    python benchmarks/compression_report.py --out benchmarks/results      # CPU, a few minutes
-    python benchmarks/compression_report.py --smoke                       # seconds
+    python -m benchmarks.compression_report --out benchmarks/results      # CPU, a few minutes
+    python -m benchmarks.compression_report --smoke                       # seconds
 """
 
 from __future__ import annotations
@@ -26,19 +26,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS_DIR, save_results  # noqa: E402
-from moe_dist import MoEConfig  # noqa: E402
+from benchmarks.common import RESULTS_DIR, save_results
+from moe_dist import MoEConfig
 from moe_dist.extensions.compress import (
     merge_experts,
     prune_experts,
     remove_experts,
     routing_statistics,
-)  # noqa: E402
-from moe_dist.extensions.compress.prune import top_experts  # noqa: E402
-from moe_dist.lm.data import ByteCorpus  # noqa: E402
-from moe_dist.lm import ModelConfig, MoETransformer  # noqa: E402
-from moe_dist.extensions.telemetry import RoutingTelemetry  # noqa: E402
+)
+from moe_dist.extensions.compress.prune import top_experts
+from moe_dist.lm.data import ByteCorpus
+from moe_dist.lm import ModelConfig, MoETransformer
+from moe_dist.extensions.telemetry import RoutingTelemetry
 
 FULL = dict(
     d_model=64,

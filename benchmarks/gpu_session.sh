@@ -16,30 +16,30 @@ for step in $steps; do
   echo "=== $step $(date +%T)" | tee -a "$log"
   case $step in
     tests) timeout 240 python3 -m pytest -q -rs tests/gpu 2>&1 | grep -v "^E  *File\|^W11" | tail -40 | tee -a "$log" ;;
-    layer) timeout 240 python3 benchmarks/layer.py --out "$out" --iters 10 2>&1 | tee -a "$log" | tail -20 ;;
-    transport) timeout 90 python3 benchmarks/transport.py --out "$out" --iters 20 2>&1 | tee -a "$log" | grep -v Warn | tail -8
-               timeout 60 torchrun --standalone --nproc-per-node 2 benchmarks/transport.py --backend gloo \
+    layer) timeout 240 python3 -m benchmarks.layer --out "$out" --iters 10 2>&1 | tee -a "$log" | tail -20 ;;
+    transport) timeout 90 python3 -m benchmarks.transport --out "$out" --iters 20 2>&1 | tee -a "$log" | grep -v Warn | tail -8
+               timeout 60 torchrun --standalone --nproc-per-node 2 -m benchmarks.transport --backend gloo \
                  --tokens 128,1024 --hidden 2048 --iters 3 --out "$out" 2>&1 | tee -a "$log" | grep -v Warn | tail -4 ;;
-    train) timeout 200 python3 benchmarks/train_throughput.py --out "$out" 2>&1 | tee -a "$log" | tail -10 ;;
-    overlap) timeout 200 python3 benchmarks/overlap.py --out "$out" 2>&1 | tee -a "$log" | tail -20 ;;
-    sweep) timeout 110 python3 benchmarks/sweep.py --tokens 1024,4096 --experts 8,64 --top-k 2,8 \
+    train) timeout 200 python3 -m benchmarks.train_throughput --out "$out" 2>&1 | tee -a "$log" | tail -10 ;;
+    overlap) timeout 200 python3 -m benchmarks.overlap --out "$out" 2>&1 | tee -a "$log" | tail -20 ;;
+    sweep) timeout 110 python3 -m benchmarks.sweep --tokens 1024,4096 --experts 8,64 --top-k 2,8 \
              --transports local,nvshmem --peers deepspeed --iters 10 --warmup 3 --out "$out" 2>&1 | tee -a "$log" | tail -22
-           timeout 80 torchrun --standalone --nproc-per-node 2 benchmarks/sweep.py --backend gloo --tokens 256,1024 \
+           timeout 80 torchrun --standalone --nproc-per-node 2 -m benchmarks.sweep --backend gloo --tokens 256,1024 \
              --experts 64 --top-k 2,8 --transports collective,nvshmem --peers none --iters 5 --warmup 2 \
              --check-tokens 256 --out "$out" 2>&1 | tee -a "$log" | tail -10 ;;
     multi)  # several GPUs, one PE per GPU (NVLink), e.g. on nvidia-h100-x2: issue 7's runs that fit it,
             # most important first (one device call is at most 10 minutes)
            n=$(nvidia-smi -L | wc -l)
-           timeout 120 torchrun --standalone --nproc-per-node "$n" tests/gpu/nvshmem_worker.py 2>&1 | tee -a "$log" \
+           timeout 120 torchrun --standalone --nproc-per-node "$n" -m tests.gpu.nvshmem_worker 2>&1 | tee -a "$log" \
              | grep -E "WORKER OK|Error" | cut -c1-200
-           timeout 90 torchrun --standalone --nproc-per-node "$n" benchmarks/transport.py --tokens 128,4096 --hidden 7168 \
+           timeout 90 torchrun --standalone --nproc-per-node "$n" -m benchmarks.transport --tokens 128,4096 --hidden 7168 \
              --iters 20 --out "$out" 2>&1 | tee -a "$log" | grep -v Warn | tail -4
-           timeout 130 torchrun --standalone --nproc-per-node "$n" benchmarks/sweep.py --tokens 1024,4096 \
+           timeout 130 torchrun --standalone --nproc-per-node "$n" -m benchmarks.sweep --tokens 1024,4096 \
              --global-tokens 4096,16384 --experts 64 --top-k 2,8 --mode both --transports collective,nvshmem \
              --peers deepspeed --out "$out" 2>&1 | tee -a "$log" | tail -12
-           timeout 90 torchrun --standalone --nproc-per-node "$n" tests/gpu/overlap_worker.py 2>&1 | tee -a "$log" \
+           timeout 90 torchrun --standalone --nproc-per-node "$n" -m tests.gpu.overlap_worker 2>&1 | tee -a "$log" \
              | grep -E "WORKER OK|Error" | cut -c1-200
-           timeout 90 torchrun --standalone --nproc-per-node "$n" benchmarks/overlap.py --transport nvshmem \
+           timeout 90 torchrun --standalone --nproc-per-node "$n" -m benchmarks.overlap --transport nvshmem \
              --out "$out" 2>&1 | tee -a "$log" | tail -12
            timeout 60 torchrun --standalone --nproc-per-node "$n" -m moe_dist.lm.train --ep "$n" --size tiny --batch-size 16 --steps 60 \
              --json "$out/train_ep$n.json" 2>&1 | tee -a "$log" | tail -3

@@ -2,7 +2,7 @@
 per dispatch+combine): the JITFunction path every launch takes now, against the compiled kernel's
 handle.
 
-    python benchmarks/launch_probe.py        # GPU only
+    python -m benchmarks.launch_probe        # GPU only
 """
 
 import sys
@@ -30,14 +30,14 @@ addr = torch.tensor([out.data_ptr()] * N, dtype=torch.int64, device=dev)
 meta = torch.empty(S * N, dtype=torch.int64, device=dev)
 maddr = torch.tensor([meta.data_ptr()] * N, dtype=torch.int64, device=dev)
 via = torch.zeros(N, dtype=torch.int32, device=dev)
-args = (x, z64, idx, z64, offs, over, dr, dp, addr, out, maddr, via, 0, G, K, H)
+args = (x, z64, idx, z64, offs, over, dr, dp, addr, out, maddr, via, 0, G, K, H, S)
 kw = dict(COMPUTE_DEST=True, SCALE=False, HAS_PUT=False, BLOCK=1024)
-grid = (S, 2)
+grid = K_.comm_grid(S * 2, K_.DEFAULT_COMM_SMS)
 k = K_.push_slots_kernel[grid](*args, **kw)
 torch.cuda.synchronize()
 for name, fn in [
     ("jit launch", lambda: K_.push_slots_kernel[grid](*args, **kw)),
-    ("compiled handle", lambda: k[(S, 2, 1)](*args, *kw.values())),
+    ("compiled handle", lambda: k[(grid[0], 1, 1)](*args, *kw.values())),
 ]:
     for _ in range(50):
         fn()

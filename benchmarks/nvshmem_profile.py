@@ -1,22 +1,18 @@
 """Where the nvshmem transport's time goes, one PE: torch.profiler over dispatch+combine at one
 shape, kernels by GPU time and the host time per call (launch-bound or bandwidth-bound?).
 
-    python benchmarks/nvshmem_profile.py --tokens 4096 --hidden 7168 --top-k 8     (GPU +
-    nvshmem4py)
+    python -m benchmarks.nvshmem_profile --tokens 4096 --hidden 7168 --top-k 8  # GPU + nvshmem4py
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.transport import random_plan  # noqa: E402
+from benchmarks.transport import random_plan
 
 
 def main(argv=None):
@@ -38,9 +34,8 @@ def main(argv=None):
     T, H, K, E = args.tokens, args.hidden, args.top_k, args.experts
     from moe_dist.transport import NvshmemOptions
 
-    tr = NvshmemTransport(
-        E, K, None, dev, NvshmemOptions.from_env(os.environ, max_tokens_per_rank=T)
-    )
+    nv = NvshmemOptions.from_env(os.environ, max_tokens_per_rank=T)
+    tr = NvshmemTransport(E, K, None, dev, nv)
     x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
     plan = random_plan(T, E, K, dev, torch.Generator().manual_seed(0))
 

@@ -6,15 +6,14 @@
   efficiency    (t_comm + t_compute - t_overlapped) / min(t_comm, t_compute): the fraction of the
                 shorter phase hidden under the longer one (1 = fully hidden, 0 = serial, < 0 =
                 slower)
-  shared        routed path alone (route + experts), shared experts alone, and the layer with both
-  with
-                the side stream on and off; ratio = t_layer / max(t_routed, t_shared) (goal: <= 1.1
-                on)
+  shared        routed path alone (route + experts), shared experts alone, and the layer with
+                both with the side stream on and off; ratio = t_layer / max(t_routed, t_shared)
+                (goal: <= 1.1 on)
 
-    python benchmarks/overlap.py --out DIR                                   # one GPU, EP=1, bf16
-    torchrun --nproc-per-node 2 benchmarks/overlap.py --backend gloo --out DIR   # 2 PEs (nvshmem if
-    present) python benchmarks/overlap.py --smoke --out DIR                           # tiny CPU run
-    (CI)
+    python -m benchmarks.overlap --out DIR                # one GPU, EP=1, bf16
+    torchrun --nproc-per-node 2 -m benchmarks.overlap --backend gloo --out DIR
+                                                          # 2 PEs (nvshmem if present)
+    python -m benchmarks.overlap --smoke --out DIR        # tiny CPU run (CI)
 
 Legend: T tokens per rank, H hidden, F expert ffn width, E experts, K top-k, C chunks.
 """
@@ -23,18 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import save_results, time_ms  # noqa: E402
-from moe_dist import MoEConfig, MoELayer, ParallelGroups  # noqa: E402
-from moe_dist.overlap import pipelined_moe  # noqa: E402
-from moe_dist.transport import NvshmemOptions, TransportOptions  # noqa: E402
-from moe_dist.parallel import init_distributed  # noqa: E402
+from benchmarks.common import save_results, time_ms
+from moe_dist import MoEConfig, MoELayer, ParallelGroups
+from moe_dist.overlap import pipelined_moe
+from moe_dist.transport import NvshmemOptions, TransportOptions
+from moe_dist.parallel import init_distributed
 
 MODES = ("fwd", "fwd_bwd")
 
@@ -182,7 +178,9 @@ def main(argv=None) -> None:
     # Shared experts: does the side stream hide the shared path under the routed one?
     shared = {}
     for mode in MODES:
-        t_routed = timed(lambda: layer.routed_pass(x_g)[0], mode, ones, args.iters, warmup)
+        t_routed = timed(
+            lambda: layer.routed_pass(x_g)[0], mode, ones, args.iters, warmup
+        )
         t_shared = timed(lambda: layer.shared_experts(x_g), mode, ones, args.iters, warmup)
         res = {"t_routed_ms": t_routed, "t_shared_ms": t_shared}
         for on in (True, False):

@@ -4,9 +4,9 @@ timed in the same run on the same tokens:
   moe_dist:<t>   MoELayer with transport t = local | collective | nvshmem | auto
   collective     is also the "all_to_all_single + grouped GEMM, host sync on split sizes" peer
                  (torchtitan's approach): moe_dist's transport="collective" is exactly that
-  deepspeed      deepspeed.moe.layer.MoE, dropless, with moe_dist's router and expert weights copied
-  in a2a_vdev_2d    torch.ops.symm_mem.all_to_all_vdev_2d (PyTorch symmetric memory, NVSHMEM
-  backend)
+  deepspeed      deepspeed.moe.layer.MoE, dropless, with moe_dist's router and expert weights
+                 copied in (benchmarks/peers.py)
+  a2a_vdev_2d    torch.ops.symm_mem.all_to_all_vdev_2d (PyTorch symmetric memory, NVSHMEM backend)
                  moving the same rows as moe_dist's dispatch; compared with each transport's
                  dispatch
 
@@ -20,11 +20,10 @@ One EP size per run (EP = world size). Weak scaling: --tokens are per rank; stro
 are global (split evenly over the ranks). Timings: benchmarks.common.time_ms (CUDA events after
 warm-up on GPU, wall clock on CPU); each rank's median, the slowest rank's reported.
 
-    python benchmarks/sweep.py --out benchmarks/results                                  # EP=1
-    torchrun --standalone --nproc-per-node 2 benchmarks/sweep.py --backend gloo ...      # 2 PEs on
-    one GPU torchrun --standalone --nproc-per-node 8 benchmarks/sweep.py --out ...               #
-    EP=8, nccl python benchmarks/sweep.py --smoke --out DIR
-    # CPU, seconds (CI)
+    python -m benchmarks.sweep --out benchmarks/results                             # EP=1
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.sweep --backend gloo ... # 2 PEs, 1 GPU
+    torchrun --standalone --nproc-per-node 8 -m benchmarks.sweep --out ...          # EP=8, nccl
+    python -m benchmarks.sweep --smoke --out DIR                     # CPU, seconds (CI)
 
 Legend: T tokens per rank, H hidden, F expert ffn, E experts, K top-k, N EP size, G = E/N, S = T*K.
 """
@@ -35,23 +34,17 @@ import argparse
 import gc
 import os
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import save_results, time_ms  # noqa: E402
-from moe_dist import MoEConfig, MoELayer, ParallelGroups  # noqa: E402
-from moe_dist.transport import (  # noqa: E402
-    NvshmemOptions,
-    TransportOptions,
-    nvshmem_unavailable_reason,
-)
-from moe_dist.transport.permute import sort_slots_by_expert  # noqa: E402
+from benchmarks.common import save_results, time_ms
+from benchmarks.peers import deepspeed_like
+from moe_dist import MoEConfig, MoELayer, ParallelGroups
+from moe_dist.transport import NvshmemOptions, TransportOptions, nvshmem_unavailable_reason
+from moe_dist.transport.permute import sort_slots_by_expert
 
 TRANSPORTS = ("local", "collective", "nvshmem", "auto")
 PEERS = ("deepspeed", "a2a_vdev_2d")
@@ -204,38 +197,14 @@ def build_layer(ctx: Ctx, p: Point, transport: str) -> MoELayer:
     options = TransportOptions(
         nvshmem=NvshmemOptions.from_env(os.environ, max_tokens_per_rank=ctx.max_tokens)
     )
-    return MoELayer(cfg, ctx.groups, transport_options=options, device=ctx.device, dtype=ctx.dtype)
+    return MoELayer(
+        cfg, ctx.groups, transport_options=options, device=ctx.device, dtype=ctx.dtype
+    )
 
 
 def deepspeed_layer(ctx: Ctx, ref: MoELayer):
-    """deepspeed.moe.layer.MoE holding exactly ref's router and local experts (SwiGLU, same
-    layout)."""
-    import deepspeed
-    from deepspeed.moe.layer import MoE
-
-    from benchmarks.layer import SwiGLU
-
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing process group
-    cfg = ref.cfg
-    ds = MoE(
-        cfg.hidden_size,
-        SwiGLU(ref.experts.w_in[0].detach(), ref.experts.w_out[0].detach()),
-        num_experts=cfg.num_experts,
-        ep_size=ctx.world,
-        k=cfg.top_k,
-        capacity_factor=1.0,
-        drop_tokens=False,
-        use_rts=False,
-        noisy_gate_policy=None,
-        top2_2nd_expert_sampling=False,
-    )
-    ds.set_deepspeed_parallelism()  # the engine would call it; there is no engine here
-    ds = ds.to(ctx.device, ctx.dtype)
-    with torch.no_grad():
-        ds.deepspeed_moe.gate.wg.weight.copy_(ref.router.weight)
-        for g, expert in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
-            expert.w_in.copy_(ref.experts.w_in[g])
-            expert.w_out.copy_(ref.experts.w_out[g])
+    """deepspeed.moe.layer.MoE holding exactly ref's router and local experts (benchmarks.peers)."""
+    ds = deepspeed_like(ref, ctx.world, ctx.device, ctx.dtype)
     return lambda x_TH: ds(x_TH.unsqueeze(0))[0].squeeze(0)
 
 

@@ -8,29 +8,26 @@ capacity_factor=None, DeepSpeed with drop_tokens=False (it pads every expert to 
 deterministic top-k gating (no noisy gate, no second-expert sampling, no random token selection),
 SwiGLU experts of the same width, and the same aux-loss coefficient.
 
-    python benchmarks/train_throughput.py --out benchmarks/results       # GPU: bf16, the configs
-    below python benchmarks/train_throughput.py --smoke                        # CPU, seconds (CI)
+    python -m benchmarks.train_throughput --out benchmarks/results  # GPU: bf16, the configs below
+    python -m benchmarks.train_throughput --smoke                   # CPU, seconds (CI)
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (
     environment,
     init_single_process_group,
     save_results,
     time_ms,
-)  # noqa: E402
-from moe_dist import MoEConfig  # noqa: E402
-from moe_dist.lm import ModelConfig, MoETransformer  # noqa: E402
+)
+from benchmarks.peers import SwiGLUExpert, deepspeed_moe
+from moe_dist import MoEConfig
+from moe_dist.lm import ModelConfig, MoETransformer
 
 # name: model shape, MoE shape, batch. "mixtral-like" and "fine-grained" follow DESIGN.md's peer
 # table (scaled to a whole model that fits one GPU).
@@ -48,44 +45,14 @@ SMOKE = {
 AUX_LOSS_COEF = 1e-2
 
 
-class SwiGLUExpert(nn.Module):
-    """One expert for DeepSpeed's MoE, the same function and width as a moe_dist SwiGLU expert."""
-
-    def __init__(self, hidden: int, ffn: int):
-        super().__init__()
-        self.w_in = nn.Linear(hidden, 2 * ffn, bias=False)
-        self.w_out = nn.Linear(ffn, hidden, bias=False)
-
-    def forward(self, x):
-        gate, up = self.w_in(x).chunk(2, dim=-1)
-        return self.w_out(F.silu(gate) * up)
-
-
 class DeepSpeedMoEFFN(nn.Module):
     """deepspeed.moe.layer.MoE with moe_dist's return convention: (output, scaled aux loss,
     counts)."""
 
     def __init__(self, c: dict):
         super().__init__()
-        import deepspeed
-        import torch.distributed as dist
-        from deepspeed.moe.layer import MoE
-
-        deepspeed.init_distributed(
-            dist_backend=dist.get_backend()
-        )  # adopts the existing process group
-        self.moe = MoE(
-            c["d_model"],
-            SwiGLUExpert(c["d_model"], c["ffn"]),
-            num_experts=c["experts"],
-            ep_size=1,
-            k=c["top_k"],
-            drop_tokens=False,
-            use_rts=False,
-            noisy_gate_policy=None,
-            top2_2nd_expert_sampling=False,
-        )
-        self.moe.set_deepspeed_parallelism()  # the engine would call it; there is no engine here
+        expert = SwiGLUExpert.fresh(c["d_model"], c["ffn"])
+        self.moe = deepspeed_moe(c["d_model"], expert, c["experts"], 1, c["top_k"])
 
     def forward(self, x):
         out, aux, counts = self.moe(x)

@@ -12,6 +12,7 @@ ACTIVATIONS = ("swiglu", "gelu")
 TRANSPORTS = ("auto", "local", "collective", "nvshmem", "reference")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
 ERROR_CHECKS = ("eager", "deferred")
+DISPATCH_DTYPES = ("bf16", "fp8_e4m3")  # transport/fp8.py
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class MoEConfig:
         "eager"  # "deferred": record errors on device, raise at the next check (no sync)
     )
     init_seed_offset: int = 0  # added to the experts' base seed (distinct layers, same seed)
+    # Transport v2 (these move to the transport options object with the other transport knobs).
+    dispatch_dtype: str = "bf16"  # "bf16": rows in the activation dtype; "fp8_e4m3": e4m3 + scales
+    num_comm_sms: int = 24  # nvshmem: programs (SMs) each communication kernel may occupy
 
     def __post_init__(self) -> None:
         for name in (
@@ -111,6 +115,14 @@ class MoEConfig:
             raise ValueError(
                 f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}"
             )
+        _one_of("dispatch_dtype", self.dispatch_dtype, DISPATCH_DTYPES)
+        if self.dispatch_dtype == "fp8_e4m3" and self.hidden_size % 128:
+            raise ValueError(
+                f"dispatch_dtype='fp8_e4m3' needs hidden_size divisible by 128 (one scale per 128"
+                f" channels; not padded), got hidden_size={self.hidden_size}"
+            )
+        if not isinstance(self.num_comm_sms, int) or self.num_comm_sms < 1:
+            raise ValueError(f"num_comm_sms must be a positive int, got {self.num_comm_sms!r}")
         for name in ("aux_loss_coef", "z_loss_coef", "router_bias_update_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

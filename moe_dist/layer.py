@@ -178,6 +178,9 @@ class MoELayer(nn.Module):
         return plan
 
     def _routed_experts(self, x_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        use_fused = getattr(self.transport, "use_fused", None)
+        if use_fused is not None and not self._observers and use_fused(x_TH, self.experts):
+            return self.transport.fused_experts(x_TH, plan, self.experts)
         tokens_MH, counts_G, handle = self.transport.dispatch(x_TH, plan)
         y_MH = self.experts(tokens_MH, counts_G)
         for observe in self._observers:

@@ -56,10 +56,17 @@ class Router(nn.Module):
             torch.zeros(cfg.num_experts, device=device, dtype=torch.int64),
             persistent=False,
         )
+        # None: the fused routing kernel (routing/kernels.py) on CUDA where it serves the router.
+        self.fused_routing: bool | None = None
 
     def logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         # fp32 gate: top-k on bf16 logits flips near-ties, which would break EP=N == EP=1
         # comparisons.
+        if self.fused_routing is not False and x_TH.is_cuda:
+            from .kernels import Bf16GateFp32, bf16_gate_supported
+
+            if bf16_gate_supported(x_TH, self.weight):
+                return Bf16GateFp32.apply(x_TH, self.weight)
         return _Fp32Gate.apply(x_TH, self.weight)
 
     def forward(self, x_TH: torch.Tensor, logits_TE: torch.Tensor | None = None) -> RoutingPlan:
@@ -67,7 +74,20 @@ class Router(nn.Module):
         if logits_TE is None:
             logits_TE = self.logits(x_TH)
         k, E = cfg.top_k, cfg.num_experts
-        if cfg.router == "softmax":
+        if self._use_kernel(logits_TE):
+            from .kernels import route_topk_fused
+
+            idx_TK, weights_TK, probs_TE, kernel_counts_E = route_topk_fused(
+                logits_TE,
+                self.expert_bias,
+                k,
+                cfg.router,
+                cfg.norm_topk_prob,
+                cfg.top_p,
+                cfg.routed_scaling_factor,
+                write_probs=bool(cfg.aux_loss_coef),
+            )
+        elif cfg.router == "softmax":
             idx_TK, weights_TK, probs_TE = softmax_topk(logits_TE, k, cfg.norm_topk_prob)
         elif cfg.router == "group_limited":
             idx_TK, weights_TK, probs_TE = group_limited_topk(
@@ -84,7 +104,7 @@ class Router(nn.Module):
             )
         else:
             idx_TK, weights_TK, probs_TE = top_p_select(logits_TE, k, cfg.top_p, cfg.norm_topk_prob)
-        if cfg.routed_scaling_factor != 1.0:
+        if cfg.routed_scaling_factor != 1.0 and not self._use_kernel(logits_TE):
             weights_TK = weights_TK * cfg.routed_scaling_factor
 
         aux = (
@@ -103,12 +123,15 @@ class Router(nn.Module):
             capacity = expert_capacity(idx_TK.shape[0], k, E, cfg.capacity_factor)
             idx_TK, weights_TK, dropped = drop_over_capacity(idx_TK, weights_TK, E, capacity)
 
-        tokens_per_expert_E = torch.zeros(E + 1, dtype=torch.int64, device=idx_TK.device)
-        tokens_per_expert_E.scatter_add_(
-            0,
-            torch.where(idx_TK >= 0, idx_TK, E).reshape(-1),
-            torch.ones(idx_TK.numel(), dtype=torch.int64, device=idx_TK.device),
-        )
+        if self._use_kernel(logits_TE) and cfg.capacity_factor is None:
+            tokens_per_expert_E = kernel_counts_E  # counted by the routing kernel
+        else:
+            tokens_per_expert_E = torch.zeros(E + 1, dtype=torch.int64, device=idx_TK.device)
+            tokens_per_expert_E.scatter_add_(
+                0,
+                torch.where(idx_TK >= 0, idx_TK, E).reshape(-1),
+                torch.ones(idx_TK.numel(), dtype=torch.int64, device=idx_TK.device),
+            )
         return RoutingPlan(
             expert_idx_TK=idx_TK,
             weights_TK=weights_TK,
@@ -122,6 +145,17 @@ class Router(nn.Module):
     def updates_bias(self) -> bool:
         """Whether this router's expert_bias learns (aux-loss-free balancing, router="sigmoid")."""
         return self.cfg.router == "sigmoid" and self.cfg.router_bias_update_rate > 0
+
+    def _use_kernel(self, logits_TE: torch.Tensor) -> bool:
+        """The fused kernel serves softmax, top-p and ungrouped sigmoid routing (sigmoid's
+        load-balancing "probabilities" are normalised affinities, which it does not write)."""
+        cfg = self.cfg
+        served = cfg.router in ("softmax", "top_p") or (
+            cfg.router == "sigmoid" and cfg.num_expert_groups <= 1 and not cfg.aux_loss_coef
+        )
+        if self.fused_routing is False or not served:
+            return False
+        return bool(self.fused_routing) or logits_TE.is_cuda
 
     @torch.no_grad()
     def record_load(self, tokens_per_expert_E: torch.Tensor) -> None:

@@ -63,7 +63,7 @@ def sigmoid_topk(
 def top_p_select(logits_TE: torch.Tensor, max_k: int, p: float, normalize: bool):
     """Dynamic routing ("harder tokens need more experts"): take experts in order of probability
     until their cumulative mass reaches p, at least one and at most max_k. Unused slots get expert
-    -1, weight 0. """
+    -1, weight 0."""
     probs_TE = logits_TE.softmax(dim=-1)
     weights_TK, idx_TK = probs_TE.topk(max_k, dim=-1)
     mass_before_TK = weights_TK.cumsum(dim=-1) - weights_TK

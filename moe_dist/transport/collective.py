@@ -1,12 +1,18 @@
-"""EP>1 over torch.distributed: all_to_all_single of token rows (NCCL on GPUs, gloo on CPU).
+"""EP>1 over torch.distributed: all_to_all_single of token rows (NCCL on GPUs, gloo on CPU), each
+token sent once per destination rank (dedup.py).
 
-Protocol per dispatch: (1) sort slots by global expert, so rows for rank r are contiguous; (2)
-exchange per-expert counts (all_to_all of E ints); (3) read the split sizes on the host (the one
-sync this transport needs, which the nvshmem transport removes); (4) all_to_all the rows; (5)
-reorder the rows received in (source rank, local expert) order into (local expert, source rank)
-order for the grouped GEMM. Combine runs the same steps backwards. Autograd: the backward of an
-all_to_all is the reverse all_to_all. Legend: T tokens, K slots/token, S = T*K, N ranks in the EP
-group, G local experts, R received rows."""
+Dispatch: (1) pairs = distinct (token, destination rank), in (destination, token) order; (2)
+exchange per rank [rows per local expert..., pairs] (one all_to_all of N*(G+1) ints); (3) read the
+split sizes on the host (the one sync this transport needs, which the nvshmem transport removes);
+(4) all_to_all one row per pair, and beside it per slot the local expert (-1: not here) and the
+combine weight; (5) the receiver expands each row to its local experts, expert-major (the reference
+order). Combine: the expert rank sums each received row's expert outputs, weighted, in float32,
+sends that one row back, and the sender sums its rows from every rank. Autograd: the backward of an
+all_to_all is the reverse all_to_all; the backward of the expansion is a reduce at the expert rank.
+dispatch_dtype="fp8_e4m3": rows travel as e4m3 with a float32 scale per 128 channels (fp8.py); the
+gradients of the backward travel in the activation dtype.
+Legend: T tokens, K slots/token, N ranks in the EP group, G local experts, P pairs (rows) sent, R
+rows received, M expanded rows, H hidden, C metadata columns."""
 
 from __future__ import annotations
 
@@ -17,13 +23,17 @@ import torch.distributed as dist
 
 from ..routing import RoutingPlan
 from .base import Transport
-from .permute import (
-    SlotOrder,
-    gather_token_copies,
-    permute_rows,
-    sort_slots_by_expert,
-    weighted_sum_of_slots,
+from .dedup import (
+    RowLinks,
+    expand_links,
+    gather_rows,
+    plan_pairs,
+    reduce_rows,
+    slot_experts,
+    trim_links,
 )
+from .fp8 import dequantize_rows, quantize_rows
+from .stats import CallCounters, TransportStats
 
 
 class _AllToAllRows(torch.autograd.Function):
@@ -48,70 +58,112 @@ def all_to_all_rows(x, send_splits: list[int], recv_splits: list[int], group) ->
     return _AllToAllRows.apply(x, send_splits, recv_splits, group)
 
 
+class _Fp8AllToAllRows(torch.autograd.Function):
+    """Rows out as e4m3 + scales, back in x's dtype; the gradient travels in x's dtype (straight
+    through the quantisation)."""
+
+    @staticmethod
+    def forward(ctx, x_PH, send_splits, recv_splits, group):
+        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        q_PH, scales_PC = quantize_rows(x_PH)
+        q_RH = q_PH.new_empty((sum(recv_splits), q_PH.shape[1]))
+        dist.all_to_all_single(q_RH, q_PH, recv_splits, send_splits, group=group)
+        scales_RC = scales_PC.new_empty((sum(recv_splits), scales_PC.shape[1]))
+        dist.all_to_all_single(scales_RC, scales_PC, recv_splits, send_splits, group=group)
+        return dequantize_rows(q_RH, scales_RC, x_PH.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllToAllRows.backward(ctx, grad)
+
+
 @dataclass(frozen=True)
 class CollectiveHandle:
-    slots: SlotOrder
-    weights_TK: torch.Tensor
-    used_TK: torch.Tensor | None
+    send_links: RowLinks  # owners: this rank's tokens [T, K]; members: the pairs it sent
+    recv_links: RowLinks  # owners: rows received [R, K]; members: expanded expert-major rows
+    weights_RK: torch.Tensor  # combine weight of each received row's slots (0: not here)
     send_splits: list[int]
     recv_splits: list[int]
-    regroup_R: torch.Tensor  # (local expert, source) position -> (source, local expert) row
-    ungroup_R: torch.Tensor  # its inverse
 
 
 class CollectiveTransport(Transport):
     name = "collective"
 
-    def __init__(self, num_experts: int, ep_group: dist.ProcessGroup):
+    def __init__(
+        self,
+        num_experts: int,
+        ep_group: dist.ProcessGroup,
+        dispatch_dtype: str = "bf16",
+    ):
         self.num_experts = num_experts
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group)
         self.ep_rank = dist.get_rank(ep_group)
+        self.dispatch_dtype = dispatch_dtype  # "bf16" = the activation dtype, or "fp8_e4m3"
+        self.stats = TransportStats()
         assert num_experts % self.ep_size == 0, "validated by MoELayer"
 
     @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.ep_size
 
-    def exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
-        """counts_E[e]: rows this rank sends to expert e -> recv_NG[src, g]: rows src sends to local
-        g."""
-        recv = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv, counts_E, group=self.ep_group)
-        return recv.view(self.ep_size, self.num_local_experts)
+    def exchange_counts(self, counts_NC: torch.Tensor) -> torch.Tensor:
+        """counts_NC[r]: the C ints this rank tells rank r -> recv_NC[src]: what src told this
+        rank. (Dispatch sends, per rank, rows per local expert then pairs.)"""
+        send = counts_NC.reshape(-1).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.ep_group)
+        return recv.view(self.ep_size, -1)
 
     def _dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
-        N, G = self.ep_size, self.num_local_experts
-        slots = sort_slots_by_expert(plan.expert_idx_TK, self.num_experts)
-        recv_NG = self.exchange_counts(slots.counts_E)
-        send_splits, recv_splits = torch.stack(
-            [slots.counts_E.view(N, G).sum(1), recv_NG.sum(1)]
-        ).tolist()  # the host sync
-        rows_SH = gather_token_copies(x_TH, slots, plan.top_k)
-        received_RH = all_to_all_rows(
-            rows_SH[: sum(send_splits)], send_splits, recv_splits, self.ep_group
+        N, G, me = self.ep_size, self.num_local_experts, self.ep_rank
+        idx_TK = plan.expert_idx_TK
+        T, K = idx_TK.shape
+        dev = x_TH.device
+        pp = plan_pairs(idx_TK, G, N)
+        valid_S = idx_TK.reshape(-1) >= 0
+        counts_E = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=dev)
+        counts_E.scatter_add_(
+            0, torch.where(valid_S, idx_TK.reshape(-1), self.num_experts), valid_S.long()
         )
+        send_NC = torch.cat([counts_E[:-1].view(N, G), pp.pairs_N.unsqueeze(1)], 1)
+        recv_NC = self.exchange_counts(send_NC)
+        recv_NG = recv_NC[:, :G]
+        sizes = torch.cat([pp.pairs_N, recv_NC[:, G], recv_NG.sum().view(1)]).tolist()  # host sync
+        send_splits, recv_splits, M = sizes[:N], sizes[N : 2 * N], sizes[2 * N]
+        P = sum(send_splits)
 
-        local_expert_of_row = torch.repeat_interleave(
-            torch.arange(G, device=x_TH.device).repeat(N),
-            recv_NG.reshape(-1),
-            output_size=sum(recv_splits),
+        send_links = trim_links(pp.links, P)
+        token_P = torch.div(send_links.owner_B, K, rounding_mode="floor")
+        dest_P = pp.dest_TK.reshape(-1).index_select(0, send_links.owner_B)
+        gl_PK = slot_experts(idx_TK, pp.dest_TK, token_P, dest_P, G)
+        w_PK = plan.weights_TK.float().index_select(0, token_P) * (gl_PK >= 0)
+        meta_PC = torch.cat([w_PK, gl_PK.float()], 1)  # small ints are exact in float32
+        rows_PH = gather_rows(x_TH, send_links)
+        move = _Fp8AllToAllRows if self.dispatch_dtype == "fp8_e4m3" else _AllToAllRows
+        received_RH = move.apply(rows_PH, send_splits, recv_splits, self.ep_group)
+        meta_RC = all_to_all_rows(meta_PC, send_splits, recv_splits, self.ep_group)
+
+        recv_links = expand_links(meta_RC[:, K:].long(), G, M)
+        tokens_MH = gather_rows(received_RH, recv_links)
+        self.stats.record("dispatch", self._counters(x_TH, send_splits, meta_PC.shape[1]))
+        handle = CollectiveHandle(send_links, recv_links, meta_RC[:, :K], send_splits, recv_splits)
+        return tokens_MH, recv_NG.sum(0), handle
+
+    def _combine(self, y_MH: torch.Tensor, h: CollectiveHandle) -> torch.Tensor:
+        partial_RH = reduce_rows(y_MH[: h.recv_links.num_members], h.recv_links, h.weights_RK)
+        returned_PH = all_to_all_rows(partial_RH, h.recv_splits, h.send_splits, self.ep_group)
+        self.stats.record("combine", self._counters(y_MH, h.recv_splits, 0, fp8=False))
+        return reduce_rows(returned_PH, h.send_links)
+
+    def _counters(self, rows, splits: list[int], meta_cols: int, fp8=None) -> CallCounters:
+        fp8 = self.dispatch_dtype == "fp8_e4m3" if fp8 is None else fp8
+        H = rows.shape[1]
+        row_bytes = H + 4 * (H // 128) if fp8 else H * rows.element_size()
+        n = sum(splits)
+        return CallCounters(
+            rows=n,
+            peer_rows=n - splits[self.ep_rank],
+            payload_bytes=n * row_bytes,
+            meta_bytes=n * meta_cols * 4,
         )
-        regroup_R = torch.argsort(local_expert_of_row, stable=True)
-        ungroup_R = torch.empty_like(regroup_R)
-        ungroup_R[regroup_R] = torch.arange(regroup_R.numel(), device=regroup_R.device)
-        tokens_RH = permute_rows(received_RH, regroup_R, ungroup_R)
-
-        used_TK = plan.expert_idx_TK >= 0 if plan.may_have_unused_slots else None
-        handle = CollectiveHandle(
-            slots, plan.weights_TK, used_TK, send_splits, recv_splits, regroup_R, ungroup_R
-        )
-        return tokens_RH, recv_NG.sum(0), handle
-
-    def _combine(self, y_RH: torch.Tensor, h: CollectiveHandle) -> torch.Tensor:
-        by_source_RH = permute_rows(y_RH[: h.regroup_R.numel()], h.ungroup_R, h.regroup_R)
-        returned = all_to_all_rows(by_source_RH, h.recv_splits, h.send_splits, self.ep_group)
-        unused = h.slots.order_S.numel() - returned.shape[0]
-        if unused:
-            returned = torch.cat([returned, returned.new_zeros(unused, returned.shape[1])])
-        return weighted_sum_of_slots(returned, h.slots, h.weights_TK, h.used_TK)

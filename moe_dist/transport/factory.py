@@ -18,9 +18,13 @@ import torch.distributed as dist
 
 from .base import Transport
 from .collective import CollectiveTransport
+from .fp8 import fp8_unsupported_reason
 from .local import LocalTransport
 from .options import BOOTSTRAP_ENV, TransportOptions
 from .reference import ReferenceTransport
+
+# fp8 rows on nvshmem: the deduplicated (all-P2P) path; its dispatch refuses put peers clearly
+NVSHMEM_DISPATCH_DTYPES = ("bf16", "fp8_e4m3")
 
 
 def nvshmem_unavailable_reason(device: torch.device | None) -> str | None:
@@ -68,6 +72,11 @@ def build_transport(
         raise ValueError(
             f"num_experts ({cfg.num_experts}) must be divisible by ep_size ({ep_size})"
         )
+    dispatch_dtype = getattr(cfg, "dispatch_dtype", "bf16")
+    if dispatch_dtype != "bf16":
+        reason = fp8_unsupported_reason(device)
+        if reason is not None:
+            raise ValueError(f"dispatch_dtype={dispatch_dtype!r} cannot run: {reason}")
     if kind == "reference":
         return ReferenceTransport(cfg.num_experts, None if groups is None else groups.ep_group)
     if kind == "auto":
@@ -76,7 +85,11 @@ def build_transport(
         else:
             # across nodes the peers take NVSHMEM puts, a path not yet measured over a real network:
             one_node = ep_nodes(groups.ep_ranks) == 1  # "auto" keeps nvshmem to one node for now
-            usable = one_node and nvshmem_unavailable_reason(device) is None
+            usable = (
+                one_node
+                and nvshmem_unavailable_reason(device) is None
+                and dispatch_dtype in NVSHMEM_DISPATCH_DTYPES
+            )
             kind = "nvshmem" if usable else "collective"
     if kind == "local":
         if ep_size != 1:
@@ -88,7 +101,7 @@ def build_transport(
         return _nvshmem(cfg, groups, options, device, dtype)
     if groups is None:
         return LocalTransport(cfg.num_experts)  # collective over a world of one is the local case
-    return CollectiveTransport(cfg.num_experts, groups.ep_group)
+    return CollectiveTransport(cfg.num_experts, groups.ep_group, dispatch_dtype)
 
 
 def _nvshmem(cfg, groups, options: TransportOptions, device, dtype) -> Transport:
@@ -101,6 +114,9 @@ def _nvshmem(cfg, groups, options: TransportOptions, device, dtype) -> Transport
             " peer_path='p2p' stores through P2P pointers only: use 'auto' (puts to"
             " peers without P2P) or 'put'"
         )
+    dispatch_dtype = getattr(cfg, "dispatch_dtype", "bf16")
+    if reason is None and dispatch_dtype not in NVSHMEM_DISPATCH_DTYPES:
+        reason = f"it does not implement dispatch_dtype={dispatch_dtype!r} yet"
     if reason is not None:
         raise RuntimeError(
             f"transport='nvshmem' cannot run: {reason}. Use transport='auto' or 'collective'."
@@ -116,5 +132,13 @@ def _nvshmem(cfg, groups, options: TransportOptions, device, dtype) -> Transport
     from .nvshmem.transport import NvshmemTransport
 
     return NvshmemTransport(
-        cfg.num_experts, cfg.top_k, groups, device, nv, hidden_size=cfg.hidden_size, dtype=dtype
+        cfg.num_experts,
+        cfg.top_k,
+        groups,
+        device,
+        nv,
+        hidden_size=cfg.hidden_size,
+        dtype=dtype,
+        dispatch_dtype=dispatch_dtype,
+        num_comm_sms=getattr(cfg, "num_comm_sms", None),
     )

@@ -2,6 +2,9 @@
 
 Shape-static and sync-free: all T*K slots become rows; unused slots (top-p, capacity drops) sort
 last and are masked in combine. This is the base case the distributed transports generalise.
+
+On CUDA (bf16 SwiGLU experts) the layer takes the fused path instead (`fused_experts`): dispatch,
+experts and combine as one autograd function over experts/fused's kernels, no K-fold copy passes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ class LocalTransport(Transport):
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
+        # None: fused on CUDA for bf16 SwiGLU experts; True/False forces it (CPU: the oracle ops).
+        self.fused: bool | None = None
+        # False: the fused path keeps x, not its K expert-major copies, and gathers again in
+        # backward (less activation memory, one more pass).
+        self.fused_save_rows = True
 
     @property
     def num_local_experts(self) -> int:
@@ -42,3 +50,21 @@ class LocalTransport(Transport):
 
     def _combine(self, y_SH: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
         return weighted_sum_of_slots(y_SH, handle.slots, handle.weights_TK, handle.used_TK)
+
+    def use_fused(self, x_TH: torch.Tensor, experts) -> bool:
+        if experts.activation != "swiglu" or self.fused is False:
+            return False
+        return bool(self.fused) or (x_TH.is_cuda and x_TH.dtype == torch.bfloat16)
+
+    def fused_experts(self, x_TH: torch.Tensor, plan: RoutingPlan, experts) -> torch.Tensor:
+        """dispatch -> experts -> combine in one (see experts/fused/path.py)."""
+        from ..experts.fused import fused_experts
+
+        return fused_experts(
+            x_TH,
+            plan.weights_TK,
+            experts.w_in,
+            experts.w_out,
+            plan.expert_idx_TK,
+            save_rows=self.fused_save_rows,
+        )

@@ -13,17 +13,12 @@ import torch.distributed as dist
 
 from moe_dist import MoEConfig, MoELayer, ParallelGroups
 
+from tests.conftest import assert_fwd_bwd_close, fwd_bwd
+
 from .harness import run_distributed
 
 H, F, E = 16, 24, 8
 TOKENS = [13, 0, 5, 2]  # per rank; with 4 chunks rank 3 has two empty chunks, rank 1 only empty ones
-
-
-def run(layer, x, g):
-    xi = x.clone().requires_grad_(True)
-    out, aux, counts = layer(xi)
-    ((out * g).sum() + aux).backward()
-    return out.detach(), aux.detach(), counts, xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
 
 
 def scenario(world: int):
@@ -43,17 +38,11 @@ def scenario(world: int):
             piped = MoELayer(cfg.replace(transport="collective", num_chunks=chunks), groups)
             gen = torch.Generator().manual_seed(seed * 10 + rank)
             x, g = torch.randn(TOKENS[rank], H, generator=gen), torch.randn(TOKENS[rank], H, generator=gen)
-            (y1, a1, c1, gx1, gp1), (y2, a2, c2, gx2, gp2) = run(piped, x, g), run(plain, x, g)
+            got, want = fwd_bwd(piped, x, g), fwd_bwd(plain, x, g)
             label = f"rank {rank} case {c} chunks {chunks}"
-            torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6, msg=lambda m: f"{label} output: {m}")
-            torch.testing.assert_close(a1, a2)
-            assert torch.equal(c1, c2), (label, c1, c2)
-            torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-6, msg=lambda m: f"{label} grad x: {m}")
-            for n in gp2:
-                torch.testing.assert_close(gp1[n], gp2[n], rtol=1e-5, atol=1e-6,
-                                           msg=lambda m: f"{label} grad {n}: {m}")
+            assert_fwd_bwd_close(got, want, label)
             # Not a comparison of zeros: expert weights got gradients somewhere in the group.
-            total = gp2["experts.w_in"].abs().sum().reshape(1)
+            total = want.grads["experts.w_in"].abs().sum().reshape(1)
             dist.all_reduce(total)
             assert total.item() > 0, label
 

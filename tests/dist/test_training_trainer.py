@@ -4,26 +4,18 @@ uninterrupted curve; --coe-iterations 2 trains the example model with Chain-of-E
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import assert_ran, torchrun
+
 FAST = ["--max-bytes", "2000000", "--log-every", "10"]
 
 
-def torchrun(*args: str, timeout: float = 240) -> str:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "moe_dist.lm.train", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (f"{' '.join(cmd)} exited {proc.returncode}:\n"
-                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc.stdout
+def train(*args: str, timeout: float = 240) -> str:
+    """`torchrun --nproc-per-node 2 -m moe_dist.lm.train ARGS`; its stdout."""
+    return assert_ran(torchrun(2, "-m", "moe_dist.lm.train", *args, timeout=timeout))
 
 
 def read_curve(path: Path) -> dict:
@@ -33,7 +25,7 @@ def read_curve(path: Path) -> dict:
 
 
 def test_fsdp_trainer_loss_falls_and_resume_repeats_the_curve(tmp_path):
-    out = torchrun("--ep", "2", "--backend", "fsdp", "--steps", "40", "--save", str(tmp_path / "run"),
+    out = train("--ep", "2", "--backend", "fsdp", "--steps", "40", "--save", str(tmp_path / "run"),
                    "--save-every", "20", "--json", str(tmp_path / "full.json"), *FAST)
     full = read_curve(tmp_path / "full.json")
     assert f"final loss {full['final_loss']:.4f} (start {full['first_loss']:.4f}" in out, out
@@ -42,7 +34,7 @@ def test_fsdp_trainer_loss_falls_and_resume_repeats_the_curve(tmp_path):
     assert (tmp_path / "run" / "step_20" / "moe_dist.json").is_file()
     assert (tmp_path / "run" / "latest").read_text() == "step_40"
 
-    torchrun("--ep", "2", "--backend", "fsdp", "--steps", "40", "--resume", str(tmp_path / "run" / "step_20"),
+    train("--ep", "2", "--backend", "fsdp", "--steps", "40", "--resume", str(tmp_path / "run" / "step_20"),
              "--json", str(tmp_path / "resumed.json"), *FAST)
     resumed = read_curve(tmp_path / "resumed.json")
     assert resumed["start_step"] == 20
@@ -51,12 +43,12 @@ def test_fsdp_trainer_loss_falls_and_resume_repeats_the_curve(tmp_path):
 
 def test_deepspeed_trainer_loss_falls_and_resume_repeats_the_curve(tmp_path):
     common = ["--ep", "2", "--backend", "deepspeed", "--zero-stage", "2", "--steps", "30", *FAST]
-    torchrun(*common, "--save", str(tmp_path / "ds"), "--save-every", "15", "--json", str(tmp_path / "full.json"))
+    train(*common, "--save", str(tmp_path / "ds"), "--save-every", "15", "--json", str(tmp_path / "full.json"))
     full = read_curve(tmp_path / "full.json")
     assert full["final_loss"] < full["first_loss"] - 1.0, full
     assert (tmp_path / "ds" / "step_15" / "layer_0_expert_7_mp_rank_00_model_states.pt").is_file()
 
-    torchrun(*common, "--resume", str(tmp_path / "ds" / "step_15"), "--json", str(tmp_path / "resumed.json"))
+    train(*common, "--resume", str(tmp_path / "ds" / "step_15"), "--json", str(tmp_path / "resumed.json"))
     resumed = read_curve(tmp_path / "resumed.json")
     assert resumed["start_step"] == 15
     assert resumed["losses"] == pytest.approx(full["losses"][15:], rel=1e-5, abs=1e-5)
@@ -65,7 +57,7 @@ def test_deepspeed_trainer_loss_falls_and_resume_repeats_the_curve(tmp_path):
 def test_trainer_selects_chain_of_experts_and_its_loss_falls(tmp_path):
     """--coe-iterations 2 builds Chain-of-Experts FFNs (FSDP2, EP=2: the extra routers stay inside
     their block's FSDP unit), says so, records it in the JSON, and trains."""
-    out = torchrun("--ep", "2", "--backend", "fsdp", "--steps", "20", "--coe-iterations", "2",
+    out = train("--ep", "2", "--backend", "fsdp", "--steps", "20", "--coe-iterations", "2",
                    "--json", str(tmp_path / "coe.json"), *FAST)
     run = read_curve(tmp_path / "coe.json")
     assert run["coe_iterations"] == 2 and run["args"]["coe_iterations"] == 2, run

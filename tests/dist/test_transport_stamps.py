@@ -8,6 +8,8 @@ from moe_dist import ParallelGroups
 from moe_dist.routing import RoutingPlan
 from moe_dist.transport import CollectiveTransport, ReferenceTransport
 
+from tests.conftest import assert_same_rows, stamp
+
 from .harness import run_distributed
 
 E, K, H = 8, 2, 6
@@ -34,15 +36,13 @@ def scenario():
     for trial, (unused, skew) in enumerate([(False, False), (True, False), (False, True)]):
         gen = torch.Generator().manual_seed(100 * trial + rank)
         T = [5, 0, 13, 2][rank % 4] + trial
-        x = torch.randn(T, H, generator=gen)
-        x[:, 0], x[:, 1] = rank, torch.arange(T, dtype=torch.float32)  # stamps
+        x = stamp(torch.randn(T, H, generator=gen), rank)
         plan = make_plan(T, gen, unused, skew)
         tok, counts, handle = fast.dispatch(x, plan)
         ref_tok, ref_counts, ref_handle = oracle.dispatch(x, plan)
         assert torch.equal(counts, ref_counts), (counts, ref_counts)
         n = int(counts.sum())
-        assert torch.equal(tok[:n], ref_tok), f"rank {rank}: rows (source, token) {tok[:n, :2].tolist()} " \
-                                              f"!= expected {ref_tok[:, :2].tolist()}"
+        assert_same_rows(tok[:n], ref_tok, f"rank {rank}")
         # Every received row's source really routed that token to an expert of this rank.
         all_idx = [torch.zeros(0)] * world
         dist.all_gather_object(all_idx, plan.expert_idx_TK)

@@ -3,6 +3,7 @@ transport against the reference transport, forward and backward; no host sync; C
 overflow and timeout errors. Prints 'NVSHMEM WORKER OK <n>' on success. Used by
 tests/gpu/test_nvshmem.py."""
 
+import dataclasses
 import os
 import sys
 import time
@@ -10,14 +11,13 @@ import time
 import torch
 import torch.distributed as dist
 
-import dataclasses
-
 from moe_dist import BufferOverflow, MoEConfig, MoELayer, PeerTimeout
+from moe_dist.transport.dedup import count_pairs
 from moe_dist.transport import NvshmemOptions, TransportOptions
 from moe_dist.transport.nvshmem.runtime import bootstrap_method
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torchrun_pes import setup_pe  # noqa: E402
+from tests.conftest import assert_same_rows, stamp
+from tests.gpu.torchrun_pes import setup_pe
 
 H, F, E = 64, 32, 8
 rank, world, dev, groups = setup_pe()
@@ -34,8 +34,7 @@ def passed(msg):
 def tokens(r, seed, skew=False, hidden=H):
     T = [9, 0, 17, 5][r % 4] + seed % 3
     g = torch.Generator().manual_seed(1000 * seed + r)
-    x = torch.randn(T, hidden, generator=g)
-    x[:, 0], x[:, 1] = r, torch.arange(T, dtype=torch.float32)  # stamps: source rank, token index
+    x = stamp(torch.randn(T, hidden, generator=g), r)
     return (x + (3.0 if skew else 0.0)).to(dev)
 
 
@@ -102,14 +101,37 @@ def compare(cfg, seed, skew=False, dtype=torch.float32, nv=NV):
     rtok, rcounts, _ = ref.transport.dispatch(x, plan)
     n = int(counts.sum())
     assert torch.equal(counts, rcounts), (counts, rcounts)
-    assert torch.equal(
-        tok[:n], rtok
-    ), f"rank {rank}: got (src, token) {tok[:n, :2].tolist()} want {rtok[:, :2].tolist()}"
+    assert_same_rows(tok[:n], rtok, f"rank {rank}")
+    # dedup (every peer P2P): rows sent = distinct (token, peer PE) pairs of the routing
+    sent = fast.transport.sent_rows_N
+    if sent is not None:
+        want = count_pairs(plan.expert_idx_TK, E // world, world)
+        want[rank] = 0
+        assert sent.tolist() == want.tolist(), f"rank {rank}: sent {sent.tolist()} != {want}"
     mixed = f" (put to PEs {sorted(nv.put_peers)})" if nv.put_peers else ""
     passed(
         f"equal cfg={cfg.router}/k{cfg.top_k} H={cfg.hidden_size} {str(dtype)[6:]} skew={skew} "
-        f"peers={nv.peer_path}{mixed}"
+        f"peers={nv.peer_path}{mixed} dedup={sent is not None}"
     )
+
+
+def compare_fp8(cfg, seed, dtype=torch.bfloat16):
+    """dispatch_dtype='fp8_e4m3' against the reference (activation-dtype rows): bounded relative
+    error on outputs, input and weight gradients, and fewer bytes than bf16 by design."""
+    fast, ref = pair(cfg.replace(dispatch_dtype="fp8_e4m3"), seed, dtype)
+    x = tokens(rank, seed, hidden=cfg.hidden_size).to(dtype)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(dev, dtype)
+    outs = []
+    for layer in (fast, ref):
+        xi = x.clone().requires_grad_(True)
+        y, aux, _ = layer(xi)
+        (y * g).sum().add(aux).backward()
+        outs.append((y.detach(), xi.grad, _grad(layer.experts.w_in)))
+    fast.check_errors()
+    for name, a, b in zip(("output", "input grad", "w_in grad"), outs[0], outs[1]):
+        err = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6))
+        assert err < 0.06, f"rank {rank}: fp8 {name} differs from the reference by {err:.3g}"
+    passed(f"fp8 dispatch within 6% of the reference cfg=k{cfg.top_k} H={cfg.hidden_size}")
 
 
 base = MoEConfig(
@@ -136,20 +158,37 @@ compare(base.replace(hidden_size=1500), 9, dtype=torch.bfloat16, nv=PUT)
 MIXED = dataclasses.replace(NV, put_peers=frozenset(pe for pe in range(world) if pe % 2))
 compare(base.replace(hidden_size=1500), 10, nv=MIXED)
 compare(base.replace(hidden_size=1500, top_k=1), 11, skew=True, dtype=torch.bfloat16, nv=MIXED)
+# FP8 rows (dedup path, every peer P2P), forward and backward; refused clearly with put peers.
+compare_fp8(base.replace(hidden_size=256, top_k=4), 12)
+compare_fp8(base.replace(hidden_size=1152, router="top_p", top_k=3, top_p=0.6), 13)
+if world > 1:
+    torch.manual_seed(14)
+    fp8_put = nvshmem_layer(
+        base.replace(hidden_size=256, dispatch_dtype="fp8_e4m3"), PUT,
+        name="fp8_put", dtype=torch.bfloat16,
+    )  # fmt: skip
+    try:
+        fp8_put(tokens(rank, 14, hidden=256).to(torch.bfloat16))
+        raise AssertionError("fp8 with put peers not refused")
+    except RuntimeError as e:
+        assert "fp8_e4m3" in str(e) and "put peers" in str(e), e
+        passed("fp8 with put peers refused")
 
 # No host synchronisation between router and combine output, forward and backward (bf16 fast path).
 fast_cfg = base.replace(
     expert_backend="auto", error_check="deferred", hidden_size=64, ffn_hidden_size=32
 )
-for peer_path in ("put", "auto"):  # the last one's layer goes on to the CUDA-graph check
+# (the last one's layer goes on to the CUDA-graph check)
+for peer_path, ddt in (("put", "bf16"), ("auto", "fp8_e4m3"), ("auto", "bf16")):
     torch.manual_seed(7)
+    hidden = 128 if ddt == "fp8_e4m3" else 64
     layer = nvshmem_layer(
-        fast_cfg,
+        fast_cfg.replace(dispatch_dtype=ddt, hidden_size=hidden),
         dataclasses.replace(NV, peer_path=peer_path),
         name="nosync",
         dtype=torch.bfloat16,
     )
-    x = tokens(rank, 7).to(torch.bfloat16).requires_grad_(True)
+    x = tokens(rank, 7, hidden=hidden).to(torch.bfloat16).requires_grad_(True)
     for _ in range(2):  # warm-up compiles the Triton kernels (compilation itself may sync)
         layer(x).output.float().sum().backward()
     torch.cuda.synchronize()
@@ -158,7 +197,7 @@ for peer_path in ("put", "auto"):  # the last one's layer goes on to the CUDA-gr
     y.float().sum().backward()
     torch.cuda.set_sync_debug_mode(0)
     layer.check_errors()
-    passed(f"no host sync in forward+backward (peers={peer_path})")
+    passed(f"no host sync in forward+backward (peers={peer_path}, dispatch {ddt})")
 
 # CUDA-graph capture of a forward, replayed on new data.
 static_x = tokens(rank, 8).to(torch.bfloat16)

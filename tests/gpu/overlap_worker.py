@@ -3,29 +3,17 @@ pipelined over chunks (comm stream, per-chunk epochs) against the same transport
 forward and backward, two steps, uneven tokens and a rank with none. Prints 'OVERLAP WORKER OK <n>'.
 Used by tests/gpu/test_overlap_gpu.py. Legend: T tokens, H hidden, E experts."""
 
-import os
-import sys
-
 import torch
 import torch.distributed as dist
 
 from moe_dist import MoEConfig, MoELayer
 from moe_dist.transport import NvshmemOptions, TransportOptions
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torchrun_pes import setup_pe  # noqa: E402
+from tests.conftest import assert_fwd_bwd_close, fwd_bwd
+from tests.gpu.torchrun_pes import setup_pe
 
 H, F, E = 64, 32, 8
 rank, world, dev, groups = setup_pe()
-
-
-def fwd_bwd(layer, x, g):
-    xi = x.clone().requires_grad_(True)
-    out, aux, counts = layer(xi)
-    ((out * g).sum() + aux).backward()
-    layer.check_errors()
-    return out.detach(), counts, xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
-
 
 base = MoEConfig(
     hidden_size=H,
@@ -60,19 +48,12 @@ for chunks in (3, 5):
         g = torch.randn(T, H, generator=gen).to(dev)
         plain.zero_grad()
         piped.zero_grad()
-        (y1, c1, gx1, gp1), (y2, c2, gx2, gp2) = fwd_bwd(piped, x, g), fwd_bwd(plain, x, g)
+        got = fwd_bwd(piped, x, g)
+        piped.check_errors()
+        want = fwd_bwd(plain, x, g)
+        plain.check_errors()
         label = f"rank {rank} chunks {chunks} step {step}"
-        torch.testing.assert_close(
-            y1, y2, rtol=1e-5, atol=1e-5, msg=lambda m: f"{label} output: {m}"
-        )
-        assert torch.equal(c1, c2), label
-        torch.testing.assert_close(
-            gx1, gx2, rtol=1e-5, atol=1e-5, msg=lambda m: f"{label} grad x: {m}"
-        )
-        for n in gp2:
-            torch.testing.assert_close(
-                gp1[n], gp2[n], rtol=1e-5, atol=1e-5, msg=lambda m: f"{label} grad {n}: {m}"
-            )
+        assert_fwd_bwd_close(got, want, label, rtol=1e-5, atol=1e-5)
     print(f"[rank {rank}] chunks {chunks}: pipelined == unpipelined", flush=True)
 
 torch.cuda.synchronize()

@@ -12,6 +12,8 @@ import torch
 
 from moe_dist.transport.nvshmem.layout import ranks_in_expert, segments, slot_destinations
 
+from tests.conftest import stamp
+
 triton = pytest.importorskip(
     "triton", reason="the nvshmem kernels are Triton kernels (pip install triton)"
 )
@@ -101,24 +103,38 @@ def test_count_and_rank_and_layout_match_oracle(seed):
 
 
 @pytest.mark.parametrize(
-    "N,hot,capacity", [(1, None, None), (2, None, None), (3, None, None), (3, 4, None), (3, 4, 12)]
+    "N,hot,capacity,sms",
+    [
+        (1, None, None, None),
+        (2, None, None, 1),
+        (3, None, None, 3),
+        (3, 4, None, None),
+        (3, 4, 12, 1),
+        (3, None, None, 1),
+    ],
 )
-def test_emulated_dispatch_experts_combine(N, hot, capacity):
+def test_emulated_dispatch_experts_combine(N, hot, capacity, sms):
     """Every PE's steps in protocol order on emulated symmetric buffers: received rows are the
     reference order (expert-major, then source, then token), and the weighted sum of f(row) comes
     back; then both backward directions (the combine's gradient travels like a dispatch, scaled by
     the weights; the dispatch's like a combine, unweighted). With a small capacity the hot expert's
     receiver overflows: nothing reaches it, its slots contribute exactly 0, and the others are
-    unaffected."""
+    unaffected. `sms` bounds every row kernel's grid (num_comm_sms; None: one program per item):
+    the persistent loops must cover every item at any value, 1 included."""
     gen = torch.Generator().manual_seed(N * 7 + (hot or 0))
     E, K, H = 6 * N, 3, 80  # H not a multiple of the row block: masked tails
     G = E // N
+
+    def grid(items):
+        return K_.comm_grid(items, sms)
+
+    seg_grid = grid(N * G * 4 * K_.row_chunks(H))  # SPLIT = 4
     T_of = [5, 0, 9][:N] if N > 1 else [11]
     C = capacity or sum(T_of) * K
     dt = torch.bfloat16
     x = [torch.randn(T, H, generator=gen).to(dt).to(DEV) for T in T_of]
     for pe, xt in enumerate(x):
-        xt[:, 0], xt[:, 1] = pe, torch.arange(xt.shape[0])  # stamps (exact in bf16 for these sizes)
+        stamp(xt, pe)  # exact in bf16 for these sizes
     idx = [random_idx(T, E, K, gen, hot=hot) for T in T_of]
     w = [torch.rand(T, K, generator=gen).to(DEV) for T in T_of]
     counts = [torch.zeros(N, E, dtype=torch.int64, device=DEV) for _ in range(N)]
@@ -175,7 +191,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
         st["out"] = torch.full((C, H), float("nan"), dtype=dt, device=DEV)
         st["slot_of_row"] = torch.full((C,), -1, dtype=torch.int64, device=DEV)
         if S:
-            K_.push_slots_kernel[(S, K_.row_chunks(H))](
+            K_.push_slots_kernel[grid(S * K_.row_chunks(H))](
                 x[me],
                 st["dest_pos"],
                 st["idx_S"],
@@ -192,6 +208,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
                 G,
                 K,
                 H,
+                S,
                 COMPUTE_DEST=True,
                 SCALE=False,
                 HAS_PUT=False,
@@ -205,7 +222,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
         pe_state
     ):  # step 3: peer rows out of the staging; check against the reference
         if N > 1:
-            K_.copy_segments_kernel[(N * G, 4, K_.row_chunks(H))](
+            K_.copy_segments_kernel[seg_grid](
                 fwd_rows[me],
                 st["out"],
                 fwd_meta[me],
@@ -240,7 +257,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
     sync()
     for me, st in enumerate(pe_state):  # step 4: answers back to their owners
         if N > 1:
-            K_.return_segments_kernel[(N * G, 4, K_.row_chunks(H))](
+            K_.return_segments_kernel[seg_grid](
                 st["y"],
                 st["slot_of_row"],
                 st["seg"],
@@ -260,7 +277,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
         out = torch.full((T, H), float("nan"), dtype=dt, device=DEV)
         slots = torch.full((T, K, H), float("nan"), dtype=dt, device=DEV)
         if T:
-            K_.gather_reduce_kernel[(T, K_.row_chunks(H))](
+            K_.gather_reduce_kernel[grid(T * K_.row_chunks(H))](
                 st["y"],
                 ret_rows[me],
                 st["dest_rank"],
@@ -271,6 +288,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
                 me,
                 K,
                 H,
+                T,
                 HAS_W=True,
                 KEEP_SLOTS=True,
                 BLOCK=K_.ROW_BLOCK,
@@ -291,7 +309,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
         st["grad_y"] = torch.full((C, H), float("nan"), dtype=dt, device=DEV)
         S = st["idx_S"].numel()
         if S:
-            K_.push_slots_kernel[(S, K_.row_chunks(H))](
+            K_.push_slots_kernel[grid(S * K_.row_chunks(H))](
                 g[me],
                 w[me].reshape(-1),
                 st["dest_pos"],
@@ -308,6 +326,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
                 G,
                 K,
                 H,
+                S,
                 COMPUTE_DEST=False,
                 SCALE=True,
                 HAS_PUT=False,
@@ -316,7 +335,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
     sync()
     for me, st in enumerate(pe_state):
         if N > 1:
-            K_.copy_segments_kernel[(N * G, 4, K_.row_chunks(H))](
+            K_.copy_segments_kernel[seg_grid](
                 fwd_rows2[me],
                 st["grad_y"],
                 fwd_meta[me],
@@ -346,7 +365,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
     ]
     for me, st in enumerate(pe_state):
         if N > 1:
-            K_.return_segments_kernel[(N * G, 4, K_.row_chunks(H))](
+            K_.return_segments_kernel[seg_grid](
                 st["grad_y"],
                 st["slot_of_row"],
                 st["seg"],
@@ -365,7 +384,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
         T = T_of[me]
         grad_x = torch.full((T, H), float("nan"), dtype=dt, device=DEV)
         if T:
-            K_.gather_reduce_kernel[(T, K_.row_chunks(H))](
+            K_.gather_reduce_kernel[grid(T * K_.row_chunks(H))](
                 st["grad_y"],
                 ret_rows2[me],
                 st["dest_rank"],
@@ -376,6 +395,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
                 me,
                 K,
                 H,
+                T,
                 HAS_W=False,
                 KEEP_SLOTS=False,
                 BLOCK=K_.ROW_BLOCK,
@@ -388,7 +408,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity):
 def test_p2p_kernels_leave_put_peers_to_the_put_kernels():
     """With HAS_PUT, push_slots and return_segments store nothing for peers marked in via_put (their
     rows go by NVSHMEM puts, which need a GPU: the worker checks that path) and everything else as
-    before. """
+    before."""
     N, G, K, H = 3, 2, 1, 40
     S = 6
     dest_rank = torch.tensor(
@@ -400,7 +420,7 @@ def test_p2p_kernels_leave_put_peers_to_the_put_kernels():
     staging = [torch.full((4, H), float("nan"), device=DEV) for _ in range(N)]
     meta = [torch.full((4,), -1, dtype=torch.int64, device=DEV) for _ in range(N)]
     own = torch.full((4, H), float("nan"), device=DEV)
-    K_.push_slots_kernel[(S, K_.row_chunks(H))](
+    K_.push_slots_kernel[(S * K_.row_chunks(H),)](
         x,
         dest_pos,
         dest_pos,
@@ -417,6 +437,7 @@ def test_p2p_kernels_leave_put_peers_to_the_put_kernels():
         G,
         K,
         H,
+        S,
         COMPUTE_DEST=False,
         SCALE=False,
         HAS_PUT=True,
@@ -434,7 +455,7 @@ def test_p2p_kernels_leave_put_peers_to_the_put_kernels():
     rows = torch.randn(3, H, device=DEV)
     slot_of_row = torch.tensor([0, 4, 5], dtype=torch.int64, device=DEV)
     ret = [torch.full((S, H), float("nan"), device=DEV) for _ in range(N)]
-    K_.return_segments_kernel[(N * G, 2, K_.row_chunks(H))](
+    K_.return_segments_kernel[(N * G * 2 * K_.row_chunks(H),)](
         rows,
         slot_of_row,
         seg,

@@ -12,39 +12,11 @@ import torch
 from moe_dist import MoEConfig, MoELayer
 from moe_dist.transport import nvshmem_unavailable_reason
 
+from tests.conftest import assert_fwd_bwd_close, fwd_bwd
+
 from .torchrun_pes import run_worker
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def fwd_bwd(layer, x, g):
-    xi = x.clone().requires_grad_(True)
-    out, aux, counts = layer(xi)
-    ((out.float() * g).sum() + aux).backward()
-    return (
-        out.detach().float(),
-        counts,
-        xi.grad.float(),
-        {n: p.grad.float() for n, p in layer.named_parameters()},
-    )
-
-
-def compare(a, b, tol, label):
-    """fp32: elementwise; bf16 (tol None): relative norm error < 1e-2, since chunking changes the
-    order of the bf16 weight-gradient sums over tokens."""
-    (y1, c1, gx1, gp1), (y2, c2, gx2, gp2) = a, b
-    assert torch.equal(c1, c2), label
-    pairs = [("output", y1, y2), ("grad x", gx1, gx2)] + [
-        (f"grad {n}", gp1[n], gp2[n]) for n in gp2
-    ]
-    for what, u, v in pairs:
-        if tol is None:
-            rel = ((u - v).norm() / v.norm().clamp(min=1e-30)).item()
-            assert rel < 1e-2, f"{label} {what}: relative error {rel:.3g}"
-        else:
-            torch.testing.assert_close(
-                u, v, rtol=tol, atol=tol, msg=lambda m: f"{label} {what}: {m}"
-            )
 
 
 @pytest.mark.parametrize(
@@ -69,15 +41,19 @@ def test_local_pipelined_equals_unpipelined(dtype, T, H, chunks):
     )
     x = torch.randn(T, H, device="cuda", dtype=dtype)
     g = torch.randn(T, H, device="cuda")
+    # bf16 (tol None): relative norm error, since chunking changes the order of the bf16
+    # weight-gradient sums over tokens
     tol = 1e-5 if dtype == torch.float32 else None
     expected = fwd_bwd(plain, x, g)
     for step in range(2):  # a second step reuses memory the first freed across streams
-        compare(fwd_bwd(piped, x, g), expected, tol, f"{dtype} T={T} C={chunks} step {step}")
+        label = f"{dtype} T={T} C={chunks} step {step}"
+        assert_fwd_bwd_close(fwd_bwd(piped, x, g), expected, label, rtol=tol, atol=tol)
         piped.zero_grad()
     # num_chunks=1 with the shared experts on the side stream
     torch.manual_seed(0)
     side = MoELayer(cfg.replace(shared_expert_overlap=True), device="cuda", dtype=dtype)
-    compare(fwd_bwd(side, x, g), expected, tol, f"{dtype} side stream only")
+    label = f"{dtype} side stream only"
+    assert_fwd_bwd_close(fwd_bwd(side, x, g), expected, label, rtol=tol, atol=tol)
 
 
 def test_backward_runs_on_forward_streams():

@@ -1,17 +1,16 @@
 """Shared by the multi-PE GPU tests: start a worker under torchrun (test side), and set up one
 NVSHMEM PE in the worker (worker side). One GPU: every PE shares it (time-sliced, correctness only);
 several GPUs: one PE per GPU, peers over NVLink. The process group is gloo, since NCCL refuses two
-ranks on one GPU. """
+ranks on one GPU."""
 
 from __future__ import annotations
 
 import datetime
 import os
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import assert_ran, run_command, torchrun
+
 # Never NVLink multicast on the lent machines (it can take a shared host's GPUs out of service).
 NO_MULTICAST = {
     "NCCL_NVLS_ENABLE": "0",
@@ -28,45 +27,21 @@ def run_worker(
     mpirun: str | None = None,
     extra_env: dict[str, str] | None = None,
 ) -> None:
-    """Runs tests/gpu/<script> with `pes` processes, under torchrun or (given its path) Open MPI's
-    mpirun; fails with the first traceback unless it printed ok_marker."""
-    env = dict(
-        os.environ,
-        **NO_MULTICAST,
-        **(extra_env or {}),
-        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    )
+    """Runs the module tests.gpu.<script without .py> with `pes` processes, under torchrun or
+    (given its path) Open MPI's mpirun; fails with the first traceback unless it printed
+    ok_marker."""
+    env = {**NO_MULTICAST, **(extra_env or {})}
+    module = ["-m", f"tests.gpu.{script.removesuffix('.py')}"]
     if mpirun:
-        names = ["PYTHONPATH", "PATH", "LD_LIBRARY_PATH", *NO_MULTICAST, *(extra_env or {})]
-        launcher = [
-            mpirun,
-            "-np",
-            str(pes),
-            "--oversubscribe",
-            "--bind-to",
-            "none",
-            "--allow-run-as-root",
-            *(a for n in names if n in env for a in ("-x", n)),
-            sys.executable,
-        ]
+        names = [n for n in ("PATH", "LD_LIBRARY_PATH") if n in os.environ]
+        names += ["PYTHONPATH", *env]  # run_command sets PYTHONPATH
+        exported = [a for n in names for a in ("-x", n)]
+        launcher = [mpirun, "-np", pes, "--oversubscribe", "--bind-to", "none"]
+        launcher += ["--allow-run-as-root", *exported, sys.executable]
+        proc = run_command([*launcher, *module], timeout, env)
     else:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={pes}",
-        ]
-    proc = subprocess.run(
-        launcher + [str(ROOT / "tests/gpu" / script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    out = proc.stdout + proc.stderr
-    first_error = out.find("Traceback")
-    assert proc.returncode == 0 and ok_marker in out, out[max(0, first_error) :][:6000]
+        proc = torchrun(pes, *module, timeout=timeout, env=env)
+    assert_ran(proc, ok_marker)
 
 
 def setup_pe():

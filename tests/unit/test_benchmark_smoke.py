@@ -1,53 +1,48 @@
-"""Every benchmark's tiny CPU mode runs to completion and writes its JSON, so none can rot unseen;
-the sweep's plot step turns that JSON into PNGs and README tables, and the sweep runs under
-torchrun."""
+"""Every benchmark's tiny CPU mode (`python -m benchmarks.X --smoke`) runs to completion and writes
+its JSON, so none can rot unseen; the sweep's plot step turns that JSON into PNGs and README tables,
+and the sweep runs under torchrun. Processes of several seconds each: the slow tier."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import assert_ran, run_python, torchrun
+
+pytestmark = pytest.mark.slow
 BENCHMARKS = [
-    "layer.py",
-    "transport.py",
-    "train_throughput.py",
-    "coe_compare.py",
-    "compression_report.py",
-    "sweep.py",
+    "layer",
+    "transport",
+    "train_throughput",
+    "coe_compare",
+    "compression_report",
+    "sweep",
 ]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """Runs `benchmarks/<script> --smoke --out DIR` once per module; returns (process, DIR)."""
+    """Runs `python -m benchmarks.<name> --smoke --out DIR` once per module; returns (process,
+    DIR)."""
     done = {}
 
-    def run(script):
-        if script not in done:
-            out = tmp_path_factory.mktemp(script.replace(".py", ""))
-            proc = subprocess.run(
-                [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            done[script] = (proc, out)
-        return done[script]
+    def run(name):
+        if name not in done:
+            out = tmp_path_factory.mktemp(name)
+            proc = run_python("-m", f"benchmarks.{name}", "--smoke", "--out", out, timeout=300)
+            done[name] = (proc, out)
+        return done[name]
 
     return run
 
 
-@pytest.mark.parametrize("script", BENCHMARKS)
-def test_benchmark_smoke(script, smoke):
-    proc, out = smoke(script)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_smoke(name, smoke):
+    proc, out = smoke(name)
+    assert_ran(proc)
     written = list(out.rglob("*.json"))
-    assert written, f"{script} --smoke --out wrote no JSON"
+    assert written, f"benchmarks.{name} --smoke --out wrote no JSON"
     for path in written:
         assert json.loads(path.read_text()), f"{path} is empty"
 
@@ -79,8 +74,8 @@ def _check_pngs(out: Path, n: int = 4) -> None:
 
 
 def test_sweep_plot_and_readme(smoke, tmp_path):
-    proc, out = smoke("sweep.py")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    proc, out = smoke("sweep")
+    assert_ran(proc)
     (json_path,) = out.glob("sweep_*.json")
     d = _check_sweep_json(json_path, ep=1)
     assert all(
@@ -89,22 +84,8 @@ def test_sweep_plot_and_readme(smoke, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# title\n\nhand-written text\n")
     for _ in range(2):  # the second run replaces the section instead of appending another
-        plot = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "benchmarks" / "plot.py"),
-                str(json_path),
-                "--out",
-                str(tmp_path / "figs"),
-                "--readme",
-                str(readme),
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert plot.returncode == 0, (plot.stdout + plot.stderr)[-4000:]
+        args = [json_path, "--out", tmp_path / "figs", "--readme", readme]
+        assert_ran(run_python("-m", "benchmarks.plot", *args, timeout=120))
     _check_pngs(tmp_path / "figs")
     text = readme.read_text()
     assert text.startswith("# title\n\nhand-written text") and text.count("sweep:begin") == 1
@@ -114,50 +95,25 @@ def test_sweep_plot_and_readme(smoke, tmp_path):
 def test_sweep_torchrun_two_processes(tmp_path, smoke):
     """EP=2 over gloo with 2 CPU processes, then the plot step over EP=1 and EP=2 (scaling
     curves)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(ROOT / "benchmarks" / "sweep.py"),
-        "--smoke",
-        "--out",
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    stdout = assert_ran(
+        torchrun(2, "-m", "benchmarks.sweep", "--smoke", "--out", tmp_path, timeout=180)
+    )
     (json_path,) = tmp_path.glob("sweep_ep2_*.json")
     d = _check_sweep_json(json_path, ep=2)
     assert d["backend"] == "gloo" and d["world_size"] == 2
     rows = [r for r in d["results"] if "variants" in r]
     assert all(len(r["variants"]["moe_dist:collective"]["rank_median_ms"]) == 2 for r in rows)
     assert all("local" in r["variants"]["moe_dist:local"]["reason"] for r in rows)
-    assert "[16/16]" in proc.stdout, "a progress line per point"
-    ep1_proc, ep1_out = smoke("sweep.py")
-    assert ep1_proc.returncode == 0
-    plot = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "plot.py"),
-            str(json_path),
-            *map(str, ep1_out.glob("sweep_*.json")),
-            "--out",
-            str(tmp_path / "figs"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert plot.returncode == 0, (plot.stdout + plot.stderr)[-4000:]
+    assert "[16/16]" in stdout, "a progress line per point"
+    ep1_proc, ep1_out = smoke("sweep")
+    assert_ran(ep1_proc)
+    args = [json_path, *ep1_out.glob("sweep_*.json"), "--out", tmp_path / "figs"]
+    assert_ran(run_python("-m", "benchmarks.plot", *args, timeout=120))
     _check_pngs(tmp_path / "figs")
 
 
 WRONG_VARIANT = """
-import sys, torch
-sys.path.insert(0, {root!r})
+import torch
 from benchmarks import sweep
 build = sweep.build_layer
 
@@ -181,13 +137,4 @@ print("WRONG VARIANT REJECTED")
 
 def test_sweep_rejects_a_wrong_variant():
     """A variant that disagrees with transport='reference' is recorded as failed and never timed."""
-    proc = subprocess.run(
-        [sys.executable, "-c", WRONG_VARIANT.format(root=str(ROOT))],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0 and "WRONG VARIANT REJECTED" in proc.stdout, (
-        proc.stdout + proc.stderr
-    )[-4000:]
+    assert_ran(run_python("-c", WRONG_VARIANT, timeout=120), "WRONG VARIANT REJECTED")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from moe_dist import MoEConfig, MoELayer
+from moe_dist import MoELayer
 from moe_dist.extensions.compress import (
     group_experts,
     match_units,
@@ -16,13 +16,12 @@ from moe_dist.extensions.compress import (
 )
 from moe_dist.extensions.compress.merge import permute_units
 
+from tests.conftest import config_builder
+
 H, F = 16, 12
 
 
-def cfg_of(**kw):
-    base = dict(hidden_size=H, ffn_hidden_size=F, num_experts=6, top_k=2, expert_backend="loop")
-    base.update(kw)
-    return MoEConfig(**base)
+cfg_of = config_builder(hidden_size=H, ffn_hidden_size=F, num_experts=6, expert_backend="loop")
 
 
 class TinyModel(nn.Module):

@@ -11,11 +11,12 @@ from moe_dist import MoEConfig, MoELayer, is_expert_param
 from moe_dist.extensions.coe import ChainOfExperts, build_moe_layer
 from moe_dist.training.router_bias import RouterBiasUpdater
 
+from tests.conftest import config_builder
+
 H, FF, E = 16, 12, 8
 
 
-def make(**kw) -> MoEConfig:
-    return MoEConfig(**{**dict(hidden_size=H, ffn_hidden_size=FF, num_experts=E, top_k=2), **kw})
+make = config_builder(hidden_size=H, ffn_hidden_size=FF, num_experts=E)
 
 
 # -- the oracle

@@ -14,14 +14,14 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, free_port
+
 LAUNCH = ROOT / "launch"
 DOCKER = ROOT / "docker"
 SCRIPTS = [
@@ -336,12 +336,6 @@ def _probe_lines(probe: dict):
     return sorted(f.read_text().split() for f in Path(probe["PROBE_DIR"]).iterdir())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_single_node_really_starts_two_processes(fakebin, probe):
     p = run(["bash", LAUNCH / "torchrun_single_node.sh"], fakebin, probe)
@@ -354,7 +348,7 @@ def test_multi_node_really_meets_on_localhost(fakebin, probe):
     env = {
         **probe,
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "NNODES": "2",
         "NPROC_PER_NODE": "1",
         "RDZV_ID": "test_launch",
@@ -449,8 +443,7 @@ def test_dockerfile_and_readme():
     readme = (DOCKER / "README.md").read_text()
     assert (
         "docker run --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 "
-        "--network host --rm -it moe_dist:latest"
-        in readme
+        "--network host --rm -it moe_dist:latest" in readme
     )
 
 

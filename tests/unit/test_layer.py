@@ -2,15 +2,12 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from moe_dist import MoEConfig, MoELayer, MoEOutput, NonFiniteRouterLogits, is_expert_param
+from moe_dist import MoELayer, MoEOutput, NonFiniteRouterLogits, is_expert_param
 
+from tests.conftest import config_builder, dense_expert
 
-def make(**kw):
-    base = dict(hidden_size=16, ffn_hidden_size=32, num_experts=4, top_k=2)
-    base.update(kw)
-    return MoEConfig(**base)
+make = config_builder()  # H=16, F=32, E=4, top-2
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
@@ -18,14 +15,8 @@ def test_one_expert_equals_dense_ffn(activation):
     torch.manual_seed(0)
     layer = MoELayer(make(num_experts=1, top_k=1, activation=activation))
     x = torch.randn(3, 5, 16)
-    w_in, w_out = layer.experts.w_in[0], layer.experts.w_out[0]
-    h = F.linear(x, w_in)
-    if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        h = F.silu(gate) * up
-    else:
-        h = F.gelu(h)
-    torch.testing.assert_close(layer(x).output, F.linear(h, w_out))
+    expected = dense_expert(x, layer.experts.w_in[0], layer.experts.w_out[0], activation)
+    torch.testing.assert_close(layer(x).output, expected)
 
 
 @pytest.mark.parametrize("router", ["softmax", "sigmoid", "group_limited", "top_p"])
@@ -170,7 +161,7 @@ def test_loop_experts_stay_in_the_graph_with_no_rows():
 def test_transport_errors_raise_at_the_end_of_an_eager_forward(mode):
     """A transport that records errors on the device (nvshmem: overflow, silent peers) gets them
     raised by the forward itself in eager mode, and only at check_errors() in deferred mode (no host
-    sync). """
+    sync)."""
     from moe_dist.errors import BUFFER_OVERFLOW, BufferOverflow, DeviceErrorFlags
 
     layer = MoELayer(make(error_check=mode), name="flagged")

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moe_dist import MoEConfig, MoELayer
 from moe_dist.extensions.telemetry import (
@@ -15,6 +14,8 @@ from moe_dist.extensions.telemetry import (
     segment_count_histogram,
     srp_from_histogram,
 )
+
+from tests.conftest import dense_expert
 
 
 # -- brute-force references (sets and loops, straight from the definitions)
@@ -122,13 +123,7 @@ def test_srp_sch_match_brute_force(seed):
 # -- the telemetry object against reference counts
 # ------------------------------------------------------
 def expert_output(layer, e, x_H):
-    h = F.linear(x_H, layer.experts.w_in[e])
-    if layer.cfg.activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        h = F.silu(gate) * up
-    else:
-        h = F.gelu(h)
-    return F.linear(h, layer.experts.w_out[e])
+    return dense_expert(x_H, layer.experts.w_in[e], layer.experts.w_out[e], layer.cfg.activation)
 
 
 @pytest.mark.parametrize("capacity", [None, 0.8])

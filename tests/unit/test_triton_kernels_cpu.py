@@ -4,17 +4,16 @@ Hopper (sm_90) through Triton's whole pipeline, ptxas included, so a type
 - the nvshmem transport's kernels and the fused SwiGLU run in Triton's interpreter on CPU tensors
   against their plain-torch oracles (tests/gpu/test_nvshmem_kernels.py and test_swiglu_kernel.py
   with TRITON_INTERPRET=1).
-Both need triton (docker/install.sh --dev installs it); without it they skip, saying so."""
+Both need triton (docker/install.sh --dev installs it); without it they skip, saying so.
+Compiling and interpreting takes a minute and more on two cores: the module is in the slow tier."""
 
 import itertools
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, assert_ran, run_python
+
+pytestmark = pytest.mark.slow
 triton = pytest.importorskip(
     "triton", reason="triton is not installed (docker/install.sh --dev installs it)"
 )
@@ -32,36 +31,26 @@ def interpreter_works() -> str | None:
     return None
 
 
-@pytest.mark.parametrize("test_file", ["test_nvshmem_kernels.py", "test_swiglu_kernel.py"])
+@pytest.mark.parametrize(
+    "test_file",
+    [
+        "test_nvshmem_kernels.py",
+        "test_nvshmem_dedup_kernels.py",
+        "test_nvshmem_dedup_transport_emulated.py",
+        "test_swiglu_kernel.py",
+        "test_fused_kernels.py",
+        "test_routing_kernels.py",
+    ],
+)
 def test_kernels_match_their_oracles_in_the_interpreter(test_file):
     reason = interpreter_works()
     if reason:
         pytest.skip(reason)
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-W",
-            "ignore",
-            str(ROOT / "tests/gpu" / test_file),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and " passed" in out and "skipped" not in out, out[-4000:]
+    test_path = ROOT / "tests/gpu" / test_file
+    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore", test_path]
+    proc = run_python(*args, timeout=600, env={"TRITON_INTERPRET": "1"})
+    out = assert_ran(proc)
+    assert " passed" in out and "skipped" not in out, out[-4000:]
 
 
 P64, P32, PBF, PF32 = "*i64", "*i32", "*bf16", "*fp32"
@@ -117,7 +106,7 @@ def kernel_cases():
             "own_out_ptr": PBF,
             "peer_meta_addr_ptr": P64,
             "via_put_ptr": P32,
-            **ints("me", "G", "K", "H"),
+            **ints("me", "G", "K", "H", "S"),
             "COMPUTE_DEST": "constexpr",
             "SCALE": "constexpr",
             "HAS_PUT": "constexpr",
@@ -162,11 +151,12 @@ def kernel_cases():
                 "w_ptr": PF32,
                 "out_ptr": PBF,
                 "slots_out_ptr": PBF,
-                **ints("me", "K", "H"),
+                **ints("me", "K", "H", "T"),
                 "HAS_W": "constexpr",
                 "KEEP_SLOTS": "constexpr",
                 "BLOCK": "constexpr",
             }, {"HAS_W": w, "KEEP_SLOTS": keep, "BLOCK": K.ROW_BLOCK}
+    yield from dedup_kernel_cases(ints)
     yield "swiglu_fwd", SW._swiglu_fwd, {
         "h_ptr": PBF,
         "out_ptr": PBF,
@@ -182,6 +172,114 @@ def kernel_cases():
         "F": "i32",
         "BLOCK": "constexpr",
     }, {"BLOCK": 1024}
+
+
+def dedup_kernel_cases(ints):
+    from moe_dist.transport.nvshmem import dedup_kernels as D
+
+    yield "slot_destinations", D.slot_destinations_kernel, {
+        "idx_ptr": P64,
+        "rank_ptr": P64,
+        "offs_ptr": P64,
+        "overflow_ptr": P32,
+        "dest_rank_ptr": P64,
+        "dest_pos_ptr": P64,
+        **ints("G", "S"),
+    }, {}
+    for rows_t, scales, meta, own, ahead in (
+        (PBF, False, True, False, False),
+        ("*fp8e4nv", True, True, False, False),
+        (PBF, False, False, True, True),
+    ):
+        yield f"push_pairs({rows_t}, SCALE_OWN={own})", D.push_pairs_kernel, {
+            "src_ptr": rows_t,
+            "own_src_ptr": PBF,
+            "scales_ptr": PF32,
+            "w_ptr": PF32,
+            "dest_rank_ptr": P64,
+            "dest_pos_ptr": P64,
+            "peer_rows_addr_ptr": P64,
+            "peer_scales_addr_ptr": P64,
+            "peer_meta_addr_ptr": P64,
+            "peer_w_addr_ptr": P64,
+            "own_out_ptr": PBF,
+            "epoch_ptr": P64,
+            "sent_ptr": P64,
+            **ints("me", "T", "K", "H", "T_max"),
+            "EPOCH_AHEAD": "constexpr",
+            "HAS_SCALES": "constexpr",
+            "HAS_META": "constexpr",
+            "SCALE_OWN": "constexpr",
+            "KB": "constexpr",
+            "BLOCK": "constexpr",
+        }, {
+            "EPOCH_AHEAD": ahead,
+            "HAS_SCALES": scales,
+            "HAS_META": meta,
+            "SCALE_OWN": own,
+            "KB": 8,
+            "BLOCK": 1024,
+        }
+    for rows_t, scales, keep, scale in ((PBF, False, True, False), ("*fp8e4nv", True, True, False),
+                                        (PBF, False, False, True)):  # fmt: skip
+        yield f"expand_pairs({rows_t}, SCALE={scale})", D.expand_pairs_kernel, {
+            "staging_ptr": rows_t,
+            "staging_scales_ptr": PF32,
+            "staging_meta_ptr": P64,
+            "staging_w_ptr": PF32,
+            "out_ptr": PBF,
+            "local_meta_ptr": P64,
+            "local_w_ptr": PF32,
+            "y_ptr": PBF,
+            "grad_lw_ptr": PF32,
+            "epoch_ptr": P64,
+            **ints("me", "K", "H", "T_max", "Q"),
+            "HAS_SCALES": "constexpr",
+            "KEEP_META": "constexpr",
+            "SCALE": "constexpr",
+            "DOTS": "constexpr",
+            "KB": "constexpr",
+            "RB": "constexpr",
+            "BLOCK": "constexpr",
+        }, {
+            "HAS_SCALES": scales,
+            "KEEP_META": keep,
+            "SCALE": scale,
+            "DOTS": scale,
+            "KB": 8,
+            "RB": 64,
+            "BLOCK": 1024,
+        }
+    for w in (False, True):
+        yield f"reduce_pairs(HAS_W={w})", D.reduce_pairs_kernel, {
+            "rows_ptr": PBF,
+            "local_meta_ptr": P64,
+            "local_w_ptr": PF32,
+            "peer_ret_addr_ptr": P64,
+            "grad_lw_ptr": PF32,
+            "peer_ret_w_addr_ptr": P64,
+            **ints("me", "K", "H", "T_max", "Q"),
+            "HAS_W": "constexpr",
+            "SEND_W": "constexpr",
+            "KB": "constexpr",
+            "RB": "constexpr",
+            "BLOCK": "constexpr",
+        }, {"HAS_W": w, "SEND_W": not w, "KB": 8, "RB": 64, "BLOCK": 1024}
+        yield f"gather_pairs(HAS_W={w})", D.gather_pairs_kernel, {
+            "own_rows_ptr": PBF,
+            "ret_ptr": PBF,
+            "dest_rank_ptr": P64,
+            "dest_pos_ptr": P64,
+            "w_ptr": PF32,
+            "out_ptr": PBF,
+            "ret_w_ptr": PF32,
+            "grad_w_ptr": PF32,
+            **ints("me", "T", "K", "H", "T_max"),
+            "HAS_W": "constexpr",
+            "GATHER_W": "constexpr",
+            "KB": "constexpr",
+            "BLOCK": "constexpr",
+        }, {"HAS_W": w, "GATHER_W": not w, "KB": 8, "BLOCK": 1024}
 
 
 def put_kernel_cases():
@@ -213,6 +311,7 @@ def put_kernel_cases():
             "staging_meta_addr": "i64",
             "K": "i32",
             "H": "i32",
+            "S": "i32",
             "SCALE": "constexpr",
             "HAS_META": "constexpr",
             "BLOCK": "constexpr",

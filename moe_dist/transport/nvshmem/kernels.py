@@ -10,7 +10,7 @@ nvshmem_ptr: P2P over NVLink, or the same GPU) and raise flags with system-scope
 receivers spin on the flags with acquire loads and a time limit. PROTOCOL.md beside this file gives
 the message order. Legend: S = T*K slots (slot s = token s // K, choice s % K), E experts, G = E/N
 local experts, N PEs, H hidden, C receive rows. Rows of one PE's own slots never touch the staging:
-they are written to (and read from) the regular tensors in place. """
+they are written to (and read from) the regular tensors in place."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def count_and_rank_kernel(
 ):
     """Program e: rank_S[s] = how many earlier slots (token order) chose expert e, for the slots
     that chose e (a stable counting sort without the sort); then counts[me, e] on every PE (own
-    included). """
+    included)."""
     e = tl.program_id(0)
     running = 0
     for start in range(0, S, BLOCK):
@@ -156,6 +156,7 @@ def push_slots_kernel(
     G,
     K,
     H,
+    S,
     COMPUTE_DEST: tl.constexpr,
     SCALE: tl.constexpr,
     HAS_PUT: tl.constexpr,
@@ -166,9 +167,23 @@ def push_slots_kernel(
     id beside it (the receiver sends the expert's answer back to that slot). COMPUTE_DEST: the
     destination comes from the expert id, the slot's rank within its expert and offs_E (and is saved
     for later calls); otherwise it is read from dest_rank/dest_pos. HAS_PUT: rows for put peers
-    (via_put) are left to put_rows_kernel."""
-    slot = tl.program_id(0)
-    chunk = tl.program_id(1)
+    (via_put) are left to put_rows_kernel. Persistent: the grid's programs (at most num_comm_sms)
+    take the S * chunks work items in turn."""
+    chunks = tl.cdiv(H, BLOCK)
+    for w in range(tl.program_id(0), S * chunks, tl.num_programs(0)):
+        _push_slot(
+            src_ptr, scale_ptr, idx_ptr, rank_ptr, offs_ptr, overflow_ptr, dest_rank_ptr,
+            dest_pos_ptr, peer_rows_addr_ptr, own_out_ptr, peer_meta_addr_ptr, via_put_ptr, me, G,
+            K, H, w // chunks, w % chunks, COMPUTE_DEST, SCALE, HAS_PUT, BLOCK,
+        )  # fmt: skip
+
+
+@triton.jit
+def _push_slot(
+    src_ptr, scale_ptr, idx_ptr, rank_ptr, offs_ptr, overflow_ptr, dest_rank_ptr, dest_pos_ptr,
+    peer_rows_addr_ptr, own_out_ptr, peer_meta_addr_ptr, via_put_ptr, me, G, K, H, slot, chunk,
+    COMPUTE_DEST: tl.constexpr, SCALE: tl.constexpr, HAS_PUT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     if COMPUTE_DEST:
         e = tl.load(idx_ptr + slot)
         r = tl.maximum(e, 0) // G
@@ -219,24 +234,25 @@ def copy_segments_kernel(
     """Program (segment, j, chunk): rows that source s wrote for local expert g into the staging
     move to the regular output (autograd may keep it past the staging's reuse two calls later). Own
     rows were written in place. The segment's rows are shared among SPLIT programs, row j, j+SPLIT,
-    ..."""
-    seg = tl.program_id(0)
-    j = tl.program_id(1)
-    chunk = tl.program_id(2)
-    src = seg // G
-    if src != me:
-        start = tl.load(seg_ptr + seg)
-        length = tl.load(seg_ptr + N * G + seg)
-        offs = chunk * BLOCK + tl.arange(0, BLOCK)
-        m = offs < H
-        for i in range(j, length.to(tl.int32), SPLIT):
-            row = start + i
-            tl.store(
-                out_ptr + row * H + offs, tl.load(staging_ptr + row * H + offs, mask=m), mask=m
-            )
-            if HAS_META:
-                if chunk == 0:
-                    tl.store(out_meta_ptr + row, tl.load(staging_meta_ptr + row))
+    ... Persistent: the grid's programs take the N*G * SPLIT * chunks work items in turn."""
+    chunks = tl.cdiv(H, BLOCK)
+    for w in range(tl.program_id(0), N * G * SPLIT * chunks, tl.num_programs(0)):
+        seg = w // (SPLIT * chunks)
+        j = (w // chunks) % SPLIT
+        chunk = w % chunks
+        src = seg // G
+        if src != me:
+            start = tl.load(seg_ptr + seg)
+            length = tl.load(seg_ptr + N * G + seg)
+            offs = chunk * BLOCK + tl.arange(0, BLOCK)
+            m = offs < H
+            for i in range(j, length.to(tl.int32), SPLIT):
+                row = start + i
+                vals = tl.load(staging_ptr + row * H + offs, mask=m)
+                tl.store(out_ptr + row * H + offs, vals, mask=m)
+                if HAS_META:
+                    if chunk == 0:
+                        tl.store(out_meta_ptr + row, tl.load(staging_meta_ptr + row))
 
 
 @triton.jit
@@ -257,24 +273,28 @@ def return_segments_kernel(
     """Program (segment, j, chunk): rows the experts here computed for a peer's slots go back into
     that peer's return staging at the slot's index. Rows of this PE's own slots stay where they are:
     the owner's gather reads them in place. HAS_PUT: segments of put peers are left to
-    put_return_kernel. """
-    seg = tl.program_id(0)
-    j = tl.program_id(1)
-    chunk = tl.program_id(2)
-    src = seg // G
-    direct = src != me
-    if HAS_PUT:
-        direct = direct & (tl.load(via_put_ptr + src) == 0)
-    if direct:
-        start = tl.load(seg_ptr + seg)
-        length = tl.load(seg_ptr + N * G + seg)
-        dst = tl.load(peer_ret_addr_ptr + src).to(tl.pointer_type(rows_ptr.dtype.element_ty))
-        offs = chunk * BLOCK + tl.arange(0, BLOCK)
-        m = offs < H
-        for i in range(j, length.to(tl.int32), SPLIT):
-            row = start + i
-            slot = tl.load(slot_of_row_ptr + row)
-            tl.store(dst + slot * H + offs, tl.load(rows_ptr + row * H + offs, mask=m), mask=m)
+    put_return_kernel. Persistent: the grid's programs take the N*G * SPLIT * chunks work items
+    in turn."""
+    chunks = tl.cdiv(H, BLOCK)
+    for w in range(tl.program_id(0), N * G * SPLIT * chunks, tl.num_programs(0)):
+        seg = w // (SPLIT * chunks)
+        j = (w // chunks) % SPLIT
+        chunk = w % chunks
+        src = seg // G
+        direct = src != me
+        if HAS_PUT:
+            direct = direct & (tl.load(via_put_ptr + src) == 0)
+        if direct:
+            start = tl.load(seg_ptr + seg)
+            length = tl.load(seg_ptr + N * G + seg)
+            dst = tl.load(peer_ret_addr_ptr + src).to(tl.pointer_type(rows_ptr.dtype.element_ty))
+            offs = chunk * BLOCK + tl.arange(0, BLOCK)
+            m = offs < H
+            for i in range(j, length.to(tl.int32), SPLIT):
+                row = start + i
+                slot = tl.load(slot_of_row_ptr + row)
+                vals = tl.load(rows_ptr + row * H + offs, mask=m)
+                tl.store(dst + slot * H + offs, vals, mask=m)
 
 
 @triton.jit
@@ -289,6 +309,7 @@ def gather_reduce_kernel(
     me,
     K,
     H,
+    T,
     HAS_W: tl.constexpr,
     KEEP_SLOTS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -296,28 +317,40 @@ def gather_reduce_kernel(
     """Program (token, chunk): out[t] = sum_k w[t, k] * row(t, k) in float32, where row(t, k) is
     read in place from own_rows (this PE's experts) or from the return staging (a peer's), and is
     exactly 0 for a slot that was never sent (unused, dropped by overflow) whatever its weight.
-    KEEP_SLOTS also stores each row(t, k) (the weights' gradient needs them)."""
-    t = tl.program_id(0)
-    chunk = tl.program_id(1)
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    m = offs < H
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for k in range(K):
-        slot = (t * K + k).to(tl.int64)
-        r = tl.load(dest_rank_ptr + slot)
-        pos = tl.load(dest_pos_ptr + slot)
-        v_own = tl.load(own_rows_ptr + pos * H + offs, mask=m & (r == me), other=0.0)
-        v_peer = tl.load(staging_ptr + slot * H + offs, mask=m & (r >= 0) & (r != me), other=0.0)
-        v = v_own + v_peer
-        if KEEP_SLOTS:
-            tl.store(slots_out_ptr + slot * H + offs, v, mask=m)
-        if HAS_W:
-            w = tl.where(r >= 0, tl.load(w_ptr + slot).to(tl.float32), 0.0)
-            acc += v.to(tl.float32) * w
-        else:
-            acc += v.to(tl.float32)
-    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+    KEEP_SLOTS also stores each row(t, k) (the weights' gradient needs them). Persistent: the
+    grid's programs take the T * chunks work items in turn."""
+    chunks = tl.cdiv(H, BLOCK)
+    for item in range(tl.program_id(0), T * chunks, tl.num_programs(0)):
+        t = item // chunks
+        offs = (item % chunks) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < H
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in range(K):
+            slot = (t * K + k).to(tl.int64)
+            r = tl.load(dest_rank_ptr + slot)
+            pos = tl.load(dest_pos_ptr + slot)
+            v_own = tl.load(own_rows_ptr + pos * H + offs, mask=m & (r == me), other=0.0)
+            peer_m = m & (r >= 0) & (r != me)
+            v = v_own + tl.load(staging_ptr + slot * H + offs, mask=peer_m, other=0.0)
+            if KEEP_SLOTS:
+                tl.store(slots_out_ptr + slot * H + offs, v, mask=m)
+            if HAS_W:
+                w = tl.where(r >= 0, tl.load(w_ptr + slot).to(tl.float32), 0.0)
+                acc += v.to(tl.float32) * w
+            else:
+                acc += v.to(tl.float32)
+        tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def row_chunks(H: int) -> int:
     return triton.cdiv(H, ROW_BLOCK)
+
+
+DEFAULT_COMM_SMS = 24  # DeepEP's V1 default: 20-24 of an H100/H200's 132 SMs
+
+
+def comm_grid(work_items: int, num_comm_sms: int | None) -> tuple[int]:
+    """The grid of a persistent communication kernel: one program per work item, at most
+    num_comm_sms (None: no bound), at least one (a kernel with no work still launches cheaply)."""
+    n = work_items if num_comm_sms is None else min(work_items, num_comm_sms)
+    return (max(1, n),)

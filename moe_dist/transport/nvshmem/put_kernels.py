@@ -10,7 +10,7 @@ of a call is complete before its flag goes out: put_signal_kernel calls nvshmem_
 count exchange rides with its flag in one putmem_signal), and the send buffer is not written again
 before that. Unlike the flag waits, a put to a peer that is gone has no time limit: over a network a
 lost put peer can stall the stream instead of raising PeerTimeout. Addresses are int64 symmetric
-addresses on this PE; NVSHMEM maps them to the peer. """
+addresses on this PE; NVSHMEM maps them to the peer."""
 
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ def put_rows_kernel(
     staging_meta_addr,
     K,
     H,
+    S,
     SCALE: tl.constexpr,
     HAS_META: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -70,9 +71,24 @@ def put_rows_kernel(
     """Program (slot, chunk), dispatch direction, for a slot whose receiver is a put peer: row
     src[slot // K] (times scale[slot]) -> send buffer row `slot` -> the receiver's staging at
     dest_pos, with the slot id beside it (HAS_META). push_slots_kernel has stored the destinations.
+    Persistent: the grid's programs (at most num_comm_sms) take the S * chunks items in turn.
     """
-    slot = tl.program_id(0).to(tl.int64)  # byte offsets below pass 2**31 for large buffers
-    chunk = tl.program_id(1)
+    chunks = tl.cdiv(H, BLOCK)
+    for w in range(tl.program_id(0), S * chunks, tl.num_programs(0)):
+        _put_row(
+            src_ptr, scale_ptr, dest_rank_ptr, dest_pos_ptr, via_put_ptr, peer_pe_ptr, send_addr,
+            send_meta_addr, staging_addr, staging_meta_addr, K, H, w // chunks, w % chunks,
+            SCALE, HAS_META, BLOCK,
+        )  # fmt: skip
+
+
+@triton.jit
+def _put_row(
+    src_ptr, scale_ptr, dest_rank_ptr, dest_pos_ptr, via_put_ptr, peer_pe_ptr, send_addr,
+    send_meta_addr, staging_addr, staging_meta_addr, K, H, slot, chunk,
+    SCALE: tl.constexpr, HAS_META: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    slot = slot.to(tl.int64)  # byte offsets below pass 2**31 for large buffers
     r = tl.load(dest_rank_ptr + slot)
     if r >= 0:
         if tl.load(via_put_ptr + r) != 0:
@@ -124,29 +140,33 @@ def put_return_kernel(
 ):
     """Program (segment, j, chunk), combine direction, for segments whose source is a put peer: each
     row the experts here computed for that peer -> send buffer (same row) -> the peer's return
-    staging at the slot id it came with (rows j, j + SPLIT, ... of the segment)."""
-    seg = tl.program_id(0)
-    j = tl.program_id(1)
-    chunk = tl.program_id(2)
-    src = seg // G
-    if (src != me) & (tl.load(via_put_ptr + src) != 0):
-        start = tl.load(seg_ptr + seg)
-        length = tl.load(seg_ptr + N * G + seg)
-        pe = tl.load(peer_pe_ptr + src).to(tl.int32)
-        elem = rows_ptr.dtype.element_ty.primitive_bitwidth // 8
-        send = send_addr.to(tl.pointer_type(rows_ptr.dtype.element_ty))
-        offs = chunk * BLOCK + tl.arange(0, BLOCK)
-        m = offs < H
-        n = tl.minimum(BLOCK, H - chunk * BLOCK)
-        first = chunk * BLOCK
-        for i in range(j, length.to(tl.int32), SPLIT):
-            row = start + i
-            slot = tl.load(slot_of_row_ptr + row)
-            tl.store(send + row * H + offs, tl.load(rows_ptr + row * H + offs, mask=m), mask=m)
-            tl.debug_barrier()
-            put_block_nbi(
-                ret_addr + (slot * H + first) * elem,
-                send_addr + (row * H + first) * elem,
-                n * elem,
-                pe,
-            )
+    staging at the slot id it came with (rows j, j + SPLIT, ... of the segment). Persistent: the
+    grid's programs take the N*G * SPLIT * chunks items in turn."""
+    chunks = tl.cdiv(H, BLOCK)
+    for w in range(tl.program_id(0), N * G * SPLIT * chunks, tl.num_programs(0)):
+        seg = w // (SPLIT * chunks)
+        j = (w // chunks) % SPLIT
+        chunk = w % chunks
+        src = seg // G
+        if (src != me) & (tl.load(via_put_ptr + src) != 0):
+            start = tl.load(seg_ptr + seg)
+            length = tl.load(seg_ptr + N * G + seg)
+            pe = tl.load(peer_pe_ptr + src).to(tl.int32)
+            elem = rows_ptr.dtype.element_ty.primitive_bitwidth // 8
+            send = send_addr.to(tl.pointer_type(rows_ptr.dtype.element_ty))
+            offs = chunk * BLOCK + tl.arange(0, BLOCK)
+            m = offs < H
+            n = tl.minimum(BLOCK, H - chunk * BLOCK)
+            first = chunk * BLOCK
+            for i in range(j, length.to(tl.int32), SPLIT):
+                row = start + i
+                slot = tl.load(slot_of_row_ptr + row)
+                vals = tl.load(rows_ptr + row * H + offs, mask=m)
+                tl.store(send + row * H + offs, vals, mask=m)
+                tl.debug_barrier()
+                put_block_nbi(
+                    ret_addr + (slot * H + first) * elem,
+                    send_addr + (row * H + first) * elem,
+                    n * elem,
+                    pe,
+                )

@@ -70,12 +70,17 @@ def finalize() -> None:
 class SymmetricWorkspace:
     """Symmetric staging for one (EP group, shape) combination, double-buffered by call parity.
 
-    Per parity: fwd_rows [C, H] + fwd_meta [C] (dispatch-direction rows, at final positions),
-    ret_rows [T_max*K, H] (combine-direction rows, at the owner's slot), counts [N, E] (int64), and
-    flags [3, N] (count / dispatch / return channels, int64 epochs, monotonic, never reset). Bytes
-    per PE = 2 * (C*H + T_max*K*H) * itemsize + 2 * (8*C + 8*N*E + 24*N). With put peers (peer_path
-    "put", or "auto" where a peer has no P2P path) add one send buffer that puts read from: max(C,
-    T_max*K) * H * itemsize + 8 * T_max*K bytes.
+    Per parity: counts [N, E] (int64) and flags [3, N] (count / dispatch / return channels, int64
+    epochs, monotonic, never reset), then the rows' staging, by path:
+    - every peer P2P (`dedup`; dedup_kernels.py): pair_rows and pair_ret [Q, H] with Q = N*T_max
+      (row src*T_max + t: token t of PE src, at most once), pair_meta [Q, K+1] int64 (stamp,
+      positions), pair_w and pair_ret_w [Q, K] float32, and for H % 128 == 0 pair_scales
+      [Q, H/128] float32 (fp8 rows). Bytes per PE = 2 * (2*Q*H*itemsize + 8*Q*(K+1) + 8*Q*K
+      + 4*Q*H/128) + 2 * (8*N*E + 24*N).
+    - with put peers (one row per slot): fwd_rows [C, H] + fwd_meta [C] (dispatch-direction rows,
+      at final positions), ret_rows [T_max*K, H] (combine-direction rows, at the owner's slot).
+      Bytes per PE = 2 * (C*H + T_max*K*H) * itemsize + 2 * (8*C + 8*N*E + 24*N), plus one send
+      buffer that puts read from: max(C, T_max*K) * H * itemsize + 8 * T_max*K bytes.
 
     peer_path: "p2p" = every peer by loads and stores (an error names a peer without a P2P path);
     "put" = every other PE by NVSHMEM put-with-signal; "auto" = P2P where nvshmem_ptr gives an
@@ -108,9 +113,7 @@ class SymmetricWorkspace:
             self._tensors.append(t)
             return t
 
-        self.fwd_rows = sym((2, capacity, hidden), dtype)
-        self.fwd_meta = sym((2, capacity), torch.int64)
-        self.ret_rows = sym((2, self.max_slots, hidden), dtype)
+        self.max_tokens, self.top_k = max_tokens, top_k
         self.counts = sym((2, self.n, num_experts), torch.int64)
         self.flags = sym((2, 3, self.n), torch.int64)
         torch.cuda.synchronize()
@@ -134,6 +137,24 @@ class SymmetricWorkspace:
         self.peer_pe = torch.tensor(pes, dtype=torch.int32, device=self.flags.device)
         # Every PE allocates the send buffer, or none does: symmetric allocation is collective.
         self.any_put = _any_rank(not all(reach), self.flags.device)
+        # Every peer by loads and stores: each token crosses to a PE once (dedup_kernels.py, pair
+        # staging); with put peers, one row per slot (the put kernels move slots).
+        self.dedup = not self.any_put
+        if self.dedup:
+            Q = self.n * max_tokens  # row src * T_max + t: token t of PE src
+            self.pair_rows = sym((2, Q, hidden), dtype)
+            self.pair_meta = sym((2, Q, top_k + 1), torch.int64)
+            self.pair_w = sym((2, Q, top_k), torch.float32)
+            self.pair_ret = sym((2, Q, hidden), dtype)
+            self.pair_ret_w = sym((2, Q, top_k), torch.float32)
+            # fp8 rows (e4m3 bytes in the first bytes of pair_rows) and their scales
+            self.pair_scales = (
+                sym((2, Q, hidden // 128), torch.float32) if hidden % 128 == 0 else None
+            )
+        else:
+            self.fwd_rows = sym((2, capacity, hidden), dtype)
+            self.fwd_meta = sym((2, capacity), torch.int64)
+            self.ret_rows = sym((2, self.max_slots, hidden), dtype)
         if self.any_put:
             self.send_rows = sym((max(capacity, self.max_slots), hidden), dtype)
             self.send_meta = sym((self.max_slots,), torch.int64)
@@ -154,8 +175,19 @@ class SymmetricWorkspace:
                 device=t.device,
             )
 
-        self.fwd_rows_at, self.fwd_meta_at = addresses(self.fwd_rows), addresses(self.fwd_meta)
-        self.ret_rows_at, self.counts_at = addresses(self.ret_rows), addresses(self.counts)
+        if self.dedup:
+            self.pair_rows_at, self.pair_meta_at = addresses(self.pair_rows), addresses(
+                self.pair_meta
+            )
+            self.pair_w_at, self.pair_ret_at = addresses(self.pair_w), addresses(self.pair_ret)
+            self.pair_ret_w_at = addresses(self.pair_ret_w)
+            self.pair_scales_at = (
+                addresses(self.pair_scales) if self.pair_scales is not None else self.pair_w_at
+            )
+        else:
+            self.fwd_rows_at, self.fwd_meta_at = addresses(self.fwd_rows), addresses(self.fwd_meta)
+            self.ret_rows_at = addresses(self.ret_rows)
+        self.counts_at = addresses(self.counts)
         # flags: one address per (parity, channel, peer)
         peers = peer_views(self.flags)
         self.flags_at = torch.tensor(

@@ -16,7 +16,7 @@ hidden."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,8 @@ from ...routing import RoutingPlan
 from ..base import Transport
 from ..options import NvshmemOptions
 from ..permute import slot_weight_grad
+from ..fp8 import quantize_rows
+from . import dedup_kernels as D_
 from . import kernels as K_
 from . import put_kernels as P_
 from .device_lib import extern_libs, install_module_init_hook
@@ -64,6 +66,8 @@ class NvshmemTransport(Transport):
         *,
         hidden_size: int | None = None,
         dtype: torch.dtype | None = None,
+        dispatch_dtype: str = "bf16",
+        num_comm_sms: int | None = None,
     ):
         """Needs torch.distributed initialised (NVSHMEM's uid bootstrap rides on it; the factory,
         build_transport, starts a world of one where there is none) and options.bootstrap set.
@@ -86,6 +90,10 @@ class NvshmemTransport(Transport):
         self.capacity = options.recv_capacity or options.max_tokens_per_rank * top_k * self.ep_size
         self.timeout_ns = int(options.peer_timeout_s * 1e9)
         self.peer_path = options.peer_path
+        self.fp8 = dispatch_dtype == "fp8_e4m3"
+        self.sent_rows_N = None  # dedup path: rows the latest dispatch sent to each PE (device)
+        # Programs (SMs) each row-moving kernel may occupy: the rest stay free for compute.
+        self.num_comm_sms = K_.DEFAULT_COMM_SMS if num_comm_sms is None else num_comm_sms
         self._put_libs = None  # NVSHMEM's device bitcode, looked up when a workspace has put peers
         self.error_flags = DeviceErrorFlags("moe", device)
         self.calls = 0
@@ -127,6 +135,10 @@ class NvshmemTransport(Transport):
             self._workspaces[key] = ws
         return self._workspaces[key]
 
+    def segment_grid(self, ws: SymmetricWorkspace, H: int) -> tuple[int]:
+        work = ws.n * self.num_local_experts * SEGMENT_SPLIT * K_.row_chunks(H)
+        return K_.comm_grid(work, self.num_comm_sms)
+
     def memory_bytes_per_pe(self) -> int:
         """Symmetric memory this transport's workspaces take on every PE (see
         SymmetricWorkspace)."""
@@ -145,10 +157,23 @@ class NvshmemTransport(Transport):
             raise ValueError(
                 f"plan has {K} slots per token, transport was sized for top_k={self.top_k}"
             )
+        ws = self.workspace(x_TH.dtype, x_TH.shape[1])
+        if ws.dedup:  # every peer P2P: each token crosses to a PE once
+            tokens, counts_G, local_w, box = _DedupDispatch.apply(x_TH, plan.weights_TK, self, plan)
+            return tokens, counts_G, replace(box.handle, local_w_QK=local_w)
+        if self.fp8:
+            raise RuntimeError(
+                f"MoE layer '{self.error_flags.layer_name}': dispatch_dtype='fp8_e4m3' on the"
+                " nvshmem transport needs every peer reachable by loads and stores (P2P); this EP"
+                " group has put peers, whose path sends rows in the activation dtype. Use"
+                " transport='collective' or dispatch_dtype='bf16'."
+            )
         tokens, counts_G, handle_box = _Dispatch.apply(x_TH, self, plan)
         return tokens, counts_G, handle_box.handle
 
-    def _combine(self, y_CH: torch.Tensor, handle: NvshmemHandle) -> torch.Tensor:
+    def _combine(self, y_CH: torch.Tensor, handle) -> torch.Tensor:
+        if isinstance(handle, DedupHandle):
+            return _DedupCombine.apply(y_CH, handle.weights_TK, handle.local_w_QK, self, handle)
         return _Combine.apply(y_CH, handle.weights_TK, self, handle)
 
     # -- the steps of a call, in order
@@ -248,7 +273,7 @@ class NvshmemTransport(Transport):
         S = dest_rank_S.numel()
         if S:
             offs_E, overflow_N, _, _, rank_S = layout if layout is not None else (dest_pos_S,) * 5
-            K_.push_slots_kernel[(S, K_.row_chunks(H))](
+            K_.push_slots_kernel[K_.comm_grid(S * K_.row_chunks(H), self.num_comm_sms)](
                 rows_TH,
                 scale_S if scale_S is not None else dest_pos_S,
                 idx_S if idx_S is not None else dest_pos_S,
@@ -265,13 +290,14 @@ class NvshmemTransport(Transport):
                 self.num_local_experts,
                 self.top_k,
                 H,
+                S,
                 COMPUTE_DEST=layout is not None,
                 SCALE=scale_S is not None,
                 HAS_PUT=ws.any_put,
                 BLOCK=K_.ROW_BLOCK,
             )
             if ws.any_put:
-                P_.put_rows_kernel[(S, K_.row_chunks(H))](
+                P_.put_rows_kernel[K_.comm_grid(S * K_.row_chunks(H), self.num_comm_sms)](
                     rows_TH,
                     scale_S if scale_S is not None else dest_pos_S,
                     dest_rank_S,
@@ -284,6 +310,7 @@ class NvshmemTransport(Transport):
                     ws.fwd_meta[p].data_ptr(),
                     self.top_k,
                     H,
+                    S,
                     SCALE=scale_S is not None,
                     HAS_META=slot_of_row_C is not None,
                     BLOCK=K_.ROW_BLOCK,
@@ -294,9 +321,7 @@ class NvshmemTransport(Transport):
         )  # dispatch: COUNT came first
         if ws.n > 1:
             has_meta = slot_of_row_C is not None
-            K_.copy_segments_kernel[
-                (ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))
-            ](
+            K_.copy_segments_kernel[self.segment_grid(ws, H)](
                 ws.fwd_rows[p],
                 out_CH,
                 ws.fwd_meta[p],
@@ -323,9 +348,7 @@ class NvshmemTransport(Transport):
         rows_CH = rows_CH.to(ws.dtype).contiguous()
         H = rows_CH.shape[1]
         if ws.n > 1:
-            K_.return_segments_kernel[
-                (ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))
-            ](
+            K_.return_segments_kernel[self.segment_grid(ws, H)](
                 rows_CH,
                 h.slot_of_row_C,
                 h.seg_2NG,
@@ -340,9 +363,7 @@ class NvshmemTransport(Transport):
                 BLOCK=K_.ROW_BLOCK,
             )
             if ws.any_put:
-                P_.put_return_kernel[
-                    (ws.n * self.num_local_experts, SEGMENT_SPLIT, K_.row_chunks(H))
-                ](
+                P_.put_return_kernel[self.segment_grid(ws, H)](
                     rows_CH,
                     h.slot_of_row_C,
                     h.seg_2NG,
@@ -365,7 +386,7 @@ class NvshmemTransport(Transport):
             torch.empty(T, K, H, device=rows_CH.device, dtype=rows_CH.dtype) if keep_slots else None
         )
         if T:
-            K_.gather_reduce_kernel[(T, K_.row_chunks(H))](
+            K_.gather_reduce_kernel[K_.comm_grid(T * K_.row_chunks(H), self.num_comm_sms)](
                 rows_CH,
                 ws.ret_rows[p],
                 h.dest_rank_S,
@@ -376,6 +397,7 @@ class NvshmemTransport(Transport):
                 ws.me,
                 K,
                 H,
+                T,
                 HAS_W=weights_TK is not None,
                 KEEP_SLOTS=keep_slots,
                 BLOCK=K_.ROW_BLOCK,
@@ -386,7 +408,7 @@ class NvshmemTransport(Transport):
 class _HandleBox:
     """Carries the handle out of an autograd Function (Functions return tensors only)."""
 
-    handle: NvshmemHandle = None
+    handle = None
 
 
 class _Dispatch(torch.autograd.Function):
@@ -461,3 +483,174 @@ class _Combine(torch.autograd.Function):
             scale_S=weights_TK.contiguous().view(-1),
         )
         return grad_y, grad_w, None, None
+
+
+# -- the deduplicated path (every peer P2P): dedup_kernels.py, DEDUP.md ---------------------------
+
+
+@dataclass(frozen=True)
+class DedupHandle:
+    weights_TK: torch.Tensor
+    local_w_QK: torch.Tensor | None  # per staged pair: its slots' weights (autograd: to weights_TK)
+    dest_rank_S: torch.Tensor  # per slot: receiving PE, -1 = not sent
+    dest_pos_S: torch.Tensor  # per slot: expert-major row at the receiver
+    local_meta_QK: torch.Tensor  # per staged pair received: its slots' rows here, -1 = none
+    num_tokens: int
+    top_k: int
+    ws: SymmetricWorkspace
+
+
+def _dedup_push(tr, ws, p, src, own_src, scales, w_TK, h_rank, h_pos, own_out, *, meta, scale_own,
+                ahead):  # fmt: skip
+    T, H = own_src.shape
+    sent = torch.zeros(ws.n, dtype=torch.int64, device=own_src.device)
+    if T:
+        D_.push_pairs_kernel[K_.comm_grid(T * K_.row_chunks(H), tr.num_comm_sms)](
+            src, own_src, scales if scales is not None else w_TK, w_TK, h_rank, h_pos,
+            ws.pair_rows_at[p], ws.pair_scales_at[p], ws.pair_meta_at[p], ws.pair_w_at[p],
+            own_out, ws.epoch_dev, sent, ws.me, T, tr.top_k, H, ws.max_tokens,
+            EPOCH_AHEAD=ahead, HAS_SCALES=scales is not None, HAS_META=meta, SCALE_OWN=scale_own,
+            KB=triton.next_power_of_2(tr.top_k), BLOCK=K_.ROW_BLOCK,
+        )  # fmt: skip
+    return sent
+
+
+def _dedup_expand(tr, ws, p, out, local_meta, local_w, *, fp8=False, keep=False, scale=False,
+                  y=None, grad_lw=None):  # fmt: skip
+    H = out.shape[1]
+    Q = ws.n * ws.max_tokens
+    staged = ws.pair_rows[p].view(torch.float8_e4m3fn) if fp8 else ws.pair_rows[p]
+    blocks = triton.cdiv(Q - ws.max_tokens, D_.ROW_SCAN)
+    D_.expand_pairs_kernel[K_.comm_grid(blocks, tr.num_comm_sms)](
+        staged, ws.pair_scales[p] if fp8 else local_w, ws.pair_meta[p], ws.pair_w[p], out,
+        local_meta, local_w, y if y is not None else out,
+        grad_lw if grad_lw is not None else local_w, ws.epoch_dev,
+        ws.me, tr.top_k, H, ws.max_tokens, Q,
+        HAS_SCALES=fp8, KEEP_META=keep, SCALE=scale, DOTS=grad_lw is not None,
+        KB=triton.next_power_of_2(tr.top_k), RB=D_.ROW_SCAN, BLOCK=K_.ROW_BLOCK,
+    )  # fmt: skip
+
+
+def _dedup_return(tr, h: DedupHandle, rows_CH, *, w_QK=None, grad_lw=None, weights_TK=None,
+                  grad_w=None):  # fmt: skip
+    """Combine direction: one (weighted) partial row per staged pair back to its owner (with the
+    pair's weight gradients when grad_lw is given), flag, wait; then the owner's sum. Returns
+    out_TH (and fills grad_w's peer slots when given)."""
+    ws = h.ws
+    p = tr.new_call(ws)
+    H = rows_CH.shape[1]
+    Q = ws.n * ws.max_tokens
+    KB = triton.next_power_of_2(tr.top_k)
+    blocks = triton.cdiv(Q - ws.max_tokens, D_.ROW_SCAN)
+    D_.reduce_pairs_kernel[K_.comm_grid(blocks, tr.num_comm_sms)](
+        rows_CH, h.local_meta_QK, w_QK if w_QK is not None else h.local_meta_QK,
+        ws.pair_ret_at[p], grad_lw if grad_lw is not None else h.local_meta_QK,
+        ws.pair_ret_w_at[p], ws.me, tr.top_k, H, ws.max_tokens, Q,
+        HAS_W=w_QK is not None, SEND_W=grad_lw is not None, KB=KB, RB=D_.ROW_SCAN,
+        BLOCK=K_.ROW_BLOCK,
+    )  # fmt: skip
+    tr._signal_and_wait(ws, RETURN, p, first_of_call=True)
+    T = h.num_tokens
+    out_TH = torch.empty(T, H, device=rows_CH.device, dtype=rows_CH.dtype)
+    if T:
+        D_.gather_pairs_kernel[K_.comm_grid(T * K_.row_chunks(H), tr.num_comm_sms)](
+            rows_CH, ws.pair_ret[p], h.dest_rank_S, h.dest_pos_S,
+            weights_TK if weights_TK is not None else h.dest_pos_S, out_TH, ws.pair_ret_w[p],
+            grad_w if grad_w is not None else out_TH, ws.me, T, tr.top_k, H, ws.max_tokens,
+            HAS_W=weights_TK is not None, GATHER_W=grad_w is not None, KB=KB, BLOCK=K_.ROW_BLOCK,
+        )  # fmt: skip
+    return out_TH
+
+
+class _DedupDispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TH, weights_TK, tr: NvshmemTransport, plan: RoutingPlan):
+        T, K = plan.expert_idx_TK.shape
+        x_TH = x_TH.contiguous()
+        dev, H = x_TH.device, x_TH.shape[1]
+        ws = tr.workspace(x_TH.dtype, H)
+        idx_S = plan.expert_idx_TK.reshape(-1).contiguous()
+        p = tr.new_call(ws)  # the count exchange and the rows share this call's epoch
+        offs_E, overflow_N, counts_G, _, rank_S = tr.route_and_layout(ws, idx_S, p)
+        dest_rank_S = torch.empty(T * K, dtype=torch.int64, device=dev)
+        dest_pos_S = torch.empty(T * K, dtype=torch.int64, device=dev)
+        if T:
+            D_.slot_destinations_kernel[K_.comm_grid(T * K, tr.num_comm_sms)](
+                idx_S, rank_S, offs_E, overflow_N, dest_rank_S, dest_pos_S,
+                tr.num_local_experts, T * K,
+            )  # fmt: skip
+        src, scales = x_TH, None
+        if tr.fp8 and T:
+            q, scales = quantize_rows(x_TH)  # e4m3 + float32 scales; own slots get x exactly
+            src = q.view(torch.float8_e4m3fn)
+        w_TK = weights_TK.detach().float().contiguous()
+        out_CH = torch.empty(ws.capacity, H, device=dev, dtype=x_TH.dtype)
+        # rows sent to each PE (device counter, no sync): distinct (token, peer) pairs
+        tr.sent_rows_N = _dedup_push(tr, ws, p, src, x_TH, scales, w_TK, dest_rank_S, dest_pos_S,
+                                     out_CH, meta=True, scale_own=False, ahead=False)  # fmt: skip
+        tr._signal_and_wait(ws, FORWARD, p, first_of_call=False)
+        Q = ws.n * ws.max_tokens
+        local_meta = torch.full((Q, K), -1, dtype=torch.int64, device=dev)
+        local_w = torch.zeros(Q, K, dtype=torch.float32, device=dev)
+        _dedup_expand(tr, ws, p, out_CH, local_meta, local_w, fp8=tr.fp8, keep=True)
+        box = _HandleBox()
+        box.handle = DedupHandle(weights_TK, None, dest_rank_S, dest_pos_S, local_meta, T, K, ws)
+        ctx.tr, ctx.handle = tr, box.handle
+        ctx.mark_non_differentiable(counts_G)
+        return out_CH, counts_G, local_w, box
+
+    @staticmethod
+    def backward(ctx, grad_tokens_CH, _grad_counts, grad_local_w, _grad_box):
+        # grad x[t] = sum over t's sent slots of their rows' gradients: reduced at the expert PE,
+        # one row per (token, PE) back; the weights' gradients of peer slots travel beside.
+        tr, h = ctx.tr, ctx.handle
+        rows = grad_tokens_CH.to(h.ws.dtype).contiguous()
+        want_w = ctx.needs_input_grad[1] and grad_local_w is not None
+        grad_w = (
+            torch.zeros(h.num_tokens, h.top_k, dtype=torch.float32, device=rows.device)
+            if want_w
+            else None
+        )
+        glw = grad_local_w.float().contiguous() if want_w else None
+        grad_x = _dedup_return(tr, h, rows, grad_lw=glw, grad_w=grad_w)
+        if grad_w is not None:
+            grad_w = grad_w.to(h.weights_TK.dtype)
+        return grad_x, grad_w, None, None
+
+
+class _DedupCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_CH, weights_TK, local_w_QK, tr: NvshmemTransport, h: DedupHandle):
+        rows = y_CH.to(h.ws.dtype).contiguous()
+        w_TK = weights_TK.detach().float().contiguous()
+        out_TH = _dedup_return(tr, h, rows, w_QK=local_w_QK.detach().contiguous(), weights_TK=w_TK)
+        ctx.save_for_backward(rows, weights_TK, local_w_QK)
+        ctx.tr, ctx.h = tr, h
+        return out_TH
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        rows_CH, weights_TK, local_w_QK = ctx.saved_tensors
+        tr, h = ctx.tr, ctx.h
+        ws = h.ws
+        g = grad_TH.to(ws.dtype).contiguous()
+        T, K = h.num_tokens, h.top_k
+        # Dispatch direction: g[t] once per (token, PE), each slot's row scaled by its weight at
+        # the expert PE, where <y(t, k), g[t]> (the weight's gradient) is also taken.
+        p = tr.new_call(ws)
+        grad_y = torch.empty(ws.capacity, g.shape[1], device=g.device, dtype=ws.dtype)
+        w_TK = weights_TK.detach().float().contiguous()
+        _dedup_push(tr, ws, p, g, g, None, w_TK, h.dest_rank_S, h.dest_pos_S, grad_y,
+                    meta=False, scale_own=True, ahead=True)  # fmt: skip
+        tr._signal_and_wait(ws, FORWARD, p, first_of_call=True)
+        grad_lw = torch.zeros_like(local_w_QK, dtype=torch.float32)
+        _dedup_expand(tr, ws, p, grad_y, h.local_meta_QK, local_w_QK.detach().contiguous(),
+                      scale=True, y=rows_CH, grad_lw=grad_lw)  # fmt: skip
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # own slots' weights: their rows are here
+            own_TK = (h.dest_rank_S == ws.me).view(T, K)
+            pos_S = torch.where(own_TK.reshape(-1), h.dest_pos_S, 0)
+            y_TKH = rows_CH.index_select(0, pos_S).view(T, K, rows_CH.shape[1])
+            dots = (y_TKH.float() * g.float().unsqueeze(1)).sum(-1)
+            grad_w = torch.where(own_TK, dots, 0.0).to(weights_TK.dtype)
+        return grad_y, grad_w, grad_lw if ctx.needs_input_grad[2] else None, None, None

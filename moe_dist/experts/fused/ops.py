@@ -1,0 +1,284 @@
+"""The fused expert path's pieces as torch.library custom ops: opaque to torch.compile (no graph
+breaks, no data-dependent shapes: every output is sized from input shapes), Triton on CUDA (and on
+CPU tensors under TRITON_INTERPRET=1, for the tests), the plain-torch oracle (reference.py)
+otherwise.
+
+Legend: T tokens, H hidden, K slots per token, S = T*K slots, R = S expert-major rows, E experts,
+G groups (= experts here), N/Kd a GEMM's out/in features.
+"""
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from . import reference as ref
+
+# The interpreter runs the Triton kernels on CPU tensors: tests check them against the oracle.
+_TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or _TRITON_ON_CPU
+
+
+def custom_op(name: str):
+    """torch.library.custom_op, keeping the plain function as `.eager`: `call` uses it outside
+    torch.compile, skipping the dispatcher's Python round trip (tens of microseconds a call, on
+    the critical path between small kernels)."""
+
+    def wrap(fn):
+        op = torch.library.custom_op(f"moe_dist::{name}", mutates_args=())(fn)
+        op.eager = fn
+        return op
+
+    return wrap
+
+
+def call(op, *args):
+    return op(*args) if torch.compiler.is_compiling() else op.eager(*args)
+
+
+_TUNED: dict = {}
+
+
+def _tuned(kernel, kind: str, H: int, KP: int = 1):
+    """(launchable, meta): on a GPU the row kernels pick their tile by Triton's autotuner (they are
+    pure functions of their inputs, so the trial runs are harmless); the interpreter gets one
+    fixed tile."""
+    if _TRITON_ON_CPU:
+        block = min(_pow2(H), 16)  # several column tiles and a masked tail on small H
+        return kernel, dict(BLOCK_H=block, ROWS=4) if kind == "gather" else dict(BLOCK_H=block)
+    if kind not in _TUNED:
+        if kind == "gather":
+            configs = [
+                triton.Config(dict(ROWS=r, BLOCK_H=b), num_warps=w)
+                for r, b, w in [(4, 1024, 4), (8, 1024, 8), (16, 512, 8)]
+            ]
+            key = ["H"]
+        else:
+            configs = [
+                triton.Config(dict(BLOCK_H=b), num_warps=w)
+                for b, w in [(256, 4), (512, 4), (1024, 8)]
+            ]
+            key = ["H", "K"]
+        _TUNED[kind] = triton.autotune(configs=configs, key=key)(kernel)
+    return _TUNED[kind], {}
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+# -- counting sort: expert ids -> row of each slot ------------------------------------------------
+@custom_op("sort_slots")
+def sort_slots(
+    idx_TK: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pos_TK int32, row_slot_R int32, counts_E int64, ends_E int32): the stable order of the
+    slots by expert that argsort would give, by a counting sort (three small kernels)."""
+    if not _triton(idx_TK):
+        return ref.sort_slots(idx_TK, num_experts)
+    from .kernels import SCAN_ROWS, SLOT_BLOCK, SLOT_CHUNK, slot_hist_kernel
+    from .kernels import slot_rank_kernel, slot_scan_kernel
+
+    idx_S = idx_TK.reshape(-1).contiguous()
+    S, E, dev = idx_S.numel(), num_experts, idx_TK.device
+    EP = _pow2(E + 1)
+    pos = torch.empty(S, dtype=torch.int32, device=dev)
+    row_slot = torch.empty(S, dtype=torch.int32, device=dev)
+    counts = torch.empty(E, dtype=torch.int64, device=dev)
+    ends = torch.empty(E, dtype=torch.int32, device=dev)
+    NB = triton.cdiv(S, SLOT_BLOCK)
+    hist = torch.empty(max(NB, 1), EP, dtype=torch.int32, device=dev)
+    base = torch.empty_like(hist)
+    if NB:
+        slot_hist_kernel[(NB,)](idx_S, S, E, hist, EP=EP, BLOCK=SLOT_BLOCK)
+    slot_scan_kernel[(1,)](hist, NB, E, base, counts, ends, EP=EP, ROWS=SCAN_ROWS)
+    if NB:
+        slot_rank_kernel[(NB,)](
+            idx_S, S, E, base, pos, row_slot, EP=EP, BLOCK=SLOT_BLOCK, CHUNK=SLOT_CHUNK
+        )
+    return pos.view(idx_TK.shape), row_slot, counts, ends
+
+
+@sort_slots.register_fake
+def _(idx_TK, num_experts):
+    S = idx_TK.numel()
+    new = idx_TK.new_empty
+    return (
+        new(idx_TK.shape, dtype=torch.int32),
+        new(S, dtype=torch.int32),
+        new(num_experts, dtype=torch.int64),
+        new(num_experts, dtype=torch.int32),
+    )
+
+
+# -- rows: gather (token -> expert-major) and gather-reduce (expert-major -> token) ---------------
+@custom_op("gather_rows")
+def gather_rows(
+    x_TH: torch.Tensor, row_slot_R: torch.Tensor, ends_E: torch.Tensor, k: int
+) -> torch.Tensor:
+    """out[r] = x[row_slot[r] // k] for used rows; rows past ends[-1] are left unwritten on the
+    Triton path (nothing reads them)."""
+    if not _triton(x_TH):
+        return ref.gather_rows(x_TH, row_slot_R, ends_E, k)
+    from .kernels import gather_rows_kernel
+
+    x_TH = x_TH.contiguous()
+    R, H = row_slot_R.numel(), x_TH.shape[1]
+    out = x_TH.new_empty(R, H)
+    if R and H:
+        kernel, meta = _tuned(gather_rows_kernel, "gather", H)
+        grid = lambda m: (triton.cdiv(R, m["ROWS"]), triton.cdiv(H, m["BLOCK_H"]))  # noqa: E731
+        kernel[grid](x_TH, row_slot_R, ends_E, out, ends_E.numel(), H, k, **meta)
+    return out
+
+
+@gather_rows.register_fake
+def _(x_TH, row_slot_R, ends_E, k):
+    return x_TH.new_empty(row_slot_R.numel(), x_TH.shape[1])
+
+
+@custom_op("reduce_rows")
+def reduce_rows(
+    y_RH: torch.Tensor, pos_TK: torch.Tensor, vals_R: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out_TH, vals_TK): out[t] = sum_k y[pos[t, k]] accumulated in fp32, in y's dtype; unused
+    slots (pos -1) add nothing and read nothing. vals_TK[t, k] = vals[pos[t, k]] (0 if unused;
+    an empty tensor when vals is None)."""
+    if not _triton(y_RH):
+        return ref.reduce_rows(y_RH, pos_TK, vals_R)
+    from .kernels import reduce_rows_kernel
+
+    y_RH = y_RH.contiguous()
+    T, K = pos_TK.shape
+    H = y_RH.shape[1]
+    out = y_RH.new_empty(T, H)
+    has_vals = vals_R is not None
+    vals_TK = (
+        torch.empty(T, K, dtype=vals_R.dtype, device=y_RH.device)
+        if has_vals
+        else y_RH.new_empty(0, dtype=torch.float32)
+    )
+    if T:
+        KP = max(_pow2(K), 2)
+        kernel, meta = _tuned(reduce_rows_kernel, "reduce", H, KP)
+        grid = lambda m: (T, triton.cdiv(H, m["BLOCK_H"]))  # noqa: E731
+        kernel[grid](
+            y_RH,
+            pos_TK.contiguous(),
+            out,
+            vals_R if has_vals else out,
+            vals_TK if has_vals else out,
+            H,
+            K=K,
+            KP=KP,
+            HAS_VALS=has_vals,
+            **meta,
+        )
+    return out, vals_TK
+
+
+@reduce_rows.register_fake
+def _(y_RH, pos_TK, vals_R):
+    T, K = pos_TK.shape
+    out = y_RH.new_empty(T, y_RH.shape[1])
+    if vals_R is None:
+        return out, y_RH.new_empty(0, dtype=torch.float32)
+    return out, vals_R.new_empty(T, K)
+
+
+# -- SwiGLU with the combine weight folded in ------------------------------------------------------
+@custom_op("swiglu_rows")
+def swiglu_rows(
+    h_R2F: torch.Tensor, w_S: torch.Tensor, row_slot_R: torch.Tensor, ends_E: torch.Tensor
+) -> torch.Tensor:
+    """a[r] = w[row_slot[r]] * silu(gate[r]) * up[r] for used rows (h = [gate | up])."""
+    if not _triton(h_R2F):
+        return ref.swiglu_rows(h_R2F, w_S, row_slot_R, ends_E)
+    from .kernels import swiglu_rows_fwd_kernel
+
+    h_R2F = h_R2F.contiguous()
+    R, F = h_R2F.shape[0], h_R2F.shape[1] // 2
+    out = h_R2F.new_empty(R, F)
+    if R and F:
+        block = min(_pow2(F), 1024)
+        swiglu_rows_fwd_kernel[(R, triton.cdiv(F, block))](
+            h_R2F, w_S.contiguous(), row_slot_R, ends_E, out, ends_E.numel(), F, BLOCK=block
+        )
+    return out
+
+
+@swiglu_rows.register_fake
+def _(h_R2F, w_S, row_slot_R, ends_E):
+    return h_R2F.new_empty(h_R2F.shape[0], h_R2F.shape[1] // 2)
+
+
+@custom_op("swiglu_rows_backward")
+def swiglu_rows_backward(
+    h_R2F: torch.Tensor,
+    da_RF: torch.Tensor,
+    w_S: torch.Tensor,
+    row_slot_R: torch.Tensor,
+    ends_E: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh_R2F, dw_R): the backward of swiglu_rows, dw[r] = <silu(gate[r]) * up[r], da[r]>."""
+    if not _triton(h_R2F):
+        return ref.swiglu_rows_backward(h_R2F, da_RF, w_S, row_slot_R, ends_E)
+    from .kernels import swiglu_rows_bwd_kernel
+
+    h_R2F, da_RF = h_R2F.contiguous(), da_RF.contiguous()
+    R, F = h_R2F.shape[0], h_R2F.shape[1] // 2
+    dh = torch.empty_like(h_R2F)
+    dw = torch.empty(R, dtype=torch.float32, device=h_R2F.device)
+    if R and F:
+        block = min(_pow2(F), 1024)
+        swiglu_rows_bwd_kernel[(R,)](
+            h_R2F, da_RF, w_S.contiguous(), row_slot_R, ends_E, dh, dw, ends_E.numel(), F,
+            BLOCK=block,
+        )  # fmt: skip
+    return dh, dw
+
+
+@swiglu_rows_backward.register_fake
+def _(h_R2F, da_RF, w_S, row_slot_R, ends_E):
+    return torch.empty_like(h_R2F), h_R2F.new_empty(h_R2F.shape[0], dtype=torch.float32)
+
+
+# -- grouped GEMMs ---------------------------------------------------------------------------------
+@custom_op("grouped_mm")
+def grouped_mm(a_RK: torch.Tensor, b_GKN: torch.Tensor, ends_G: torch.Tensor) -> torch.Tensor:
+    """out[rows of g] = a[rows of g] @ b[g]; rows past ends[-1] are not computed.
+    torch._grouped_mm where it runs (CUDA bf16, CPU fp32), else a per-group loop."""
+    if _grouped_ok(a_RK, b_GKN):
+        return torch._grouped_mm(a_RK, b_GKN, offs=ends_G)
+    return ref.grouped_mm(a_RK, b_GKN, ends_G)
+
+
+@grouped_mm.register_fake
+def _(a_RK, b_GKN, ends_G):
+    return a_RK.new_empty(a_RK.shape[0], b_GKN.shape[2])
+
+
+@custom_op("grouped_mm_wgrad")
+def grouped_mm_wgrad(a_RN: torch.Tensor, b_RK: torch.Tensor, ends_G: torch.Tensor) -> torch.Tensor:
+    """out[g] = a[rows of g]^T @ b[rows of g] ([G, N, Kd]; zero for an empty group): the weight
+    gradient of grouped_mm."""
+    if _grouped_ok(a_RN, b_RK):
+        return torch._grouped_mm(a_RN.t(), b_RK, offs=ends_G)
+    return ref.grouped_mm_wgrad(a_RN, b_RK, ends_G)
+
+
+@grouped_mm_wgrad.register_fake
+def _(a_RN, b_RK, ends_G):
+    return a_RN.new_empty(ends_G.shape[0], a_RN.shape[1], b_RK.shape[1])
+
+
+def _grouped_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or a.dtype != b.dtype:
+        return False
+    if a.is_cuda:
+        return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (9, 0)
+    return a.dtype == torch.float32 and all(d % 4 == 0 for d in (*a.shape[1:], *b.shape[1:]))
