@@ -35,8 +35,10 @@ def _cfg(**kw):
 def _build(c, timeout_s: float):
     """An EP=2 layer whose transport waits at most timeout_s for a peer."""
     from moe_dist import MoELayer, ParallelGroups
+    from moe_dist.transport import TransportOptions
 
-    return MoELayer(c.replace(peer_timeout_s=timeout_s), ParallelGroups(ep_size=2), name="moe.3")
+    options = TransportOptions(peer_timeout_s=timeout_s)
+    return MoELayer(c, ParallelGroups(ep_size=2), name="moe.3", transport_options=options)
 
 
 def _layer(timeout_s: float, **kw):

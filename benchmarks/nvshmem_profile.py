@@ -7,12 +7,12 @@ shape, kernels by GPU time and the host time per call (launch-bound or bandwidth
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 
 from benchmarks.transport import random_plan
-from moe_dist import MoEConfig
 
 
 def main(argv=None):
@@ -32,8 +32,10 @@ def main(argv=None):
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
     T, H, K, E = args.tokens, args.hidden, args.top_k, args.experts
-    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=E, top_k=K, max_tokens_per_rank=T)
-    tr = NvshmemTransport(E, None, dev, cfg)
+    from moe_dist.transport import NvshmemOptions
+
+    nv = NvshmemOptions.from_env(os.environ, max_tokens_per_rank=T)
+    tr = NvshmemTransport(E, K, None, dev, nv)
     x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
     plan = random_plan(T, E, K, dev, torch.Generator().manual_seed(0))
 

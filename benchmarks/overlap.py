@@ -29,6 +29,7 @@ import torch.distributed as dist
 from benchmarks.common import save_results, time_ms
 from moe_dist import MoEConfig, MoELayer, ParallelGroups
 from moe_dist.overlap import pipelined_moe
+from moe_dist.transport import NvshmemOptions, TransportOptions
 from moe_dist.parallel import init_distributed
 
 MODES = ("fwd", "fwd_bwd")
@@ -104,13 +105,15 @@ def main(argv=None) -> None:
         top_k=args.top_k,
         num_shared_experts=args.shared,
         transport=args.transport,
-        max_tokens_per_rank=max(T, 1),
         router_bias_update_rate=0.0,
         check_finite=False,
         error_check="deferred",
     )  # no host sync
     torch.manual_seed(0)
-    layer = MoELayer(cfg, groups, device=device, dtype=dtype)
+    options = TransportOptions(
+        nvshmem=NvshmemOptions.from_env(os.environ, max_tokens_per_rank=max(T, 1))
+    )
+    layer = MoELayer(cfg, groups, transport_options=options, device=device, dtype=dtype)
     tr = layer.transport
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(T, H, generator=gen).to(device, dtype)
@@ -146,7 +149,7 @@ def main(argv=None) -> None:
         }
         for C in chunk_counts:
             t_ov = timed(
-                lambda: pipelined_moe(layer, x_g, plan, num_chunks=C),
+                lambda: pipelined_moe(layer.transport, layer.experts, x_g, plan, C, layer.streams),
                 mode,
                 ones,
                 args.iters,
@@ -176,7 +179,7 @@ def main(argv=None) -> None:
     shared = {}
     for mode in MODES:
         t_routed = timed(
-            lambda: layer.routed_experts(x_g, layer.route(x_g)), mode, ones, args.iters, warmup
+            lambda: layer.routed_pass(x_g)[0], mode, ones, args.iters, warmup
         )
         t_shared = timed(lambda: layer.shared_experts(x_g), mode, ones, args.iters, warmup)
         res = {"t_routed_ms": t_routed, "t_shared_ms": t_shared}

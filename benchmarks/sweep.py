@@ -43,7 +43,7 @@ import torch.distributed as dist
 from benchmarks.common import save_results, time_ms
 from benchmarks.peers import deepspeed_like
 from moe_dist import MoEConfig, MoELayer, ParallelGroups
-from moe_dist.transport import nvshmem_unavailable_reason
+from moe_dist.transport import NvshmemOptions, TransportOptions, nvshmem_unavailable_reason
 from moe_dist.transport.permute import sort_slots_by_expert
 
 TRANSPORTS = ("local", "collective", "nvshmem", "auto")
@@ -192,10 +192,14 @@ def build_layer(ctx: Ctx, p: Point, transport: str) -> MoELayer:
         norm_topk_prob=p.top_k > 1,  # DeepSpeed's top-1 gate keeps the raw probability
         aux_loss_coef=0.0,
         transport=transport,
-        max_tokens_per_rank=ctx.max_tokens,
         error_check="deferred",
     )  # the no-sync path; an error shows as a mismatch with the reference
-    return MoELayer(cfg, ctx.groups, device=ctx.device, dtype=ctx.dtype)
+    options = TransportOptions(
+        nvshmem=NvshmemOptions.from_env(os.environ, max_tokens_per_rank=ctx.max_tokens)
+    )
+    return MoELayer(
+        cfg, ctx.groups, transport_options=options, device=ctx.device, dtype=ctx.dtype
+    )
 
 
 def deepspeed_layer(ctx: Ctx, ref: MoELayer):

@@ -17,7 +17,7 @@ expectation N * (1 - C(E - G, K) / C(E, K)) beside; bytes per token for bf16 and
 Timings: the collective transport in the activation dtype and with dispatch_dtype="fp8_e4m3"
 (hidden sizes that are multiples of 128), and the nvshmem transport where it runs. With several
 PEs, `nvshmem_put` is the nvshmem transport with every peer on the put-with-signal path
-(nvshmem_peer_path="put"), the path taken for peers without a P2P route. "GBps" is K-copies
+(NvshmemOptions(peer_path="put")), the path taken for peers without a P2P route. "GBps" is K-copies
 equivalent: bytes = 4 * T * top_k * hidden * itemsize per round trip (dispatch reads and writes
 S = T*top_k rows, combine the same), whatever the transport really moved (`rows_per_token` says
 that), so a transport that moves fewer rows shows as faster, as it is.
@@ -29,6 +29,7 @@ combine run beside it with num_comm_sms = 8, 16, 24 and all SMs; the bound on wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -156,8 +157,8 @@ def main(argv=None):
     groups = ParallelGroups(ep_size=world)
     E, K = args.experts, args.top_k
     transports = {
-        "collective": CollectiveTransport(E, groups.ep_group, groups.dp_group),
-        "collective_fp8": CollectiveTransport(E, groups.ep_group, groups.dp_group, "fp8_e4m3"),
+        "collective": CollectiveTransport(E, groups.ep_group),
+        "collective_fp8": CollectiveTransport(E, groups.ep_group, "fp8_e4m3"),
     }
     per_token = routing_counts(args.count_tokens, COUNT_HIDDEN)
     if rank == 0:
@@ -172,21 +173,20 @@ def main(argv=None):
             )
     reason = nvshmem_unavailable_reason(device)
     if reason is None:
-        from moe_dist import MoEConfig
+        from moe_dist.transport import NvshmemOptions
         from moe_dist.transport.nvshmem.transport import NvshmemTransport
 
         max_t = max(int(t) for t in args.tokens.split(","))
-        cfg = MoEConfig(
-            hidden_size=128, ffn_hidden_size=8, num_experts=E, top_k=K, max_tokens_per_rank=max_t
-        )  # hidden_size only validates: workspaces are made per row width on first use
-        transports["nvshmem"] = NvshmemTransport(E, groups, device, cfg)
+        nv = NvshmemOptions.from_env(os.environ, max_tokens_per_rank=max_t)
+        # workspaces are made per row width on first use
+        transports["nvshmem"] = NvshmemTransport(E, K, groups, device, nv)
         if fp8_unsupported_reason(device) is None:
             transports["nvshmem_fp8"] = NvshmemTransport(
-                E, groups, device, cfg.replace(dispatch_dtype="fp8_e4m3")
+                E, K, groups, device, nv, dispatch_dtype="fp8_e4m3"
             )
         if world > 1:  # the put-with-signal path (for peers without P2P), forced for every peer
             transports["nvshmem_put"] = NvshmemTransport(
-                E, groups, device, cfg.replace(nvshmem_peer_path="put")
+                E, K, groups, device, dataclasses.replace(nv, peer_path="put")
             )
     elif rank == 0:
         print(f"nvshmem skipped: {reason}")
@@ -310,8 +310,11 @@ def sm_interference(tr, device, args) -> list[dict]:
     out = []
     for sms in args.sms.split(","):
         n = all_sms if sms == "all" else int(sms)
-        cfg = tr_cfg(tr).replace(num_comm_sms=n, max_tokens_per_rank=T)
-        bounded = NvshmemTransport(tr.num_experts, None, device, cfg, torch.bfloat16)
+        nv = dataclasses.replace(tr.options, max_tokens_per_rank=T)
+        bounded = NvshmemTransport(
+            tr.num_experts, tr.top_k, None, device, nv, hidden_size=H, dtype=torch.bfloat16,
+            num_comm_sms=n,
+        )  # fmt: skip
         with torch.no_grad():
             comm_alone = time_ms(lambda: _round_trip(bounded, x, plan), 3, args.iters)["median_ms"]
             reps = max(1, int(round(comm_alone * 20 / max(gemm_alone, 1e-3))))
@@ -347,18 +350,6 @@ def sm_interference(tr, device, args) -> list[dict]:
             flush=True,
         )
     return out
-
-
-def tr_cfg(tr):
-    from moe_dist import MoEConfig
-
-    return MoEConfig(
-        hidden_size=7168,
-        ffn_hidden_size=8,
-        num_experts=tr.num_experts,
-        top_k=tr.top_k,
-        max_tokens_per_rank=tr.max_tokens,
-    )
 
 
 def _round_trip(tr, x, plan):

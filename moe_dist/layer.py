@@ -21,9 +21,9 @@ from .errors import (
     RankMismatch,
 )
 from .experts import DenseFFN, GroupedExperts, grouped_mm_supported
-from .overlap import pipelined_moe, start_shared_experts
+from .overlap import SharedExperts, StreamSet, pipelined_moe
 from .routing import Router, RoutingPlan, scale_inputs
-from .transport import build_transport
+from .transport import Transport, TransportOptions, build_transport
 from .transport.handshake import config_crc, config_fields, tensor_crc
 
 
@@ -41,11 +41,41 @@ class MoELayer(nn.Module):
     EP-invariant initialisation: the router and shared experts draw from torch's global RNG in a
     fixed order, then one base seed is drawn, and expert e is initialised from seed (base + e). So
     under one torch.manual_seed an EP=N layer holds exactly the EP=1 weights of its local experts.
+
+    The transport is given (`transport=`, e.g. from moe_dist.transport.build_transport) or built
+    here by build_transport(cfg, groups, transport_options). `streams`: the CUDA streams the
+    overlap uses (overlap.StreamSet; several layers may share one); None: the layer's own.
+
+    The sigmoid router's bias is only read here: the forward records each step's load on the
+    device (router.load_E) and moe_dist.training.router_bias updates the bias once per optimizer
+    step, so an activation-checkpoint recompute routes exactly as the forward did.
     """
 
-    def __init__(self, cfg: MoEConfig, groups=None, *, name: str = "moe", device=None, dtype=None):
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        groups=None,
+        *,
+        transport: Transport | None = None,
+        transport_options: TransportOptions | None = None,
+        streams: StreamSet | None = None,
+        name: str = "moe",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         ep_size = 1 if groups is None else groups.ep_size
+        if transport is not None:
+            if transport_options is not None:
+                raise ValueError("pass a built transport or transport_options, not both")
+            if groups is None:
+                ep_size = transport.ep_size
+            if transport.num_experts != cfg.num_experts or transport.ep_size != ep_size:
+                raise ValueError(
+                    f"the transport given moves tokens among {transport.num_experts} experts over "
+                    f"ep_size {transport.ep_size}, the layer has num_experts ({cfg.num_experts}) "
+                    f"over ep_size ({ep_size})"
+                )
         if cfg.num_experts % ep_size:
             raise ValueError(
                 f"num_experts ({cfg.num_experts}) must be divisible by ep_size ({ep_size})"
@@ -69,6 +99,7 @@ class MoELayer(nn.Module):
             if cfg.activation == "clamped_swiglu"
             else None
         )
+        self.streams = streams if streams is not None else StreamSet()
         self.router = Router(cfg, device=device, dtype=dtype)
         self.shared_experts = (
             DenseFFN(
@@ -84,7 +115,9 @@ class MoELayer(nn.Module):
             if cfg.num_shared_experts
             else None
         )
-        self.transport = build_transport(cfg.transport, cfg.num_experts, groups, device, cfg, dtype)
+        if transport is None:
+            transport = build_transport(cfg, groups, transport_options, device=device, dtype=dtype)
+        self.transport = transport
         if getattr(self.transport, "error_flags", None) is not None:
             self.transport.error_flags.layer_name = name
         context = getattr(self.transport, "context", None)  # the handshake header's identity
@@ -125,54 +158,80 @@ class MoELayer(nn.Module):
         try:
             self._begin_call()
             self._check_input(x)
-            x_TH = x.reshape(-1, x.shape[-1])
-            # On CUDA the shared experts run on a side stream from here on, while tokens route and
-            # travel.
-            shared = start_shared_experts(self, x_TH)
-            plan = self.route(x_TH)
-            self._send_device_errors()
         except Exception as e:
             self.fail_together(e)
-        out_TH = shared.add_to(self.routed_output(x_TH, plan))
-        if self.cfg.error_check == "eager":
-            # The nvshmem transport records overflow and timeouts on the device; eager mode raises
-            # them here (one host sync, only where flags exist), also those of the previous
-            # backward.
-            self.check_errors()
-        self.step += 1
+        out_TH, plan = self.routed_pass(x.reshape(-1, x.shape[-1]))
+        self.finish_step()
         return MoEOutput(out_TH.view(x.shape), plan.aux_loss, plan.tokens_per_expert_E)
 
-    def route(self, x_TH: torch.Tensor) -> RoutingPlan:
-        logits_TE = self.router.logits(x_TH)
+    def routed_pass(
+        self,
+        x_TH: torch.Tensor,
+        plan: RoutingPlan | None = None,
+        *,
+        router: Router | None = None,
+    ) -> tuple[torch.Tensor, RoutingPlan]:
+        """One routed pass: route (unless `plan` is given) -> dispatch -> experts -> combine, plus
+        the shared experts (added here and nowhere else). Chunked and overlapped when
+        cfg.num_chunks > 1 and no observer is attached. `router`: route with another router of
+        the same config (Chain-of-Experts' later passes); default self.router. Returns (out_TH,
+        plan). Collective at EP > 1: every rank calls it the same number of times."""
+        # On CUDA the shared experts run on a side stream from here on, while tokens route and
+        # travel.
+        shared = SharedExperts(
+            self.shared_experts, x_TH, self.streams, self.cfg.shared_expert_overlap
+        )
+        if plan is None:
+            try:
+                plan = self.route(x_TH, router)
+                self._send_device_errors()
+            except Exception as e:
+                self.fail_together(e)
+        # Llama 4 (cfg.scale_expert_input): each expert sees its token times the routing weight,
+        # one row per slot, and the K rows of a token are summed unweighted.
+        x_in, plan_in = scale_inputs(x_TH, plan) if self.cfg.scale_expert_input else (x_TH, plan)
+        if self.cfg.num_chunks > 1 and not self._observers:
+            out_TH = pipelined_moe(
+                self.transport,
+                self._guarded_experts,
+                x_in,
+                plan_in,
+                self.cfg.num_chunks,
+                self.streams,
+            )
+        else:
+            out_TH = self._routed_experts(x_in, plan_in)
+        if plan_in is not plan and plan.top_k > 1:
+            out_TH = out_TH.view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
+        return shared.add_to(out_TH), plan
+
+    def route(self, x_TH: torch.Tensor, router: Router | None = None) -> RoutingPlan:
+        """The routing plan of x_TH: logits, the finiteness check, selection. In training, a
+        router whose bias learns records this pass's load on the device (not inside an
+        activation-checkpoint recompute: that pass was recorded when it first ran)."""
+        router = self.router if router is None else router
+        logits_TE = router.logits(x_TH)
         if self.cfg.check_finite:
-            self._check_finite(logits_TE)
-        plan = self.router(x_TH, logits_TE)
-        if self.training and self.cfg.router == "sigmoid" and self.cfg.router_bias_update_rate > 0:
-            # The bias for the next step comes from this step's load over the whole batch (all
-            # ranks).
-            self.router.update_bias(self.transport.global_load(plan.tokens_per_expert_E))
+            self.check_finite(logits_TE)
+        plan = router(x_TH, logits_TE)
+        if self.training and router.updates_bias and not _in_backward():
+            router.record_load(plan.tokens_per_expert_E)
         return plan
 
-    def routed_output(self, x_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        """The routed experts' combined output (shared experts not included): chunks overlapped
-        when cfg.num_chunks > 1; with cfg.scale_expert_input (Llama 4) each expert sees its token
-        times the routing weight and its output joins the sum unweighted."""
-        x_in, plan_in = scale_inputs(x_TH, plan) if self.cfg.scale_expert_input else (x_TH, plan)
-        if self.cfg.num_chunks > 1:
-            out_TH = pipelined_moe(self, x_in, plan_in)  # dispatch/experts/combine overlapped
-        else:
-            out_TH = self.routed_experts(x_in, plan_in)
-        if plan_in is not plan and plan.top_k > 1:  # one row per slot: sum each token's K rows
-            out_TH = out_TH.view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
-        return out_TH
+    def _guarded_experts(self, tokens_MH: torch.Tensor, counts_G: torch.Tensor) -> torch.Tensor:
+        """The experts; an exception travels to the peers in the combine's handshake."""
+        try:
+            return self.experts(tokens_MH, counts_G)
+        except Exception as e:
+            self.fail_together(e, "combine")
 
-    def routed_experts(self, x_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    def _routed_experts(self, x_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         use_fused = getattr(self.transport, "use_fused", None)
         if use_fused is not None and not self._observers and use_fused(x_TH, self.experts):
             return self.transport.fused_experts(x_TH, plan, self.experts)
         tokens_MH, counts_G, handle = self.transport.dispatch(x_TH, plan)
+        y_MH = self._guarded_experts(tokens_MH, counts_G)
         try:
-            y_MH = self.experts(tokens_MH, counts_G)
             for observe in self._observers:
                 observe(self, x_TH, plan, counts_G, y_MH)
         except Exception as e:
@@ -214,7 +273,9 @@ class MoELayer(nn.Module):
                 f"{w.dtype}"
             )
 
-    def _check_finite(self, logits_TE: torch.Tensor) -> None:
+    def check_finite(self, logits_TE: torch.Tensor) -> None:
+        """NaN/Inf router logits (or a NaN/Inf sigmoid expert_bias) raise NonFiniteRouterLogits
+        (cfg.error_check="eager") or are recorded on the device for check_errors ("deferred")."""
         # The sigmoid router's bias steers selection: a NaN there (a corrupt checkpoint) would
         # send every token to one expert, so it is checked with the logits.
         bias_E = self.router.expert_bias if self.cfg.router == "sigmoid" else None
@@ -262,11 +323,25 @@ class MoELayer(nn.Module):
         if self.error_flags is not None:
             self.error_flags.words.zero_()
 
+    def finish_step(self) -> None:
+        """End of one forward (MoELayer's or a wrapper's such as Chain-of-Experts): in eager error
+        mode raises what the transport recorded on the device (one host sync, only where flags
+        exist; also those of the previous backward), then counts the step."""
+        if self.cfg.error_check == "eager":
+            self.check_errors()
+        self.step += 1
+
     def check_errors(self) -> None:
         """Raises what a deferred-check forward recorded on the device (synchronises)."""
         for flags in (self.error_flags, getattr(self.transport, "error_flags", None)):
             if flags is not None:
                 flags.check()
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward: that is where activation checkpointing recomputes the
+    forward (reentrant or not)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def mark_expert_param(p: nn.Parameter, ep_size: int) -> None:

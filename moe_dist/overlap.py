@@ -4,7 +4,7 @@ and the shared experts on a side stream. Results equal the unchunked layer up to
 Legend: T tokens on this rank, H hidden, K slots/token, E experts (global), M rows received by local
 experts, G local experts, C chunks.
 
-Streams on CUDA (one set per device, shared by every layer; see STREAMS below):
+Streams on CUDA (a StreamSet, owned by the layer; see StreamSet below):
   compute  the caller's current stream: routing, experts (grouped GEMM), the final concatenation.
   comm     every transport call (dispatch and combine of every chunk), in one fixed order on every
            rank: d0, d1, c0, d2, c1, ..., c(C-1) (`issue_order`). One stream keeps collective calls
@@ -12,13 +12,14 @@ Streams on CUDA (one set per device, shared by every layer; see STREAMS below):
            too.
   side     the shared experts: they need only x, so they run while tokens are routed and travel.
 
-What waits on what (forward):
-  comm    waits compute once at entry (x and the plan are ready); experts_i (compute) waits the
-  event recorded after dispatch_i (comm); combine_i (comm)    waits the event recorded after
-  experts_i (compute); side    waits an event recorded on compute at the layer's entry (x is ready),
-  nothing else; compute waits comm after the last combine, and waits side before adding the shared
-  output. So while chunk i's experts run, the dispatch of chunk i+1 and the combine of chunk i-1 are
-  in flight.
+What waits on what (forward), through the transport's events (transport/base.py):
+  dispatch_0 (comm)  previous_event = "x and the plan are ready", recorded on compute at entry;
+  experts_i (compute) waits the event dispatch_i returned (async_finish=True);
+  combine_i (comm)   previous_event = the event recorded on compute after experts_i;
+  side               waits an event recorded on compute at the layer's entry, nothing else;
+  compute            waits the last combine's event, and side's before adding the shared output.
+So while chunk i's experts run, the dispatch of chunk i+1 and the combine of chunk i-1 are in
+flight.
 Backward: autograd runs each node's backward on the stream its forward ran on and makes a consumer
 stream wait for the producer's (the engine records the producer stream's event and calls
 record_stream on gradients it hands across streams). The engine runs the backward nodes of one
@@ -43,21 +44,42 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 
 from .routing import RoutingPlan
-
-# Streams per (device index, role), made on first use. Shared by all layers so that transport calls
-# of different layers are also ordered (the nvshmem workspace, its epochs and parities, are shared).
-STREAMS: dict[tuple[int, str], "torch.cuda.Stream"] = {}
+from .transport.base import record_event
 
 
-def _stream(device: torch.device, role: str) -> "torch.cuda.Stream":
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, role)
-    if key not in STREAMS:
-        # comm at high priority: its kernels are short and on the critical path of the next chunk.
-        STREAMS[key] = torch.cuda.Stream(device=index, priority=-1 if role == "comm" else 0)
-    return STREAMS[key]
+class StreamSet:
+    """The side streams of one runtime, per (device, role), made on first use: "comm" (transport
+    calls, high priority: short kernels on the next chunk's critical path) and "side" (shared
+    experts). A layer owns one (MoELayer(streams=...) shares one between layers: then transport
+    calls of different layers are also issued in one order on one stream, as the nvshmem workspace,
+    its epochs and parities, are shared by layers of one shape). Copies share the streams."""
+
+    ROLES = ("comm", "side")
+
+    def __init__(self):
+        self._streams: dict[tuple[int, str], "torch.cuda.Stream"] = {}
+
+    def get(self, device: torch.device, role: str) -> "torch.cuda.Stream":
+        if role not in self.ROLES:
+            raise ValueError(f"role must be one of {self.ROLES}, got {role!r}")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, role)
+        if key not in self._streams:
+            priority = -1 if role == "comm" else 0
+            self._streams[key] = torch.cuda.Stream(device=index, priority=priority)
+        return self._streams[key]
+
+    def comm(self, device: torch.device) -> "torch.cuda.Stream":
+        return self.get(device, "comm")
+
+    def side(self, device: torch.device) -> "torch.cuda.Stream":
+        return self.get(device, "side")
+
+    def __deepcopy__(self, memo) -> "StreamSet":
+        return self  # streams are not model state: a deep-copied model shares them
 
 
 def _use(t, stream) -> None:
@@ -120,16 +142,19 @@ def split_plan(plan: RoutingPlan, num_chunks: int) -> list[RoutingPlan]:
 # -- the pipeline
 # ----------------------------------------------------------------------------------------
 def pipelined_moe(
-    layer, x_TH: torch.Tensor, plan: RoutingPlan, num_chunks: int | None = None
+    transport,
+    experts,
+    x_TH: torch.Tensor,
+    plan: RoutingPlan,
+    num_chunks: int,
+    streams: StreamSet | None = None,
 ) -> torch.Tensor:
-    """Routed experts of `layer` over `num_chunks` (default layer.cfg.num_chunks) token chunks, with
-    dispatch / experts / combine of neighbouring chunks overlapped on CUDA. Returns out_TH (without
-    the shared experts). Every rank must call it with the same num_chunks (transport calls are
-    collective)."""
-    C = layer.cfg.num_chunks if num_chunks is None else num_chunks
-    if layer._observers:
-        return layer.routed_experts(x_TH, plan)
-    tr, experts = layer.transport, layer.experts
+    """Routed experts over `num_chunks` token chunks: dispatch / experts / combine of neighbouring
+    chunks overlapped on CUDA (transport calls on streams.comm, experts on the caller's stream).
+    Returns out_TH (without shared experts). Every rank must call it with the same num_chunks
+    (transport calls are collective). `streams`: the layer's StreamSet (None: a new one)."""
+    C = num_chunks
+    tr = transport
     x_chunks = torch.tensor_split(x_TH, C)
     plans = split_plan(plan, C)
     tokens, counts, handles, ys, outs = [None] * C, [None] * C, [None] * C, [None] * C, [None] * C
@@ -139,45 +164,43 @@ def pipelined_moe(
             if op == "dispatch":
                 tokens[i], counts[i], handles[i] = tr.dispatch(x_chunks[i], plans[i])
             elif op == "experts":
-                try:
-                    ys[i] = experts(tokens[i], counts[i])
-                except Exception as e:
-                    layer.fail_together(e, "combine")  # the next transport call carries it
+                ys[i] = experts(tokens[i], counts[i])
                 tokens[i] = None
             else:
                 outs[i] = tr.combine(ys[i], handles[i])
                 ys[i] = handles[i] = None
         return torch.cat(outs)
 
-    compute, comm = torch.cuda.current_stream(x_TH.device), _stream(x_TH.device, "comm")
-    comm.wait_stream(compute)  # x and the plan (routing ran on compute)
+    streams = streams if streams is not None else StreamSet()
+    compute, comm = torch.cuda.current_stream(x_TH.device), streams.comm(x_TH.device)
+    ready = record_event(x_TH.device)  # x and the plan (routing ran on compute)
     for t in (x_TH, plan.expert_idx_TK, plan.weights_TK, *(p.tokens_per_expert_E for p in plans)):
         _use(t, comm)
-    dispatched, computed = [None] * C, [None] * C  # events
+    dispatched, computed, combined = [None] * C, [None] * C, None  # events
     for op, i in issue_order(C):
         if op == "dispatch":
             with torch.cuda.stream(comm):
-                tokens[i], counts[i], handles[i] = tr.dispatch(x_chunks[i], plans[i])
-                dispatched[i] = torch.cuda.Event()
-                dispatched[i].record(comm)
+                tokens[i], counts[i], handles[i], dispatched[i] = tr.dispatch(
+                    x_chunks[i],
+                    plans[i],
+                    previous_event=ready if i == 0 else None,
+                    async_finish=True,
+                )
         elif op == "experts":
             compute.wait_event(dispatched[i])
             _use(tokens[i], compute)
             _use(counts[i], compute)
-            try:
-                ys[i] = experts(tokens[i], counts[i])
-            except Exception as e:
-                layer.fail_together(e, "combine")
-            computed[i] = torch.cuda.Event()
-            computed[i].record(compute)
+            ys[i] = experts(tokens[i], counts[i])
+            computed[i] = record_event(x_TH.device)
             tokens[i] = None  # autograd keeps what backward needs; record_stream guards the rest
         else:
             with torch.cuda.stream(comm):
-                comm.wait_event(computed[i])
                 _use(ys[i], comm)
-                outs[i] = tr.combine(ys[i], handles[i])
+                outs[i], combined = tr.combine(
+                    ys[i], handles[i], previous_event=computed[i], async_finish=True
+                )
             ys[i] = handles[i] = None
-    compute.wait_stream(comm)  # after the last combine: every chunk's output is ready
+    compute.wait_event(combined)  # comm runs in order: after the last combine, every chunk is ready
     for out in outs:
         _use(out, compute)
     return torch.cat(outs)
@@ -188,36 +211,36 @@ def pipelined_moe(
 class SharedExperts:
     """The shared-expert output of one forward, added to the routed output by `add_to`.
 
-    On CUDA (cfg.shared_expert_overlap) the event `x_ready` is recorded on compute when the forward
-    starts, and `add_to` launches the shared experts on the side stream waiting only for that event:
-    on the GPU they start as soon as x exists and run beside routing, dispatch, experts and combine.
-    They are launched last on the host on purpose: autograd runs backward nodes newest first, so
-    their backward is issued first and runs on side during the whole routed backward (launched
-    first, it would be issued last and overlap only the tail). Off CUDA, or with the side stream
-    off, they are computed inside `add_to` on the current stream, exactly as the plain layer
-    does."""
+    On CUDA (overlap=True) the event `x_ready` is recorded on compute when the forward starts, and
+    `add_to` launches the shared experts on streams.side waiting only for that event: on the GPU
+    they start as soon as x exists and run beside routing, dispatch, experts and combine. They are
+    launched last on the host on purpose: autograd runs backward nodes newest first, so their
+    backward is issued first and runs on side during the whole routed backward (launched first, it
+    would be issued last and overlap only the tail). Off CUDA, or with overlap off, they are
+    computed inside `add_to` on the current stream, exactly as the plain layer does."""
 
-    def __init__(self, layer, x_TH: torch.Tensor):
-        self.layer, self.x_TH, self.x_ready = layer, x_TH, None
-        if layer.shared_experts is not None and layer.cfg.shared_expert_overlap and x_TH.is_cuda:
-            self.x_ready = torch.cuda.Event()
-            self.x_ready.record(torch.cuda.current_stream(x_TH.device))
+    def __init__(
+        self,
+        shared: nn.Module | None,
+        x_TH: torch.Tensor,
+        streams: StreamSet | None,
+        overlap: bool = True,
+    ):
+        self.shared, self.x_TH, self.streams, self.x_ready = shared, x_TH, streams, None
+        if shared is not None and overlap and streams is not None and x_TH.is_cuda:
+            self.x_ready = record_event(x_TH.device)
 
     def add_to(self, out_TH: torch.Tensor) -> torch.Tensor:
-        shared = self.layer.shared_experts
-        if shared is None:
+        if self.shared is None:
             return out_TH
         if self.x_ready is None:
-            return out_TH + shared(self.x_TH)
-        compute, side = torch.cuda.current_stream(out_TH.device), _stream(out_TH.device, "side")
+            return out_TH + self.shared(self.x_TH)
+        side = self.streams.side(out_TH.device)
         side.wait_event(self.x_ready)
         _use(self.x_TH, side)
         with torch.cuda.stream(side):
-            y_TH = shared(self.x_TH)
-        compute.wait_stream(side)
-        _use(y_TH, compute)
+            y_TH = self.shared(self.x_TH)
+            done = record_event(out_TH.device)
+        torch.cuda.current_stream(out_TH.device).wait_event(done)
+        _use(y_TH, torch.cuda.current_stream(out_TH.device))
         return out_TH + y_TH
-
-
-def start_shared_experts(layer, x_TH: torch.Tensor) -> SharedExperts:
-    return SharedExperts(layer, x_TH)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from moe_dist import MoEConfig, MoELayer, MoEOutput
-from moe_dist.routing import Router, RoutingPlan
+from moe_dist.routing import Router
 
 
 class ChainOfExperts(nn.Module):
@@ -35,7 +35,8 @@ class ChainOfExperts(nn.Module):
 
     Parameters: `moe` holds the experts, shared experts, transport and the router of the first pass
     (its initialisation is MoELayer's, so EP-invariant); `routers[t-1]` routes pass t+1, drawn from
-    the global RNG after the MoELayer, hence identical on every rank under one seed.
+    the global RNG after the MoELayer, hence identical on every rank under one seed. Each pass is
+    one MoELayer.routed_pass (shared experts and chunking included).
     """
 
     def __init__(
@@ -48,12 +49,13 @@ class ChainOfExperts(nn.Module):
         name: str = "coe",
         device=None,
         dtype=None,
+        **layer_options,
     ):
         super().__init__()
         if not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be a positive int, got {iterations!r}")
         self.iterations, self.return_state, self.name = iterations, return_state, name
-        self.moe = MoELayer(cfg, groups, name=name, device=device, dtype=dtype)
+        self.moe = MoELayer(cfg, groups, name=name, device=device, dtype=dtype, **layer_options)
         self.routers = nn.ModuleList(
             Router(cfg, device=device, dtype=dtype) for _ in range(iterations - 1)
         )
@@ -75,8 +77,9 @@ class ChainOfExperts(nn.Module):
         x_TH = x.reshape(-1, x.shape[-1])
         h_TH, update_TH, aux, counts_E = x_TH, None, None, None
         for t in range(self.iterations):
-            plan = self.route(t, h_TH)
-            u_TH = self.experts_pass(h_TH, plan)
+            # One routed pass of the shared MoELayer (its experts, shared experts, transport and
+            # chunking) with router t: finiteness check and load recording included.
+            u_TH, plan = self.moe.routed_pass(h_TH, router=self.router_of(t))
             update_TH = u_TH if update_TH is None else update_TH + u_TH
             h_TH = h_TH + u_TH  # the inner residual: pass t+1 routes and computes on x_t
             aux = plan.aux_loss if aux is None else aux + plan.aux_loss
@@ -85,27 +88,9 @@ class ChainOfExperts(nn.Module):
                 if counts_E is None
                 else counts_E + plan.tokens_per_expert_E
             )
-        self.moe.step += 1
+        self.moe.finish_step()
         out_TH = h_TH if self.return_state else update_TH
         return MoEOutput(out_TH.view(x.shape), aux, counts_E)
-
-    def route(self, t: int, h_TH: torch.Tensor) -> RoutingPlan:
-        """MoELayer.route with router t (same finiteness check and aux-loss-free bias update)."""
-        router = self.router_of(t)
-        logits_TE = router.logits(h_TH)
-        if self.cfg.check_finite:
-            self.moe._check_finite(logits_TE)
-        plan = router(h_TH, logits_TE)
-        if self.training and self.cfg.router == "sigmoid" and self.cfg.router_bias_update_rate > 0:
-            router.update_bias(self.moe.transport.global_load(plan.tokens_per_expert_E))
-        return plan
-
-    def experts_pass(self, h_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        """One pass: routed experts (+ shared experts), exactly as in MoELayer.forward."""
-        out_TH = self.moe.routed_output(h_TH, plan)
-        if self.moe.shared_experts is not None:
-            out_TH = out_TH + self.moe.shared_experts(h_TH)
-        return out_TH
 
     def check_errors(self) -> None:
         self.moe.check_errors()
@@ -121,10 +106,20 @@ class ChainOfExperts(nn.Module):
 
 
 def build_moe_layer(
-    cfg: MoEConfig, groups=None, *, iterations: int = 1, name: str = "moe", device=None, dtype=None
+    cfg: MoEConfig,
+    groups=None,
+    *,
+    iterations: int = 1,
+    name: str = "moe",
+    device=None,
+    dtype=None,
+    **layer_options,
 ) -> nn.Module:
     """What a model or trainer calls to get its MoE FFN: a MoELayer, or a ChainOfExperts when
-    iterations > 1. Both take x and return MoEOutput."""
+    iterations > 1. Both take x and return MoEOutput. `layer_options` go to MoELayer (transport,
+    transport_options, streams)."""
     if iterations == 1:
-        return MoELayer(cfg, groups, name=name, device=device, dtype=dtype)
-    return ChainOfExperts(cfg, groups, iterations, name=name, device=device, dtype=dtype)
+        return MoELayer(cfg, groups, name=name, device=device, dtype=dtype, **layer_options)
+    return ChainOfExperts(
+        cfg, groups, iterations, name=name, device=device, dtype=dtype, **layer_options
+    )

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from moe_dist import MoELayer, ParallelGroups, init_distributed
 
 from .cli import SIZES, TRAINER_FILE, model_configs, parse_args, preset  # noqa: F401 (re-exported)
+from moe_dist.training.router_bias import RouterBiasUpdater
 from .data import ByteCorpus, local_rows, rows_per_rank
 from .metrics import (
     TELEMETRY_LEGEND,
@@ -55,6 +56,8 @@ class ReplicatedBackend:
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95)
         )
+        # The sigmoid router's bias: updated before each optimizer step from the step's load.
+        self.router_bias = RouterBiasUpdater(model, groups).attach(self.optimizer)
 
     def forward_backward(self, tokens, targets):
         out = self.model(tokens, targets)

@@ -56,6 +56,13 @@ class Router(nn.Module):
             if cfg.router_bias
             else None
         )
+        # This rank's slots per expert since the last bias update (recorded by the layer's forward,
+        # consumed by update_bias once per optimizer step). Not persistent: empty after a step.
+        self.register_buffer(
+            "load_E",
+            torch.zeros(cfg.num_experts, device=device, dtype=torch.int64),
+            persistent=False,
+        )
         # None: the fused routing kernel (routing/kernels.py) on CUDA where it serves the router.
         self.fused_routing: bool | None = None
 
@@ -146,6 +153,11 @@ class Router(nn.Module):
             may_have_unused_slots=cfg.router == "top_p" or cfg.capacity_factor is not None,
         )
 
+    @property
+    def updates_bias(self) -> bool:
+        """Whether this router's expert_bias learns (aux-loss-free balancing, router="sigmoid")."""
+        return self.cfg.router == "sigmoid" and self.cfg.router_bias_update_rate > 0
+
     def _use_kernel(self, logits_TE: torch.Tensor) -> bool:
         """The fused kernel serves softmax, top-p and ungrouped sigmoid routing (sigmoid's
         load-balancing "probabilities" are normalised affinities, which it does not write)."""
@@ -159,9 +171,19 @@ class Router(nn.Module):
         return bool(self.fused_routing) or logits_TE.is_cuda
 
     @torch.no_grad()
-    def update_bias(self, global_tokens_per_expert_E: torch.Tensor) -> None:
+    def record_load(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """Adds one forward's slots per expert to load_E (on the device, no sync)."""
+        self.load_E += tokens_per_expert_E.to(self.load_E.dtype)
+
+    @torch.no_grad()
+    def update_bias(self, global_tokens_per_expert_E: torch.Tensor | None = None) -> None:
         """DeepSeek-V3's update: raise the bias of under-loaded experts, lower it for over-loaded
-        ones. Must be fed the load of the whole batch (all ranks) so every rank keeps the same
-        bias."""
+        ones, then clear load_E. Must be fed the load of the whole batch (summed over every rank
+        that shares this router) so every rank keeps the same bias; None: this rank's load_E (one
+        process). Runs once per optimizer step (moe_dist.training.router_bias), never in forward,
+        so an activation-checkpoint recompute routes exactly as the forward did."""
+        if global_tokens_per_expert_E is None:
+            global_tokens_per_expert_E = self.load_E
         load = global_tokens_per_expert_E.float()
         self.expert_bias += self.cfg.router_bias_update_rate * torch.sign(load.mean() - load)
+        self.load_E.zero_()

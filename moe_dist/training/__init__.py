@@ -6,13 +6,15 @@ use, so that deepspeed stays an optional dependency:
     moe_dist.training.ddp        allreduce_gradients(model, groups)  plain data parallelism
     moe_dist.training.checkpoint save / load, resharding across EP sizes moe_dist.training.clip
     clip_grad_norm_ over expert and non-expert parameters
+    moe_dist.training.router_bias  RouterBiasUpdater(model, groups).attach(optimizer): the sigmoid
+    router's aux-loss-free bias, updated once per optimizer step
 """
 
 from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = ("checkpoint", "clip", "ddp", "deepspeed", "fsdp")
+_SUBMODULES = ("checkpoint", "clip", "ddp", "deepspeed", "fsdp", "router_bias")
 
 
 def __getattr__(name):

@@ -24,6 +24,9 @@ the fragment_address tuple). A file holding anything else is refused with Unsafe
 the file and the global, never unpickled. DeepSpeed's universal checkpoints (which it reads with
 weights_only=False in its own modules) are refused.
 
+- the sigmoid router's aux-loss-free bias moves once per optimizer step: the engine's step() runs
+  a RouterBiasUpdater at each gradient-accumulation boundary (training/router_bias.py).
+
 DeepSpeed divides expert gradients by the whole data-parallel degree after summing them over EDP,
 which is what EP=N == EP=1 needs (fsdp.py has the arithmetic)."""
 
@@ -42,6 +45,7 @@ import torch
 from torch import nn
 
 from moe_dist.layer import MoELayer, is_expert_param
+from moe_dist.training.router_bias import RouterBiasUpdater
 
 _ENGINE_SWAP_LOCK = threading.Lock()
 
@@ -206,6 +210,15 @@ def _engine_class():
                 self.has_moe_layers = True
                 self.num_experts.extend(layer.cfg.num_experts for _, layer in layers)
 
+        def step(self, *args, **kwargs):
+            # The sigmoid router's bias moves once per optimizer step, from the load of every
+            # micro-batch since the last one: at the gradient-accumulation boundary.
+            boundary = self.is_gradient_accumulation_boundary()
+            super().step(*args, **kwargs)
+            router_bias = getattr(self, "moe_dist_router_bias", None)
+            if boundary and router_bias is not None:
+                router_bias.step()
+
         def clip_fp32_gradients(self):
             # ZeRO-0 fp32: DeepSpeed averages the per-rank norms over the DP group, which is not the
             # global norm when ranks hold different experts; ours sums expert norms over the EP
@@ -366,4 +379,5 @@ def initialize(model: nn.Module, groups, config: dict | str, **kwargs):
     with _engine_class_swapped(_engine_class()):
         engine, *rest = deepspeed.initialize(model=model, config=config, **kwargs)
     engine.moe_dist_groups = groups
+    engine.moe_dist_router_bias = RouterBiasUpdater(model, groups)  # engine.step() calls it
     return (engine, *rest)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from moe_dist.layer import MoELayer, mark_expert_param
+from moe_dist.training.router_bias import RouterBiasUpdater
 
 
 def shard(
@@ -27,7 +28,9 @@ def shard(
 ) -> nn.Module:
     """Applies fully_shard in place (and returns the model): each MoELayer's experts over
     groups.mesh["edp"], each module of `units` (default: `default_units`, the transformer blocks)
-    and then the root over groups.dp_mesh."""
+    and then the root over groups.dp_mesh. A sigmoid router's bias and load are buffers, which
+    FSDP leaves whole: `attach_router_bias(model, groups, optimizer)` updates the bias before each
+    optimizer step."""
     moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if not moe_layers:
         raise ValueError(f"{type(model).__name__} holds no MoELayer; use fully_shard directly")
@@ -68,11 +71,18 @@ def shard(
     return model
 
 
+def attach_router_bias(model: nn.Module, groups, optimizer) -> RouterBiasUpdater:
+    """The sigmoid routers' bias update, once per `optimizer.step()` (a step pre-hook), with the
+    load summed over groups.dp_group. Call it after `shard` (the optimizer holds the sharded
+    parameters)."""
+    return RouterBiasUpdater(model, groups).attach(optimizer)
+
+
 def default_units(model: nn.Module) -> list[nn.Module]:
     """The entries of the model's outermost nn.ModuleLists (the transformer blocks). ModuleLists
     nested in those (a Chain-of-Experts layer's extra routers) stay inside their block's unit: a
     router is called through `router.logits(...)`, not forward, so as a unit of its own FSDP would
-    never unshard it. """
+    never unshard it."""
     units: list[nn.Module] = []
     outer: list[str] = []
     for name, module in model.named_modules():
@@ -90,4 +100,10 @@ def is_fsdp_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-__all__ = ["MixedPrecisionPolicy", "default_units", "is_fsdp_sharded", "shard"]
+__all__ = [
+    "MixedPrecisionPolicy",
+    "attach_router_bias",
+    "default_units",
+    "is_fsdp_sharded",
+    "shard",
+]

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..parallel.groups import all_reduce_sum
 from ..routing import RoutingPlan
+from .base import Transport
 from .dedup import (
     RowLinks,
     expand_links,
@@ -109,20 +109,18 @@ class CollectiveHandle:
     recv_splits: list[int]
 
 
-class CollectiveTransport:
+class CollectiveTransport(Transport):
     name = "collective"
 
     def __init__(
         self,
         num_experts: int,
         ep_group: dist.ProcessGroup,
-        load_group: dist.ProcessGroup | None,
         dispatch_dtype: str = "bf16",
         peer_timeout_s: float = 60.0,
     ):
         self.num_experts = num_experts
         self.ep_group = ep_group
-        self.load_group = load_group
         self.ep_size = dist.get_world_size(ep_group)
         self.ep_rank = dist.get_rank(ep_group)
         self.dispatch_dtype = dispatch_dtype  # "bf16" = the activation dtype, or "fp8_e4m3"
@@ -159,7 +157,7 @@ class CollectiveTransport:
         raises on every rank if a rank failed or the ranks disagree (handshake.py)."""
         return self.handshake.exchange(counts_NC, "dispatch", dtype, hidden, top_k)
 
-    def dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
+    def _dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
         N, G, me = self.ep_size, self.num_local_experts, self.ep_rank
         idx_TK = plan.expert_idx_TK
         T, K = idx_TK.shape
@@ -199,7 +197,7 @@ class CollectiveTransport:
         handle = CollectiveHandle(send_links, recv_links, meta_RC[:, :K], send_splits, recv_splits)
         return tokens_MH, recv_NG.sum(0), handle
 
-    def combine(self, y_MH: torch.Tensor, h: CollectiveHandle) -> torch.Tensor:
+    def _combine(self, y_MH: torch.Tensor, h: CollectiveHandle) -> torch.Tensor:
         # The combine handshake: a rank whose experts failed carries the error here instead.
         no_counts = torch.zeros(
             self.ep_size, self.handshake.count_cols, dtype=torch.int64, device=y_MH.device
@@ -223,6 +221,3 @@ class CollectiveTransport:
             payload_bytes=n * row_bytes,
             meta_bytes=n * meta_cols * 4,
         )
-
-    def global_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(tokens_per_expert_E.clone(), self.load_group)

@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist  # noqa: F401  (ProcessGroup type)
 
-from ..parallel.groups import all_reduce_sum
 from ..routing import RoutingPlan
+from .base import Transport
 from .permute import SlotOrder, gather_token_copies, sort_slots_by_expert, weighted_sum_of_slots
 
 
@@ -26,14 +25,13 @@ class LocalHandle:
     used_TK: torch.Tensor | None
 
 
-class LocalTransport:
+class LocalTransport(Transport):
     name = "local"
     ep_size = 1
     ep_rank = 0
 
-    def __init__(self, num_experts: int, load_group: dist.ProcessGroup | None = None):
+    def __init__(self, num_experts: int):
         self.num_experts = num_experts
-        self.load_group = load_group  # data-parallel ranks whose batches share this router's bias
         # None: fused on CUDA for bf16 SwiGLU experts; True/False forces it (CPU: the oracle ops).
         self.fused: bool | None = None
         # False: the fused path keeps x, not its K expert-major copies, and gathers again in
@@ -44,13 +42,13 @@ class LocalTransport:
     def num_local_experts(self) -> int:
         return self.num_experts
 
-    def dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
+    def _dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
         slots = sort_slots_by_expert(plan.expert_idx_TK, self.num_experts)
         used_TK = plan.expert_idx_TK >= 0 if plan.may_have_unused_slots else None
         tokens_SH = gather_token_copies(x_TH, slots, plan.top_k, used_TK)
         return tokens_SH, slots.counts_E, LocalHandle(slots, plan.weights_TK, used_TK)
 
-    def combine(self, y_SH: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
+    def _combine(self, y_SH: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
         return weighted_sum_of_slots(y_SH, handle.slots, handle.weights_TK, handle.used_TK)
 
     def use_fused(self, x_TH: torch.Tensor, experts) -> bool:
@@ -71,6 +69,3 @@ class LocalTransport:
             plan.expert_idx_TK,
             save_rows=self.fused_save_rows,
         )
-
-    def global_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(tokens_per_expert_E.clone(), self.load_group)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..parallel.groups import all_reduce_sum
 from ..routing import RoutingPlan
+from .base import Transport
 
 
 def _gather_sizes(n: int, group, device) -> list[int]:
@@ -66,18 +66,12 @@ class ReferenceHandle:
     weights_TK: torch.Tensor
 
 
-class ReferenceTransport:
+class ReferenceTransport(Transport):
     name = "reference"
 
-    def __init__(
-        self,
-        num_experts: int,
-        group: dist.ProcessGroup | None = None,
-        load_group: dist.ProcessGroup | None = None,
-    ):
+    def __init__(self, num_experts: int, group: dist.ProcessGroup | None = None):
         self.num_experts = num_experts
         self.group = group
-        self.load_group = load_group
         self.ep_size = dist.get_world_size(group) if group is not None else 1
         self.ep_rank = dist.get_rank(group) if group is not None else 0
 
@@ -88,7 +82,7 @@ class ReferenceTransport:
     def _gather(self, x):
         return all_gather_rows(x, self.group) if self.group is not None else x
 
-    def dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
+    def _dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
         T, K = plan.expert_idx_TK.shape
         dev = x_TH.device
         src_T = torch.full((T,), self.ep_rank, dtype=torch.int64, device=dev)
@@ -115,7 +109,7 @@ class ReferenceTransport:
         m = torch.tensor([meta[i] for i in order], dtype=torch.int64, device=dev).reshape(-1, 3)
         return tokens, counts, ReferenceHandle(m[:, 0], m[:, 1], m[:, 2], plan.weights_TK)
 
-    def combine(self, y_MH: torch.Tensor, h: ReferenceHandle) -> torch.Tensor:
+    def _combine(self, y_MH: torch.Tensor, h: ReferenceHandle) -> torch.Tensor:
         T, K = h.weights_TK.shape
         y_MH = y_MH[: h.source_M.numel()]
         all_y = self._gather(y_MH)
@@ -128,6 +122,3 @@ class ReferenceTransport:
         return (y_TKH * h.weights_TK.to(y_TKH.dtype).unsqueeze(-1)).sum(
             1
         )  # plain autograd: the oracle
-
-    def global_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(tokens_per_expert_E.clone(), self.load_group)

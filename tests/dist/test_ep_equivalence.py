@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from moe_dist import MoEConfig, MoELayer, ParallelGroups
+from moe_dist.training.router_bias import RouterBiasUpdater
 
 from .harness import run_distributed
 
@@ -50,7 +51,6 @@ def compare_layers(cfg: MoEConfig, transport: str, seed: int, skew: bool = False
         ep_layer.zero_grad()
         ref_layer.zero_grad()
         # aux loss is a per-micro-batch quantity: it equals EP=1 on this rank's tokens alone.
-        # (Taken before the forward, which moves the sigmoid router's bias for the next step.)
         expected_aux = ref_layer.router(x_mine.detach()).aux_loss.detach()
         out, aux, counts = ep_layer(x_mine)
         ref_out, _, ref_counts = ref_layer(x_all)
@@ -81,6 +81,9 @@ def compare_layers(cfg: MoEConfig, transport: str, seed: int, skew: bool = False
             grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(grad)
             torch.testing.assert_close(grad, p_ref.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        # The optimizer step's bias update: EP=N sums its ranks' loads, EP=1 saw every token.
+        RouterBiasUpdater(ep_layer, groups).step()
+        RouterBiasUpdater(ref_layer).step()
         torch.testing.assert_close(ep_layer.router.expert_bias, ref_layer.router.expert_bias)
 
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from moe_dist import MoEConfig, ParallelGroups
 from moe_dist.extensions.coe import ChainOfExperts
+from moe_dist.training.router_bias import RouterBiasUpdater
 
 from .harness import run_distributed
 
@@ -60,6 +61,8 @@ def compare(cfg: MoEConfig, iterations: int, seed: int):
             grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(grad)  # replicated weights: a data-parallel all-reduce
             torch.testing.assert_close(grad, p_ref.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        RouterBiasUpdater(ep, groups).step()  # the optimizer step's update, loads summed over ranks
+        RouterBiasUpdater(ref).step()
         for t in range(iterations):  # every router's bias moved by the load of the whole batch
             torch.testing.assert_close(ep.router_of(t).expert_bias, ref.router_of(t).expert_bias)
         with torch.no_grad():  # a plain SGD step keeps the two in lockstep for the next step

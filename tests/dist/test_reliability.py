@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 import moe_dist
+from moe_dist.transport import TransportOptions
 from moe_dist import (
     MoEConfig,
     MoELayer,
@@ -40,7 +41,8 @@ def cfg(**kw) -> MoEConfig:
 
 def build(c: MoEConfig, groups, timeout_s: float = 20.0, **kw) -> MoELayer:
     """A layer whose transport waits at most timeout_s for a peer."""
-    return MoELayer(c.replace(peer_timeout_s=timeout_s), groups, **kw)
+    kw.setdefault("transport_options", TransportOptions(peer_timeout_s=timeout_s))
+    return MoELayer(c, groups, **kw)
 
 
 def timed(fn, *args):

@@ -48,8 +48,8 @@ def routing(case, T, K, gen):
 def scenario(K):
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = ParallelGroups(ep_size=world)
-    fast = CollectiveTransport(E, groups.ep_group, groups.dp_group)
-    oracle = ReferenceTransport(E, groups.ep_group, groups.dp_group)
+    fast = CollectiveTransport(E, groups.ep_group)
+    oracle = ReferenceTransport(E, groups.ep_group)
     G = E // world
     for trial, case in enumerate(["random", "top_p", "one_expert", "capacity", "random"]):
         gen = torch.Generator().manual_seed(100 * trial + rank)

@@ -30,8 +30,8 @@ def make_plan(T, gen, unused=False, skew=False):
 def scenario():
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = ParallelGroups(ep_size=world)
-    fast = CollectiveTransport(E, groups.ep_group, groups.dp_group)
-    oracle = ReferenceTransport(E, groups.ep_group, groups.dp_group)
+    fast = CollectiveTransport(E, groups.ep_group)
+    oracle = ReferenceTransport(E, groups.ep_group)
     G = E // world
     for trial, (unused, skew) in enumerate([(False, False), (True, False), (False, True)]):
         gen = torch.Generator().manual_seed(100 * trial + rank)

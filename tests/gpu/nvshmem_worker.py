@@ -3,6 +3,8 @@ transport against the reference transport, forward and backward; no host sync; C
 overflow and timeout errors. Prints 'NVSHMEM WORKER OK <n>' on success. Used by
 tests/gpu/test_nvshmem.py."""
 
+import dataclasses
+import os
 import sys
 import time
 
@@ -18,7 +20,7 @@ from moe_dist import (
     RankMismatch,
 )
 from moe_dist.transport.dedup import count_pairs
-from moe_dist.transport.nvshmem import runtime as nvshmem_runtime
+from moe_dist.transport import NvshmemOptions, TransportOptions
 from moe_dist.transport.nvshmem.runtime import bootstrap_method
 
 from tests.conftest import assert_same_rows, stamp
@@ -43,9 +45,18 @@ def tokens(r, seed, skew=False, hidden=H):
     return (x + (3.0 if skew else 0.0)).to(dev)
 
 
-def pair(cfg, seed, dtype=torch.float32):
+# The launcher's bootstrap (test_nvshmem.py runs this under mpirun with MOE_DIST_NVSHMEM_BOOTSTRAP).
+NV = NvshmemOptions.from_env(os.environ, max_tokens_per_rank=64, peer_timeout_s=20.0)
+
+
+def nvshmem_layer(cfg, nv=NV, **kw):
+    options = TransportOptions(kind="nvshmem", nvshmem=nv)
+    return MoELayer(cfg, groups, transport_options=options, device=dev, **kw)
+
+
+def pair(cfg, seed, dtype=torch.float32, nv=NV):
     torch.manual_seed(seed)
-    fast = MoELayer(cfg.replace(transport="nvshmem"), groups, name="fast", device=dev, dtype=dtype)
+    fast = nvshmem_layer(cfg, nv, name="fast", dtype=dtype)
     torch.manual_seed(seed)
     ref = MoELayer(cfg.replace(transport="reference"), groups, name="ref", device=dev, dtype=dtype)
     return fast, ref
@@ -57,8 +68,8 @@ def _grad(p):
     return torch.zeros_like(p) if p.grad is None else p.grad.clone()
 
 
-def compare(cfg, seed, skew=False, dtype=torch.float32):
-    fast, ref = pair(cfg, seed, dtype)
+def compare(cfg, seed, skew=False, dtype=torch.float32, nv=NV):
+    fast, ref = pair(cfg, seed, dtype, nv)
     if skew:
         for layer in (fast, ref):
             with torch.no_grad():
@@ -104,14 +115,10 @@ def compare(cfg, seed, skew=False, dtype=torch.float32):
         want = count_pairs(plan.expert_idx_TK, E // world, world)
         want[rank] = 0
         assert sent.tolist() == want.tolist(), f"rank {rank}: sent {sent.tolist()} != {want}"
-    mixed = (
-        f" (put to PEs {sorted(nvshmem_runtime.TEST_PUT_PEERS)})"
-        if nvshmem_runtime.TEST_PUT_PEERS
-        else ""
-    )
+    mixed = f" (put to PEs {sorted(nv.put_peers)})" if nv.put_peers else ""
     passed(
         f"equal cfg={cfg.router}/k{cfg.top_k} H={cfg.hidden_size} {str(dtype)[6:]} skew={skew} "
-        f"peers={cfg.nvshmem_peer_path}{mixed} dedup={sent is not None}"
+        f"peers={nv.peer_path}{mixed} dedup={sent is not None}"
     )
 
 
@@ -139,9 +146,7 @@ base = MoEConfig(
     ffn_hidden_size=F,
     num_experts=E,
     top_k=2,
-    max_tokens_per_rank=64,
     expert_backend="loop",
-    peer_timeout_s=20.0,
 )
 compare(base, 1)
 compare(base.replace(num_shared_experts=1), 2)
@@ -150,26 +155,24 @@ compare(base.replace(top_k=1), 4, skew=True)
 compare(base, 5, skew=True)
 # The put-with-signal path (for peers without P2P), forced for every peer: NVSHMEM puts to PEs on
 # the same GPU.
-put = base.replace(nvshmem_peer_path="put")
-compare(put, 6)
-compare(put.replace(router="top_p", top_k=3, top_p=0.6, num_shared_experts=1), 7)
-compare(put.replace(top_k=1), 8, skew=True)
+PUT = dataclasses.replace(NV, peer_path="put")
+compare(base, 6, nv=PUT)
+compare(base.replace(router="top_p", top_k=3, top_p=0.6, num_shared_experts=1), 7, nv=PUT)
+compare(base.replace(top_k=1), 8, skew=True, nv=PUT)
 # Rows of two chunks (the second partial) in bf16, all puts; then a mix: odd PEs by puts, the rest
 # by stores.
-compare(put.replace(hidden_size=1500), 9, dtype=torch.bfloat16)
-nvshmem_runtime.TEST_PUT_PEERS = {pe for pe in range(world) if pe % 2}
-compare(base.replace(hidden_size=1500), 10)
-compare(base.replace(hidden_size=1500, top_k=1), 11, skew=True, dtype=torch.bfloat16)
-nvshmem_runtime.TEST_PUT_PEERS = set()
+compare(base.replace(hidden_size=1500), 9, dtype=torch.bfloat16, nv=PUT)
+MIXED = dataclasses.replace(NV, put_peers=frozenset(pe for pe in range(world) if pe % 2))
+compare(base.replace(hidden_size=1500), 10, nv=MIXED)
+compare(base.replace(hidden_size=1500, top_k=1), 11, skew=True, dtype=torch.bfloat16, nv=MIXED)
 # FP8 rows (dedup path, every peer P2P), forward and backward; refused clearly with put peers.
 compare_fp8(base.replace(hidden_size=256, top_k=4), 12)
 compare_fp8(base.replace(hidden_size=1152, router="top_p", top_k=3, top_p=0.6), 13)
 if world > 1:
     torch.manual_seed(14)
-    fp8_put = MoELayer(
-        base.replace(transport="nvshmem", nvshmem_peer_path="put", hidden_size=256,
-                     dispatch_dtype="fp8_e4m3"),
-        groups, name="fp8_put", device=dev, dtype=torch.bfloat16,
+    fp8_put = nvshmem_layer(
+        base.replace(hidden_size=256, dispatch_dtype="fp8_e4m3"), PUT,
+        name="fp8_put", dtype=torch.bfloat16,
     )  # fmt: skip
     try:
         fp8_put(tokens(rank, 14, hidden=256).to(torch.bfloat16))
@@ -186,13 +189,10 @@ fast_cfg = base.replace(
 for peer_path, ddt in (("put", "bf16"), ("auto", "fp8_e4m3"), ("auto", "bf16")):
     torch.manual_seed(7)
     hidden = 128 if ddt == "fp8_e4m3" else 64
-    layer = MoELayer(
-        fast_cfg.replace(
-            transport="nvshmem", nvshmem_peer_path=peer_path, dispatch_dtype=ddt, hidden_size=hidden
-        ),
-        groups,
+    layer = nvshmem_layer(
+        fast_cfg.replace(dispatch_dtype=ddt, hidden_size=hidden),
+        dataclasses.replace(NV, peer_path=peer_path),
         name="nosync",
-        device=dev,
         dtype=torch.bfloat16,
     )
     x = tokens(rank, 7, hidden=hidden).to(torch.bfloat16).requires_grad_(True)
@@ -227,11 +227,10 @@ passed("CUDA graph capture + replay")
 
 # Overflow: a receive buffer too small for the rows routed is an error, not silent loss.
 torch.manual_seed(9)
-small = MoELayer(
-    base.replace(transport="nvshmem", nvshmem_recv_capacity=4, error_check="deferred"),
-    groups,
+small = nvshmem_layer(
+    base.replace(error_check="deferred"),
+    dataclasses.replace(NV, recv_capacity=4),
     name="tiny_buffer",
-    device=dev,
 )
 small(tokens(rank, 9) + 0.0)
 try:
@@ -246,10 +245,8 @@ except BufferOverflow as e:
 # fails carries the error in its header and every PE raises it; neither waits for a timeout.
 if world > 1:
     torch.manual_seed(12)
-    hdr_cfg = base.replace(transport="nvshmem", hidden_size=80, peer_timeout_s=20.0)
-    one, other = (
-        MoELayer(hdr_cfg, groups, name=n, device=dev, dtype=torch.float32) for n in ("one", "other")
-    )
+    hdr_cfg = base.replace(hidden_size=80)
+    one, other = (nvshmem_layer(hdr_cfg, name=n, dtype=torch.float32) for n in ("one", "other"))
     t0 = time.monotonic()
     try:
         (one if rank == 0 else other)(tokens(rank, 12, hidden=80))
@@ -259,13 +256,7 @@ if world > 1:
         assert time.monotonic() - t0 < 10, "the mismatch waited for a timeout"
         passed(f"header mismatch raises: {e}")
     torch.manual_seed(13)
-    flaky = MoELayer(
-        base.replace(transport="nvshmem", hidden_size=96, peer_timeout_s=20.0),
-        groups,
-        name="flaky",
-        device=dev,
-        dtype=torch.float32,
-    )
+    flaky = nvshmem_layer(base.replace(hidden_size=96), name="flaky", dtype=torch.float32)
     x = tokens(rank, 13, hidden=96)
     if rank == world - 1:
         x[0, 5] = float("nan")
@@ -282,13 +273,10 @@ if world > 1:
 # Timeout: rank 0 dispatches alone; it must get an error naming a peer, not hang.
 if world > 1:
     torch.manual_seed(10)
-    lonely = MoELayer(
-        base.replace(
-            transport="nvshmem", peer_timeout_s=2.0, error_check="deferred", max_tokens_per_rank=32
-        ),
-        groups,
+    lonely = nvshmem_layer(
+        base.replace(error_check="deferred"),
+        dataclasses.replace(NV, peer_timeout_s=2.0, max_tokens_per_rank=32),
         name="lonely",
-        device=dev,
         dtype=torch.float32,
     )  # a dtype: buffers made now, by every PE (a silent peer never would)
     dist.barrier()

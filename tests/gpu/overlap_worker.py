@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from moe_dist import MoEConfig, MoELayer
+from moe_dist.transport import NvshmemOptions, TransportOptions
 
 from tests.conftest import assert_fwd_bwd_close, fwd_bwd
 from tests.gpu.torchrun_pes import setup_pe
@@ -21,16 +22,25 @@ base = MoEConfig(
     top_k=2,
     num_shared_experts=1,
     transport="nvshmem",
-    max_tokens_per_rank=64,
     expert_backend="loop",
-    peer_timeout_s=20.0,
     router_bias_update_rate=0.0,
+)
+options = TransportOptions(
+    nvshmem=NvshmemOptions.from_env(os.environ, max_tokens_per_rank=64, peer_timeout_s=20.0)
 )
 for chunks in (3, 5):
     torch.manual_seed(chunks)
-    plain = MoELayer(base.replace(shared_expert_overlap=False), groups, name="plain", device=dev)
+    plain = MoELayer(
+        base.replace(shared_expert_overlap=False),
+        groups,
+        transport_options=options,
+        name="plain",
+        device=dev,
+    )
     torch.manual_seed(chunks)
-    piped = MoELayer(base.replace(num_chunks=chunks), groups, name="piped", device=dev)
+    piped = MoELayer(
+        base.replace(num_chunks=chunks), groups, transport_options=options, name="piped", device=dev
+    )
     for step in range(2):  # the second step runs on the other buffer parity
         T = [11, 0, 7, 3][rank % 4] + step
         gen = torch.Generator().manual_seed(100 * chunks + 10 * step + rank)

@@ -59,8 +59,6 @@ def test_local_pipelined_equals_unpipelined(dtype, T, H, chunks):
 def test_backward_runs_on_forward_streams():
     """Autograd runs each backward node on its forward's stream: combine on comm, experts on
     compute, shared experts on side. This is what gives the overlap in backward."""
-    from moe_dist.overlap import STREAMS
-
     cfg = MoEConfig(
         hidden_size=64,
         ffn_hidden_size=64,
@@ -92,9 +90,9 @@ def test_backward_runs_on_forward_streams():
     layer(x).output.sum().backward()
     torch.cuda.synchronize()
     dev = torch.cuda.current_device()
-    assert seen["combine"] == STREAMS[(dev, "comm")], seen
+    assert seen["combine"] == layer.streams.comm(torch.device("cuda", dev)), seen
     assert seen["experts"] == compute, seen
-    assert seen["shared"] == STREAMS[(dev, "side")], seen
+    assert seen["shared"] == layer.streams.side(torch.device("cuda", dev)), seen
 
 
 nv_reason = nvshmem_unavailable_reason(

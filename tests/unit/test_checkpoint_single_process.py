@@ -15,6 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 from moe_dist import MoEConfig
 from moe_dist.training import checkpoint
+from moe_dist.training.router_bias import RouterBiasUpdater
 from moe_dist.lm import ModelConfig, MoETransformer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -42,6 +43,7 @@ def train_step(model, opt, step: int) -> float:
 def test_round_trip_with_optimizer_continues_the_curve(tmp_path):
     model = make(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.9))
+    RouterBiasUpdater(model).attach(opt)  # the sigmoid router's bias moves at each step
     for step in range(2):
         train_step(model, opt, step)
     checkpoint.save(model, tmp_path / "ck", optimizer=opt, extra={"step": 2, "note": "x"})
@@ -52,6 +54,7 @@ def test_round_trip_with_optimizer_continues_the_curve(tmp_path):
 
     other = make(1)
     other_opt = torch.optim.AdamW(other.parameters(), lr=5.0, betas=(0.1, 0.1))
+    RouterBiasUpdater(other).attach(other_opt)
     assert checkpoint.load(other, tmp_path / "ck", optimizer=other_opt) == {"step": 2, "note": "x"}
     assert (
         other_opt.param_groups[0]["betas"] == (0.8, 0.9) and other_opt.param_groups[0]["lr"] == 1e-2

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from moe_dist import MoEConfig, MoELayer, is_expert_param
 from moe_dist.extensions.coe import ChainOfExperts, build_moe_layer
+from moe_dist.training.router_bias import RouterBiasUpdater
 
 from tests.conftest import config_builder
 
@@ -140,7 +141,7 @@ def test_state_output_and_aux_loss():
     # The aux loss sums every pass's router loss: pass 1 routes x, pass 2 routes x + update of pass
     # 1.
     expected = update_coe.router_of(0)(x).aux_loss
-    first = update_coe.experts_pass(x, update_coe.router_of(0)(x))
+    first, _ = update_coe.moe.routed_pass(x, update_coe.router_of(0)(x))
     expected = expected + update_coe.router_of(1)(x + first).aux_loss
     torch.testing.assert_close(aux, expected)
     torch.testing.assert_close(aux2, expected)
@@ -151,6 +152,11 @@ def test_each_router_keeps_its_own_bias_update():
     torch.manual_seed(8)
     coe = ChainOfExperts(cfg, iterations=2).train()
     coe(torch.randn(40, H))
+    b0, b1 = coe.router_of(0).expert_bias, coe.router_of(1).expert_bias
+    assert b0.abs().sum() == 0 and b1.abs().sum() == 0  # the forward only records the load
+    assert int(coe.router_of(0).load_E.sum()) == int(coe.router_of(1).load_E.sum()) == 40 * 2
+    RouterBiasUpdater(coe).step()  # once per optimizer step
+    assert coe.router_of(0).load_E.sum() == 0
     b0, b1 = coe.router_of(0).expert_bias, coe.router_of(1).expert_bias
     assert b0.abs().sum() > 0 and b1.abs().sum() > 0 and not torch.equal(b0, b1)
     coe.eval()
@@ -164,3 +170,30 @@ def test_bad_arguments():
         ChainOfExperts(make(), iterations=0)
     with pytest.raises(ValueError, match=r"input hidden size \(5\) does not match"):
         ChainOfExperts(make())(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_chunked_passes_equal_unchunked_with_and_without_shared_experts(chunks, shared):
+    # Each pass is one MoELayer.routed_pass, which adds the shared experts whatever the chunking
+    # (the defect: chunked passes returned the routed output alone, max-abs off by ~0.9).
+    cfg = make(num_shared_experts=shared, router_bias_update_rate=0.0)
+    torch.manual_seed(11)
+    plain = ChainOfExperts(cfg, iterations=2)
+    torch.manual_seed(11)
+    piped = ChainOfExperts(cfg.replace(num_chunks=chunks), iterations=2)
+    x = torch.randn(23, H)
+    g = torch.randn(23, H)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out1, aux1, counts1 = plain(x1)
+    out2, aux2, counts2 = piped(x2)
+    torch.testing.assert_close(out2, out1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux2, aux1)
+    assert torch.equal(counts2, counts1)
+    (out1 * g).sum().backward()
+    (out2 * g).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
+    for (name, p1), (_, p2) in zip(plain.named_parameters(), piped.named_parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-5, atol=1e-5, msg=name)
+    if shared:  # the shared experts are in the output: their weights get a gradient
+        assert piped.moe.shared_experts.w_in.grad.abs().sum() > 0

@@ -106,10 +106,6 @@ def test_bad_config_messages():
         make(capacity_factor=0.0)
     with pytest.raises(ValueError, match="hidden_size must be a positive int"):
         make(hidden_size=0)
-    with pytest.raises(
-        ValueError, match=r"nvshmem_peer_path must be 'auto', 'p2p' or 'put', got 'ib'"
-    ):
-        make(nvshmem_peer_path="ib")
     with pytest.raises(ValueError, match=r"hidden_size=12.*divisible by 4"):
         MoELayer(make(hidden_size=12, ffn_hidden_size=30, expert_backend="grouped_mm"))
 

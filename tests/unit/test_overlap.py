@@ -118,7 +118,8 @@ def test_pipelined_moe_direct_call_and_config_validation():
     x = torch.randn(13, H)
     plan = layer.router(x)
     torch.testing.assert_close(
-        pipelined_moe(layer, x, plan, num_chunks=5), layer.routed_experts(x, plan)
+        pipelined_moe(layer.transport, layer.experts, x, plan, 5, layer.streams),
+        layer.routed_pass(x, plan)[0],
     )
     with pytest.raises(ValueError, match="num_chunks must be a positive int, got 0"):
         cfg_for(transport="local", num_chunks=0)

@@ -171,7 +171,5 @@ def all_experts_output(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
         dropped_tokens=torch.zeros((), dtype=torch.int64, device=x.device),
         may_have_unused_slots=False,
     )
-    out_TH = layer.routed_experts(x_TH, plan)
-    if layer.shared_experts is not None:
-        out_TH = out_TH + layer.shared_experts(x_TH)
+    out_TH, _ = layer.routed_pass(x_TH, plan)
     return out_TH.view(x.shape)

@@ -1,6 +1,6 @@
 """The put-with-signal path: peers that loads and stores cannot reach (no NVLink/P2P path between
-the GPUs, or every peer under nvshmem_peer_path="put") get their rows and flags through NVSHMEM's
-device API.
+the GPUs, or every peer under NvshmemOptions(peer_path="put")) get their rows and flags through
+NVSHMEM's device API.
 
 These kernels run beside the P2P ones of kernels.py, which skip put peers (HAS_PUT), and keep the
 same message order (PROTOCOL.md): rows first, then the flag, and receivers wait on the same flags

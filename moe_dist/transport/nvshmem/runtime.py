@@ -7,7 +7,6 @@ PE ids are global torch.distributed ranks, so an EP group's peers are its global
 from __future__ import annotations
 
 import atexit
-import os
 
 import torch
 import torch.distributed as dist
@@ -15,13 +14,11 @@ import torch.distributed as dist
 from ..handshake import F as HEADER_INTS
 
 _state = {"initialized": False, "workspaces": {}, "bootstrap": None}
-# Tests only: PEs that workspaces made from now on treat as unreachable under "auto", so one GPU can
-# run a mix of P2P and put peers (tests/gpu/nvshmem_worker.py).
-TEST_PUT_PEERS: set[int] = set()
 
 
-def ensure_initialized(device: torch.device) -> None:
-    """Collective over the world the first time it is called (every rank must call it)."""
+def ensure_initialized(device: torch.device, method: str = "uid") -> None:
+    """Collective over the world the first time it is called (every rank must call it). `method`:
+    "uid" (a unique id broadcast over torch.distributed) or "mpi" (NvshmemOptions.bootstrap)."""
     if _state["initialized"]:
         return
     import nvshmem.core as nv
@@ -29,7 +26,6 @@ def ensure_initialized(device: torch.device) -> None:
 
     cu_dev = Device(device.index if device.index is not None else torch.cuda.current_device())
     cu_dev.set_current()
-    method = os.environ.get("MOE_DIST_NVSHMEM_BOOTSTRAP", "uid")
     if method == "mpi":
         from mpi4py import MPI
 
@@ -41,7 +37,7 @@ def ensure_initialized(device: torch.device) -> None:
         dist.broadcast_object_list(box, src=0)
         nv.init(device=cu_dev, uid=box[0], rank=rank, nranks=world, initializer_method="uid")
     else:
-        raise ValueError(f"MOE_DIST_NVSHMEM_BOOTSTRAP must be 'uid' or 'mpi', got {method!r}")
+        raise ValueError(f"the NVSHMEM bootstrap must be 'uid' or 'mpi', got {method!r}")
     if (
         dist.is_initialized() and nv.my_pe() != dist.get_rank()
     ):  # PE ids are taken to be global ranks
@@ -91,7 +87,8 @@ class SymmetricWorkspace:
 
     peer_path: "p2p" = every peer by loads and stores (an error names a peer without a P2P path);
     "put" = every other PE by NVSHMEM put-with-signal; "auto" = P2P where nvshmem_ptr gives an
-    address, put elsewhere."""
+    address, put elsewhere. `put_peers`: global ranks taken by puts even where P2P works (the mixed
+    path on one node)."""
 
     def __init__(
         self,
@@ -104,6 +101,7 @@ class SymmetricWorkspace:
         capacity: int,
         dtype: torch.dtype,
         peer_path: str = "auto",
+        put_peers: frozenset[int] = frozenset(),
     ):
         import nvshmem.core as nv
 
@@ -131,7 +129,13 @@ class SymmetricWorkspace:
         # buffers: the P2P kernels skip put peers, and count_and_rank's store there is the put's
         # source.
         reach = [
-            i == me or self._reachable(nv, self.flags, pes[i], peer_path) for i in range(self.n)
+            i == me
+            or (
+                # put_peers: forced to puts under "auto" (one node testing the mixed path)
+                not (peer_path == "auto" and pes[i] in put_peers)
+                and self._reachable(nv, self.flags, pes[i], peer_path)
+            )
+            for i in range(self.n)
         ]
         self.via_put = torch.tensor(
             [0 if ok else 1 for ok in reach], dtype=torch.int32, device=self.flags.device
@@ -213,8 +217,6 @@ class SymmetricWorkspace:
             return False
         if peer_path == "p2p":
             return True  # _peer_view raises, naming both PEs, where it is not
-        if pe in TEST_PUT_PEERS:
-            return False
         try:
             nv.get_peer_tensor(symmetric, pe)
             return True
@@ -245,7 +247,7 @@ def _peer_view(nv, t, pe: int, my_pe: int):
     except Exception as e:  # noqa: BLE001 - nvshmem4py says only "Failed to retrieve peer buffer"
         raise RuntimeError(
             f"NVSHMEM PE {pe} is not reachable by loads and stores from PE {my_pe} (nvshmem_ptr "
-            "gave no address: no NVLink/P2P path between their GPUs), and nvshmem_peer_path='p2p' "
+            "gave no address: no NVLink/P2P path between their GPUs), and peer_path='p2p' "
             "allows nothing else: use 'auto' (puts for such peers) or 'put'"
         ) from e
 
@@ -271,13 +273,24 @@ def workspace(
     capacity: int,
     dtype: torch.dtype,
     peer_path: str = "auto",
+    put_peers: frozenset[int] = frozenset(),
 ) -> SymmetricWorkspace:
     """Shared by every layer of the same shape: consecutive layers alternate parity, and a PE cannot
     run two calls ahead of a peer (each call waits on every peer's flag), so parity p is never
     overwritten while a peer still reads it."""
-    key = (tuple(pes), hidden, num_experts, max_tokens, top_k, capacity, dtype, peer_path)
+    key = (
+        tuple(pes),
+        hidden,
+        num_experts,
+        max_tokens,
+        top_k,
+        capacity,
+        dtype,
+        peer_path,
+        put_peers,
+    )
     if key not in _state["workspaces"]:
         _state["workspaces"][key] = SymmetricWorkspace(
-            pes, me, hidden, num_experts, max_tokens, top_k, capacity, dtype, peer_path
+            pes, me, hidden, num_experts, max_tokens, top_k, capacity, dtype, peer_path, put_peers
         )
     return _state["workspaces"][key]

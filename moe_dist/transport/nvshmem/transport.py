@@ -25,8 +25,9 @@ import triton
 
 from ...errors import BufferOverflow, DeviceErrorFlags, MoERuntimeError
 from .. import handshake as HS
-from ...parallel.groups import all_reduce_sum
 from ...routing import RoutingPlan
+from ..base import Transport
+from ..options import NvshmemOptions
 from ..permute import slot_weight_grad
 from ..fp8 import quantize_rows
 from . import dedup_kernels as D_
@@ -53,33 +54,47 @@ class NvshmemHandle:
     ws: SymmetricWorkspace  # the symmetric buffers of this hidden size and dtype
 
 
-class NvshmemTransport:
+class NvshmemTransport(Transport):
     name = "nvshmem"
 
     def __init__(
-        self, num_experts: int, groups, device: torch.device, cfg, dtype: torch.dtype | None = None
+        self,
+        num_experts: int,
+        top_k: int,
+        groups,
+        device: torch.device,
+        options: NvshmemOptions,
+        *,
+        hidden_size: int | None = None,
+        dtype: torch.dtype | None = None,
+        dispatch_dtype: str = "bf16",
+        num_comm_sms: int | None = None,
     ):
+        """Needs torch.distributed initialised (NVSHMEM's uid bootstrap rides on it; the factory,
+        build_transport, starts a world of one where there is none) and options.bootstrap set.
+        `groups=None`: this rank alone."""
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "NvshmemTransport needs torch.distributed initialised (build it through "
+                "moe_dist.transport.build_transport, or call moe_dist.init_distributed() first)"
+            )
+        if options.bootstrap is None:
+            raise ValueError("NvshmemOptions.bootstrap must be 'uid' or 'mpi' here, got None")
         self.num_experts = num_experts
-        if groups is None:
-            self.pes = [dist.get_rank() if dist.is_initialized() else 0]
-        else:
-            self.pes = groups.ep_ranks
-        self.load_group = None if groups is None else groups.dp_group
+        self.pes = [dist.get_rank()] if groups is None else groups.ep_ranks
         self.ep_size = len(self.pes)
-        me_global = dist.get_rank() if dist.is_initialized() else 0
-        self.ep_rank = self.pes.index(me_global)
+        self.ep_rank = self.pes.index(dist.get_rank())
         self.device = device
-        self.max_tokens = cfg.max_tokens_per_rank
-        self.top_k = cfg.top_k
-        self.capacity = (
-            cfg.nvshmem_recv_capacity or cfg.max_tokens_per_rank * cfg.top_k * self.ep_size
-        )
-        self.timeout_ns = int(cfg.peer_timeout_s * 1e9)
-        self.peer_path = cfg.nvshmem_peer_path
-        self.fp8 = getattr(cfg, "dispatch_dtype", "bf16") == "fp8_e4m3"
+        self.options = options
+        self.max_tokens = options.max_tokens_per_rank
+        self.top_k = top_k
+        self.capacity = options.recv_capacity or options.max_tokens_per_rank * top_k * self.ep_size
+        self.timeout_ns = int(options.peer_timeout_s * 1e9)
+        self.peer_path = options.peer_path
+        self.fp8 = dispatch_dtype == "fp8_e4m3"
         self.sent_rows_N = None  # dedup path: rows the latest dispatch sent to each PE (device)
         # Programs (SMs) each row-moving kernel may occupy: the rest stay free for compute.
-        self.num_comm_sms = getattr(cfg, "num_comm_sms", K_.DEFAULT_COMM_SMS)
+        self.num_comm_sms = K_.DEFAULT_COMM_SMS if num_comm_sms is None else num_comm_sms
         self._put_libs = None  # NVSHMEM's device bitcode, looked up when a workspace has put peers
         self.error_flags = DeviceErrorFlags("moe", device)
         self.calls = 0
@@ -87,21 +102,17 @@ class NvshmemTransport:
         # by the layer; the construction-time config check runs over the EP process group
         self.context = HS.CallContext()
         self._ep_group = None if groups is None else groups.ep_group
-        self._timeout_s = cfg.peer_timeout_s
+        self._timeout_s = options.peer_timeout_s
         self._header_TF = None  # the last header (reused under CUDA-graph capture)
-        if not dist.is_initialized() and self.ep_size == 1:
-            from ...parallel import init_distributed
-
-            init_distributed()  # NVSHMEM's uid bootstrap rides on a (world of one) process group
-        ensure_initialized(device)
+        ensure_initialized(device, options.bootstrap)
         self._workspaces: dict = {}
         # Symmetric allocation is collective. With the layer's dtype known it is made here, where
         # every PE builds the layer, not in a first dispatch that a silent peer would never join
         # (that would hang instead of timing out). Without it (mixed precision casts the
         # activations) it waits for the first call: a default-dtype set made now could go unused and
         # cost gigabytes.
-        if dtype is not None:
-            self.workspace(dtype, cfg.hidden_size)
+        if dtype is not None and hidden_size is not None:
+            self.workspace(dtype, hidden_size)
 
     @property
     def num_local_experts(self) -> int:
@@ -123,6 +134,7 @@ class NvshmemTransport:
                 self.capacity,
                 dtype,
                 self.peer_path,
+                self.options.put_peers,
             )
             if ws.any_put and self._put_libs is None:
                 self._put_libs = extern_libs(torch.cuda.get_device_capability(self.device))
@@ -141,7 +153,7 @@ class NvshmemTransport:
 
     # -- public interface
     # ----------------------------------------------------------------------------
-    def dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
+    def _dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
         T, K = plan.expert_idx_TK.shape
         if T > self.max_tokens:
             raise BufferOverflow(
@@ -166,13 +178,10 @@ class NvshmemTransport:
         tokens, counts_G, handle_box = _Dispatch.apply(x_TH, self, plan)
         return tokens, counts_G, handle_box.handle
 
-    def combine(self, y_CH: torch.Tensor, handle) -> torch.Tensor:
+    def _combine(self, y_CH: torch.Tensor, handle) -> torch.Tensor:
         if isinstance(handle, DedupHandle):
             return _DedupCombine.apply(y_CH, handle.weights_TK, handle.local_w_QK, self, handle)
         return _Combine.apply(y_CH, handle.weights_TK, self, handle)
-
-    def global_load(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(tokens_per_expert_E.clone(), self.load_group)
 
     # -- the steps of a call, in order
     # -----------------------------------------------------------------
