@@ -62,7 +62,7 @@ class MoEConfig:
     init_seed_offset: int = 0  # added to the seed of the layer's init (distinct layers, one seed)
     # Transport v2 (these move to the transport options object with the other transport knobs).
     dispatch_dtype: str = "bf16"  # "bf16": rows in the activation dtype; "fp8_e4m3": e4m3 + scales
-    num_comm_sms: int = 24  # nvshmem: programs (SMs) each communication kernel may occupy
+    num_comm_sms: int | None = None  # nvshmem: most programs a comm kernel runs (None: no bound)
 
     # Families of Hugging Face models (extensions/interop/hf.py); the defaults change nothing.
     router_bias: bool = False  # GPT-OSS: a learned bias on the router logits (selects and weighs)
@@ -156,8 +156,12 @@ class MoEConfig:
                 f"dispatch_dtype='fp8_e4m3' needs hidden_size divisible by 128 (one scale per 128"
                 f" channels; not padded), got hidden_size={self.hidden_size}"
             )
-        if not _is_int(self.num_comm_sms) or self.num_comm_sms < 1:
-            raise ValueError(f"num_comm_sms must be a positive int, got {self.num_comm_sms!r}")
+        if self.num_comm_sms is not None and (
+            not _is_int(self.num_comm_sms) or self.num_comm_sms < 1
+        ):
+            raise ValueError(
+                f"num_comm_sms must be a positive int or None, got {self.num_comm_sms!r}"
+            )
         for name in (
             "router_bias",
             "expert_ffn_bias",

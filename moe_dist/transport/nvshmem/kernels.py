@@ -408,7 +408,10 @@ def row_chunks(H: int) -> int:
     return triton.cdiv(H, ROW_BLOCK)
 
 
-DEFAULT_COMM_SMS = 24  # DeepEP's V1 default: 20-24 of an H100/H200's 132 SMs
+# No bound by default: on the H200 a 24-program grid made a 4096 x 7168 top-8 round trip 4.7x
+# slower (benchmarks/results/transport_1pe_h200.json); a bound pays only once the kernels keep
+# enough bytes in flight per program.
+DEFAULT_COMM_SMS = None
 
 
 def comm_grid(work_items: int, num_comm_sms: int | None) -> tuple[int]:

@@ -94,7 +94,7 @@ class NvshmemTransport(Transport):
         self.fp8 = dispatch_dtype == "fp8_e4m3"
         self.sent_rows_N = None  # dedup path: rows the latest dispatch sent to each PE (device)
         # Programs (SMs) each row-moving kernel may occupy: the rest stay free for compute.
-        self.num_comm_sms = K_.DEFAULT_COMM_SMS if num_comm_sms is None else num_comm_sms
+        self.num_comm_sms = num_comm_sms  # None: no bound (kernels.DEFAULT_COMM_SMS says why)
         self._put_libs = None  # NVSHMEM's device bitcode, looked up when a workspace has put peers
         self.error_flags = DeviceErrorFlags("moe", device)
         self.calls = 0
