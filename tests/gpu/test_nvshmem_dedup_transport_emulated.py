@@ -16,6 +16,7 @@ import types
 import pytest
 import torch
 
+from moe_dist.transport import NvshmemOptions
 from moe_dist.errors import DeviceErrorFlags
 from moe_dist.transport import handshake as HS
 from moe_dist.routing import RoutingPlan
@@ -75,6 +76,7 @@ def workspaces(N, E, K, H, T_max, C, dtype):
 
         ws.next_epoch = next_epoch
         ws.via_put = torch.zeros(N, dtype=torch.int32)  # every peer P2P
+        ws.any_put = False
         out.append(ws)
     return out
 
@@ -86,6 +88,7 @@ def make_transport(ws, E, K, T_max, sms, fp8, barrier):
     tr.num_comm_sms, tr.calls, tr._put_libs, tr.sent_rows_N = sms, 0, None, None
     tr.error_flags = DeviceErrorFlags("emulated", "cpu")
     tr.device, tr.context, tr._header_TF = "cpu", HS.CallContext(), None  # the call header
+    tr.options = NvshmemOptions(check_headers=True)  # the header is exchanged and checked
     tr._workspaces = {(ws.dtype, None): ws}
     tr.workspace = lambda dtype, hidden: ws
 

@@ -262,6 +262,11 @@ class NvshmemTransport(Transport):
         self._header_TF = hdr
         return hdr
 
+    def checks_headers(self, ws: SymmetricWorkspace) -> bool:
+        """Whether this call's header travels: opt-in, and only where every peer is reached by P2P
+        stores (the put path does not carry header rows yet: peers would read stale ones)."""
+        return self.options.check_headers and not ws.any_put
+
     def _exchange_header(self, ws: SymmetricWorkspace, p: int, hdr) -> None:
         K_.send_header_kernel[(ws.n,)](hdr, ws.headers_at[p], ws.me, F=HS.F, FB=16)
 
@@ -287,7 +292,12 @@ class NvshmemTransport(Transport):
         error is raised here (one sync). Peers raise at their next check (eager: the end of the
         forward). Without a workspace yet there is nothing to exchange: the peers time out."""
         ws = next(iter(self._workspaces.values()), None)
-        if ws is None or phase != "dispatch" or isinstance(exc, MoERuntimeError):
+        if (
+            ws is None
+            or phase != "dispatch"
+            or isinstance(exc, MoERuntimeError)
+            or not self.options.check_headers
+        ):
             raise exc  # after the dispatch the peers wait on RETURN: they time out (PeerTimeout)
         code = next((k for k, cls in HS._CLASSES.items() if isinstance(exc, cls)), HS.RANK_FAILED)
         p = self.new_call(ws)
@@ -511,7 +521,7 @@ class _Dispatch(torch.autograd.Function):
         p = tr.new_call(
             ws
         )  # the count exchange and the rows share this call's epoch (separate flags)
-        hdr = tr.header(x_TH.dtype, x_TH.shape[1], K)
+        hdr = tr.header(x_TH.dtype, x_TH.shape[1], K) if tr.checks_headers(ws) else None
         layout = tr.route_and_layout(ws, idx_S, p, hdr)
         counts_G, seg_2NG = layout[2], layout[3]
         dest_rank_S = torch.empty(T * K, dtype=torch.int64, device=x_TH.device)
@@ -662,7 +672,8 @@ class _DedupDispatch(torch.autograd.Function):
         ws = tr.workspace(x_TH.dtype, H)
         idx_S = plan.expert_idx_TK.reshape(-1).contiguous()
         p = tr.new_call(ws)  # the count exchange and the rows share this call's epoch
-        hdr = tr.header(x_TH.dtype, H, K)  # the call header travels with the counts
+        # the call header travels with the counts (opt-in: NvshmemOptions.check_headers)
+        hdr = tr.header(x_TH.dtype, H, K) if tr.checks_headers(ws) else None
         offs_E, overflow_N, counts_G, _, rank_S = tr.route_and_layout(ws, idx_S, p, hdr)
         dest_rank_S = torch.empty(T * K, dtype=torch.int64, device=dev)
         dest_pos_S = torch.empty(T * K, dtype=torch.int64, device=dev)
