@@ -73,7 +73,7 @@ def _check_pngs(out: Path, n: int = 4) -> None:
         assert len(data) > 1000 and data.startswith(PNG_MAGIC), f"{png} is not a PNG"
 
 
-def test_sweep_plot_and_readme(smoke, tmp_path):
+def test_sweep_plot_and_readme(smoke, tmp_path, monkeypatch):
     proc, out = smoke("sweep")
     assert_ran(proc)
     (json_path,) = out.glob("sweep_*.json")
@@ -86,10 +86,18 @@ def test_sweep_plot_and_readme(smoke, tmp_path):
     for _ in range(2):  # the second run replaces the section instead of appending another
         args = [json_path, "--out", tmp_path / "figs", "--readme", readme]
         assert_ran(run_python("-m", "benchmarks.plot", *args, timeout=120))
-    _check_pngs(tmp_path / "figs")
+    _check_pngs(tmp_path / "figs", n=3)  # one EP size: no scaling figure
     text = readme.read_text()
     assert text.startswith("# title\n\nhand-written text") and text.count("sweep:begin") == 1
     assert "CPU smoke" in text and "figs/sweep_latency.png" in text and "| 64 |" in text
+    assert "|  |" not in text, "a table column with no value"
+    from benchmarks import plot
+
+    drawn, save = [], plot.save
+    monkeypatch.setattr(plot, "save", lambda fig, path: drawn.append(fig.axes) or save(fig, path))
+    plot.main([str(json_path), "--out", str(tmp_path / "figs2")])
+    assert drawn and all(ax.has_data() for axes in drawn for ax in axes), "an empty panel"
+    assert all(ax.get_title() and ax.get_xlabel() for axes in drawn for ax in axes)
 
 
 def test_sweep_torchrun_two_processes(tmp_path, smoke):
