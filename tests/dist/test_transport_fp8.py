@@ -57,5 +57,5 @@ def test_fp8_config_is_validated():
         MoEConfig(hidden_size=96, ffn_hidden_size=8, num_experts=4, dispatch_dtype="fp8_e4m3")
     with pytest.raises(ValueError, match="dispatch_dtype must be one of"):
         MoEConfig(hidden_size=128, ffn_hidden_size=8, num_experts=4, dispatch_dtype="fp16")
-    with pytest.raises(ValueError, match="num_comm_sms must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="num_comm_sms must be a positive int or None, got 0"):
         MoEConfig(hidden_size=128, ffn_hidden_size=8, num_experts=4, num_comm_sms=0)
