@@ -15,6 +15,7 @@ import torch
 
 from moe_dist.transport.dedup import count_pairs
 from moe_dist.transport.fp8 import quantize_rows
+from tests.gpu.test_nvshmem_kernels import addresses, sync
 
 triton = pytest.importorskip("triton", reason="the nvshmem kernels are Triton kernels")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -26,15 +27,6 @@ pytestmark = pytest.mark.skipif(
 if INTERPRETED or torch.cuda.is_available():
     from moe_dist.transport.nvshmem import dedup_kernels as D_
     from moe_dist.transport.nvshmem import kernels as K_
-
-
-def sync():
-    if not INTERPRETED:
-        torch.cuda.synchronize()
-
-
-def addresses(tensors):
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=DEV)
 
 
 def random_idx(T, E, K, gen, unused=0.2):
