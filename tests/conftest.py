@@ -25,6 +25,7 @@ Legend: T tokens, H hidden, F expert FFN width.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import subprocess
@@ -65,18 +66,27 @@ def _child(rank, world_size, port, fn, args, errors):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    exit_code = 1
     try:
         dist.init_process_group(
             "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120)
         )
         fn(*args)
         dist.barrier()
+        exit_code = 0
     except BaseException:
         errors.put((rank, traceback.format_exc()))
-        raise
     finally:
+        # Drop what fn left behind (a caught exception's frames can hold gloo work objects) while
+        # the interpreter is whole, then leave without its finalisation: gloo threads torn down
+        # there abort the process now and then ("terminate called without an active exception",
+        # CI, 2026-12-01) after fn has passed.
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
 
 
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0) -> None:
