@@ -9,7 +9,7 @@ from .errors import (
     RankFailed,
     RankMismatch,
 )
-from .layer import MoELayer, MoEOutput, is_expert_param
+from .layer import MoELayer, MoEOutput, MoEPending, is_expert_param
 from .parallel import ParallelGroups, init_distributed
 
 __version__ = "0.2.0.dev0"  # the only place; pyproject.toml reads it (CHANGELOG.md)
@@ -35,6 +35,7 @@ __all__ = [
     "MoEConfig",
     "MoELayer",
     "MoEOutput",
+    "MoEPending",
     "MoERuntimeError",
     "NonFiniteRouterLogits",
     "ParallelGroups",

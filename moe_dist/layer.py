@@ -21,7 +21,16 @@ from .errors import (
     RankMismatch,
 )
 from .experts import DenseFFN, GroupedExperts, grouped_mm_supported
-from .overlap import SharedExperts, StreamSet, pipelined_moe
+from .overlap import (
+    InFlight,
+    SharedExperts,
+    StreamSet,
+    combine_async,
+    compute_experts,
+    dispatch_async,
+    landed,
+    pipelined_moe,
+)
 from .routing import Router, RoutingPlan, scale_inputs
 from .transport import Transport, TransportOptions, build_transport
 from .transport.handshake import config_crc, config_fields, tensor_crc
@@ -33,6 +42,47 @@ class MoEOutput(NamedTuple):
         torch.Tensor
     )  # scalar, already scaled by the coefficients; add it to the training loss
     tokens_per_expert: torch.Tensor  # int64 [E]: slots this rank routed to each (global) expert
+
+
+class MoEPending:
+    """One MoELayer call between `start` and `finish`: its routing plan, the layer step it counts
+    as, and what the phases hand on (the shared experts, the tokens in flight). Goes back to the
+    layer that made it, through each phase once."""
+
+    __slots__ = ("layer", "plan", "step", "shared", "x_in", "plan_in", "flight", "out_TH")
+    __slots__ += ("shape", "stage")
+
+    def __init__(self, layer, plan, step, shared, x_in, plan_in):
+        self.layer, self.plan, self.step, self.shared = layer, plan, step, shared
+        self.x_in, self.plan_in = x_in, plan_in  # the pass's tokens and plan (Llama-4 scaled)
+        self.flight: InFlight | None = None  # None: dispatched in run_experts (chunked or fused)
+        self.out_TH: torch.Tensor | None = None  # the routed output of a chunked or fused call
+        self.shape, self.stage = None, "dispatched"
+
+    def check_layer(self, layer, phase: str) -> None:
+        if layer is not self.layer:
+            raise ValueError(
+                f"MoE layer '{layer.name}': {phase}() got a call started by layer "
+                f"'{self.layer.name}'"
+            )
+
+    def advance(self, layer, expected: str, phase: str) -> None:
+        self.check_layer(layer, phase)
+        if self.stage != expected:
+            raise RuntimeError(
+                f"MoE layer '{layer.name}', step {self.step}: {phase}() on a call that is "
+                f"'{self.stage}', not '{expected}' (each phase runs once: start, run_experts, "
+                f"finish)"
+            )
+
+    def release(self) -> None:
+        self.stage, self.x_in, self.plan_in, self.flight, self.out_TH = (
+            "done",
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class MoELayer(nn.Module):
@@ -153,6 +203,53 @@ class MoELayer(nn.Module):
     # -- the forward, in data-flow order
     # -------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> MoEOutput:
+        """x: [..., hidden] -> MoEOutput. Every phase on the current stream (the shared experts and
+        num_chunks > 1 excepted, see overlap.py); `start`/`finish` split it to overlap calls."""
+        return self.finish(self._start(x, streams=None))
+
+    def start(self, x: torch.Tensor) -> MoEPending:
+        """Phase 1 of a split call: entry checks, routing, and the dispatch issued. On CUDA the
+        dispatch runs on the comm stream (async_finish) and start returns while tokens travel;
+        the shared experts will run on the side stream from x. Then `run_experts(p)` (optional:
+        experts once the tokens landed, combine issued) and `finish(p)` -> MoEOutput, equal to
+        forward(x). In between the caller may compute (another micro-batch's attention) and start
+        other calls; every rank must make the same calls in the same order, since transport calls
+        are collective (each carries its call's step: a different order raises RankMismatch).
+        With num_chunks > 1, observers or a fused transport path, dispatch and combine both run in
+        run_experts. Errors travel as in forward: a rank that fails makes every rank raise."""
+        return self._start(x, streams=self.streams)
+
+    def run_experts(self, pending: MoEPending) -> None:
+        """Phase 2: the experts on the received tokens (on the current stream, after the dispatch
+        landed), then the combine issued (comm stream on CUDA). `finish` runs it when not run."""
+        pending.advance(self, "dispatched", "run_experts")
+        try:
+            self._set_call_step(pending.step)  # the combine's handshake names this call's step
+            flight = pending.flight
+            if flight is None:  # chunked or fused: dispatch, experts and combine here
+                pending.out_TH = self._routed_experts(pending.x_in, pending.plan_in)
+            else:
+                compute_experts(flight, self._experts_for(pending.x_in, pending.plan_in))
+                combine_async(self.transport, flight, self.streams)
+        except BaseException:
+            pending.stage = "failed"
+            raise
+        pending.stage = "computed"
+
+    def finish(self, pending: MoEPending) -> MoEOutput:
+        """Phase 3: waits (on the current stream) for the combine, adds the shared experts, and in
+        eager error mode raises what the transport recorded (a host sync)."""
+        pending.check_layer(self, "finish")
+        if pending.stage == "dispatched":
+            self.run_experts(pending)
+        pending.advance(self, "computed", "finish")
+        out_TH = self._close_pass(pending)
+        if self.cfg.error_check == "eager":
+            self.check_errors()
+        plan = pending.plan
+        return MoEOutput(out_TH.view(pending.shape), plan.aux_loss, plan.tokens_per_expert_E)
+
+    def _start(self, x: torch.Tensor, streams: StreamSet | None) -> MoEPending:
         # A rank that fails before its tokens travel does not leave its peers waiting: the next
         # transport call carries the error and every rank raises it (transport/handshake.py).
         try:
@@ -160,9 +257,10 @@ class MoELayer(nn.Module):
             self._check_input(x)
         except Exception as e:
             self.fail_together(e)
-        out_TH, plan = self.routed_pass(x.reshape(-1, x.shape[-1]))
-        self.finish_step()
-        return MoEOutput(out_TH.view(x.shape), plan.aux_loss, plan.tokens_per_expert_E)
+        pending = self._open_pass(x.reshape(-1, x.shape[-1]), None, None, streams)
+        pending.shape = x.shape
+        self.step += 1  # the call counts once its tokens are on their way
+        return pending
 
     def routed_pass(
         self,
@@ -172,10 +270,19 @@ class MoELayer(nn.Module):
         router: Router | None = None,
     ) -> tuple[torch.Tensor, RoutingPlan]:
         """One routed pass: route (unless `plan` is given) -> dispatch -> experts -> combine, plus
-        the shared experts (added here and nowhere else). Chunked and overlapped when
+        the shared experts (added in _close_pass and nowhere else). Chunked and overlapped when
         cfg.num_chunks > 1 and no observer is attached. `router`: route with another router of
         the same config (Chain-of-Experts' later passes); default self.router. Returns (out_TH,
         plan). Collective at EP > 1: every rank calls it the same number of times."""
+        pending = self._open_pass(x_TH, plan, router, None)
+        self.run_experts(pending)
+        pending.advance(self, "computed", "routed_pass")
+        return self._close_pass(pending), pending.plan
+
+    def _open_pass(self, x_TH, plan, router, streams) -> MoEPending:
+        """Route (unless given) and, on the plain path, dispatch: the start of every pass.
+        `streams`: dispatch on streams.comm (CUDA); None: on the current stream."""
+        self._set_call_step(self.step)
         # On CUDA the shared experts run on a side stream from here on, while tokens route and
         # travel.
         shared = SharedExperts(
@@ -190,20 +297,49 @@ class MoELayer(nn.Module):
         # Llama 4 (cfg.scale_expert_input): each expert sees its token times the routing weight,
         # one row per slot, and the K rows of a token are summed unweighted.
         x_in, plan_in = scale_inputs(x_TH, plan) if self.cfg.scale_expert_input else (x_TH, plan)
-        if self.cfg.num_chunks > 1 and not self._observers:
-            out_TH = pipelined_moe(
+        pending = MoEPending(self, plan, self.step, shared, x_in, plan_in)
+        if self._one_go_path(x_in) is None:
+            pending.flight = dispatch_async(self.transport, x_in, plan_in, streams)
+        return pending
+
+    def _close_pass(self, pending: MoEPending) -> torch.Tensor:
+        flight, plan = pending.flight, pending.plan
+        out_TH = pending.out_TH if flight is None else landed(flight)
+        if pending.plan_in is not plan and plan.top_k > 1:
+            out_TH = out_TH.view(plan.num_tokens, plan.top_k, out_TH.shape[-1]).sum(dim=1)
+        pending.release()
+        return pending.shared.add_to(out_TH)
+
+    def _one_go_path(self, x_TH: torch.Tensor) -> str | None:
+        """ "chunked" or "fused" where dispatch, experts and combine run in one call (so the
+        dispatch cannot be issued ahead of the experts); None: the plain path. Observers expect
+        one unfused call over the whole batch."""
+        if self._observers:
+            return None
+        if self.cfg.num_chunks > 1:
+            return "chunked"
+        use_fused = getattr(self.transport, "use_fused", None)
+        return "fused" if use_fused is not None and use_fused(x_TH, self.experts) else None
+
+    def _routed_experts(self, x_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """The routed experts in one go (no shared experts), on the current stream (the chunked
+        pipeline uses its streams)."""
+        path = self._one_go_path(x_TH)
+        if path == "chunked":
+            return pipelined_moe(
                 self.transport,
                 self._guarded_experts,
-                x_in,
-                plan_in,
+                x_TH,
+                plan,
                 self.cfg.num_chunks,
                 self.streams,
             )
-        else:
-            out_TH = self._routed_experts(x_in, plan_in)
-        if plan_in is not plan and plan.top_k > 1:
-            out_TH = out_TH.view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
-        return shared.add_to(out_TH), plan
+        if path == "fused":
+            return self.transport.fused_experts(x_TH, plan, self.experts)
+        flight = dispatch_async(self.transport, x_TH, plan, None)
+        compute_experts(flight, self._experts_for(x_TH, plan))
+        combine_async(self.transport, flight, None)
+        return landed(flight)
 
     def route(self, x_TH: torch.Tensor, router: Router | None = None) -> RoutingPlan:
         """The routing plan of x_TH: logits, the finiteness check, selection. In training, a
@@ -225,18 +361,19 @@ class MoELayer(nn.Module):
         except Exception as e:
             self.fail_together(e, "combine")
 
-    def _routed_experts(self, x_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        use_fused = getattr(self.transport, "use_fused", None)
-        if use_fused is not None and not self._observers and use_fused(x_TH, self.experts):
-            return self.transport.fused_experts(x_TH, plan, self.experts)
-        tokens_MH, counts_G, handle = self.transport.dispatch(x_TH, plan)
-        y_MH = self._guarded_experts(tokens_MH, counts_G)
-        try:
-            for observe in self._observers:
-                observe(self, x_TH, plan, counts_G, y_MH)
-        except Exception as e:
-            self.fail_together(e, "combine")  # the combine's handshake carries it
-        return self.transport.combine(y_MH, handle)
+    def _experts_for(self, x_TH: torch.Tensor, plan: RoutingPlan):
+        """The guarded experts, then the observers (telemetry) on their outputs."""
+
+        def experts(tokens_MH: torch.Tensor, counts_G: torch.Tensor) -> torch.Tensor:
+            y_MH = self._guarded_experts(tokens_MH, counts_G)
+            try:
+                for observe in self._observers:
+                    observe(self, x_TH, plan, counts_G, y_MH)
+            except Exception as e:
+                self.fail_together(e, "combine")  # the combine's handshake carries it
+            return y_MH
+
+        return experts
 
     def add_observer(self, fn) -> None:
         """fn(layer, x_TH, plan, counts_G, y_MH) runs after the experts of every forward
@@ -304,6 +441,13 @@ class MoELayer(nn.Module):
         if not context.router_crc:  # the router weights are compared once, at the first call
             context.router_crc = tensor_crc(self.router.weight)
 
+    def _set_call_step(self, step: int) -> None:
+        """The step the next transport call's header carries (and its errors name): with calls
+        split by start/finish, other calls' phases run in between."""
+        context = getattr(self.transport, "context", None)
+        if context is not None:
+            context.step = step
+
     def _send_device_errors(self) -> None:
         """Deferred checks: the error bits recorded on the device travel in the dispatch header."""
         context = getattr(self.transport, "context", None)
@@ -324,9 +468,10 @@ class MoELayer(nn.Module):
             self.error_flags.words.zero_()
 
     def finish_step(self) -> None:
-        """End of one forward (MoELayer's or a wrapper's such as Chain-of-Experts): in eager error
+        """End of a wrapper's forward made of routed passes (Chain-of-Experts): in eager error
         mode raises what the transport recorded on the device (one host sync, only where flags
-        exist; also those of the previous backward), then counts the step."""
+        exist; also those of the previous backward), then counts the step. (MoELayer's own calls
+        count their step in start and check in finish.)"""
         if self.cfg.error_check == "eager":
             self.check_errors()
         self.step += 1

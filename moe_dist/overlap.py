@@ -42,6 +42,7 @@ and expert compute are long (many tokens, EP > 1); benchmarks/overlap.py measure
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
@@ -131,12 +132,91 @@ def split_plan(plan: RoutingPlan, num_chunks: int) -> list[RoutingPlan]:
             tokens_per_expert_E=_slots_per_expert(idx_TK, E),
             aux_loss=zero_loss,
             dropped_tokens=zero_dropped,
+            aux_terms=None,
         )
         for idx_TK, w_TK in zip(
             torch.tensor_split(plan.expert_idx_TK, num_chunks),
             torch.tensor_split(plan.weights_TK, num_chunks),
         )
     ]
+
+
+# -- one token set in flight: the phases the pipeline and the micro-batches share
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(eq=False)
+class InFlight:
+    """One token set between its dispatch and its combine (a chunk of the pipeline, or a layer
+    call between MoELayer.start and finish): what each phase leaves for the next, with the event
+    that says it is ready (None off CUDA or when run on the current stream). Each phase drops
+    what it consumed, so memory is freed as early as autograd allows."""
+
+    handle: Any
+    tokens_MH: torch.Tensor | None
+    counts_G: torch.Tensor | None
+    dispatched: Any = None  # event: tokens_MH and counts_G landed (comm)
+    y_MH: torch.Tensor | None = None
+    computed: Any = None  # event: y_MH computed (compute)
+    out_TH: torch.Tensor | None = None
+    combined: Any = None  # event: out_TH landed (comm)
+
+
+def dispatch_async(
+    transport, x_TH: torch.Tensor, plan: RoutingPlan, streams: StreamSet | None, ready=None
+) -> InFlight:
+    """transport.dispatch of x_TH. On CUDA with `streams`: issued on streams.comm after `ready`
+    (default: an event recorded now on the current stream, i.e. after routing); returns at once.
+    Otherwise on the current stream, in host order."""
+    if streams is None or not x_TH.is_cuda:
+        tokens_MH, counts_G, handle = transport.dispatch(x_TH, plan)
+        return InFlight(handle, tokens_MH, counts_G)
+    ready = ready if ready is not None else record_event(x_TH.device)
+    comm = streams.comm(x_TH.device)
+    for t in (x_TH, plan.expert_idx_TK, plan.weights_TK, plan.tokens_per_expert_E):
+        _use(t, comm)
+    with torch.cuda.stream(comm):
+        tokens_MH, counts_G, handle, event = transport.dispatch(
+            x_TH, plan, previous_event=ready, async_finish=True
+        )
+    return InFlight(handle, tokens_MH, counts_G, event)
+
+
+def compute_experts(flight: InFlight, experts) -> None:
+    """experts(tokens_MH, counts_G) on the current (compute) stream, after the dispatch landed."""
+    if flight.dispatched is not None:
+        compute = torch.cuda.current_stream(flight.tokens_MH.device)
+        compute.wait_event(flight.dispatched)
+        _use(flight.tokens_MH, compute)
+        _use(flight.counts_G, compute)
+    flight.y_MH = experts(flight.tokens_MH, flight.counts_G)
+    if flight.dispatched is not None:
+        flight.computed = record_event(flight.y_MH.device)
+    flight.tokens_MH = None  # autograd keeps what backward needs; record_stream guards the rest
+
+
+def combine_async(transport, flight: InFlight, streams: StreamSet | None) -> None:
+    """transport.combine of the expert outputs: on streams.comm after the experts' event when the
+    dispatch ran there, else on the current stream."""
+    if flight.computed is None:
+        flight.out_TH = transport.combine(flight.y_MH, flight.handle)
+    else:
+        comm = streams.comm(flight.y_MH.device)
+        _use(flight.y_MH, comm)
+        with torch.cuda.stream(comm):
+            flight.out_TH, flight.combined = transport.combine(
+                flight.y_MH, flight.handle, previous_event=flight.computed, async_finish=True
+            )
+    flight.y_MH = flight.handle = None
+
+
+def landed(flight: InFlight) -> torch.Tensor:
+    """The combined rows, usable on the current stream (which waits for the combine)."""
+    out_TH = flight.out_TH
+    if flight.combined is not None:
+        compute = torch.cuda.current_stream(out_TH.device)
+        compute.wait_event(flight.combined)
+        _use(out_TH, compute)
+    flight.out_TH = None
+    return out_TH
 
 
 # -- the pipeline
@@ -154,56 +234,22 @@ def pipelined_moe(
     Returns out_TH (without shared experts). Every rank must call it with the same num_chunks
     (transport calls are collective). `streams`: the layer's StreamSet (None: a new one)."""
     C = num_chunks
-    tr = transport
     x_chunks = torch.tensor_split(x_TH, C)
     plans = split_plan(plan, C)
-    tokens, counts, handles, ys, outs = [None] * C, [None] * C, [None] * C, [None] * C, [None] * C
-
-    if not x_TH.is_cuda:
-        for op, i in issue_order(C):
-            if op == "dispatch":
-                tokens[i], counts[i], handles[i] = tr.dispatch(x_chunks[i], plans[i])
-            elif op == "experts":
-                ys[i] = experts(tokens[i], counts[i])
-                tokens[i] = None
-            else:
-                outs[i] = tr.combine(ys[i], handles[i])
-                ys[i] = handles[i] = None
-        return torch.cat(outs)
-
-    streams = streams if streams is not None else StreamSet()
-    compute, comm = torch.cuda.current_stream(x_TH.device), streams.comm(x_TH.device)
-    ready = record_event(x_TH.device)  # x and the plan (routing ran on compute)
-    for t in (x_TH, plan.expert_idx_TK, plan.weights_TK, *(p.tokens_per_expert_E for p in plans)):
-        _use(t, comm)
-    dispatched, computed, combined = [None] * C, [None] * C, None  # events
+    if x_TH.is_cuda:
+        streams = streams if streams is not None else StreamSet()
+        ready = record_event(x_TH.device)  # x and the plan (routing ran on compute)
+    else:
+        streams = ready = None
+    flights: list[InFlight | None] = [None] * C
     for op, i in issue_order(C):
         if op == "dispatch":
-            with torch.cuda.stream(comm):
-                tokens[i], counts[i], handles[i], dispatched[i] = tr.dispatch(
-                    x_chunks[i],
-                    plans[i],
-                    previous_event=ready if i == 0 else None,
-                    async_finish=True,
-                )
+            flights[i] = dispatch_async(transport, x_chunks[i], plans[i], streams, ready)
         elif op == "experts":
-            compute.wait_event(dispatched[i])
-            _use(tokens[i], compute)
-            _use(counts[i], compute)
-            ys[i] = experts(tokens[i], counts[i])
-            computed[i] = record_event(x_TH.device)
-            tokens[i] = None  # autograd keeps what backward needs; record_stream guards the rest
+            compute_experts(flights[i], experts)
         else:
-            with torch.cuda.stream(comm):
-                _use(ys[i], comm)
-                outs[i], combined = tr.combine(
-                    ys[i], handles[i], previous_event=computed[i], async_finish=True
-                )
-            ys[i] = handles[i] = None
-    compute.wait_event(combined)  # comm runs in order: after the last combine, every chunk is ready
-    for out in outs:
-        _use(out, compute)
-    return torch.cat(outs)
+            combine_async(transport, flights[i], streams)
+    return torch.cat([landed(f) for f in flights])
 
 
 # -- shared experts on a side stream

@@ -6,6 +6,18 @@ to its MoE layers, which hand it to their transport. With `ModelConfig.coe_itera
 FFN is a Chain-of-Experts layer (moe_dist.extensions.coe) of that many routed passes over the same
 experts.
 
+With `ModelConfig.overlap_microbatches=2` each rank's batch is split in two along B (the first half
+takes the odd row) and every block interleaves them through the MoE layer's split call
+(MoELayer.start / run_experts / finish):
+
+    attn(A), start(A), attn(B), start(B), run_experts(A), run_experts(B), finish(A), finish(B)
+
+so on a GPU A's dispatch travels while B's attention computes, A's experts compute while B's
+dispatch travels, and A's combine travels while B's experts compute (moe_dist/overlap.py says what
+waits on what). Results equal the one-batch model up to rounding: the head and the loss run on the
+whole batch again, and each layer's aux loss is the one of both micro-batches' tokens together
+(RoutingPlan.aux_terms), not the sum of two.
+
 Legend: B batch, S sequence, D d_model, V vocabulary.
 """
 
@@ -19,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_dist.extensions.coe import build_moe_layer
-from moe_dist import MoEConfig
+from moe_dist import MoEConfig, MoELayer
+from moe_dist.routing import joint_aux_loss
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,7 @@ class ModelConfig:
     coe_iterations: int = (
         1  # > 1: Chain-of-Experts FFNs (each pass its own router, the same experts)
     )
+    overlap_microbatches: int = 1  # 2: two micro-batches interleaved per block (module docstring)
 
     def __post_init__(self) -> None:
         for name in (
@@ -46,10 +60,31 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.overlap_microbatches not in (1, 2) or isinstance(self.overlap_microbatches, bool):
+            raise ValueError(
+                f"overlap_microbatches must be 1 or 2, got {self.overlap_microbatches!r}"
+            )
+        if self.overlap_microbatches > 1 and self.coe_iterations > 1:
+            # A Chain-of-Experts layer has no split call: refused rather than run without overlap.
+            raise ValueError(
+                f"overlap_microbatches ({self.overlap_microbatches}) needs MoELayer FFNs; "
+                f"coe_iterations ({self.coe_iterations}) builds Chain-of-Experts ones"
+            )
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
+
+
+def check_microbatch_overlap(cfg: ModelConfig, moe_cfg: MoEConfig) -> None:
+    """What overlap_microbatches=2 cannot keep equal to one batch (the trainer checks it before any
+    process group exists)."""
+    if cfg.overlap_microbatches > 1 and moe_cfg.capacity_factor is not None:
+        raise ValueError(
+            f"overlap_microbatches ({cfg.overlap_microbatches}) needs dropless MoE layers: "
+            f"capacity_factor ({moe_cfg.capacity_factor}) counts capacity per call, so two "
+            "micro-batches would drop other slots than one batch"
+        )
 
 
 class LMOutput(NamedTuple):
@@ -87,10 +122,29 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps, device=device, dtype=dtype)
         self.moe = moe
 
-    def forward(self, x_BSD: torch.Tensor):
+    def forward(self, x_BSD: torch.Tensor | list[torch.Tensor]):
+        """x_BSD, or a list of micro-batches (then the outputs are a list too). One call either way,
+        so a wrapper's hooks (FSDP's unshard) run once per block."""
+        if isinstance(x_BSD, list):
+            return self._microbatches(x_BSD)
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
         y, aux, counts = self.moe(self.ffn_norm(x_BSD))
         return x_BSD + y, aux, counts
+
+    def _microbatches(self, xs_BSD: list[torch.Tensor]):
+        """The interleaved schedule (module docstring). Every rank makes the same MoE calls in the
+        same order whatever its micro-batch sizes (empty ones included): they are collective."""
+        hs_BSD, calls = [], []
+        for x_BSD in xs_BSD:
+            h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+            hs_BSD.append(h_BSD)
+            calls.append(self.moe.start(self.ffn_norm(h_BSD)))
+        for call in calls:
+            self.moe.run_experts(call)
+        outs_BSD = [h_BSD + self.moe.finish(call).output for h_BSD, call in zip(hs_BSD, calls)]
+        aux = joint_aux_loss([call.plan.aux_terms for call in calls])
+        counts = torch.stack([call.plan.tokens_per_expert_E for call in calls]).sum(0)
+        return outs_BSD, aux, counts
 
 
 MoEFactory = Callable[[int], nn.Module]  # layer index -> an MoE FFN module
@@ -138,6 +192,18 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleList(
             Block(cfg, moe_factory(i), device=device, dtype=dtype) for i in range(cfg.n_layers)
         )
+        if cfg.overlap_microbatches > 1:
+            check_microbatch_overlap(cfg, moe_cfg)
+            for i, block in enumerate(self.layers):
+                if not isinstance(block.moe, MoELayer):
+                    # Refused, not run without overlap: a benchmark would report the plain path
+                    # under the overlapped name.
+                    raise ValueError(
+                        f"overlap_microbatches ({cfg.overlap_microbatches}) needs a MoELayer in "
+                        f"every block (its start/finish split call); block {i} holds "
+                        f"{type(block.moe).__name__}"
+                    )
+                check_microbatch_overlap(cfg, block.moe.cfg)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps, device=device, dtype=dtype)
         self.lm_head = nn.Linear(
             cfg.d_model, cfg.vocab_size, bias=False, device=device, dtype=dtype
@@ -154,10 +220,13 @@ class MoETransformer(nn.Module):
         x_BSD = self.embed(tokens_BS) + self.pos_embed(positions)
         aux_total = x_BSD.new_zeros((), dtype=torch.float32)
         counts = []
+        # Micro-batches (a list) go through the blocks together, then join for the head and loss.
+        x = x_BSD if self.cfg.overlap_microbatches == 1 else list(torch.tensor_split(x_BSD, 2))
         for block in self.layers:
-            x_BSD, aux, tokens_per_expert = block(x_BSD)
+            x, aux, tokens_per_expert = block(x)
             aux_total = aux_total + aux.float()
             counts.append(tokens_per_expert)
+        x_BSD = x if self.cfg.overlap_microbatches == 1 else torch.cat(x)
         logits_BSV = self.lm_head(self.norm(x_BSD))
         if targets_BS is None:
             return LMOutput(logits_BSV, None, None, aux_total, counts)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .losses import AuxTerms
+
 
 @dataclass(frozen=True)
 class RoutingPlan:
@@ -22,6 +24,9 @@ class RoutingPlan:
     )  # scalar: coefficient-weighted load-balancing + z loss of this rank's tokens
     dropped_tokens: torch.Tensor  # int64 scalar: slots dropped by capacity on this rank
     may_have_unused_slots: bool  # static: False guarantees every slot is routed (no masking needed)
+    # The aux loss as sums over tokens, so several plans give their tokens' joint loss
+    # (losses.joint_aux_loss); None for plans not made by a Router (or a chunk of one).
+    aux_terms: AuxTerms | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -38,7 +43,8 @@ def scale_inputs(x_TH: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, R
     tokens themselves, scaled) and a plan routing each row to its slot's expert with weight 1.
     Summing the combined rows over K (out_SH.view(T, K, H).sum(1)) gives the layer output."""
     T, K = plan.expert_idx_TK.shape
-    x_SH = (x_TH.unsqueeze(1) * plan.weights_TK.unsqueeze(-1).to(x_TH.dtype)).reshape(T * K, -1)
+    x_SH = x_TH.unsqueeze(1) * plan.weights_TK.unsqueeze(-1).to(x_TH.dtype)
+    x_SH = x_SH.reshape(T * K, x_TH.shape[-1])  # not -1: T = 0 is a valid call
     # Unused or dropped slots (expert -1) keep weight 0; every other row counts once.
     weights_S1 = (plan.expert_idx_TK.reshape(T * K, 1) >= 0).to(plan.weights_TK.dtype)
     plan_S1 = replace(

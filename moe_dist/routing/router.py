@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import MoEConfig
 from .capacity import drop_over_capacity, expert_capacity
-from .losses import load_balancing_loss, router_z_loss
+from .losses import aux_terms
 from .plan import RoutingPlan
 from .select import group_limited_topk, sigmoid_topk, softmax_topk, top_p_select
 
@@ -119,14 +119,10 @@ class Router(nn.Module):
         if cfg.routed_scaling_factor != 1.0 and not self._use_kernel(logits_TE):
             weights_TK = weights_TK * cfg.routed_scaling_factor
 
-        aux = (
-            cfg.aux_loss_coef * load_balancing_loss(probs_TE, idx_TK, E)
-            if cfg.aux_loss_coef
-            else None
-        )
-        if cfg.z_loss_coef:
-            z = cfg.z_loss_coef * router_z_loss(logits_TE)
-            aux = z if aux is None else aux + z
+        # The losses as sums over tokens (losses.py): several calls' plans give the loss of their
+        # tokens together (joint_aux_loss), as two overlapped micro-batches need.
+        terms = aux_terms(probs_TE, idx_TK, logits_TE, cfg.aux_loss_coef, cfg.z_loss_coef)
+        aux = terms.loss()
         if aux is None:
             aux = logits_TE.new_zeros(())
 
@@ -151,6 +147,7 @@ class Router(nn.Module):
             aux_loss=aux,
             dropped_tokens=dropped,
             may_have_unused_slots=cfg.router == "top_p" or cfg.capacity_factor is not None,
+            aux_terms=terms,
         )
 
     @property
