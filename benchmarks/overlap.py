@@ -3,6 +3,10 @@
   t_comm        dispatch + combine alone (the transport; at EP=1 the local permutation)
   t_compute     the routed experts alone, on tokens dispatched beforehand
   t_overlapped  the routed path pipelined over C chunks (C = 1, 2, 4, 8), routing done beforehand
+  t_layer       the whole layer (routing and shared experts included) at C chunks, and split in two
+                micro-batches through MoELayer.start / run_experts / finish (the schedule of
+                `--overlap-microbatches 2`: A's experts run while B's tokens travel, A's combine
+                while B's experts run), one chunk each: `microbatches` in the JSON
   efficiency    (t_comm + t_compute - t_overlapped) / min(t_comm, t_compute): the fraction of the
                 shorter phase hidden under the longer one (1 = fully hidden, 0 = serial, < 0 =
                 slower)
@@ -51,6 +55,14 @@ def timed(fn, mode: str, grad_of, iters: int, warmup: int) -> float:
             out.backward(grad_of(out))
 
     return time_ms(step, warmup=warmup, iters=iters)["median_ms"]
+
+
+def microbatched(layer, x, n: int) -> torch.Tensor:
+    """The layer over n micro-batches of x, interleaved as the LM's blocks do."""
+    calls = [layer.start(part) for part in torch.tensor_split(x, n)]
+    for call in calls:
+        layer.run_experts(call)
+    return torch.cat([layer.finish(call).output for call in calls])
 
 
 def efficiency(t_comm: float, t_compute: float, t_overlapped: float) -> float:
@@ -174,13 +186,17 @@ def main(argv=None) -> None:
                 }
             )
         s["best_num_chunks"] = min(chunk_counts, key=lambda c: s["t_layer_ms"][c])
+        t_micro = timed(lambda: microbatched(layer, x_g, 2), mode, ones, args.iters, warmup)
+        s["t_microbatches_ms"] = {2: t_micro}
+        s["microbatches_vs_best_chunks"] = t_micro / s["t_layer_ms"][s["best_num_chunks"]]
+        rows.append(
+            {"mode": mode, "what": "microbatches", "num_microbatches": 2, "t_layer_ms": t_micro}
+        )
 
     # Shared experts: does the side stream hide the shared path under the routed one?
     shared = {}
     for mode in MODES:
-        t_routed = timed(
-            lambda: layer.routed_pass(x_g)[0], mode, ones, args.iters, warmup
-        )
+        t_routed = timed(lambda: layer.routed_pass(x_g)[0], mode, ones, args.iters, warmup)
         t_shared = timed(lambda: layer.shared_experts(x_g), mode, ones, args.iters, warmup)
         res = {"t_routed_ms": t_routed, "t_shared_ms": t_shared}
         for on in (True, False):
@@ -208,6 +224,11 @@ def main(argv=None) -> None:
                     f"  {C:2d}  {s['t_overlapped_ms'][C]:13.3f}  {s['efficiency'][C]:10.2f} "
                     f" {s['t_layer_ms'][C]:8.3f}"
                 )
+            print(
+                f"  2 micro-batches: layer {s['t_microbatches_ms'][2]:.3f} ms"
+                f" ({s['microbatches_vs_best_chunks']:.3f} x the best chunk count,"
+                f" C={s['best_num_chunks']})"
+            )
             sh = shared[mode]
             print(
                 f"  shared: routed {sh['t_routed_ms']:.3f} ms, shared {sh['t_shared_ms']:.3f} ms,"

@@ -1,5 +1,9 @@
-"""Overlap of communication with expert compute: a chunked pipeline of dispatch / experts / combine,
-and the shared experts on a side stream. Results equal the unchunked layer up to fp reordering.
+"""Overlap of communication with compute: the shared experts on a side stream, a chunked pipeline of
+dispatch / experts / combine within one call, and micro-batches: several layer calls in flight at
+once through MoELayer's split call (start / run_experts / finish), which is how the LM overlaps one
+micro-batch's communication with the other's attention and experts. Results equal the plain layer
+up to fp reordering. The phases of one token set in flight (`InFlight`: dispatch_async,
+compute_experts, combine_async, landed) are shared by the pipeline and the split call.
 
 Legend: T tokens on this rank, H hidden, K slots/token, E experts (global), M rows received by local
 experts, G local experts, C chunks.
@@ -30,8 +34,27 @@ Caching allocator: every tensor made on one stream and used on another is `recor
 user (inputs and plan -> comm, received tokens -> compute, expert outputs -> comm, combined rows ->
 compute, x -> side, shared output -> compute), so its memory is not reused before that use is done.
 
-CPU (gloo, or no CUDA): the same chunk loop in the same order, without streams; that is what the CPU
-tests exercise. With observers attached (telemetry, calibration) the layer runs unchunked: observers
+Two micro-batches (moe_dist/lm/model.py, overlap_microbatches=2): each block issues, on the host,
+
+  attn(A); start(A); attn(B); start(B); run_experts(A); run_experts(B); finish(A); finish(B)
+
+  start(X)        compute: routing of X, then an event "X routed"; comm: dispatch_X waits for that
+                  event (previous_event) and returns its own (async_finish); start returns at once
+                  (the collective transport still syncs the host on its split sizes; nvshmem does
+                  not). The shared experts of X are only scheduled: their input event is recorded.
+  run_experts(X)  compute waits dispatch_X's event, runs X's experts, records "X computed"; comm:
+                  combine_X waits for it.
+  finish(X)       side waits "X's input ready", runs X's shared experts; compute waits combine_X's
+                  event and side's, then adds the two.
+So the comm stream runs d_A, d_B, c_A, c_B (in that order on every rank, each call's handshake
+naming its call's step) while compute runs attn(B) under d_A, experts(A) under d_B and experts(B)
+under c_A; only c_B is waited on before the next block's attention. The caller must make the same
+calls in the same order on every rank (transport calls are collective). Backward: as above, each
+node on its forward's stream, transport calls in the reverse creation order (c_B', c_A', d_B', d_A'
+per block), the same on every rank.
+
+CPU (gloo, or no CUDA): the same chunk loop and the same call order, without streams; that is what
+the CPU tests exercise. With observers attached (telemetry, calibration) the layer runs unchunked: observers
 expect one call per forward with rows grouped by expert over the whole batch.
 
 Why num_chunks defaults to 1: each chunk pays the transport's fixed costs (count exchange, kernel

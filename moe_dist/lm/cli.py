@@ -16,7 +16,7 @@ import torch
 from moe_dist import MoEConfig
 from moe_dist.config import ROUTERS, TRANSPORTS
 
-from .model import ModelConfig
+from .model import ModelConfig, check_microbatch_overlap
 
 PROG = "python -m moe_dist.lm.train"
 TENSORBOARD_PIN = "tensorboard==2.21.0"
@@ -154,6 +154,16 @@ def build_parser() -> TrainerArgumentParser:
         default="auto",
         help="how tokens travel to their experts; auto: local at EP=1, nvshmem on one GPU node,"
         " else collective (all_to_all_single)",
+    )
+    par.add_argument(
+        "--overlap-microbatches",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: split each rank's batch in two micro-batches and interleave them in every block,"
+        " so one's tokens travel while the other computes (attention, experts); losses and"
+        " gradients equal 1's up to rounding. Needs MoE FFNs (not --coe-iterations > 1), dropless"
+        " routing (no --capacity-factor) and at least 2 sequences per rank",
     )
     par.add_argument(
         "--dtype",
@@ -302,6 +312,7 @@ def model_configs(args, on_gpu: bool) -> tuple[ModelConfig, MoEConfig]:
         n_heads=size["heads"],
         max_seq_len=size["seq_len"],
         coe_iterations=args.coe_iterations,
+        overlap_microbatches=args.overlap_microbatches,
     )
     moe_cfg = MoEConfig(
         hidden_size=size["d_model"],
@@ -315,6 +326,7 @@ def model_configs(args, on_gpu: bool) -> tuple[ModelConfig, MoEConfig]:
         transport=args.transport,
         error_check="deferred",  # no host sync inside a step; raised at each log line
     )
+    check_microbatch_overlap(model_cfg, moe_cfg)
     return model_cfg, moe_cfg
 
 
@@ -371,6 +383,16 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, world: i
         err(f"--clip ({args.clip}) and --weight-decay ({args.weight_decay}) must be >= 0")
     if args.capacity_factor is not None and not args.capacity_factor > 0:
         err(f"--capacity-factor must be > 0 (omit it for dropless), got {args.capacity_factor}")
+    if args.overlap_microbatches > 1 and args.coe_iterations > 1:
+        err(
+            f"--overlap-microbatches {args.overlap_microbatches} needs MoE FFNs with a split call:"
+            f" --coe-iterations {args.coe_iterations} builds Chain-of-Experts ones"
+        )
+    if args.overlap_microbatches > 1 and args.capacity_factor is not None:
+        err(
+            f"--overlap-microbatches {args.overlap_microbatches} needs dropless routing:"
+            f" --capacity-factor {args.capacity_factor} counts capacity per micro-batch"
+        )
     if args.val_every and args.val_every % args.log_every:
         err(
             f"--val-every ({args.val_every}) must be a multiple of --log-every ({args.log_every}):"
@@ -396,6 +418,11 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, world: i
     batch = args.batch_size or size["rows_per_rank"] * world
     if batch % world:
         err(f"--batch-size ({batch}) must be divisible by the number of processes ({world})")
+    if args.overlap_microbatches > batch // world:
+        err(
+            f"--overlap-microbatches {args.overlap_microbatches} needs at least as many sequences"
+            f" per rank, got {batch // world} (--batch-size {batch} over {world} processes)"
+        )
     if args.transport == "nvshmem" and not on_gpu:
         err("--transport nvshmem needs a GPU per process (use collective or auto on CPU)")
     try:

@@ -326,7 +326,8 @@ def main(argv=None) -> int:
         print(
             f"moe_dist.lm.train: {world} processes on {device.type}, expert parallelism EP"
             f" {args.ep} (each rank holds {E // args.ep} of the {E} experts of every layer),"
-            f" backend {args.backend}, {model_cfg.n_layers} layers of {moe_kind},"
+            f" backend {args.backend}, {model_cfg.n_layers} layers of {moe_kind}"
+            f"{', two micro-batches overlapped' if model_cfg.overlap_microbatches > 1 else ''},"
             f" {n_params:,} parameters on rank 0, {len(corpus):,} bytes of text"
             f" (+{len(val_corpus):,} held out), global batch {batch_size} x {seq_len} bytes",
             flush=True,
@@ -463,6 +464,7 @@ def main(argv=None) -> int:
         "ep": args.ep,
         "backend": args.backend,
         "coe_iterations": model_cfg.coe_iterations,
+        "overlap_microbatches": model_cfg.overlap_microbatches,
         "moe_layer": type(model.moe_layers()[0]).__name__,
         "parameters": n_params,
         "routing": routing_summary,

@@ -176,3 +176,25 @@ def scenario_errors():
 
 def test_a_rank_failing_in_one_microbatch_makes_every_rank_raise():
     run_distributed(scenario_errors, WORLD, timeout_s=LIMIT_S)
+
+
+# -- the trainer's flag, end to end --------------------------------------------------------------
+def test_trainer_flag_gives_the_same_curve(tmp_path):
+    """`--overlap-microbatches 2` under torchrun (2 gloo processes, FSDP2, EP=2) repeats the loss
+    curve of the run without it."""
+    import json
+
+    from tests.conftest import assert_ran, torchrun
+
+    curves = {}
+    for n in (1, 2):
+        path = tmp_path / f"run{n}.json"
+        flags = ["--steps", "6", "--log-every", "3", "--val-every", "0", "--max-bytes", "200000"]
+        flags += ["--overlap-microbatches", str(n), "--json", str(path), "--shared-experts", "1"]
+        out = assert_ran(torchrun(2, "-m", "moe_dist.lm.train", *flags, timeout=240))
+        assert ("two micro-batches overlapped" in out) == (n == 2), out
+        curves[n] = json.loads(path.read_text())
+    assert curves[2]["overlap_microbatches"] == 2 and curves[1]["overlap_microbatches"] == 1
+    want, got = torch.tensor(curves[1]["losses"]), torch.tensor(curves[2]["losses"])
+    assert len(want) == 6 and want[-1] < want[0], want
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

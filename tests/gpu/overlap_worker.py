@@ -3,6 +3,8 @@ pipelined over chunks (comm stream, per-chunk epochs) against the same transport
 forward and backward, two steps, uneven tokens and a rank with none. Prints 'OVERLAP WORKER OK <n>'.
 Used by tests/gpu/test_overlap_gpu.py. Legend: T tokens, H hidden, E experts."""
 
+import os
+
 import torch
 import torch.distributed as dist
 

@@ -136,3 +136,7 @@ def test_benchmark_smoke(tmp_path):
     for key in ("t_comm_ms", "t_compute_ms", "efficiency"):
         assert key in data["summary"]["fwd"], data["summary"]
     assert "ratio_side_stream_on" in data["shared"]
+    micro = [r for r in rows if r["what"] == "microbatches"]
+    assert [(r["mode"], r["num_microbatches"]) for r in micro] == [("fwd", 2), ("fwd_bwd", 2)]
+    assert all(r["t_layer_ms"] > 0 for r in micro)
+    assert data["summary"]["fwd_bwd"]["microbatches_vs_best_chunks"] > 0

@@ -58,6 +58,22 @@ BAD = [  # (flags, world size, words the message must contain)
     (["--lr", "-1"], 2, "--lr must be > 0"),
     (["--resume", "/nonexistent/run"], 2, "--resume /nonexistent/run: no such directory"),
     (["--data", "/nonexistent/text"], 2, "--data /nonexistent/text: no such file or directory"),
+    (["--overlap-microbatches", "3"], 2, "argument --overlap-microbatches: invalid choice: 3"),
+    (
+        ["--overlap-microbatches", "2", "--coe-iterations", "2"],
+        2,
+        "--overlap-microbatches 2 needs MoE FFNs with a split call: --coe-iterations 2",
+    ),
+    (
+        ["--overlap-microbatches", "2", "--capacity-factor", "1.5"],
+        2,
+        "--overlap-microbatches 2 needs dropless routing: --capacity-factor 1.5",
+    ),
+    (
+        ["--overlap-microbatches", "2", "--batch-size", "2"],
+        2,
+        "--overlap-microbatches 2 needs at least as many sequences per rank, got 1",
+    ),
     (["--nonsense"], 2, "unrecognized arguments: --nonsense"),
 ]
 
@@ -132,6 +148,15 @@ def test_help_shows_each_default_once_and_every_flag_has_help():
     for preset in ("tiny", "small", "medium"):
         assert f"  {preset} " in text  # the presets are spelled out
     assert "{auto,local,collective,nvshmem,reference}" in text and "nats per byte" in text
+
+
+def test_overlap_microbatches_reaches_the_model_config(monkeypatch):
+    from moe_dist.lm.cli import model_configs, parse_args
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert model_configs(parse_args([]), False)[0].overlap_microbatches == 1
+    args = parse_args(["--overlap-microbatches", "2"])
+    assert model_configs(args, False)[0].overlap_microbatches == 2
 
 
 def test_ep_defaults_to_the_world_size(monkeypatch):
