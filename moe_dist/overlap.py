@@ -54,8 +54,8 @@ node on its forward's stream, transport calls in the reverse creation order (c_B
 per block), the same on every rank.
 
 CPU (gloo, or no CUDA): the same chunk loop and the same call order, without streams; that is what
-the CPU tests exercise. With observers attached (telemetry, calibration) the layer runs unchunked: observers
-expect one call per forward with rows grouped by expert over the whole batch.
+the CPU tests exercise. With observers attached (telemetry, calibration) the layer runs unchunked:
+observers expect one call per forward with rows grouped by expert over the whole batch.
 
 Why num_chunks defaults to 1: each chunk pays the transport's fixed costs (count exchange, kernel
 launches, and for collective transports a host sync), so chunking pays only when both communication
