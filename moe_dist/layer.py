@@ -50,7 +50,7 @@ class MoEPending:
     layer that made it, through each phase once."""
 
     __slots__ = ("layer", "plan", "step", "shared", "x_in", "plan_in", "flight", "out_TH")
-    __slots__ += ("shape", "stage")
+    __slots__ += ("shape", "stage", "counts")
 
     def __init__(self, layer, plan, step, shared, x_in, plan_in):
         self.layer, self.plan, self.step, self.shared = layer, plan, step, shared
@@ -58,6 +58,7 @@ class MoEPending:
         self.flight: InFlight | None = None  # None: dispatched in run_experts (chunked or fused)
         self.out_TH: torch.Tensor | None = None  # the routed output of a chunked or fused call
         self.shape, self.stage = None, "dispatched"
+        self.counts = False  # a layer call (start), counted in layer.step; not a routed pass
 
     def check_layer(self, layer, phase: str) -> None:
         if layer is not self.layer:
@@ -76,13 +77,8 @@ class MoEPending:
             )
 
     def release(self) -> None:
-        self.stage, self.x_in, self.plan_in, self.flight, self.out_TH = (
-            "done",
-            None,
-            None,
-            None,
-            None,
-        )
+        self.stage = "done"
+        self.x_in = self.plan_in = self.flight = self.out_TH = None  # free what autograd need not
 
 
 class MoELayer(nn.Module):
@@ -214,7 +210,8 @@ class MoELayer(nn.Module):
         experts once the tokens landed, combine issued) and `finish(p)` -> MoEOutput, equal to
         forward(x). In between the caller may compute (another micro-batch's attention) and start
         other calls; every rank must make the same calls in the same order, since transport calls
-        are collective (each carries its call's step: a different order raises RankMismatch).
+        are collective (each handshake carries its call's step: with the collective transport a
+        different order raises RankMismatch on every rank).
         With num_chunks > 1, observers or a fused transport path, dispatch and combine both run in
         run_experts. Errors travel as in forward: a rank that fails makes every rank raise."""
         return self._start(x, streams=self.streams)
@@ -223,9 +220,11 @@ class MoELayer(nn.Module):
         """Phase 2: the experts on the received tokens (on the current stream, after the dispatch
         landed), then the combine issued (comm stream on CUDA). `finish` runs it when not run."""
         pending.advance(self, "dispatched", "run_experts")
+        flight = pending.flight
+        if flight is None and pending.counts:  # its first transport call is made here
+            pending.step = self.step
         try:
             self._set_call_step(pending.step)  # the combine's handshake names this call's step
-            flight = pending.flight
             if flight is None:  # chunked or fused: dispatch, experts and combine here
                 pending.out_TH = self._routed_experts(pending.x_in, pending.plan_in)
             else:
@@ -235,6 +234,8 @@ class MoELayer(nn.Module):
             pending.stage = "failed"
             raise
         pending.stage = "computed"
+        if flight is None and pending.counts:
+            self.step += 1
 
     def finish(self, pending: MoEPending) -> MoEOutput:
         """Phase 3: waits (on the current stream) for the combine, adds the shared experts, and in
@@ -258,8 +259,11 @@ class MoELayer(nn.Module):
         except Exception as e:
             self.fail_together(e)
         pending = self._open_pass(x.reshape(-1, x.shape[-1]), None, None, streams)
-        pending.shape = x.shape
-        self.step += 1  # the call counts once its tokens are on their way
+        pending.shape, pending.counts = x.shape, True
+        # A call counts once its first transport call is made: then every rank counts it (a
+        # failure there raises on every rank, uncounted). Chunked or fused: in run_experts.
+        if pending.flight is not None:
+            self.step += 1
         return pending
 
     def routed_pass(

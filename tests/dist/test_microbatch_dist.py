@@ -15,7 +15,14 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from moe_dist import MoEConfig, MoELayer, NonFiniteRouterLogits, ParallelGroups, RankFailed
+from moe_dist import (
+    MoEConfig,
+    MoELayer,
+    NonFiniteRouterLogits,
+    ParallelGroups,
+    RankFailed,
+    RankMismatch,
+)
 from moe_dist.lm import ModelConfig, MoETransformer
 from moe_dist.transport import TransportOptions
 
@@ -172,6 +179,19 @@ def scenario_errors():
     err, s = timed(layer.start, xb)
     expect_on_every_rank(err, NonFiniteRouterLogits, r"layer 'blk', step 1: .*failed on rank 0", s)
     del pending  # micro-batch A is abandoned on every rank alike
+
+    # Ranks that run the phases in different orders: the combine handshakes name different steps.
+    torch.manual_seed(0)
+    layer = MoELayer(MOE, groups, transport_options=options, name="order")
+    calls = [layer.start(torch.randn(3, 16)), layer.start(torch.randn(2, 16))]
+    order = calls if rank == 0 else calls[::-1]
+    err, s = timed(lambda: [layer.run_experts(c) for c in order])
+    expect_on_every_rank(
+        err,
+        RankMismatch,
+        r"'order', step \d, combine call 2: .*the layer's step .*: rank 0: 0, rank 1: 1",
+        s,
+    )
 
 
 def test_a_rank_failing_in_one_microbatch_makes_every_rank_raise():

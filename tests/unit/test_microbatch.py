@@ -36,6 +36,7 @@ def interleaved(layer, xa, xb, ga, gb):
     layer.run_experts(pa)
     layer.run_experts(pb)
     oa, ob = layer.finish(pa), layer.finish(pb)
+    assert (pa.step, pb.step) == (0, 1)  # each call its own step, chunked ones too
     ((oa.output * ga).sum() + (ob.output * gb).sum() + oa.aux_loss + ob.aux_loss).backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     return (oa, ob), (xa.grad, xb.grad), grads
