@@ -217,11 +217,13 @@ def main(argv=None):
                     torch.testing.assert_close(out.float(), ref_out.float(), rtol=tol, atol=tol)
                     d = time_ms(lambda: tr.dispatch(x, plan), warmup=3, iters=args.iters)
                     dc = time_ms(lambda: _round_trip(tr, x, plan), warmup=3, iters=args.iters)
+                    syncs = _host_syncs(tr, x, plan)
                 moved = 4 * T * K * H * x.element_size()
                 row[name] = {
                     "dispatch_ms": d["median_ms"],
                     "dispatch_combine_ms": dc["median_ms"],
                     "GBps": moved / dc["median_ms"] / 1e6,
+                    **syncs,
                 }
                 if getattr(tr, "sent_rows_N", None) is not None:  # nvshmem dedup: to peers only
                     row[name]["peer_rows_per_token"] = int(tr.sent_rows_N.sum()) / max(T, 1)
@@ -251,6 +253,12 @@ def main(argv=None):
                             else ""
                         )
                         + f", {row[n]['GBps']:.0f} GB/s"
+                        + (
+                            f", host syncs d/c {row[n]['host_syncs_per_dispatch']}"
+                            f"/{row[n]['host_syncs_per_combine']}"
+                            if "host_syncs_per_dispatch" in row[n]
+                            else ""
+                        )
                         + (f" ({row[n]['fraction_of_copy_bw']:.0%} of copy)" if copy_gbs else "")
                         for n in transports
                         if n in row
@@ -285,6 +293,19 @@ def main(argv=None):
             args.out,
         )
     dist.barrier()
+
+
+def _host_syncs(tr, x, plan) -> dict:
+    """The collective transport's device->host reads in one dispatch and one combine (its
+    handshake counts them; on a GPU each one stalls the launch queue). {} for other transports."""
+    hs = getattr(tr, "handshake", None)
+    if hs is None:
+        return {}
+    before = hs.host_reads
+    tok, _, h = tr.dispatch(x, plan)
+    mid = hs.host_reads
+    tr.combine(tok, h)
+    return {"host_syncs_per_dispatch": mid - before, "host_syncs_per_combine": hs.host_reads - mid}
 
 
 def sm_interference(tr, device, args) -> list[dict]:

@@ -3,18 +3,20 @@ token sent once per destination rank (dedup.py).
 
 Dispatch: (1) pairs = distinct (token, destination rank), in (destination, token) order; (2)
 exchange per rank [rows per local expert..., pairs] (one all_to_all of N*(G+1) ints); (3) read the
-split sizes on the host (the one sync this transport needs, which the nvshmem transport removes);
-(4) all_to_all one row per pair, and beside it per slot the local expert (-1: not here) and the
-combine weight; (5) the receiver expands each row to its local experts, expert-major (the reference
-order). Combine: the expert rank sums each received row's expert outputs, weighted, in float32,
-sends that one row back, and the sender sums its rows from every rank. Autograd: the backward of an
+received headers and counts and this rank's pairs per rank on the host in one transfer (the one
+sync a dispatch needs, which the nvshmem transport removes); (4) all_to_all one row per pair, and
+beside it per slot the local expert (-1: not here) and the combine weight; (5) the receiver
+expands each row to its local experts, expert-major (the reference order). Combine: the expert
+rank sums each received row's expert outputs, weighted, in float32, sends that one row back, and
+the sender sums its rows from every rank. Autograd: the backward of an
 all_to_all is the reverse all_to_all; the backward of the expansion is a reduce at the expert rank.
 dispatch_dtype="fp8_e4m3": rows travel as e4m3 with a float32 scale per 128 channels (fp8.py); the
 gradients of the backward travel in the activation dtype.
 Every dispatch and combine begins with a handshake (handshake.py): the count exchange carries a
 header per peer (layer, step, call, dtype, hidden, top_k, config, error status), the combine the
 same header without counts, so a failed or disagreeing rank makes every rank raise, and every wait
-is bounded (PeerTimeout after peer_timeout_s).
+is bounded (PeerTimeout after peer_timeout_s). Host syncs: one per dispatch, one per combine (see
+`combine` for why the combine keeps its own).
 Legend: T tokens, K slots/token, N ranks in the EP group, G local experts, P pairs (rows) sent, R
 rows received, M expanded rows, H hidden, C metadata columns."""
 
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..routing import RoutingPlan
-from .base import Transport
+from .base import Transport, record_event, wait_event
 from .dedup import (
     RowLinks,
     expand_links,
@@ -150,12 +152,18 @@ class CollectiveTransport(Transport):
         return self.num_experts // self.ep_size
 
     def exchange_counts(
-        self, counts_NC: torch.Tensor, dtype: torch.dtype, hidden: int, top_k: int
-    ) -> torch.Tensor:
-        """counts_NC[r]: the C ints this rank tells rank r -> recv_NC[src]: what src told this
-        rank. (Dispatch sends, per rank, rows per local expert then pairs.) The dispatch handshake:
+        self,
+        counts_NC: torch.Tensor,
+        dtype: torch.dtype,
+        hidden: int,
+        top_k: int,
+        extra: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[list[int]], list[int]]:
+        """counts_NC[r]: the C ints this rank tells rank r -> (recv_NC[src] on the device: what src
+        told this rank; the same as host ints; `extra` as host ints), all read in one transfer.
+        (Dispatch sends, per rank, rows per local expert then pairs.) The dispatch handshake:
         raises on every rank if a rank failed or the ranks disagree (handshake.py)."""
-        return self.handshake.exchange(counts_NC, "dispatch", dtype, hidden, top_k)
+        return self.handshake.exchange(counts_NC, "dispatch", dtype, hidden, top_k, extra)
 
     def _dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
         N, G, me = self.ep_size, self.num_local_experts, self.ep_rank
@@ -169,10 +177,14 @@ class CollectiveTransport(Transport):
             0, torch.where(valid_S, idx_TK.reshape(-1), self.num_experts), valid_S.long()
         )
         send_NC = torch.cat([counts_E[:-1].view(N, G), pp.pairs_N.unsqueeze(1)], 1)
-        recv_NC = self.exchange_counts(send_NC, x_TH.dtype, x_TH.shape[-1], K)
+        # The one host sync: headers (checked first), received counts and this rank's own send
+        # sizes come back together.
+        recv_NC, recv_host, send_splits = self.exchange_counts(
+            send_NC, x_TH.dtype, x_TH.shape[-1], K, extra=pp.pairs_N
+        )
         recv_NG = recv_NC[:, :G]
-        sizes = torch.cat([pp.pairs_N, recv_NC[:, G], recv_NG.sum().view(1)]).tolist()  # host sync
-        send_splits, recv_splits, M = sizes[:N], sizes[N : 2 * N], sizes[2 * N]
+        recv_splits = [row[G] for row in recv_host]
+        M = sum(sum(row[:G]) for row in recv_host)
         P = sum(send_splits)
 
         send_links = trim_links(pp.links, P)
@@ -197,12 +209,39 @@ class CollectiveTransport(Transport):
         handle = CollectiveHandle(send_links, recv_links, meta_RC[:, :K], send_splits, recv_splits)
         return tokens_MH, recv_NG.sum(0), handle
 
+    def combine(self, y_MH, handle, *, previous_event=None, async_finish: bool = False):
+        """Transport.combine, with the handshake made BEFORE the stream waits on previous_event.
+
+        Why the combine keeps a handshake and its host sync: a rank whose experts raised has no
+        rows to send and, called from the layer's except block, no handle; in the chunked pipeline
+        its peers' next call may even be a dispatch. The one collective it can match whatever the
+        peers do next is this fixed-shape header exchange (fail_together), and the healthy ranks
+        must read its verdict before they post the rows: a rows exchange posted against a failed
+        rank would pair with that rank's next collective (a hang, or rows mixed into another
+        call). Checking later (at the next sync point) would return an output built without the
+        failed rank's rows, and raise late or never (the last layer of a run).
+        Why before previous_event: the header is known on the host (a rank here has no error), so
+        the sync waits for earlier communication only, not for this chunk's expert compute; the
+        experts of the next chunk are then issued while these still run (overlap.py)."""
+        self._combine_handshake(y_MH)
+        wait_event(previous_event, y_MH.device)
+        out_TH = self._combine_rows(y_MH, handle)
+        if not async_finish:
+            return out_TH
+        return out_TH, record_event(y_MH.device)
+
     def _combine(self, y_MH: torch.Tensor, h: CollectiveHandle) -> torch.Tensor:
-        # The combine handshake: a rank whose experts failed carries the error here instead.
+        self._combine_handshake(y_MH)
+        return self._combine_rows(y_MH, h)
+
+    def _combine_handshake(self, y_MH: torch.Tensor) -> None:
+        # A rank whose experts failed carries the error in this exchange instead (fail_together).
         no_counts = torch.zeros(
             self.ep_size, self.handshake.count_cols, dtype=torch.int64, device=y_MH.device
         )
         self.handshake.exchange(no_counts, "combine", y_MH.dtype, y_MH.shape[-1], 0)
+
+    def _combine_rows(self, y_MH: torch.Tensor, h: CollectiveHandle) -> torch.Tensor:
         partial_RH = reduce_rows(y_MH[: h.recv_links.num_members], h.recv_links, h.weights_RK)
         returned_PH = all_to_all_rows(
             partial_RH, h.recv_splits, h.send_splits, self.ep_group, self.handshake, "combine rows"

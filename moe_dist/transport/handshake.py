@@ -26,6 +26,11 @@ fields) are made by all of them.
 Every wait is bounded: the collectives run with async_op=True and `wait_bounded` raises PeerTimeout
 naming the layer, the step, the call and the group after `timeout_s`.
 
+Host syncs (each stalls a GPU's launch queue): a call reads the device once (`read`): the received
+headers, the counts and whatever else the caller needs on the host (the dispatch: its split sizes)
+come back in one transfer, and the headers are checked before any count is used. The header goes
+up from pinned memory without a sync of its own (`upload`).
+
 Legend: N ranks in the EP group, C count columns per peer, F header fields.
 """
 
@@ -147,6 +152,7 @@ class Handshake:
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self.device: torch.device | None = None  # where the group's tensors live (first call's)
+        self.host_reads = 0  # device->host transfers so far (benchmarks report them per call)
 
     def _device(self) -> torch.device:
         if self.device is None:
@@ -185,44 +191,55 @@ class Handshake:
         dtype: torch.dtype,
         hidden: int,
         top_k: int,
-    ) -> torch.Tensor:
-        """One handshake; returns recv_NC[src]: the counts src sent this rank. Raises on every
-        rank if any rank carried an error or the headers disagree."""
+        extra: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[list[int]], list[int]]:
+        """One handshake. Returns (recv_NC, recv_host, extra_host): recv_NC[src], the counts src
+        sent this rank, on the device; the same as host ints; and `extra` (ints of this rank the
+        caller also needs on the host, e.g. its send sizes) as a host list. Headers, counts and
+        `extra` reach the host in ONE transfer; the headers are checked before anything returns:
+        if any rank carried an error or the headers disagree, every rank raises."""
         self.device = counts_NC.device
-        hdr_F = self.header(phase, dtype, hidden, top_k).to(counts_NC.device)
+        hdr_F = self.upload(self.header(phase, dtype, hidden, top_k), counts_NC.device)
         if phase == "dispatch" and self.context.device_status is not None:
             # deferred error bits travel without a host sync of their own
             status = self.context.device_status.reshape(1).to(torch.int64)
             hdr_F[_I["status"]] = status[0]
             hdr_F[_I["origin"]] = torch.where(status[0] != 0, self.ranks[self.rank], -1)
-        headers_NF, recv_NC = self._all_to_all(hdr_F, counts_NC.to(torch.int64), phase)
+        recv_NW = self._all_to_all(hdr_F, counts_NC.to(torch.int64), phase)
+        N, W = recv_NW.shape
+        flat = recv_NW.reshape(-1)
+        if extra is not None:
+            flat = torch.cat([flat, extra.reshape(-1).to(torch.int64)])
+        host = self.read(flat)
+        rows_NW = [host[r * W : (r + 1) * W] for r in range(N)]
         try:
-            self._check(headers_NF.cpu(), phase)
+            self._check([row[:F] for row in rows_NW], phase)
         finally:
             self.calls += 1  # every rank reached the same verdict: the counters stay equal
-        return recv_NC
+        return recv_NW[:, F:], [row[F:] for row in rows_NW], host[N * W :]
 
     def agree(self) -> None:
         """The one-time check at the layer's construction: the headers alone (layer name, config
         CRC), an exchange of one shape whatever the configs, so that ranks whose count widths
         would differ (num_experts) fail on the config check instead of in a mis-sized exchange."""
-        hdr_F = self.header("dispatch", None, 0, 0).to(self._device())
+        hdr_F = self.header("dispatch", None, 0, 0)
         hdr_F[_I["router"]] = 0  # weights may still be loaded: the first call compares them
+        hdr_F = self.upload(hdr_F, self._device())
         send_NF = hdr_F.reshape(1, F).expand(self.size, F).contiguous()
         recv_NF = torch.empty_like(send_NF)
         work = dist.all_to_all_single(recv_NF, send_NF, group=self.group, async_op=True)
         self.wait(work, "configuration check at construction")
-        self._check(recv_NF.cpu(), "construction")
+        self._check(self.read(recv_NF), "construction")
 
     def fail_together(self, exc: BaseException, phase: str = "dispatch") -> None:
         """Called on a rank whose forward raised `exc` before its next transport call: makes that
         call's handshake carrying the error, then raises what every rank raises."""
         code = next((k for k, cls in _CLASSES.items() if isinstance(exc, cls)), RANK_FAILED)
-        hdr_F = self.header(phase, None, 0, 0, status=code).to(self._device())
+        hdr_F = self.upload(self.header(phase, None, 0, 0, status=code), self._device())
         counts = torch.zeros(self.size, self.count_cols, dtype=torch.int64, device=self._device())
-        headers_NF, _ = self._all_to_all(hdr_F, counts, phase, own_error=exc)
+        recv_NW = self._all_to_all(hdr_F, counts, phase, own_error=exc)
         try:
-            self._check(headers_NF.cpu(), phase, own_error=exc)
+            self._check(self.read(recv_NW[:, :F]), phase, own_error=exc)
         finally:
             self.calls += 1
         raise AssertionError("unreachable: the handshake carried an error")  # pragma: no cover
@@ -234,7 +251,20 @@ class Handshake:
         recv_NW = torch.empty_like(send_NW)
         work = dist.all_to_all_single(recv_NW, send_NW, group=self.group, async_op=True)
         self.wait(work, f"{phase} handshake", cause=own_error)
-        return recv_NW[:, :F], recv_NW[:, F:]
+        return recv_NW
+
+    def read(self, t: torch.Tensor) -> list:
+        """t as host ints: the call's one device->host transfer (a host sync on a GPU)."""
+        self.host_reads += 1
+        return t.tolist()
+
+    @staticmethod
+    def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A host-built tensor onto `device`. A plain .to(cuda) from pageable memory waits for the
+        stream (torch syncs after such copies); from pinned memory the copy is stream-ordered."""
+        if device.type != "cuda":
+            return t.to(device)
+        return t.pin_memory().to(device, non_blocking=True)
 
     def wait(self, work, what: str, cause: BaseException | None = None) -> None:
         wait_bounded(work, self.timeout_s, f"{self.where()}: {what}", self.ranks, cause)
@@ -248,8 +278,8 @@ class Handshake:
         else:
             self.wait(work, what)
 
-    def _check(self, headers_NF: torch.Tensor, phase: str, own_error=None) -> None:
-        h = headers_NF.tolist()
+    def _check(self, h: list[list[int]], phase: str, own_error=None) -> None:
+        """h[r]: rank r's header (F host ints). Raises on every rank alike (all hold all h)."""
         failed = [r for r in range(self.size) if h[r][_I["status"]] != 0]
         if failed:
             self._raise_failure(h, failed, own_error)

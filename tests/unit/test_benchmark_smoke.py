@@ -47,6 +47,19 @@ def test_benchmark_smoke(name, smoke):
         assert json.loads(path.read_text()), f"{path} is empty"
 
 
+def test_transport_smoke_reports_host_syncs(smoke):
+    """The collective transport's rows carry its device->host reads per call: one per dispatch,
+    one per combine (issue 15; tests/dist/test_collective_syncs.py counts them independently)."""
+    proc, out = smoke("transport")
+    assert_ran(proc)
+    (path,) = out.rglob("transport_*.json")
+    rows = json.loads(path.read_text())["results"]
+    for row in rows:
+        for name in ("collective", "collective_fp8"):
+            got = (row[name]["host_syncs_per_dispatch"], row[name]["host_syncs_per_combine"])
+            assert got == (1, 1), f"{name} at T={row['tokens_per_rank']}: host syncs d/c {got}"
+
+
 def _check_sweep_json(path: Path, ep: int) -> dict:
     d = json.loads(path.read_text())
     assert d["ep_size"] == ep and d["environment"]["torch"] and d["config"]["tokens"]
