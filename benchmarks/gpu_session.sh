@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lease, one call: the GPU tests and the benchmarks, results under $OUT (or benchmarks/results).
 # Run on the lent GPU machine after ../shared/device/fetch-wheels.sh put wheels in .whl/:
-#   bash benchmarks/gpu_session.sh [tests|layer|transport|train|overlap|sweep|multi ...]   (default: tests transport sweep)
+#   bash benchmarks/gpu_session.sh [tests|nvshmem|layer|transport|train|overlap|sweep|multi ...]
+#   (default: tests transport sweep; nvshmem takes a call of its own)
 # The device returns at most 8 files: JSON results and one log, session.log.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -15,7 +16,12 @@ nvidia-smi -L | tee -a "$log"
 for step in $steps; do
   echo "=== $step $(date +%T)" | tee -a "$log"
   case $step in
-    tests) timeout 240 python3 -m pytest -q -rs tests/gpu 2>&1 | grep -v "^E  *File\|^W11" | tail -40 | tee -a "$log" ;;
+    tests) timeout 240 python3 -m pytest -q -rs tests/gpu --ignore tests/gpu/test_nvshmem.py 2>&1 \
+             | grep -v "^E  *File\|^W11" | tail -40 | tee -a "$log" ;;
+    nvshmem)  # the nvshmem worker at 1, 2 and 4 PEs time-sliced on one GPU (headers on every path),
+              # and under mpirun: about 8 minutes, a call of its own
+           timeout 560 python3 -m pytest -q -rs tests/gpu/test_nvshmem.py 2>&1 \
+             | grep -v "^E  *File\|^W11" | tail -40 | tee -a "$log" ;;
     layer) timeout 240 python3 -m benchmarks.layer --out "$out" --iters 10 2>&1 | tee -a "$log" | tail -20 ;;
     transport) timeout 90 python3 -m benchmarks.transport --out "$out" --iters 20 2>&1 | tee -a "$log" | grep -v Warn | tail -8
                timeout 60 torchrun --standalone --nproc-per-node 2 -m benchmarks.transport --backend gloo \

@@ -10,7 +10,7 @@ Files from several runs (EP=1, 2, 4, ...; a separate --dispatch-only or a2a_vdev
 point by point (device, EP, mode, tokens, experts, top-k, hidden, ffn, dtype): a variant timed in
 one run fills the fields another run left empty. Figures: latency and throughput vs tokens per rank
 (a panel per EP size and expert config), weak / strong scaling vs EP size, and the headline moe_dist
-variant's speedup over each peer. """
+variant's speedup over each peer."""
 
 from __future__ import annotations
 
@@ -167,27 +167,38 @@ def configs(rows):
 
 
 def title(files: list[dict], what: str) -> str:
-    """`what: device, dtype, pass, date` from the result files' metadata."""
-    devices = sorted({f["environment"]["device"] for f in files})
-    passes = sorted(
-        {
-            ("fwd" if f["config"].get("fwd_only") else "fwd+bwd")
-            for f in files
-            if not f["config"].get("dispatch_only")
-        }
-    )
-    dtypes = sorted({f["config"]["dtype"].replace("torch.", "") for f in files})
-    dates = sorted({str(f["environment"].get("date", ""))[:10] for f in files} - {""})
-    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}" if dates else "undated"
+    """`what: device, dtype, pass, torch, date` from the result files' metadata."""
+    passes = {
+        ("fwd" if f["config"].get("fwd_only") else "fwd+bwd")
+        for f in files
+        if not f["config"].get("dispatch_only")
+    }
     smoke = (
         " — CPU SMOKE (tiny shapes, not performance data)"
         if any(f.get("smoke") for f in files)
         else ""
     )
     return (
-        f"{what}: {', '.join(devices)}, {'/'.join(dtypes)}, "
-        f"{'/'.join(passes) or 'dispatch'}, {when}{smoke}"
+        describe(
+            what,
+            devices={f["environment"]["device"] for f in files},
+            dtypes={f["config"]["dtype"].replace("torch.", "") for f in files},
+            passes=passes or {"dispatch"},
+            envs=[f["environment"] for f in files],
+        )
+        + smoke
     )
+
+
+def describe(what: str, devices, dtypes, passes, envs: list[dict]) -> str:
+    """`what: device, dtype, pass, torch X, date` — one figure title for every result file kind
+    (`envs`: the files' `environment` records, which carry torch's version and the date)."""
+    torches = sorted({str(e.get("torch")) for e in envs if e.get("torch")})
+    dates = sorted({str(e.get("date", ""))[:10] for e in envs} - {""})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}" if dates else "undated"
+    parts = [", ".join(sorted(devices)), "/".join(sorted(dtypes)), "/".join(sorted(passes))]
+    parts += [f"torch {'/'.join(torches)}" if torches else "torch unrecorded", when]
+    return f"{what}: " + ", ".join(p for p in parts if p)
 
 
 def legend_below(fig, axes) -> None:
@@ -465,8 +476,7 @@ def markdown(rows, files, figures: list[Path], readme_dir: Path) -> str:
             f"- `{Path(f['path']).name}`: {env['device']}, EP={f['ep_size']} ({f['backend']}), "
             f"{c['dtype'].replace('torch.', '')}, {what}, torch {env['torch']}, "
             f"deepspeed {env.get('deepspeed')}, "
-            f"{env['date']}"
-            + (f" — {f['note']}" if f.get("note") else "")
+            f"{env['date']}" + (f" — {f['note']}" if f.get("note") else "")
         )
     lines += [
         "",
@@ -536,16 +546,23 @@ def table(sel: list[dict]) -> list[str]:
         cells += [best] + [cell(v.get(n), "dispatch_ms") for n in disp]
         cells += [f"{r['speedup'][p]:.2f}×" if p in r["speedup"] else "" for p in peers]
         body.append([str(c) for c in cells])
+    return markdown_table(head_row, body)
+
+
+def markdown_table(head_row: list[str], body: list[list[str]], align: str = "---:") -> list[str]:
+    """A markdown table without the columns that hold no value in any row ("" or "—")."""
     keep = [i for i in range(len(head_row)) if any(c[i] not in ("", "—") for c in body)]
-    out = ["| " + " | ".join(head_row[i] for i in keep) + " |", "|" + "---:|" * len(keep)]
+    out = ["| " + " | ".join(head_row[i] for i in keep) + " |", "|" + f"{align}|" * len(keep)]
     return out + ["| " + " | ".join(c[i] for i in keep) + " |" for c in body]
 
 
-def update_readme(path: Path, section: str) -> None:
+def update_readme(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces the text between `begin` and `end` with `section` (appends the block where the
+    markers are missing); the rest of the file is left as it is."""
     text = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{section}{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    block = f"{begin}\n{section}{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)

@@ -35,11 +35,11 @@ class NvshmemOptions:
     # peer_path="auto" only: global ranks reached by puts even where P2P works (tests the mixed
     # path on one node).
     put_peers: frozenset[int] = frozenset()
-    # The per-call header beside the counts (PROTOCOL.md "Header"): a disagreeing or failing PE is
-    # reported on the device. Off by default: at 2 PEs on the H200 it reported a false RankMismatch
-    # on a layer both PEs called alike (benchmarks/results/gpu_validation_h200.md), so it stays
-    # opt-in until that is fixed. Off, a failing PE's peers end with PeerTimeout, not a hang.
-    check_headers: bool = False
+    # The per-call header beside the counts (PROTOCOL.md "Header"), on every path (P2P, put,
+    # mixed): a disagreeing PE makes every PE raise RankMismatch, a failing one (fail_together)
+    # its own error, with no timeout. Off, nothing is compared and a failing PE's peers end with
+    # PeerTimeout after peer_timeout_s (not a hang); every PE of a group must set it alike.
+    check_headers: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.check_headers, bool):

@@ -240,35 +240,45 @@ except BufferOverflow as e:
     assert "tiny_buffer" in str(e), e
     passed(f"overflow raises: {e}")
 
-# The call header beside the counts (PROTOCOL.md "Header"), each check on its own workspace (hidden
-# size): PEs that call different layers record RANK_MISMATCH on the device; a PE whose routing
-# fails carries the error in its header and every PE raises it; neither waits for a timeout.
-if world > 1 and NV.check_headers:
-    torch.manual_seed(12)
-    hdr_cfg = base.replace(hidden_size=80)
-    one, other = (nvshmem_layer(hdr_cfg, name=n, dtype=torch.float32) for n in ("one", "other"))
-    t0 = time.monotonic()
-    try:
-        (one if rank == 0 else other)(tokens(rank, 12, hidden=80))
-        raise AssertionError("a header mismatch was not reported")
-    except RankMismatch as e:
-        assert "disagree on layer" in str(e), e
-        assert time.monotonic() - t0 < 10, "the mismatch waited for a timeout"
-        passed(f"header mismatch raises: {e}")
-    torch.manual_seed(13)
-    flaky = nvshmem_layer(base.replace(hidden_size=96), name="flaky", dtype=torch.float32)
-    x = tokens(rank, 13, hidden=96)
-    if rank == world - 1:
-        x[0, 5] = float("nan")
-    t0 = time.monotonic()
-    try:
-        flaky(x)
-        raise AssertionError("the error status was not reported")
-    except NonFiniteRouterLogits as e:
-        assert "flaky" in str(e) and f"PE {world - 1} of the EP group" in str(e), e
-        assert time.monotonic() - t0 < 10, "the error waited for a timeout"
-        passed(f"error status raises on every PE: {e}")
-    dist.barrier()
+# The call header beside the counts (PROTOCOL.md "Header"; on by default), on every path: P2P
+# (dedup), every peer by puts, and the mix (odd PEs by puts: at 2 PEs PE 0 puts to PE 1 and PE 1
+# stores to PE 0, where the H200 once reported a false mismatch). Each check has its own workspace
+# (hidden size and peer path): PEs that call different layers record RANK_MISMATCH on the device; a
+# PE whose routing fails carries the error in its header and every PE raises it; neither waits for
+# a timeout. The error check leaves that workspace's epochs out of step: it is not used again.
+HEADER_PATHS = (("p2p", NV), ("put", PUT), ("mixed", MIXED))
+if world > 1:
+    assert NV.check_headers, "the call header is on by default"
+    for i, (path, nv) in enumerate(HEADER_PATHS):
+        torch.manual_seed(12)
+        hdr_cfg = base.replace(hidden_size=80 + 32 * i)
+        one, other = (
+            nvshmem_layer(hdr_cfg, nv, name=f"{n}_{path}", dtype=torch.float32)
+            for n in ("one", "other")
+        )
+        t0 = time.monotonic()
+        try:
+            (one if rank == 0 else other)(tokens(rank, 12, hidden=hdr_cfg.hidden_size))
+            raise AssertionError(f"a header mismatch was not reported ({path})")
+        except RankMismatch as e:
+            assert "on layer" in str(e), e
+            assert time.monotonic() - t0 < 10, f"the mismatch waited for a timeout ({path})"
+            passed(f"header mismatch raises ({path}): {e}")
+        torch.manual_seed(13)
+        flaky_cfg = base.replace(hidden_size=96 + 32 * i)
+        flaky = nvshmem_layer(flaky_cfg, nv, name=f"flaky_{path}", dtype=torch.float32)
+        x = tokens(rank, 13, hidden=flaky_cfg.hidden_size)
+        if rank == world - 1:
+            x[0, 5] = float("nan")
+        t0 = time.monotonic()
+        try:
+            flaky(x)
+            raise AssertionError(f"the error status was not reported ({path})")
+        except NonFiniteRouterLogits as e:
+            assert f"flaky_{path}" in str(e) and f"PE {world - 1} of the EP group" in str(e), e
+            assert time.monotonic() - t0 < 10, f"the error waited for a timeout ({path})"
+            passed(f"error status raises on every PE ({path}): {e}")
+        dist.barrier()
 
 # Timeout: rank 0 dispatches alone; it must get an error naming a peer, not hang.
 if world > 1:

@@ -85,7 +85,7 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
         st[me]["rank_S"] = torch.empty_like(idx_S)
         st[me]["idx_S"] = idx_S
         K_.count_and_rank_kernel[(E,)](
-            idx_S, idx_S.numel(), st[me]["rank_S"], addresses(counts), me, N, E, BLOCK=16
+            idx_S, idx_S.numel(), st[me]["rank_S"], addresses(counts), me, N, E, E, BLOCK=16
         )
     sync()
     for me in range(N):
@@ -96,7 +96,7 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
         s["seg"] = torch.empty(2, N, G, dtype=torch.int64, device=DEV)
         err = torch.zeros(3, dtype=torch.int32, device=DEV)
         K_.layout_kernel[(1,)](
-            counts[me], me, N, E, G, C, s["offs"], s["over"], s["counts_G"], s["seg"], err, 0,
+            counts[me], me, N, E, E, G, C, s["offs"], s["over"], s["counts_G"], s["seg"], err, 0,
             NB=triton.next_power_of_2(N), EB=triton.next_power_of_2(E),
         )  # fmt: skip
         S = s["idx_S"].numel()

@@ -55,29 +55,35 @@ def test_count_and_rank_and_layout_match_oracle(seed):
     N, E, K, me = 4, 12, 3, seed % 4
     G = E // N
     idx_S = random_idx(37, E, K, gen).reshape(-1)
-    counts_bufs = [torch.full((N, E), -7, dtype=torch.int64, device=DEV) for _ in range(N)]
+    # the workspace's layout: a PE's row is its header (F ints), then its counts (row stride F+E)
+    F = 12
+    rows_bufs = [torch.full((N, F + E), -7, dtype=torch.int64, device=DEV) for _ in range(N)]
     rank_S = torch.full_like(idx_S, -5)
     K_.count_and_rank_kernel[(E,)](
-        idx_S, idx_S.numel(), rank_S, addresses(counts_bufs), me, N, E, BLOCK=16
+        idx_S, idx_S.numel(), rank_S, addresses(rows_bufs) + F * 8, me, N, E, F + E, BLOCK=16
     )
     want_rank, want_counts = ranks_in_expert(idx_S.cpu(), E)
     valid = idx_S.cpu() >= 0
     assert torch.equal(rank_S.cpu()[valid], want_rank[valid])
-    for buf in counts_bufs:
-        assert torch.equal(buf[me].cpu(), want_counts)
+    for buf in rows_bufs:
+        assert torch.equal(buf[me, F:].cpu(), want_counts)
+        assert (buf[:, :F] == -7).all() and (buf[torch.arange(N) != me] == -7).all()
     for capacity in (1000, 20):  # 20: some receivers overflow
         counts_NE = torch.randint(0, 6, (N, E), generator=gen)
         counts_NE[me] = want_counts
+        rows_NW = torch.randint(-99, 99, (N, F + E), generator=gen)  # headers: any value
+        rows_NW[:, F:] = counts_NE
         offs = torch.full((E,), -9, dtype=torch.int64, device=DEV)
         over = torch.full((N,), -9, dtype=torch.int32, device=DEV)
         counts_G = torch.full((G,), -9, dtype=torch.int64, device=DEV)
         seg = torch.full((2, N, G), -9, dtype=torch.int64, device=DEV)
         err = torch.zeros(3, dtype=torch.int32, device=DEV)
         K_.layout_kernel[(1,)](
-            counts_NE.to(DEV),
+            rows_NW.to(DEV)[:, F:],
             me,
             N,
             E,
+            F + E,
             G,
             capacity,
             offs,
@@ -159,7 +165,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity, sms):
         idx_S = idx[me].reshape(-1).contiguous()
         rank_S = torch.empty_like(idx_S)
         K_.count_and_rank_kernel[(E,)](
-            idx_S, idx_S.numel(), rank_S, addresses(counts), me, N, E, BLOCK=16
+            idx_S, idx_S.numel(), rank_S, addresses(counts), me, N, E, E, BLOCK=16
         )
         pe_state.append({"idx_S": idx_S, "rank_S": rank_S})
     sync()
@@ -173,6 +179,7 @@ def test_emulated_dispatch_experts_combine(N, hot, capacity, sms):
             counts[me],
             me,
             N,
+            E,
             E,
             G,
             C,
@@ -475,23 +482,26 @@ def test_p2p_kernels_leave_put_peers_to_the_put_kernels():
 
 
 # -- the call header beside the counts (transport/handshake.py FIELDS; PROTOCOL.md "Header") -------
-def run_headers(headers, via_put=None):
-    """Emulated PEs: each sends its header to every PE, then each checks the matrix it holds.
-    Returns the error words [N, 3] each PE recorded."""
+def run_headers(headers, words=None, extra=5):
+    """Emulated PEs: each sends its header to every PE, then each checks the matrix it holds. The
+    matrices have the workspace's layout: a PE's row is its header, then `extra` ints (its counts,
+    left alone). `words`: the error words [N, 3] each PE held before (default zeros). Returns the
+    error words each PE recorded."""
     from moe_dist.transport import handshake as HS
 
     N, F = len(headers), HS.F
-    mats = [torch.full((N, F), -9, dtype=torch.int64, device=DEV) for _ in range(N)]
+    W = F + extra
+    mats = [torch.full((N, W), -9, dtype=torch.int64, device=DEV) for _ in range(N)]
     for me, h in enumerate(headers):
-        K_.send_header_kernel[(N,)](h.to(DEV), addresses(mats), me, F=F, FB=16)
-    via = torch.zeros(N, dtype=torch.int32, device=DEV) if via_put is None else via_put.to(DEV)
-    words = torch.zeros(N, 3, dtype=torch.int32, device=DEV)
+        K_.send_header_kernel[(N,)](h.to(DEV), addresses(mats), me, W, F=F, FB=16)
+    words = torch.zeros(N, 3, dtype=torch.int32) if words is None else words.clone()
+    words = words.to(DEV)
     for me in range(N):
         K_.check_header_kernel[(1,)](
             mats[me],
-            via,
             me,
             N,
+            W,
             words[me],
             7,
             F=F,
@@ -499,11 +509,11 @@ def run_headers(headers, via_put=None):
             ORIGIN=HS.FIELDS.index("origin"),
             NB=triton.next_power_of_2(N),
             FB=16,
-            HAS_PUT=via_put is not None,
         )
     sync()
-    for m in mats:  # every PE holds every PE's header
-        assert torch.equal(m.cpu(), torch.stack(headers)), m
+    for m in mats:  # every PE holds every PE's header; the rest of each row is untouched
+        assert torch.equal(m[:, :F].cpu(), torch.stack(headers)), m
+        assert (m[:, F:] == -9).all(), m
     return words.cpu()
 
 
@@ -549,13 +559,20 @@ def test_headers_agree_mismatch_and_failure(seed):
     assert (words[:, 2] == odd * 65536 + HS.RANK_FAILED).all(), words
 
 
-def test_header_rows_of_put_peers_are_skipped():
+def test_header_check_keeps_an_earlier_error():
+    """Out of step (a timeout recorded, now or before): rows may be stale, so nothing is compared
+    and the timeout's step and peer stand. An earlier overflow (not out of step) is outranked:
+    the mismatch's step and detail replace it (check() raises RankMismatch first)."""
+    from moe_dist.errors import BUFFER_OVERFLOW, PEER_TIMEOUT, RANK_MISMATCH
     from moe_dist.transport import handshake as HS
 
     gen = torch.Generator().manual_seed(5)
     base = a_header(gen)
     hs = [base.clone() for _ in range(3)]
-    hs[2][HS.FIELDS.index("chunks")] += 1  # PE 2 is a put peer of PE 0: its row never came
-    via = torch.tensor([0, 0, 1], dtype=torch.int32)
-    words = run_headers(hs, via)
-    assert words[0, 0] == 0 and words[1, 0] == 0, words
+    hs[2][HS.FIELDS.index("chunks")] += 1  # a stale row from PE 2
+    before = torch.tensor([[PEER_TIMEOUT, 3, 2], [0, 0, 0], [BUFFER_OVERFLOW, 4, 0]])
+    words = run_headers(hs, before)
+    assert words[0].tolist() == [PEER_TIMEOUT, 3, 2], words
+    chunks = HS.FIELDS.index("chunks")
+    assert words[1].tolist() == [RANK_MISMATCH, 7, chunks * 65536 + 2], words
+    assert words[2].tolist() == [BUFFER_OVERFLOW | RANK_MISMATCH, 7, chunks * 65536 + 0], words

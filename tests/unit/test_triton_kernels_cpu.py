@@ -3,7 +3,8 @@ Hopper (sm_90) through Triton's whole pipeline, ptxas included, so a type
   or lowering error in a CUDA-only path fails here, not first on a lent GPU;
 - the nvshmem transport's kernels and the fused SwiGLU run in Triton's interpreter on CPU tensors
   against their plain-torch oracles (tests/gpu/test_nvshmem_kernels.py and test_swiglu_kernel.py
-  with TRITON_INTERPRET=1).
+  with TRITON_INTERPRET=1), and the nvshmem transport itself with PEs emulated as threads
+  (tests/gpu/nvshmem_emulation.py: P2P, put and mixed peers, the call header).
 Both need triton (docker/install.sh --dev installs it); without it they skip, saying so.
 Compiling and interpreting takes a minute and more on two cores: the module is in the slow tier."""
 
@@ -36,7 +37,8 @@ def interpreter_works() -> str | None:
     [
         "test_nvshmem_kernels.py",
         "test_nvshmem_dedup_kernels.py",
-        "test_nvshmem_dedup_transport_emulated.py",
+        "test_nvshmem_transport_emulated.py",
+        "test_nvshmem_headers_emulated.py",
         "test_swiglu_kernel.py",
         "test_fused_kernels.py",
         "test_routing_kernels.py",
@@ -66,7 +68,7 @@ def kernel_cases():
         "S": "i32",
         "rank_ptr": P64,
         "peer_counts_addr_ptr": P64,
-        **ints("me", "N", "E"),
+        **ints("me", "N", "E", "ROW"),
         "BLOCK": "constexpr",
     }, {"BLOCK": 1024}
     for bump in (False, True):
@@ -83,22 +85,20 @@ def kernel_cases():
     yield "send_header", K.send_header_kernel, {
         "hdr_ptr": P64,
         "peer_hdr_addr_ptr": P64,
-        "me": "i32",
+        **ints("me", "ROW"),
         "F": "constexpr",
         "FB": "constexpr",
     }, {"F": 12, "FB": 16}
-    for put in (False, True):
-        yield f"check_header(HAS_PUT={put})", K.check_header_kernel, {
-            "hdr_ptr": P64,
-            "via_put_ptr": P32,
-            **ints("me", "N"),
-            "err_ptr": P32,
-            "step": "i32",
-            **{c: "constexpr" for c in ("F", "STATUS", "ORIGIN", "NB", "FB", "HAS_PUT")},
-        }, {"F": 12, "STATUS": 10, "ORIGIN": 11, "NB": 8, "FB": 16, "HAS_PUT": put}
+    yield "check_header", K.check_header_kernel, {
+        "hdr_ptr": P64,
+        **ints("me", "N", "ROW"),
+        "err_ptr": P32,
+        "step": "i32",
+        **{c: "constexpr" for c in ("F", "STATUS", "ORIGIN", "NB", "FB")},
+    }, {"F": 12, "STATUS": 10, "ORIGIN": 11, "NB": 8, "FB": 16}
     yield "layout", K.layout_kernel, {
         "counts_ptr": P64,
-        **ints("me", "N", "E", "G", "capacity"),
+        **ints("me", "N", "E", "ROW", "G", "capacity"),
         "offs_ptr": P64,
         "overflow_ptr": P32,
         "counts_G_ptr": P64,

@@ -34,11 +34,11 @@ def _now_ns():
 
 @triton.jit
 def count_and_rank_kernel(
-    idx_ptr, S, rank_ptr, peer_counts_addr_ptr, me, N, E, BLOCK: tl.constexpr
+    idx_ptr, S, rank_ptr, peer_counts_addr_ptr, me, N, E, ROW, BLOCK: tl.constexpr
 ):
     """Program e: rank_S[s] = how many earlier slots (token order) chose expert e, for the slots
     that chose e (a stable counting sort without the sort); then counts[me, e] on every PE (own
-    included)."""
+    included). ROW: the count matrix's row stride in ints (a PE's row also holds its header)."""
     e = tl.program_id(0)
     running = 0
     for start in range(0, S, BLOCK):
@@ -50,7 +50,7 @@ def count_and_rank_kernel(
         running += tl.sum(hit, 0)
     for q in range(N):
         counts = tl.load(peer_counts_addr_ptr + q).to(tl.pointer_type(tl.int64))
-        tl.store(counts + me * E + e, running.to(tl.int64))
+        tl.store(counts + me * ROW + e, running.to(tl.int64))
 
 
 @triton.jit
@@ -88,22 +88,24 @@ def signal_and_wait_kernel(
 
 
 @triton.jit
-def send_header_kernel(hdr_ptr, peer_hdr_addr_ptr, me, F: tl.constexpr, FB: tl.constexpr):
+def send_header_kernel(hdr_ptr, peer_hdr_addr_ptr, me, ROW, F: tl.constexpr, FB: tl.constexpr):
     """Program q: this PE's header (handshake.FIELDS, F int64) -> row `me` of PE q's header
-    matrix [N, F]. Launched before signal_and_wait(COUNT), whose release makes it visible."""
+    matrix (row stride ROW: the header starts the PE's row of the count exchange). Launched before
+    signal_and_wait(COUNT), whose release makes it visible to P2P peers; a put peer (whose address
+    here is this PE's own row) gets it with the counts in put_signal_kernel's one putmem_signal."""
     q = tl.program_id(0)
     f = tl.arange(0, FB)
     vals = tl.load(hdr_ptr + f, mask=f < F, other=0)
     rows = tl.load(peer_hdr_addr_ptr + q).to(tl.pointer_type(tl.int64))
-    tl.store(rows + me * F + f, vals, mask=f < F)
+    tl.store(rows + me * ROW + f, vals, mask=f < F)
 
 
 @triton.jit
 def check_header_kernel(
     hdr_ptr,
-    via_put_ptr,
     me,
     N,
+    ROW,
     err_ptr,
     step,
     F: tl.constexpr,
@@ -111,39 +113,41 @@ def check_header_kernel(
     ORIGIN: tl.constexpr,
     NB: tl.constexpr,
     FB: tl.constexpr,
-    HAS_PUT: tl.constexpr,
 ):
-    """After the COUNT wait, every PE holds every PE's header [N, F] (rows of put peers are not
-    exchanged: skipped). A row whose status is set: PEER_FAILED, detail = origin * 65536 + status
-    (the first failed row). Otherwise a field before STATUS that differs from this PE's own row:
-    RANK_MISMATCH, detail = field * 65536 + the first PE that differs. Every PE sees the same
-    matrix, so every PE records the same error; the waits after it do not wait (OUT_OF_STEP)."""
-    q = tl.arange(0, NB)[:, None]
-    f = tl.arange(0, FB)[None, :]
-    valid = q < N
-    if HAS_PUT:
-        valid = valid & (tl.load(via_put_ptr + q, mask=q < N, other=1) == 0)
-    valid = valid | (q == me)
-    h = tl.load(hdr_ptr + q * F + f, mask=valid & (f < F), other=0)
-    mine = tl.load(hdr_ptr + me * F + f, mask=f < F, other=0)
-    status_Q = tl.sum(tl.where(f == STATUS, h, 0), 1)
-    origin_Q = tl.sum(tl.where(f == ORIGIN, h, 0), 1)
-    qv = tl.arange(0, NB)
-    failed = (status_Q != 0) & (qv < N)
-    first_failed = tl.min(tl.where(failed, qv, NB), 0)
-    differs = valid & (f < STATUS) & (h != mine)
-    code = tl.where(differs, f * 65536 + q, NB * 65536 * FB)  # smallest: first field, first PE
-    first_diff = tl.min(tl.min(code, 1), 0)
-    if first_failed < NB:
-        status = tl.sum(tl.where(qv == first_failed, status_Q, 0), 0)
-        origin = tl.sum(tl.where(qv == first_failed, origin_Q, 0), 0)
-        if tl.atomic_or(err_ptr, PEER_FAILED_BIT) == 0:
-            tl.store(err_ptr + 1, step)
-            tl.store(err_ptr + 2, (origin * 65536 + status).to(tl.int32))
-    elif first_diff < NB * 65536 * FB:
-        if tl.atomic_or(err_ptr, RANK_MISMATCH_BIT) == 0:
-            tl.store(err_ptr + 1, step)
-            tl.store(err_ptr + 2, first_diff.to(tl.int32))
+    """After the COUNT wait, every PE holds every PE's header [N, F] (row stride ROW). A row whose
+    status is set: PEER_FAILED, detail = origin * 65536 + status (the first failed row). Otherwise
+    a field before STATUS that differs from this PE's own row: RANK_MISMATCH, detail = field *
+    65536 + the first PE that differs. Every PE sees the same matrix, so every PE records the same
+    error; the waits after it do not wait (OUT_OF_STEP). Rows are read only when the wait saw every
+    peer's flag of this call (each flag follows its header row, P2P and put alike): with an
+    out-of-step error recorded (a timeout now or earlier) some rows are stale, and that first
+    error stands."""
+    if (tl.load(err_ptr) & OUT_OF_STEP) == 0:
+        q = tl.arange(0, NB)[:, None]
+        f = tl.arange(0, FB)[None, :]
+        valid = q < N
+        h = tl.load(hdr_ptr + q * ROW + f, mask=valid & (f < F), other=0)
+        mine = tl.load(hdr_ptr + me * ROW + f, mask=f < F, other=0)
+        status_Q = tl.sum(tl.where(f == STATUS, h, 0), 1)
+        origin_Q = tl.sum(tl.where(f == ORIGIN, h, 0), 1)
+        qv = tl.arange(0, NB)
+        failed = (status_Q != 0) & (qv < N)
+        first_failed = tl.min(tl.where(failed, qv, NB), 0)
+        differs = valid & (f < STATUS) & (h != mine)
+        code = tl.where(differs, f * 65536 + q, NB * 65536 * FB)  # smallest: first field, PE
+        first_diff = tl.min(tl.min(code, 1), 0)
+        # check() raises these before any other bit, so their step and detail replace an
+        # earlier overflow's
+        if first_failed < NB:
+            status = tl.sum(tl.where(qv == first_failed, status_Q, 0), 0)
+            origin = tl.sum(tl.where(qv == first_failed, origin_Q, 0), 0)
+            if (tl.atomic_or(err_ptr, PEER_FAILED_BIT) & OUT_OF_STEP) == 0:
+                tl.store(err_ptr + 1, step)
+                tl.store(err_ptr + 2, (origin * 65536 + status).to(tl.int32))
+        elif first_diff < NB * 65536 * FB:
+            if (tl.atomic_or(err_ptr, RANK_MISMATCH_BIT) & OUT_OF_STEP) == 0:
+                tl.store(err_ptr + 1, step)
+                tl.store(err_ptr + 2, first_diff.to(tl.int32))
 
 
 @triton.jit
@@ -152,6 +156,7 @@ def layout_kernel(
     me,
     N,
     E,
+    ROW,
     G,
     capacity,
     offs_ptr,
@@ -163,16 +168,18 @@ def layout_kernel(
     NB: tl.constexpr,
     EB: tl.constexpr,
 ):
-    """From the exchanged count matrix counts[src, e] (one program, [NB, EB] tiles): offs_E[e]   row
-    at e's receiver where this PE's first slot of expert e lands: the receiver's rows are
-                expert-major, then source, then slot (the reference order);
-    overflow_N  receiver r gets more than `capacity` rows: nobody writes to it, the error is
-    recorded; counts_G    rows this PE's local experts received (0 when it overflowed); seg[0|1, s,
-    g]  start and length of the rows source s sent to local expert g here."""
+    """From the exchanged count matrix counts[src, e] (row stride ROW; one program, [NB, EB]
+    tiles):
+    offs_E[e]       row at e's receiver where this PE's first slot of expert e lands: the
+                    receiver's rows are expert-major, then source, then slot (the reference order);
+    overflow_N      receiver r gets more than `capacity` rows: nobody writes to it, the error is
+                    recorded;
+    counts_G        rows this PE's local experts received (0 when it overflowed);
+    seg[0|1, s, g]  start and length of the rows source s sent to local expert g here."""
     s = tl.arange(0, NB)[:, None]
     e = tl.arange(0, EB)[None, :]
     inb = (s < N) & (e < E)
-    c = tl.load(counts_ptr + s * E + e, mask=inb, other=0)
+    c = tl.load(counts_ptr + s * ROW + e, mask=inb, other=0)
     tot = tl.sum(c, 0)  # [EB] rows of expert e over all sources
     in_r = (e // G == s) & (e < E)  # [NB, EB], reading s as a receiver index
     rows_R = tl.sum(tl.where(in_r, tot[None, :], 0), 1)  # [NB] rows each receiver gets

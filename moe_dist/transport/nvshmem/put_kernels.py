@@ -7,10 +7,10 @@ same message order (PROTOCOL.md): rows first, then the flag, and receivers wait 
 and read the same staging. A put's source must be symmetric memory on a network transport, so rows
 are first copied into this PE's symmetric send buffer, then put from there (non-blocking). Every put
 of a call is complete before its flag goes out: put_signal_kernel calls nvshmem_quiet first (the
-count exchange rides with its flag in one putmem_signal), and the send buffer is not written again
-before that. Unlike the flag waits, a put to a peer that is gone has no time limit: over a network a
-lost put peer can stall the stream instead of raising PeerTimeout. Addresses are int64 symmetric
-addresses on this PE; NVSHMEM maps them to the peer."""
+count exchange, this PE's row of header and counts, rides with its flag in one putmem_signal), and
+the send buffer is not written again before that. Unlike the flag waits, a put to a peer that is
+gone has no time limit: over a network a lost put peer can stall the stream instead of raising
+PeerTimeout. Addresses are int64 symmetric addresses on this PE; NVSHMEM maps them to the peer."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def put_signal_kernel(
     HAS_PAYLOAD: tl.constexpr,
 ):
     """Program q (a put peer): once this PE's earlier puts are complete, flag[me] = epoch on PE q,
-    after the payload (this PE's row of the count matrix) when there is one. Launched before
+    after the payload when there is one (COUNT: this PE's row of the count exchange, its call
+    header then its counts, at the same symmetric address on PE q). Launched before
     signal_and_wait, whose BUMP stores the epoch this reads as epoch + BUMP."""
     q = tl.program_id(0)
     if (q != me) & (tl.load(via_put_ptr + q) != 0):

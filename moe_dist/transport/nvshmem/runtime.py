@@ -72,18 +72,19 @@ def finalize() -> None:
 class SymmetricWorkspace:
     """Symmetric staging for one (EP group, shape) combination, double-buffered by call parity.
 
-    Per parity: counts [N, E] (int64), headers [N, 12] (int64: the call headers beside the counts,
-    96*N bytes more per parity) and flags [3, N] (count / dispatch / return channels, int64
-    epochs, monotonic, never reset), then the rows' staging, by path:
+    Per parity: count_rows [N, 12 + E] (int64: row src = PE src's call header, then its counts;
+    views `headers` [N, 12] and `counts` [N, E], row stride `row_ints`) and flags [3, N] (count /
+    dispatch / return channels, int64 epochs, monotonic, never reset), then the rows' staging, by
+    path:
     - every peer P2P (`dedup`; dedup_kernels.py): pair_rows and pair_ret [Q, H] with Q = N*T_max
       (row src*T_max + t: token t of PE src, at most once), pair_meta [Q, K+1] int64 (stamp,
       positions), pair_w and pair_ret_w [Q, K] float32, and for H % 128 == 0 pair_scales
       [Q, H/128] float32 (fp8 rows). Bytes per PE = 2 * (2*Q*H*itemsize + 8*Q*(K+1) + 8*Q*K
-      + 4*Q*H/128) + 2 * (8*N*E + 24*N).
+      + 4*Q*H/128) + 2 * (8*N*(12 + E) + 24*N).
     - with put peers (one row per slot): fwd_rows [C, H] + fwd_meta [C] (dispatch-direction rows,
       at final positions), ret_rows [T_max*K, H] (combine-direction rows, at the owner's slot).
-      Bytes per PE = 2 * (C*H + T_max*K*H) * itemsize + 2 * (8*C + 8*N*E + 24*N), plus one send
-      buffer that puts read from: max(C, T_max*K) * H * itemsize + 8 * T_max*K bytes.
+      Bytes per PE = 2 * (C*H + T_max*K*H) * itemsize + 2 * (8*C + 8*N*(12 + E) + 24*N), plus
+      one send buffer that puts read from: max(C, T_max*K) * H * itemsize + 8 * T_max*K bytes.
 
     peer_path: "p2p" = every peer by loads and stores (an error names a peer without a P2P path);
     "put" = every other PE by NVSHMEM put-with-signal; "auto" = P2P where nvshmem_ptr gives an
@@ -117,10 +118,13 @@ class SymmetricWorkspace:
             return t
 
         self.max_tokens, self.top_k = max_tokens, top_k
-        self.counts = sym((2, self.n, num_experts), torch.int64)
-        # every PE's call header (transport/handshake.py FIELDS) beside the counts: checked on the
-        # device after the count exchange
-        self.headers = sym((2, self.n, HEADER_INTS), torch.int64)
+        # One row per source PE: its call header (transport/handshake.py FIELDS), then its counts.
+        # Contiguous, so a single putmem_signal carries both to a put peer (PROTOCOL.md "Header");
+        # `headers` and `counts` are views of it with a row stride of `row_ints`.
+        self.row_ints = HEADER_INTS + num_experts
+        self.count_rows = sym((2, self.n, self.row_ints), torch.int64)
+        self.headers = self.count_rows[:, :, :HEADER_INTS]
+        self.counts = self.count_rows[:, :, HEADER_INTS:]
         self.flags = sym((2, 3, self.n), torch.int64)
         torch.cuda.synchronize()
         dist.barrier()  # every PE has zeroed its flags before anyone signals
@@ -193,8 +197,8 @@ class SymmetricWorkspace:
         else:
             self.fwd_rows_at, self.fwd_meta_at = addresses(self.fwd_rows), addresses(self.fwd_meta)
             self.ret_rows_at = addresses(self.ret_rows)
-        self.counts_at = addresses(self.counts)
-        self.headers_at = addresses(self.headers)
+        self.headers_at = addresses(self.count_rows)  # a row starts with its header
+        self.counts_at = self.headers_at + HEADER_INTS * 8
         # flags: one address per (parity, channel, peer)
         peers = peer_views(self.flags)
         self.flags_at = torch.tensor(

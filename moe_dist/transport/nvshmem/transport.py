@@ -23,7 +23,14 @@ import torch.distributed as dist
 
 import triton
 
-from ...errors import BufferOverflow, DeviceErrorFlags, MoERuntimeError
+from ...errors import (
+    BufferOverflow,
+    DeviceErrorFlags,
+    MoERuntimeError,
+    PeerTimeout,
+    RankFailed,
+    RankMismatch,
+)
 from .. import handshake as HS
 from ...routing import RoutingPlan
 from ..base import Transport
@@ -40,6 +47,7 @@ COUNT, FORWARD, RETURN = 0, 1, 2  # flag channels
 
 
 SEGMENT_SPLIT = 16  # programs sharing one (source, local expert) segment of received rows
+_TOGETHER = (RankFailed, RankMismatch, PeerTimeout)  # errors every PE raises already
 
 
 @dataclass(frozen=True)
@@ -155,16 +163,19 @@ class NvshmemTransport(Transport):
     # ----------------------------------------------------------------------------
     def _dispatch(self, x_TH: torch.Tensor, plan: RoutingPlan):
         T, K = plan.expert_idx_TK.shape
-        if T > self.max_tokens:
-            raise BufferOverflow(
-                f"MoE layer '{self.error_flags.layer_name}': {T} tokens on this rank exceed "
-                f"max_tokens_per_rank={self.max_tokens} that sized the nvshmem buffers"
+        ws = self.workspace(x_TH.dtype, x_TH.shape[1])
+        if T > self.max_tokens:  # this PE alone: its peers are in this call's count exchange
+            self.fail_together(
+                BufferOverflow(
+                    f"MoE layer '{self.error_flags.layer_name}': {T} tokens on this rank exceed "
+                    f"max_tokens_per_rank={self.max_tokens} that sized the nvshmem buffers"
+                ),
+                ws=ws,
             )
         if K != self.top_k:
             raise ValueError(
                 f"plan has {K} slots per token, transport was sized for top_k={self.top_k}"
             )
-        ws = self.workspace(x_TH.dtype, x_TH.shape[1])
         if ws.dedup:  # every peer P2P: each token crosses to a PE once
             tokens, counts_G, local_w, box = _DedupDispatch.apply(x_TH, plan.weights_TK, self, plan)
             return tokens, counts_G, replace(box.handle, local_w_QK=local_w)
@@ -193,23 +204,30 @@ class NvshmemTransport(Transport):
     def _signal_and_wait(
         self, ws: SymmetricWorkspace, channel: int, parity: int, first_of_call: bool
     ) -> None:
-        if (
-            ws.any_put
-        ):  # put peers' flags (after their rows, and the counts with COUNT's), before the wait
-            counts = ws.counts[parity, ws.me]
-            P_.put_signal_kernel[(ws.n,)](
-                ws.via_put,
-                ws.peer_pe,
-                ws.me,
-                ws.epoch_dev,
-                ws.flags[parity, channel].data_ptr(),
-                counts.data_ptr(),
-                counts.numel() * counts.element_size(),
-                BUMP=first_of_call,
-                HAS_PAYLOAD=channel == COUNT,
-                num_warps=1,
-                extern_libs=self._put_libs,
-            )
+        if ws.any_put:  # put peers' flags (after their rows; COUNT's carries this PE's row)
+            self._put_signal(ws, channel, parity, first_of_call)
+        self._wait(ws, channel, parity, first_of_call)
+
+    def _put_signal(
+        self, ws: SymmetricWorkspace, channel: int, parity: int, first_of_call: bool
+    ) -> None:
+        row = self.count_row(ws, parity)
+        P_.put_signal_kernel[(ws.n,)](
+            ws.via_put,
+            ws.peer_pe,
+            ws.me,
+            ws.epoch_dev,
+            ws.flags[parity, channel].data_ptr(),
+            row.data_ptr(),
+            row.numel() * row.element_size(),
+            BUMP=first_of_call,
+            HAS_PAYLOAD=channel == COUNT,
+            num_warps=1,
+            extern_libs=self._put_libs,
+        )
+
+    def _wait(self, ws: SymmetricWorkspace, channel: int, parity: int, first_of_call: bool) -> None:
+        """P2P peers' flags, then the bounded wait for every peer's (signal_and_wait_kernel)."""
         K_.signal_and_wait_kernel[(1,)](
             ws.flags_at[parity, channel],
             ws.flags[parity, channel],
@@ -218,7 +236,7 @@ class NvshmemTransport(Transport):
             ws.epoch_dev,
             self.timeout_ns,
             self.error_flags.words,
-            self.calls,
+            self.context.step,  # the layer's step names the error
             BUMP=first_of_call,
         )
 
@@ -234,7 +252,8 @@ class NvshmemTransport(Transport):
         """This call's header on the device. Deferred error bits (context.device_status) go into
         its status field without a host sync. Under CUDA-graph capture the captured header is
         replayed (a host->device copy cannot be captured)."""
-        if self._header_TF is not None and torch.cuda.is_current_stream_capturing():
+        on_cuda = torch.device(self.device).type == "cuda"
+        if self._header_TF is not None and on_cuda and torch.cuda.is_current_stream_capturing():
             return self._header_TF
         c = self.context
         values = [0] * HS.F
@@ -253,7 +272,7 @@ class NvshmemTransport(Transport):
         ):
             values[HS.FIELDS.index(name)] = v
         hdr = torch.tensor(values, dtype=torch.int64)
-        if torch.device(self.device).type == "cuda":
+        if on_cuda:
             hdr = hdr.pin_memory().to(self.device, non_blocking=True)  # no host sync
         if c.device_status is not None and not status:
             bits = c.device_status.reshape(1).to(torch.int64)[0]
@@ -263,39 +282,47 @@ class NvshmemTransport(Transport):
         return hdr
 
     def checks_headers(self, ws: SymmetricWorkspace) -> bool:
-        """Whether this call's header travels: opt-in, and only where every peer is reached by P2P
-        stores (the put path does not carry header rows yet: peers would read stale ones)."""
-        return self.options.check_headers and not ws.any_put
+        """Whether this call's header travels (NvshmemOptions.check_headers, on by default): on
+        every path, P2P peers by stores and put peers with the counts in one putmem_signal."""
+        return self.options.check_headers
+
+    @staticmethod
+    def count_row(ws: SymmetricWorkspace, parity: int) -> torch.Tensor:
+        """This PE's row of the count exchange, its header then its counts (contiguous,
+        symmetric): the payload of the COUNT put to each put peer."""
+        return ws.count_rows[parity, ws.me]
 
     def _exchange_header(self, ws: SymmetricWorkspace, p: int, hdr) -> None:
-        K_.send_header_kernel[(ws.n,)](hdr, ws.headers_at[p], ws.me, F=HS.F, FB=16)
+        K_.send_header_kernel[(ws.n,)](hdr, ws.headers_at[p], ws.me, ws.row_ints, F=HS.F, FB=16)
 
     def _check_headers(self, ws: SymmetricWorkspace, p: int) -> None:
         K_.check_header_kernel[(1,)](
             ws.headers[p],
-            ws.via_put,
             ws.me,
             ws.n,
+            ws.row_ints,
             self.error_flags.words,
-            self.calls,
+            self.context.step,
             F=HS.F,
             STATUS=HS.FIELDS.index("status"),
             ORIGIN=HS.FIELDS.index("origin"),
             NB=triton.next_power_of_2(ws.n),
             FB=16,
-            HAS_PUT=ws.any_put,
         )
 
-    def fail_together(self, exc: BaseException, phase: str = "dispatch") -> None:
+    def fail_together(
+        self, exc: BaseException, phase: str = "dispatch", ws: SymmetricWorkspace | None = None
+    ) -> None:
         """On a PE whose forward failed before dispatch: one count exchange carrying the error
         (zero counts), so every PE records PEER_FAILED and its later waits do not wait; then the
         error is raised here (one sync). Peers raise at their next check (eager: the end of the
-        forward). Without a workspace yet there is nothing to exchange: the peers time out."""
-        ws = next(iter(self._workspaces.values()), None)
+        forward). `ws`: the workspace of the call the peers are in (default: the first made).
+        Without a workspace yet there is nothing to exchange: the peers time out."""
+        ws = ws if ws is not None else next(iter(self._workspaces.values()), None)
         if (
             ws is None
             or phase != "dispatch"
-            or isinstance(exc, MoERuntimeError)
+            or isinstance(exc, _TOGETHER)  # already raised on every PE: nothing to carry
             or not self.options.check_headers
         ):
             raise exc  # after the dispatch the peers wait on RETURN: they time out (PeerTimeout)
@@ -320,7 +347,7 @@ class NvshmemTransport(Transport):
         if hdr is not None:
             self._exchange_header(ws, p, hdr)
         K_.count_and_rank_kernel[(E,)](
-            idx_S, idx_S.numel(), rank_S, ws.counts_at[p], ws.me, ws.n, E, BLOCK=1024
+            idx_S, idx_S.numel(), rank_S, ws.counts_at[p], ws.me, ws.n, E, ws.row_ints, BLOCK=1024
         )
         self._signal_and_wait(ws, COUNT, p, first_of_call=True)
         if hdr is not None:
@@ -334,6 +361,7 @@ class NvshmemTransport(Transport):
             ws.me,
             ws.n,
             E,
+            ws.row_ints,
             G,
             ws.capacity,
             offs_E,
@@ -341,7 +369,7 @@ class NvshmemTransport(Transport):
             counts_G,
             seg_2NG,
             self.error_flags.words,
-            self.calls,
+            self.context.step,
             NB=triton.next_power_of_2(ws.n),
             EB=triton.next_power_of_2(E),
         )
@@ -672,7 +700,7 @@ class _DedupDispatch(torch.autograd.Function):
         ws = tr.workspace(x_TH.dtype, H)
         idx_S = plan.expert_idx_TK.reshape(-1).contiguous()
         p = tr.new_call(ws)  # the count exchange and the rows share this call's epoch
-        # the call header travels with the counts (opt-in: NvshmemOptions.check_headers)
+        # the call header travels with the counts (NvshmemOptions.check_headers)
         hdr = tr.header(x_TH.dtype, H, K) if tr.checks_headers(ws) else None
         offs_E, overflow_N, counts_G, _, rank_S = tr.route_and_layout(ws, idx_S, p, hdr)
         dest_rank_S = torch.empty(T * K, dtype=torch.int64, device=dev)

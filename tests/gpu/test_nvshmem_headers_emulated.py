@@ -1,0 +1,151 @@
+"""The nvshmem call header (PROTOCOL.md "Header") on every path, with N PEs emulated in one process
+under Triton's interpreter (tests/gpu/nvshmem_emulation.py): P2P peers get a PE's header row by
+stores, put peers in the one putmem_signal that carries its counts. A PE that disagrees makes
+every PE raise RankMismatch naming the field; a PE that fails before its dispatch makes every PE
+raise its error naming it; neither waits for a timeout. Legend: T tokens, K slots/token, E experts,
+G local experts, N PEs, H hidden, C receive rows."""
+
+import time
+
+import pytest
+import torch
+
+from moe_dist.errors import BufferOverflow, NonFiniteRouterLogits, RankMismatch
+from moe_dist.routing import RoutingPlan
+
+from tests.gpu.nvshmem_emulation import (
+    INTERPRETED,
+    PEER_PATHS,
+    Flags,
+    make_transport,
+    run_pes,
+    workspaces,
+)
+
+pytestmark = pytest.mark.skipif(not INTERPRETED, reason="runs in Triton's interpreter (CPU)")
+triton = pytest.importorskip("triton")
+
+G, K, H, T_MAX = 2, 2, 40, 6
+TIMEOUT_S = 30.0  # the emulated flag wait's bound: an error must come well before it
+
+
+def setup(N, peers, seed, check_headers=True):
+    E = G * N
+    C = N * T_MAX * K
+    wss = workspaces(N, E, K, H, T_MAX, C, torch.float32, peers)
+    flags = Flags(wss, timeout_s=TIMEOUT_S)
+    trs = [make_transport(ws, E, K, T_MAX, flags, check_headers=check_headers) for ws in wss]
+    for tr in trs:
+        tr.context.layer, tr.context.step, tr.context.chunks = "moe.0", 3, 1
+        tr.error_flags.layer_name = "moe.0"
+    gen = torch.Generator().manual_seed(seed)
+    return trs, gen, E
+
+
+def a_call(gen, E, T, hidden=H):
+    """Fresh random tokens (stamped with their index) and a plan over E experts."""
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    x = torch.randn(T, hidden, generator=gen)
+    x[:, 0] = torch.arange(T)
+    w = torch.rand(T, K, generator=gen)
+    counts = torch.bincount(idx.reshape(-1), minlength=E)
+    plan = RoutingPlan(idx, w, counts, torch.zeros(()), torch.zeros((), dtype=torch.long), True)
+    return x, plan
+
+
+def forward(tr, x, plan):
+    """Dispatch, the experts (x2), combine; then the layer's end-of-forward check."""
+    with torch.no_grad():
+        tok, counts_G, h = tr.dispatch(x, plan)
+        tr.combine(tok * 2, h)
+    tr.error_flags.check()
+
+
+@pytest.mark.parametrize("peers", PEER_PATHS)
+@pytest.mark.parametrize("N,field", [(2, "layer"), (2, "call"), (3, "hidden"), (3, "chunks")])
+def test_a_disagreeing_pe_makes_every_pe_raise_rank_mismatch(peers, N, field):
+    trs, gen, E = setup(N, peers, seed=N * 10 + len(field))
+    # an agreeing call first, so the mismatch is read from rows that replaced an earlier call's
+    first = [a_call(gen, E, T=3) for _ in range(N)]
+    assert run_pes(N, lambda pe: forward(trs[pe], *first[pe])) == [None] * N
+    odd = N - 1  # the mixed path: a put peer of every other PE
+    calls = [
+        a_call(gen, E, T=4 + pe, hidden=H - 8 if (field == "hidden" and pe == odd) else H)
+        for pe in range(N)
+    ]
+    if field == "layer":
+        trs[odd].context.layer = "moe.1"
+    elif field == "call":
+        trs[odd].calls += 1  # this PE made one transport call more than its peers
+    elif field == "chunks":
+        trs[odd].context.chunks = 2
+    t0 = time.monotonic()
+    got = run_pes(N, lambda pe: forward(trs[pe], *calls[pe]))
+    assert time.monotonic() - t0 < TIMEOUT_S, "a PE waited for a timeout"
+    for pe, r in enumerate(got):
+        assert isinstance(r, RankMismatch), (pe, r)
+        assert f"on {field} " in str(r) and "'moe.0'" in str(r), (pe, r)
+        first_other = odd if pe != odd else 0  # the first PE whose header differs from mine
+        assert f"(PE {first_other} differs" in str(r), (pe, r)
+
+
+@pytest.mark.parametrize("peers", PEER_PATHS)
+def test_agreeing_pes_raise_nothing_over_many_calls(peers):
+    """Both parities, several calls: headers of earlier calls are never taken for this call's."""
+    N = 3
+    trs, gen, E = setup(N, peers, seed=7)
+    for step in range(3):
+        calls = [a_call(gen, E, T=2 + (pe + step) % 3) for pe in range(N)]
+        got = run_pes(N, lambda pe: forward(trs[pe], *calls[pe]))
+        assert all(r is None for r in got), got
+        for tr in trs:
+            tr.context.step += 1
+
+
+@pytest.mark.parametrize("peers", PEER_PATHS)
+@pytest.mark.parametrize("N", [2, 3])
+def test_a_failing_pe_makes_every_pe_raise_its_error(peers, N):
+    """The failing PE (fail_together: its routing raised) makes one count exchange with its error
+    in the header; the others dispatch and combine (their later waits do not wait: the failing PE
+    never signals them) and raise the same error at their check."""
+    trs, gen, E = setup(N, peers, seed=N)
+    odd = N - 1
+    calls = [a_call(gen, E, T=3 + pe) for pe in range(N)]
+    cause = NonFiniteRouterLogits("MoE layer 'moe.0', step 3: router logits contain NaN or Inf")
+
+    def run(pe):
+        if pe == odd:
+            trs[pe].fail_together(cause)
+        forward(trs[pe], *calls[pe])
+
+    t0 = time.monotonic()
+    got = run_pes(N, run)
+    assert time.monotonic() - t0 < TIMEOUT_S, "a PE waited for a timeout"
+    for pe, r in enumerate(got):
+        assert isinstance(r, NonFiniteRouterLogits), (pe, r)
+        assert f"PE {odd} of the EP group" in str(r) and "'moe.0', step 3" in str(r), (pe, r)
+    assert got[odd].__cause__ is cause  # the failing PE's own error is chained
+
+
+@pytest.mark.parametrize("peers", PEER_PATHS)
+def test_too_many_tokens_on_one_pe_is_raised_on_every_pe(peers):
+    """A PE with more tokens than max_tokens_per_rank fails inside its dispatch: the count
+    exchange carries BufferOverflow to its peers instead of leaving them waiting."""
+    N = 2
+    trs, gen, E = setup(N, peers, seed=11)
+    calls = [a_call(gen, E, T=T_MAX + 3 if pe == 0 else 4) for pe in range(N)]
+    got = run_pes(N, lambda pe: forward(trs[pe], *calls[pe]))
+    for pe, r in enumerate(got):
+        assert isinstance(r, BufferOverflow) and "PE 0 of the EP group" in str(r), (pe, r)
+    assert "exceed max_tokens_per_rank=6" in str(got[0].__cause__)
+
+
+def test_headers_off_compare_nothing():
+    """NvshmemOptions(check_headers=False): a disagreeing layer name goes unnoticed (the data
+    still travels, the rest of the protocol is the same)."""
+    N = 2
+    trs, gen, E = setup(N, "mixed", seed=5, check_headers=False)
+    trs[1].context.layer = "moe.1"
+    calls = [a_call(gen, E, T=4) for _ in range(N)]
+    got = run_pes(N, lambda pe: forward(trs[pe], *calls[pe]))
+    assert all(r is None for r in got), got
