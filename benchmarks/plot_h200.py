@@ -1,8 +1,9 @@
 """Figures and README tables from the one-GPU H200 results, so no number is typed by hand: the
 layer (`benchmarks.layer`: the fused path against the previous path, its own grouped GEMMs and
-SonicMoE's figure from issue 16's run) and the transport at one PE (`benchmarks.transport`:
-dispatch+combine eager and from a CUDA graph, bf16 and fp8 rows, the collective path; rows per
-token, K copies against one row per destination rank; compute slowed by the transport's SMs).
+SonicMoE, timed in a run of its own beside the fused path) and the transport at one PE
+(`benchmarks.transport`: dispatch+combine eager and from a CUDA graph, bf16 and fp8 rows, the
+collective path; rows per token, K copies against one row per destination rank; compute slowed by
+the transport's SMs).
 
     python -m benchmarks.plot_h200          # results/layer_h200.json, transport_1pe_h200.json
     python -m benchmarks.plot_h200 --readme README.md --readme benchmarks/README.md
@@ -27,6 +28,7 @@ from benchmarks.plot_h200_tables import (
     config_name,
     earlier_code,
     earlier_notes,
+    fused_over,
     joined,
     kind_name,
     layer_markdown,
@@ -34,7 +36,6 @@ from benchmarks.plot_h200_tables import (
     layer_title,
     load,
     other_run,
-    ratio,
     routing_name,
     shape,
     short_code,
@@ -51,7 +52,7 @@ SHORT = {
     "fused": "fused",
     "previous": "previous",
     "gemm_only": "GEMMs only",
-    SONIC: "SonicMoE\n(other run)",
+    SONIC: "SonicMoE",
 }
 
 
@@ -93,9 +94,8 @@ def plot_layer_times(d: dict, out: Path) -> Path:
             for i, (key, label, c, h) in enumerate(present)
         ]
         bars(ax, ticks, series, dodge=False)
-        fused = layer_ms(r, "fused")
         lines = [
-            f"fused / {SHORT[key]}: {ratio(fused, layer_ms(r, key)):.2f}×".replace("\n", " ")
+            f"fused / {SHORT[key]}: {fused_over(r, key):.2f}×".replace("\n", " ")
             for key, *_ in present
             if key != "fused"
         ]
@@ -111,8 +111,12 @@ def plot_layer_times(d: dict, out: Path) -> Path:
 
 def layer_notes(d: dict) -> list[str]:
     notes = earlier_notes(d)
-    if any(SONIC in r for r in d["results"].values()):
-        notes.append("SonicMoE: issue 16's figure on the same machine type, not this run")
+    runs = {other_run(r, SONIC) for r in d["results"].values() if other_run(r, SONIC)}
+    if runs:
+        when = d.get("environment_sonicmoe_run", {}).get("date", "")[:16]
+        notes.append(
+            f"SonicMoE: run {'/'.join(sorted(runs))} {when}, fused / SonicMoE within that run"
+        )
     return notes
 
 

@@ -3,8 +3,9 @@ which configs ran with earlier code, which numbers come from another run, the dt
 and the markdown tables, every number read from the JSON.
 
 layer_h200.json        `benchmarks.layer`: per config the fused path, the previous path, the
-                       grouped GEMMs alone, kernels per step, peak memory, checks; SonicMoE's
-                       issue-16 figure (another run) as `sonicmoe_issue16_ms`
+                       grouped GEMMs alone, kernels per step, peak memory, checks; SonicMoE
+                       (`sonicmoe`, timed in another run beside the fused path: `from_run`,
+                       `fused_same_run_ms`)
 transport_1pe_h200.json  `benchmarks.transport` at one PE: dispatch+combine eager / CUDA graph,
                        bf16 / fp8 rows, collective; rows per token; SM interference"""
 
@@ -18,16 +19,15 @@ from pathlib import Path
 from benchmarks.plot import RESULTS, describe, markdown_table
 
 LAYER_JSON, TRANSPORT_JSON = RESULTS / "layer_h200.json", RESULTS / "transport_1pe_h200.json"
-# Layer variants drawn and tabled: (JSON key, label, colour, hatch); SonicMoE's figure comes from
-# another run (issue 16's), so it is drawn hollow and hatched and labelled so.
+# Layer variants drawn and tabled: (JSON key, label, colour, hatch); SonicMoE was timed in a run of
+# its own beside the fused path, so it is drawn hollow and hatched, its ratio taken in that run.
 PATHS = (
     ("fused", "moe_dist fused", "C0", None),
     ("previous", "moe_dist previous path", "C3", None),
     ("gemm_only", "grouped GEMMs only", "C7", None),
-    ("sonicmoe_issue16_ms", "SonicMoE (other run: issue 16)", "C1", "//"),
+    ("sonicmoe", "SonicMoE (its own run)", "C1", "//"),
 )
-SONIC = "sonicmoe_issue16_ms"
-SONIC = "sonicmoe_issue16_ms"
+SONIC = "sonicmoe"
 VARIANT = {"fused_lowmem": "fused_save_rows=False"}  # JSON key -> the knob's name
 # Transport series: (JSON key, field, label, colour, line style, marker)
 TRANSPORT_SERIES = (
@@ -47,7 +47,7 @@ def load(path: Path) -> dict:
 
 
 def layer_ms(r: dict, key: str) -> float | None:
-    """A layer variant's median ms (SonicMoE's issue-16 figure is a bare number)."""
+    """A layer variant's median ms (an older file's figure may be a bare number)."""
     v = r.get(key)
     return v if isinstance(v, (int, float)) else (v or {}).get("median_ms")
 
@@ -72,6 +72,14 @@ def other_run(r: dict, key: str) -> str | None:
     return v.get("from_run") if isinstance(v, dict) else None
 
 
+def fused_over(r: dict, key: str) -> float | None:
+    """The fused path's time over a variant's, both from the variant's run: a variant timed in
+    another run carries the fused time of that run (`fused_same_run_ms`)."""
+    v = r.get(key)
+    fused = v.get("fused_same_run_ms") if isinstance(v, dict) else None
+    return ratio(fused or layer_ms(r, "fused"), layer_ms(r, key))
+
+
 def config_name(name: str, r: dict, earlier: set[str]) -> str:
     return name + (" †" if name in earlier else "")
 
@@ -82,7 +90,8 @@ def shape(r: dict) -> str:
 
 
 def layer_title(d: dict, what: str, earlier: set[str]) -> str:
-    envs = [d["environment"]] + ([d["environment_earlier_run"]] if earlier else [])
+    earlier_env = d.get("environment_earlier_run") if earlier else None
+    envs = [d["environment"]] + ([earlier_env] if earlier_env else [])
     dtypes = {r["config"]["dtype"].replace("torch.", "") for r in d["results"].values()}
     return describe(what, {e["device"] for e in envs}, dtypes, {"fwd+bwd"}, envs)
 
@@ -166,8 +175,10 @@ def layer_markdown(d: dict, figures: list[str], fig_dir: Path, readme_dir: Path)
     earlier, results = earlier_code(d), d["results"]
     lines = [source(d, readme_dir, layer_title(d, "One MoE layer, EP=1, median ms", earlier)), ""]
     head = ["config (T, H, F, E, k)", "fused ms (TFLOP/s)", "previous ms"]
-    head += ["GEMMs only ms", "SonicMoE ms (other run)", "fused / previous", "fused / GEMMs only"]
-    head += ["fused / SonicMoE (other run)", "kernels/step fused (previous)"]
+    head += ["GEMMs only ms", "SonicMoE ms (its run)", "fused / previous", "fused / GEMMs only"]
+    has_sonic = any(layer_ms(r, SONIC) is not None for r in results.values())
+    head += ["fused / SonicMoE (in its run)"]
+    head += [f"kernels/step fused (previous{', SonicMoE' if has_sonic else ''})"]
     head += ["peak MiB fused / previous", "fused_save_rows=False ms, MiB", "largest rel. error"]
     body, runs = [], {}
     for name, r in results.items():
@@ -186,11 +197,11 @@ def layer_markdown(d: dict, figures: list[str], fig_dir: Path, readme_dir: Path)
                 num(ms[SONIC]),
                 times(ratio(ms["fused"], ms["previous"])),
                 times(ratio(ms["fused"], ms["gemm_only"])),
-                times(ratio(ms["fused"], ms[SONIC])),
-                pair(f.get("kernels_per_step"), p.get("kernels_per_step"), " ({})"),
+                times(fused_over(r, SONIC)),
+                kernels_cell(f, p, r.get(SONIC)),
                 pair(f.get("peak_mb"), p.get("peak_mb"), " / {}"),
                 pair(low.get("median_ms"), low.get("peak_mb"), ", {}"),
-                num(max(r["checks"].values())) if r.get("checks") else "",
+                num(max(ours(r["checks"]).values())) if ours(r.get("checks", {})) else "",
             ]
         )
     lines += markdown_table(head, body, align="---")
@@ -201,7 +212,7 @@ def layer_markdown(d: dict, figures: list[str], fig_dir: Path, readme_dir: Path)
             if key.startswith("earlier_run_") and isinstance(v, dict):
                 was = ", ".join(f"{VARIANT.get(k, k)} {num(ms)} ms" for k, ms in v.items())
                 lines.append(f"- {name} in run {key.removeprefix('earlier_run_')}: {was}.")
-    checks = sorted({k for r in results.values() for k in r.get("checks", {})})
+    checks = sorted({k for r in results.values() for k in ours(r.get("checks", {}))})
     lines += [
         "- Ratios: fused time / the other path's time (below 1: the fused path is faster). "
         "Largest rel. error: the largest ‖a − b‖ / ‖b‖ of the checks run before timing "
@@ -214,9 +225,23 @@ def layer_markdown(d: dict, figures: list[str], fig_dir: Path, readme_dir: Path)
     return "\n".join(lines).rstrip() + "\n"
 
 
+def ours(checks: dict) -> dict:
+    """moe_dist's checks (a peer's check against its own reference is in the notes)."""
+    return {k: v for k, v in checks.items() if not k.startswith("sonicmoe")}
+
+
+def kernels_cell(fused: dict, previous: dict, sonic) -> str:
+    """ "36 (103, 44)": the fused path's kernels per step, then the previous path's and
+    SonicMoE's where measured."""
+    others = [v.get("kernels_per_step") for v in (previous, sonic) if isinstance(v, dict)]
+    others = ", ".join(num(c) for c in others if c is not None)
+    return pair(fused.get("kernels_per_step"), others or None, " ({})")
+
+
 def pair(a, b, join: str) -> str:
     """`a` then `b` formatted into `join` ("36 (121)", "1,542 / 1,608"); blank without `a`."""
-    return "—" if a is None else num(a) + ("" if b is None else join.format(num(b)))
+    b = b if b is None or isinstance(b, str) else num(b)
+    return "—" if a is None else num(a) + ("" if b is None else join.format(b))
 
 
 def transport_markdown(d: dict, figures: list[str], fig_dir: Path, readme_dir: Path) -> str:

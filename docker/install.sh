@@ -133,5 +133,15 @@ if ((!dry_run)); then
 print("install.sh: moe_dist", getattr(moe_dist, "__version__", "?"), "ready")'
   if ((!cpu_only)); then
     "$PYTHON" -c 'import nvshmem.core; print("install.sh: nvshmem4py ready")'
+  else
+    # On a CPU machine every process that starts deepspeed.comm needs DeepSpeed's shared-memory
+    # collective op, which it JIT-builds on first use (about 45 s on 2 cores): build it here,
+    # once, into torch's extension cache, where DeepSpeed looks for it.
+    "$PYTHON" -c 'from deepspeed.accelerator import get_accelerator
+b = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if b is not None and b.is_compatible():
+    b.load(verbose=False)
+    print("install.sh: DeepSpeed shm_comm op built")' ||
+      echo "install.sh: warning: DeepSpeed's shm_comm op did not build; it builds on first use" >&2
   fi
 fi

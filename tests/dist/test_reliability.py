@@ -254,6 +254,7 @@ def scenario_deepspeed_refuses_malicious_pickle(root: str):
         dist.barrier()
         # A resume of the untouched checkpoint works with weights_only loading (ZeRO state too).
         base.engine.load_checkpoint(root, tag="t")
+        dist.barrier()  # every rank has read the file before rank 0 rewrites it
         marker = f"{root}/pwned"
         target = f"{root}/t/mp_rank_00_model_states.pt"  # every rank reads it
         if dist.get_rank() == 0:

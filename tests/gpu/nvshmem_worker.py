@@ -17,6 +17,7 @@ from moe_dist import (
     MoELayer,
     NonFiniteRouterLogits,
     PeerTimeout,
+    RankFailed,
     RankMismatch,
 )
 from moe_dist.transport.dedup import count_pairs
@@ -278,6 +279,25 @@ if world > 1:
             assert f"flaky_{path}" in str(e) and f"PE {world - 1} of the EP group" in str(e), e
             assert time.monotonic() - t0 < 10, f"the error waited for a timeout ({path})"
             passed(f"error status raises on every PE ({path}): {e}")
+        # The last PE's experts raise after a dispatch that went well: it carries the error in
+        # the combine its peers are in (fail_together "combine"), and every PE raises it.
+        torch.manual_seed(14)
+        broken_cfg = base.replace(hidden_size=112 + 32 * i)
+        broken = nvshmem_layer(broken_cfg, nv, name=f"broken_{path}", dtype=torch.float32)
+        if rank == world - 1:
+
+            def failing_experts(*args, **kwargs):
+                raise ValueError("an expert kernel failed")
+
+            broken.experts.forward = failing_experts
+        t0 = time.monotonic()
+        try:
+            broken(tokens(rank, 14, hidden=broken_cfg.hidden_size))
+            raise AssertionError(f"the experts' error was not reported ({path})")
+        except RankFailed as e:
+            assert f"broken_{path}" in str(e) and f"PE {world - 1} of the EP group" in str(e), e
+            assert time.monotonic() - t0 < 10, f"the error waited for a timeout ({path})"
+            passed(f"an expert's error raises on every PE ({path}): {e}")
         dist.barrier()
 
 # Timeout: rank 0 dispatches alone; it must get an error naming a peer, not hang.

@@ -39,12 +39,20 @@ def close(got, want, label, dtype):
         assert rel < 1e-2, f"{label}: relative error {rel:.3g}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_calls_equal_plain_calls_and_use_the_comm_stream(dtype):
+@pytest.mark.parametrize(
+    "dtype,fused", [(torch.float32, None), (torch.bfloat16, False), (torch.bfloat16, None)]
+)
+def test_split_calls_equal_plain_calls_and_use_the_comm_stream(dtype, fused):
+    """fused=None: the local transport's default (bf16 on CUDA takes the fused path, which makes
+    dispatch, experts and combine in run_experts); False: the plain path, dispatch in start."""
     torch.manual_seed(0)
     plain = MoELayer(CFG, device="cuda", dtype=dtype)
     torch.manual_seed(0)
     split = MoELayer(CFG, device="cuda", dtype=dtype)
+    plain.transport.fused = split.transport.fused = fused
+    one_go = split.transport.use_fused(
+        torch.empty(1, 64, device="cuda", dtype=dtype), split.experts
+    )
     seen = {}
     dispatch, combine = split.transport.dispatch, split.transport.combine
 
@@ -67,7 +75,10 @@ def test_split_calls_equal_plain_calls_and_use_the_comm_stream(dtype):
             inputs = [x.clone().requires_grad_(True) for x in xs]
             if is_split:
                 calls = [layer.start(x) for x in inputs]
-                assert isinstance(calls[0].flight.dispatched, torch.cuda.Event)
+                if one_go:  # nothing travels before run_experts
+                    assert all(call.flight is None for call in calls)
+                else:
+                    assert isinstance(calls[0].flight.dispatched, torch.cuda.Event)
                 for call in calls:
                     layer.run_experts(call)
                 outs = [layer.finish(call) for call in calls]
@@ -83,6 +94,10 @@ def test_split_calls_equal_plain_calls_and_use_the_comm_stream(dtype):
             close(gx[i], wx[i], f"{dtype} step {step} grad x {i}", dtype)
         for n in wg:
             close(gg[n], wg[n], f"{dtype} step {step} grad {n}", dtype)
+    if one_go:  # the fused kernels replace the transport's dispatch, experts and combine
+        assert dtype == torch.bfloat16 and fused is None
+        assert "dispatch" not in seen, seen
+        return
     device = torch.device("cuda", torch.cuda.current_device())
     assert seen["dispatch"] == seen["combine"] == {split.streams.comm(device)}, seen
     assert seen["experts"] == {torch.cuda.current_stream()}, seen

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from moe_dist.errors import BufferOverflow, NonFiniteRouterLogits, RankMismatch
+from moe_dist.errors import BufferOverflow, NonFiniteRouterLogits, RankFailed, RankMismatch
 from moe_dist.routing import RoutingPlan
 
 from tests.gpu.nvshmem_emulation import (
@@ -125,6 +125,70 @@ def test_a_failing_pe_makes_every_pe_raise_its_error(peers, N):
         assert isinstance(r, NonFiniteRouterLogits), (pe, r)
         assert f"PE {odd} of the EP group" in str(r) and "'moe.0', step 3" in str(r), (pe, r)
     assert got[odd].__cause__ is cause  # the failing PE's own error is chained
+
+
+@pytest.mark.parametrize("peers", PEER_PATHS)
+@pytest.mark.parametrize("peers_next", ["combine", "dispatch"])
+def test_a_pe_whose_experts_raise_makes_every_pe_raise_its_error(peers, peers_next):
+    """After a dispatch that went well, one PE's experts raise: it carries the error in the call
+    its peers are in (fail_together "combine": its header with the status, both channels'
+    flags, no rows), so every PE raises it naming that PE, without waiting for a timeout. The
+    peers' next call is the combine, or (a pipeline) the next chunk's dispatch."""
+    N = 3
+    trs, gen, E = setup(N, peers, seed=21 + len(peers_next))
+    odd = N - 1
+    calls = [a_call(gen, E, T=3 + pe) for pe in range(N)]
+    more = [a_call(gen, E, T=2) for pe in range(N)]
+    cause = ValueError("an expert's kernel failed")
+
+    def run(pe):
+        tr = trs[pe]
+        with torch.no_grad():
+            tok, _, h = tr.dispatch(*calls[pe])
+            if pe == odd:
+                tr.fail_together(cause, "combine")
+            elif peers_next == "combine":
+                tr.combine(tok * 2, h)
+            else:
+                tr.dispatch(*more[pe])
+        tr.error_flags.check()
+
+    t0 = time.monotonic()
+    got = run_pes(N, run)
+    assert time.monotonic() - t0 < TIMEOUT_S, "a PE waited for a timeout"
+    for pe, r in enumerate(got):
+        assert isinstance(r, RankFailed), (pe, r)
+        assert f"PE {odd} of the EP group" in str(r) and "'moe.0', step 3" in str(r), (pe, r)
+    assert got[odd].__cause__ is cause  # the failing PE's own error is chained
+
+
+@pytest.mark.parametrize("peers", PEER_PATHS)
+def test_an_earlier_failed_call_is_not_taken_for_a_later_one(peers):
+    """The combine's status check reads rows of earlier calls too: only a row naming this call's
+    epoch counts. A PE failed in one call; after the error is cleared and the call numbers start
+    again (a rebuilt layer of the same name on the same workspaces), the PEs' later calls on the
+    same parity see that stale row and raise nothing."""
+    N = 2
+    trs, gen, E = setup(N, peers, seed=31)
+    first = [a_call(gen, E, T=3) for _ in range(N)]
+
+    def fail_in_combine(pe):
+        tr = trs[pe]
+        with torch.no_grad():
+            tok, _, h = tr.dispatch(*first[pe])
+            if pe == 0:
+                tr.fail_together(ValueError("boom"), "combine")
+            tr.combine(tok * 2, h)
+        tr.error_flags.check()
+
+    assert all(isinstance(r, RankFailed) for r in run_pes(N, fail_in_combine))
+    for tr in trs:  # a fresh start of the same workspaces, PEs back in step
+        tr.error_flags.words.zero_()
+        tr.calls = 0
+    for step in range(3):
+        calls = [a_call(gen, E, T=2 + step) for _ in range(N)]
+        got = run_pes(N, lambda pe: forward(trs[pe], *calls[pe]))
+        assert got == [None] * N, (step, got)
 
 
 @pytest.mark.parametrize("peers", PEER_PATHS)

@@ -104,16 +104,15 @@ def test_generator_writes_figures_and_readme_sections(tmp_path, drawn):
         assert_no_empty_column(md)
         for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
             assert (tmp_path / link).is_file(), f"{link}: no such figure"
-    # configs measured with earlier code are marked, in the figures' titles and in the table
+    # configs measured with earlier code (if any) are marked, in the figures' titles and the table
     earlier = {n for n, r in layer["results"].items() if "earlier" in r.get("code", "")}
-    assert earlier, "the committed JSON has configs from earlier code"
     rows = columns(tables(section(text, MARKERS[0]))[0])["config (T, H, F, E, k)"]
     assert {r.split(" ")[0] for r in rows if "†" in r} == earlier
     titles = [ax.get_title() for p, _, axes in drawn if p.name == "layer_h200.png" for ax in axes]
     assert {t.split(" ")[0] for t in titles if "†" in t} == earlier
     legend = [t.get_text() for p, _, axes in drawn if p.name == "layer_h200.png"
               for t in axes[0].figure.legends[0].get_texts()]  # fmt: skip
-    assert any("SonicMoE" in t and "other run" in t for t in legend), legend
+    assert any("SonicMoE" in t and "its own run" in t for t in legend), legend
 
 
 @pytest.mark.parametrize("readme", ["README.md", "benchmarks/README.md"])
@@ -152,7 +151,7 @@ def test_tables_follow_fresh_json(tmp_path, drawn):
     layer = fresh(json.loads(plot_h200.LAYER_JSON.read_text()), rng)
     transport = fresh(json.loads(plot_h200.TRANSPORT_JSON.read_text()), rng)
     for r in layer["results"].values():  # no SonicMoE figure anywhere: its column goes
-        r.pop("sonicmoe_issue16_ms", None)
+        r.pop("sonicmoe", None)
     first, *rest = layer["results"]
     layer["results"][first]["code"] = "abc1234 (earlier: a test)"
     layer["results"][rest[0]]["code"] = "abc0000"  # marked through the notes only
@@ -206,3 +205,24 @@ def test_tables_follow_fresh_json(tmp_path, drawn):
         )
         graph = cols["nvshmem, CUDA graph ms"][i]
         assert number(graph) == pytest.approx(nv["dispatch_combine_graph_ms"], rel=6e-3), seed
+
+
+def test_sonicmoe_ratio_is_taken_within_its_own_run(tmp_path):
+    """SonicMoE timed in a run of its own: its column shows its time, and fused / SonicMoE uses
+    the fused time of that run (`fused_same_run_ms`), not the config's own fused time."""
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    layer = fresh(json.loads(plot_h200.LAYER_JSON.read_text()), rng)
+    with_sonic = [n for n, r in layer["results"].items() if isinstance(r.get("sonicmoe"), dict)]
+    assert with_sonic, "the committed JSON has SonicMoE figures"
+    layer["path"] = tmp_path / "layer.json"
+    md = plot_h200.layer_markdown(layer, [], tmp_path, tmp_path)
+    cols = columns(tables(md)[0])
+    for i, (name, r) in enumerate(layer["results"].items()):
+        cell = cols["fused / SonicMoE (in its run)"][i]
+        if name not in with_sonic:
+            assert cell == "—", (name, cell)
+            continue
+        s = r["sonicmoe"]
+        assert number(cols["SonicMoE ms (its run)"][i]) == pytest.approx(s["median_ms"], rel=6e-3)
+        want = s["fused_same_run_ms"] / s["median_ms"]
+        assert number(cell) == pytest.approx(want, rel=6e-3, abs=6e-3), (name, cell, want)

@@ -96,6 +96,16 @@ def kernel_cases():
         "step": "i32",
         **{c: "constexpr" for c in ("F", "STATUS", "ORIGIN", "NB", "FB")},
     }, {"F": 12, "STATUS": 10, "ORIGIN": 11, "NB": 8, "FB": 16}
+    yield "check_status", K.check_status_kernel, {
+        "hdr_ptr": P64,
+        **ints("N", "ROW"),
+        "err_ptr": P32,
+        "step": "i32",
+        "epoch_ptr": P64,
+        "layer": "i64",
+        **{c: "constexpr" for c in ("F", "STATUS", "ORIGIN", "CALL", "LAYER", "NB", "FB")},
+        "AHEAD": "constexpr",
+    }, {"F": 12, "STATUS": 10, "ORIGIN": 11, "CALL": 2, "LAYER": 0, "NB": 8, "FB": 16, "AHEAD": 0}
     yield "layout", K.layout_kernel, {
         "counts_ptr": P64,
         **ints("me", "N", "E", "ROW", "G", "capacity"),

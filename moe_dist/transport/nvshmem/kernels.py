@@ -151,6 +151,51 @@ def check_header_kernel(
 
 
 @triton.jit
+def check_status_kernel(
+    hdr_ptr,
+    N,
+    ROW,
+    err_ptr,
+    step,
+    epoch_ptr,
+    layer,
+    F: tl.constexpr,
+    STATUS: tl.constexpr,
+    ORIGIN: tl.constexpr,
+    CALL: tl.constexpr,
+    LAYER: tl.constexpr,
+    NB: tl.constexpr,
+    FB: tl.constexpr,
+    AHEAD: tl.constexpr,
+):
+    """After a RETURN wait (a combine, or the dispatch's backward): a PE that failed after its
+    dispatch (its experts raised) stored its header, status set and this call's epoch in the CALL
+    field, into row `src` of this call's parity, and raised the flags without rows
+    (NvshmemTransport.fail_together). The other rows hold earlier calls' headers: only a row
+    naming this layer and this epoch (epochs are never reused, unlike call numbers of a rebuilt
+    layer) counts; AHEAD = 1 before the call's BUMP. Records PEER_FAILED, detail = origin * 65536
+    + status, like check_header_kernel."""
+    if (tl.load(err_ptr) & OUT_OF_STEP) == 0:
+        call = tl.load(epoch_ptr) + AHEAD
+        q = tl.arange(0, NB)[:, None]
+        f = tl.arange(0, FB)[None, :]
+        h = tl.load(hdr_ptr + q * ROW + f, mask=(q < N) & (f < F), other=0)
+        status_Q = tl.sum(tl.where(f == STATUS, h, 0), 1)
+        origin_Q = tl.sum(tl.where(f == ORIGIN, h, 0), 1)
+        call_Q = tl.sum(tl.where(f == CALL, h, 0), 1)
+        layer_Q = tl.sum(tl.where(f == LAYER, h, 0), 1)
+        qv = tl.arange(0, NB)
+        failed = (status_Q != 0) & (call_Q == call) & (layer_Q == layer) & (qv < N)
+        first_failed = tl.min(tl.where(failed, qv, NB), 0)
+        if first_failed < NB:
+            status = tl.sum(tl.where(qv == first_failed, status_Q, 0), 0)
+            origin = tl.sum(tl.where(qv == first_failed, origin_Q, 0), 0)
+            if (tl.atomic_or(err_ptr, PEER_FAILED_BIT) & OUT_OF_STEP) == 0:
+                tl.store(err_ptr + 1, step)
+                tl.store(err_ptr + 2, (origin * 65536 + status).to(tl.int32))
+
+
+@triton.jit
 def layout_kernel(
     counts_ptr,
     me,

@@ -202,15 +202,27 @@ class NvshmemTransport(Transport):
         return ws.next_epoch()
 
     def _signal_and_wait(
-        self, ws: SymmetricWorkspace, channel: int, parity: int, first_of_call: bool
+        self,
+        ws: SymmetricWorkspace,
+        channel: int,
+        parity: int,
+        first_of_call: bool,
+        payload: bool | None = None,
     ) -> None:
         if ws.any_put:  # put peers' flags (after their rows; COUNT's carries this PE's row)
-            self._put_signal(ws, channel, parity, first_of_call)
+            self._put_signal(ws, channel, parity, first_of_call, payload)
         self._wait(ws, channel, parity, first_of_call)
 
     def _put_signal(
-        self, ws: SymmetricWorkspace, channel: int, parity: int, first_of_call: bool
+        self,
+        ws: SymmetricWorkspace,
+        channel: int,
+        parity: int,
+        first_of_call: bool,
+        payload: bool | None = None,
     ) -> None:
+        """payload: send this PE's count row (header and counts) with the flag; default on COUNT
+        only (a failed PE's combine-time header goes with RETURN too: fail_together)."""
         row = self.count_row(ws, parity)
         P_.put_signal_kernel[(ws.n,)](
             ws.via_put,
@@ -221,7 +233,7 @@ class NvshmemTransport(Transport):
             row.data_ptr(),
             row.numel() * row.element_size(),
             BUMP=first_of_call,
-            HAS_PAYLOAD=channel == COUNT,
+            HAS_PAYLOAD=channel == COUNT if payload is None else payload,
             num_warps=1,
             extern_libs=self._put_libs,
         )
@@ -313,29 +325,63 @@ class NvshmemTransport(Transport):
     def fail_together(
         self, exc: BaseException, phase: str = "dispatch", ws: SymmetricWorkspace | None = None
     ) -> None:
-        """On a PE whose forward failed before dispatch: one count exchange carrying the error
-        (zero counts), so every PE records PEER_FAILED and its later waits do not wait; then the
-        error is raised here (one sync). Peers raise at their next check (eager: the end of the
-        forward). `ws`: the workspace of the call the peers are in (default: the first made).
-        Without a workspace yet there is nothing to exchange: the peers time out."""
+        """On a PE whose forward failed, in the call its peers are in, so that every PE records
+        PEER_FAILED and its later waits do not wait; then the error is raised here (one sync).
+        Before the dispatch ("dispatch": routing raised): one count exchange carrying the error
+        (zero counts). After it ("combine": the experts raised): the header, status set, into
+        this call's header rows and the flags of both channels the peers may wait on (RETURN in
+        a combine, COUNT in the next dispatch of a pipeline), without rows or waiting. Peers
+        raise at their next check (eager: the end of the forward). `ws`: the workspace of the
+        call the peers are in (default: the first made). Without a workspace yet, or with
+        check_headers off, there is nothing to carry it: the peers time out (PeerTimeout)."""
         ws = ws if ws is not None else next(iter(self._workspaces.values()), None)
         if (
             ws is None
-            or phase != "dispatch"
             or isinstance(exc, _TOGETHER)  # already raised on every PE: nothing to carry
             or not self.options.check_headers
         ):
-            raise exc  # after the dispatch the peers wait on RETURN: they time out (PeerTimeout)
+            raise exc
         code = next((k for k, cls in HS._CLASSES.items() if isinstance(exc, cls)), HS.RANK_FAILED)
         p = self.new_call(ws)
-        idx_S = torch.empty(0, dtype=torch.int64, device=self.device)
-        self.route_and_layout(ws, idx_S, p, self.header(None, 0, 0, status=code))
+        hdr = self.header(None, 0, 0, status=code)
         self._header_TF = None
+        if phase == "dispatch":
+            idx_S = torch.empty(0, dtype=torch.int64, device=self.device)
+            self.route_and_layout(ws, idx_S, p, hdr)
+        else:
+            # the call field names this call's epoch (the BUMP below stores it): no stale row of
+            # an earlier call, of this layer or a rebuilt one, is taken for it
+            hdr[HS.FIELDS.index("call")] = ws.epoch_dev[0] + 1
+            self._exchange_header(ws, p, hdr)
+            self._check_status(ws, p, ahead=1)  # its own row: PEER_FAILED, so nothing waits
+            self._signal_and_wait(ws, COUNT, p, first_of_call=True, payload=True)
+            self._signal_and_wait(ws, RETURN, p, first_of_call=False, payload=True)
         try:
             self.error_flags.check()
         except MoERuntimeError as err:
             raise err from exc
         raise exc  # pragma: no cover (the header carried the error)
+
+    def _check_status(self, ws: SymmetricWorkspace, p: int, ahead: int = 0) -> None:
+        """After a RETURN wait: did a PE fail after its dispatch (fail_together)? Only its header
+        row of this layer and epoch counts (check_status_kernel)."""
+        K_.check_status_kernel[(1,)](
+            ws.headers[p],
+            ws.n,
+            ws.row_ints,
+            self.error_flags.words,
+            self.context.step,
+            ws.epoch_dev,
+            HS.crc32(self.context.layer),
+            F=HS.F,
+            STATUS=HS.FIELDS.index("status"),
+            ORIGIN=HS.FIELDS.index("origin"),
+            CALL=HS.FIELDS.index("call"),
+            LAYER=HS.FIELDS.index("layer"),
+            NB=triton.next_power_of_2(ws.n),
+            FB=16,
+            AHEAD=ahead,
+        )
 
     def route_and_layout(self, ws: SymmetricWorkspace, idx_S: torch.Tensor, p: int, hdr=None):
         """Counts and in-expert ranks of this PE's slots, the count exchange (with this call's
@@ -508,6 +554,8 @@ class NvshmemTransport(Transport):
                     extern_libs=self._put_libs,
                 )
         self._signal_and_wait(ws, RETURN, p, first_of_call=True)
+        if self.checks_headers(ws):  # a PE whose experts raised says so here (fail_together)
+            self._check_status(ws, p)
         T, K = h.num_tokens, h.top_k
         out_TH = torch.empty(T, H, device=rows_CH.device, dtype=rows_CH.dtype)
         slots_TKH = (
@@ -679,6 +727,8 @@ def _dedup_return(tr, h: DedupHandle, rows_CH, *, w_QK=None, grad_lw=None, weigh
         BLOCK=K_.ROW_BLOCK,
     )  # fmt: skip
     tr._signal_and_wait(ws, RETURN, p, first_of_call=True)
+    if tr.checks_headers(ws):  # a PE whose experts raised says so here (fail_together)
+        tr._check_status(ws, p)
     T = h.num_tokens
     out_TH = torch.empty(T, H, device=rows_CH.device, dtype=rows_CH.dtype)
     if T:
