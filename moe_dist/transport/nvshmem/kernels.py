@@ -101,6 +101,18 @@ def send_header_kernel(hdr_ptr, peer_hdr_addr_ptr, me, ROW, F: tl.constexpr, FB:
 
 
 @triton.jit
+def _record_peer_failed(err_ptr, step, row_Q, status_Q, origin_Q):
+    """PEER_FAILED from the header row selected by row_Q: detail = origin * 65536 + status. It
+    replaces an earlier overflow's step and detail (check() raises it first), not an out-of-step
+    error already recorded."""
+    status = tl.sum(tl.where(row_Q, status_Q, 0), 0)
+    origin = tl.sum(tl.where(row_Q, origin_Q, 0), 0)
+    if (tl.atomic_or(err_ptr, PEER_FAILED_BIT) & OUT_OF_STEP) == 0:
+        tl.store(err_ptr + 1, step)
+        tl.store(err_ptr + 2, (origin * 65536 + status).to(tl.int32))
+
+
+@triton.jit
 def check_header_kernel(
     hdr_ptr,
     me,
@@ -139,11 +151,7 @@ def check_header_kernel(
         # check() raises these before any other bit, so their step and detail replace an
         # earlier overflow's
         if first_failed < NB:
-            status = tl.sum(tl.where(qv == first_failed, status_Q, 0), 0)
-            origin = tl.sum(tl.where(qv == first_failed, origin_Q, 0), 0)
-            if (tl.atomic_or(err_ptr, PEER_FAILED_BIT) & OUT_OF_STEP) == 0:
-                tl.store(err_ptr + 1, step)
-                tl.store(err_ptr + 2, (origin * 65536 + status).to(tl.int32))
+            _record_peer_failed(err_ptr, step, qv == first_failed, status_Q, origin_Q)
         elif first_diff < NB * 65536 * FB:
             if (tl.atomic_or(err_ptr, RANK_MISMATCH_BIT) & OUT_OF_STEP) == 0:
                 tl.store(err_ptr + 1, step)
@@ -188,11 +196,7 @@ def check_status_kernel(
         failed = (status_Q != 0) & (call_Q == call) & (layer_Q == layer) & (qv < N)
         first_failed = tl.min(tl.where(failed, qv, NB), 0)
         if first_failed < NB:
-            status = tl.sum(tl.where(qv == first_failed, status_Q, 0), 0)
-            origin = tl.sum(tl.where(qv == first_failed, origin_Q, 0), 0)
-            if (tl.atomic_or(err_ptr, PEER_FAILED_BIT) & OUT_OF_STEP) == 0:
-                tl.store(err_ptr + 1, step)
-                tl.store(err_ptr + 2, (origin * 65536 + status).to(tl.int32))
+            _record_peer_failed(err_ptr, step, qv == first_failed, status_Q, origin_Q)
 
 
 @triton.jit
