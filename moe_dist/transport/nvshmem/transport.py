@@ -348,6 +348,11 @@ class NvshmemTransport(Transport):
         ):
             raise exc
         code = next((k for k, cls in HS._CLASSES.items() if isinstance(exc, cls)), HS.RANK_FAILED)
+        if torch.device(self.device).type == "cuda":
+            # This runs on the caller's stream, the layer's earlier calls maybe still on the comm
+            # stream (overlap.py: a pipeline's previous combine, the other micro-batch's
+            # dispatch): they must bump the epoch before this call reads it.
+            torch.cuda.synchronize(self.device)
         p = self.new_call(ws)
         hdr = self.header(None, 0, 0, status=code)
         self._header_TF = None
