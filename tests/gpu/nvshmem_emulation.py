@@ -214,6 +214,7 @@ def make_transport(ws, E, K, T_max, flags, *, sms=2, fp8=False, check_headers=Tr
     tr.num_comm_sms, tr.calls, tr._put_libs, tr.sent_rows_N = sms, 0, None, None
     tr.error_flags = DeviceErrorFlags("emulated", "cpu")
     tr.device, tr.context, tr._header_TF = "cpu", HS.CallContext(), None  # the call header
+    tr._last_ws = None
     tr.options = NvshmemOptions(check_headers=check_headers)
     tr._workspaces = {(ws.dtype, None): ws}
     tr.workspace = lambda dtype, hidden: ws

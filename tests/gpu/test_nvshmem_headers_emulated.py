@@ -13,6 +13,7 @@ import torch
 from moe_dist.errors import BufferOverflow, NonFiniteRouterLogits, RankFailed, RankMismatch
 from moe_dist.routing import RoutingPlan
 
+from tests.gpu import nvshmem_emulation
 from tests.gpu.nvshmem_emulation import (
     INTERPRETED,
     PEER_PATHS,
@@ -213,3 +214,50 @@ def test_headers_off_compare_nothing():
     calls = [a_call(gen, E, T=4) for _ in range(N)]
     got = run_pes(N, lambda pe: forward(trs[pe], *calls[pe]))
     assert all(r is None for r in got), got
+
+
+@pytest.mark.parametrize("peers", PEER_PATHS)
+def test_an_experts_error_travels_in_the_workspace_its_dispatch_used(peers):
+    """A transport holds one workspace per (dtype, hidden): one made at construction for the
+    layer's dtype, another at the first call in a different dtype (autocast, a cast model). The
+    error of a PE whose experts raise must travel in the workspace of the call its peers are in
+    (the one its dispatch used), not in the first one made, where nobody waits."""
+    N = 2
+    E, C = G * N, N * T_MAX * K
+    made_first = workspaces(N, E, K, H, T_MAX, C, torch.float64, peers)
+    first_heap = nvshmem_emulation._HEAP[0]
+    wss = workspaces(N, E, K, H, T_MAX, C, torch.float32, peers)
+    for name, per_pe in first_heap.buffers.items():  # the put kernels reach both sets
+        nvshmem_emulation._HEAP[0].add(name + "@first", per_pe)
+    flags_first, flags = Flags(made_first, TIMEOUT_S), Flags(wss, TIMEOUT_S)
+    trs = []
+    for pe in range(N):
+        tr = make_transport(wss[pe], E, K, T_MAX, flags)
+        tr._workspaces = {(torch.float64, H): made_first[pe], (torch.float32, H): wss[pe]}
+        tr.workspace = lambda dtype, hidden, spaces=tr._workspaces: spaces[(dtype, hidden)]
+        tr._wait = lambda ws, *args, tr=tr: (
+            flags_first if ws.dtype == torch.float64 else flags
+        ).wait(tr, ws, *args)
+        tr.context.layer, tr.context.step, tr.context.chunks = "moe.0", 3, 1
+        tr.error_flags.layer_name = "moe.0"
+        trs.append(tr)
+    gen = torch.Generator().manual_seed(41)
+    calls = [a_call(gen, E, T=3 + pe) for pe in range(N)]
+    odd = N - 1
+    cause = ValueError("an expert's kernel failed")
+
+    def run(pe):
+        tr = trs[pe]
+        with torch.no_grad():
+            tok, _, h = tr.dispatch(*calls[pe])  # float32: the workspace made second
+            if pe == odd:
+                tr.fail_together(cause, "combine")
+            tr.combine(tok * 2, h)
+        tr.error_flags.check()
+
+    t0 = time.monotonic()
+    got = run_pes(N, run)
+    assert time.monotonic() - t0 < TIMEOUT_S, "a PE waited for a timeout"
+    for pe, r in enumerate(got):
+        assert isinstance(r, RankFailed) and f"PE {odd} of the EP group" in str(r), (pe, r)
+    assert got[odd].__cause__ is cause

@@ -112,6 +112,7 @@ class NvshmemTransport(Transport):
         self._ep_group = None if groups is None else groups.ep_group
         self._timeout_s = options.peer_timeout_s
         self._header_TF = None  # the last header (reused under CUDA-graph capture)
+        self._last_ws = None  # the workspace of the latest call: where a failure travels
         ensure_initialized(device, options.bootstrap)
         self._workspaces: dict = {}
         # Symmetric allocation is collective. With the layer's dtype known it is made here, where
@@ -199,6 +200,7 @@ class NvshmemTransport(Transport):
     def new_call(self, ws: SymmetricWorkspace) -> int:
         """One epoch per dispatch, combine or backward step; returns the buffer parity."""
         self.calls += 1
+        self._last_ws = ws
         return ws.next_epoch()
 
     def _signal_and_wait(
@@ -332,8 +334,12 @@ class NvshmemTransport(Transport):
         this call's header rows and the flags of both channels the peers may wait on (RETURN in
         a combine, COUNT in the next dispatch of a pipeline), without rows or waiting. Peers
         raise at their next check (eager: the end of the forward). `ws`: the workspace of the
-        call the peers are in (default: the first made). Without a workspace yet, or with
-        check_headers off, there is nothing to carry it: the peers time out (PeerTimeout)."""
+        call the peers are in (default: that of this PE's latest call, e.g. the dispatch whose
+        experts raised, as there is one per dtype and hidden size; before any call, the first
+        made). Without a workspace yet, or with check_headers off, there is nothing to carry it:
+        the peers time out (PeerTimeout)."""
+        if ws is None:
+            ws = self._last_ws
         ws = ws if ws is not None else next(iter(self._workspaces.values()), None)
         if (
             ws is None
@@ -342,6 +348,11 @@ class NvshmemTransport(Transport):
         ):
             raise exc
         code = next((k for k, cls in HS._CLASSES.items() if isinstance(exc, cls)), HS.RANK_FAILED)
+        if torch.device(self.device).type == "cuda":
+            # This runs on the caller's stream, the layer's earlier calls maybe still on the comm
+            # stream (overlap.py: a pipeline's previous combine, the other micro-batch's
+            # dispatch): they must bump the epoch before this call reads it.
+            torch.cuda.synchronize(self.device)
         p = self.new_call(ws)
         hdr = self.header(None, 0, 0, status=code)
         self._header_TF = None
