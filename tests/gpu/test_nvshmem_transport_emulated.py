@@ -1,7 +1,8 @@
 """The nvshmem transport (dispatch, combine and both backwards, autograd included) with N PEs
 emulated in ONE process under Triton's interpreter (tests/gpu/nvshmem_emulation.py): the
-deduplicated path (every peer P2P), and the one-row-per-slot path with put peers (every peer by
-puts, or a mix), whose put kernels run with NVSHMEM's device calls stood in for.
+deduplicated path (every peer P2P, or put peers under put_dedup), and the one-row-per-slot path
+with put peers (every peer by puts, or a mix), whose put kernels run with NVSHMEM's device calls
+stood in for.
 Checked against a dense oracle: out[t] = sum_k w[t, k] * f_e(x[t]) (x dequantised for peer slots
 with fp8, straight-through in the backward), with gradients of x and of the weights; and on the
 dedup path the device counter of rows sent = distinct (token, peer PE) pairs of the routing.
@@ -27,33 +28,59 @@ def expert_fn(rows, local_expert):
     return torch.tanh(rows) * (1.0 + local_expert.to(rows.dtype).unsqueeze(1))
 
 
+SLOT_PATH = [(1, 2, False, None, "p2p"), (2, 1, False, None, "p2p"), (3, 3, False, None, "p2p"),
+             (2, 2, True, None, "p2p"), (3, 2, False, 14, "p2p"), (2, 2, False, None, "put"),
+             (3, 2, False, None, "mixed"), (2, 3, False, None, "mixed"),
+             (3, 2, False, 14, "put")]  # fmt: skip
+# put_dedup: pairs to put peers through the send staging (DEDUP.md "Put peers"). Tokens per PE:
+# under "mixed" only odd PEs take puts, so a put PE owns tokens (the return direction's puts).
+PUT_DEDUP = [(2, 2, False, None, "put", "random", (5, 0)),
+             (3, 2, False, None, "put", "one_expert", (5, 0, 8)),
+             (3, 3, False, None, "mixed", "random", (5, 8, 0)),
+             (2, 1, False, None, "mixed", "random", (4, 7)),
+             (2, 2, True, None, "put", "random", (6, 3)),
+             (3, 2, True, None, "mixed", "one_expert", (0, 7, 4)),
+             (3, 2, False, 14, "mixed", "random", (5, 8, 0))]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "N,sms,fp8,capacity,peers",
-    [(1, 2, False, None, "p2p"), (2, 1, False, None, "p2p"), (3, 3, False, None, "p2p"),
-     (2, 2, True, None, "p2p"), (3, 2, False, 14, "p2p"), (2, 2, False, None, "put"),
-     (3, 2, False, None, "mixed"), (2, 3, False, None, "mixed"), (3, 2, False, 14, "put")],
-)  # fmt: skip
-def test_transport_matches_dense_oracle(N, sms, fp8, capacity, peers):
+    "N,sms,fp8,capacity,peers,put_dedup,route,tokens",
+    [(*case, False, "random", None) for case in SLOT_PATH]
+    + [(*case[:5], True, *case[5:]) for case in PUT_DEDUP],
+)
+def test_transport_matches_dense_oracle(N, sms, fp8, capacity, peers, put_dedup, route, tokens):
     """capacity: a receive buffer too small for some PE's rows: that PE gets none (its slots
     contribute exactly 0, forward and backward), the error is recorded, the others are exact.
-    peers: "p2p" (the dedup path), "put" (every peer by puts), "mixed" (odd PEs by puts)."""
+    peers: "p2p" (the dedup path), "put" (every peer by puts), "mixed" (odd PEs by puts); with
+    put_dedup the dedup path takes put peers too. route "one_expert": every token's first slot
+    goes to the same expert (the last PE's first). tokens: per PE (default 5, 0, 8)."""
     G, K = (3 if N > 1 else 6), 4
     E, H, T_max = G * N, (256 if fp8 else 40), 8
-    T_of = [5, 0, 8][:N] if N > 1 else [7]
+    T_of = list(tokens) if tokens else [5, 0, 8][:N] if N > 1 else [7]
     C = capacity or sum(T_of) * K
     dtype = torch.float32
-    wss = workspaces(N, E, K, H, T_max, C, dtype, peers)
+    wss = workspaces(N, E, K, H, T_max, C, dtype, peers, put_dedup=put_dedup)
     flags = Flags(wss)
     gens = [torch.Generator().manual_seed(100 + pe) for pe in range(N)]
     inputs = []
+    hot = (N - 1) * G  # route "one_expert"
+    others = torch.tensor([e for e in range(E) if e != hot])
     for pe in range(N):
         g, T = gens[pe], T_of[pe]
-        idx = (
-            torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-            if T
-            else torch.zeros(0, K, dtype=torch.long)
+        pick = (
+            (lambda: torch.randperm(E, generator=g)[:K])
+            if route == "random"
+            else (
+                lambda: torch.cat(
+                    [torch.tensor([hot]), others[torch.randperm(E - 1, generator=g)[: K - 1]]]
+                )
+            )
         )
-        idx[torch.rand(T, K, generator=g) < 0.2] = -1
+        idx = torch.stack([pick() for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.long)
+        unused = torch.rand(T, K, generator=g) < 0.2
+        if route == "one_expert":
+            unused[:, 0] = False
+        idx[unused] = -1
         x = torch.randn(T, H, generator=g)
         x[:, 0], x[:, 1] = pe, torch.arange(T)  # stamps
         w = torch.rand(T, K, generator=g) * (idx >= 0)
@@ -62,7 +89,7 @@ def test_transport_matches_dense_oracle(N, sms, fp8, capacity, peers):
 
     def run(pe):
         idx, x0, w0, gout = inputs[pe]
-        tr = make_transport(wss[pe], E, K, T_max, flags, sms=sms, fp8=fp8)
+        tr = make_transport(wss[pe], E, K, T_max, flags, sms=sms, fp8=fp8, put_dedup=put_dedup)
         x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
         counts = torch.zeros(E, dtype=torch.long).scatter_add_(
             0, idx[idx >= 0], torch.ones_like(idx[idx >= 0])
@@ -70,7 +97,8 @@ def test_transport_matches_dense_oracle(N, sms, fp8, capacity, peers):
         plan = RoutingPlan(idx, w, counts, torch.zeros(()), torch.zeros((), dtype=torch.long),
                            True)  # fmt: skip
         tok, counts_G, h = tr.dispatch(x, plan)
-        assert isinstance(h, DedupHandle if peers == "p2p" or N == 1 else NvshmemHandle)
+        dedup = peers == "p2p" or N == 1 or put_dedup
+        assert isinstance(h, DedupHandle if dedup else NvshmemHandle)
         n = int(counts_G.sum())
         local = torch.repeat_interleave(torch.arange(G), counts_G)
         y = torch.cat([expert_fn(tok[:n], local), tok.new_zeros(C - n, H)])
@@ -108,6 +136,7 @@ def test_transport_matches_dense_oracle(N, sms, fp8, capacity, peers):
             (idx >= 0) & ~torch.tensor(over)[idx.clamp(min=0) // G], idx, -1
         )  # slots bound to an overflowed PE are not sent
         assert (int(err[0]) & ~2) == 0, err  # nothing but the overflow
+        assert (sent is not None) == (peers == "p2p" or N == 1 or put_dedup)
         if sent is not None:  # the dedup path counts the rows it sends
             want_sent = count_pairs(kept, G, N)
             want_sent[pe] = 0
