@@ -50,10 +50,13 @@ def slot_destinations_kernel(
 
 
 @triton.jit
-def _pair_dest(peer_addr_ptr, send_addr, r, put):
+def _pair_dest(peer_addr_ptr, send_addr, r, put, HAS_PUT: tl.constexpr):
     """Where a pair for PE r is stored: this PE's send staging for a put peer (put_kernels.py
     carries it on), else PE r's buffer through its nvshmem_ptr address."""
-    return tl.where(put, send_addr.to(tl.int64), tl.load(peer_addr_ptr + r))
+    addr = tl.load(peer_addr_ptr + r)
+    if HAS_PUT:
+        addr = tl.where(put, send_addr.to(tl.int64), addr)
+    return addr
 
 
 @triton.jit
@@ -130,7 +133,7 @@ def push_pairs_kernel(
                     if HAS_PUT:
                         put = tl.load(via_put_ptr + r) != 0
                         row = tl.where(put, r * T_max + t, row)
-                    rows = _pair_dest(peer_rows_addr_ptr, send_rows_addr, r, put).to(
+                    rows = _pair_dest(peer_rows_addr_ptr, send_rows_addr, r, put, HAS_PUT).to(
                         tl.pointer_type(src_ptr.dtype.element_ty)
                     )
                     tl.store(rows + row * H + offs, vals, mask=m)
@@ -139,19 +142,19 @@ def push_pairs_kernel(
                         cm = c < tl.cdiv(H, FP8_BLOCK)
                         SC = tl.cdiv(H, FP8_BLOCK)
                         sc_src = tl.load(scales_ptr + t * SC + c, mask=cm)
-                        sc_dst = _pair_dest(peer_scales_addr_ptr, send_scales_addr, r, put)
+                        sc_dst = _pair_dest(peer_scales_addr_ptr, send_scales_addr, r, put, HAS_PUT)
                         tl.store(sc_dst.to(tl.pointer_type(tl.float32)) + row * SC + c, sc_src,
                                  mask=cm)  # fmt: skip
                     if chunk == 0:
                         tl.atomic_add(sent_ptr + r, 1)
-                        meta = _pair_dest(peer_meta_addr_ptr, send_meta_addr, r, put).to(
+                        meta = _pair_dest(peer_meta_addr_ptr, send_meta_addr, r, put, HAS_PUT).to(
                             tl.pointer_type(tl.int64)
                         )
                         here = r_vec == r
                         tl.store(meta + row * (K + 1) + 1 + kk, tl.where(here, p_vec, -1), mask=km)
                         if HAS_META:
                             w_vec = tl.load(w_ptr + t * K + kk, mask=km, other=0.0)
-                            pw = _pair_dest(peer_w_addr_ptr, send_w_addr, r, put).to(
+                            pw = _pair_dest(peer_w_addr_ptr, send_w_addr, r, put, HAS_PUT).to(
                                 tl.pointer_type(tl.float32)
                             )
                             tl.store(pw + row * K + kk, tl.where(here, w_vec, 0.0), mask=km)
@@ -299,7 +302,7 @@ def reduce_pairs_kernel(
                     if HAS_PUT:
                         put = tl.load(via_put_ptr + owner) != 0
                         row = tl.where(put, q, row)
-                    dst = _pair_dest(peer_ret_addr_ptr, send_rows_addr, owner, put).to(
+                    dst = _pair_dest(peer_ret_addr_ptr, send_rows_addr, owner, put, HAS_PUT).to(
                         tl.pointer_type(rows_ptr.dtype.element_ty)
                     )
                     for chunk in range(chunks):
@@ -317,9 +320,9 @@ def reduce_pairs_kernel(
                         tl.store(dst + row * H + offs, acc.to(rows_ptr.dtype.element_ty), mask=m)
                     if SEND_W:
                         gw = tl.load(grad_lw_ptr + q * K + kk, mask=km, other=0.0)
-                        dst_w = _pair_dest(peer_ret_w_addr_ptr, send_w_addr, owner, put).to(
-                            tl.pointer_type(tl.float32)
-                        )
+                        dst_w = _pair_dest(
+                            peer_ret_w_addr_ptr, send_w_addr, owner, put, HAS_PUT
+                        ).to(tl.pointer_type(tl.float32))
                         tl.store(dst_w + row * K + kk, gw, mask=km)
 
 
