@@ -22,7 +22,7 @@ from moe_dist import (
 )
 from moe_dist.transport.dedup import count_pairs
 from moe_dist.transport import NvshmemOptions, TransportOptions
-from moe_dist.transport.nvshmem.runtime import bootstrap_method
+from moe_dist.transport.nvshmem.runtime import bootstrap_method, workspace_bytes
 
 from tests.conftest import assert_same_rows, stamp
 from tests.gpu.torchrun_pes import setup_pe
@@ -196,6 +196,17 @@ compare(base.replace(top_k=1), 18, skew=True, nv=PUT_DEDUP)
 compare(base.replace(hidden_size=1500, top_k=4), 19, nv=MIXED_DEDUP)
 compare(base, 20, skew=True, dtype=torch.bfloat16, nv=MIXED_DEDUP)
 compare_fp8(base.replace(hidden_size=256, top_k=4), 21, nv=PUT_DEDUP)
+# Symmetric memory per PE (README formula, pair send staging included with put peers).
+for nv in (NV, PUT, PUT_DEDUP, MIXED_DEDUP):
+    torch.manual_seed(23)
+    sized = nvshmem_layer(base.replace(hidden_size=256), nv, name="sized", dtype=torch.bfloat16)
+    tr = sized.transport
+    (ws,) = tr._workspaces.values()
+    want = workspace_bytes(
+        world, 256, E, nv.max_tokens_per_rank, base.top_k, tr.capacity, 2, ws.any_put, nv.put_dedup
+    )
+    assert tr.memory_bytes_per_pe() == want, (nv, tr.memory_bytes_per_pe(), want)
+passed("memory_bytes_per_pe equals the README formula (p2p, put, put_dedup, mixed put_dedup)")
 compare_fp8(base.replace(hidden_size=1152, router="top_p", top_k=3, top_p=0.6), 22, nv=MIXED_DEDUP)
 
 # No host synchronisation between router and combine output, forward and backward (bf16 fast path).

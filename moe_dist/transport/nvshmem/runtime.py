@@ -257,6 +257,31 @@ class SymmetricWorkspace:
         self._tensors.clear()
 
 
+def workspace_bytes(
+    n: int,
+    hidden: int,
+    num_experts: int,
+    max_tokens: int,
+    top_k: int,
+    capacity: int,
+    itemsize: int,
+    any_put: bool,
+    put_dedup: bool = False,
+) -> int:
+    """Symmetric bytes per PE that SymmetricWorkspace allocates (README "Symmetric memory per PE";
+    the GPU worker checks it against bytes_per_pe)."""
+    Q, S, SC = n * max_tokens, max_tokens * top_k, (hidden // 128 if hidden % 128 == 0 else 0)
+    total = 2 * (8 * n * (HEADER_INTS + num_experts) + 24 * n)  # count rows and flags
+    if not any_put or put_dedup:
+        total += 2 * (2 * Q * hidden * itemsize + 8 * Q * (top_k + 1) + 8 * Q * top_k + 4 * Q * SC)
+        if any_put:  # the pair send staging
+            total += Q * hidden * itemsize + 8 * Q * (top_k + 1) + 4 * Q * top_k + 4 * Q * SC
+    else:
+        total += 2 * ((capacity + S) * hidden * itemsize + 8 * capacity)
+        total += max(capacity, S) * hidden * itemsize + 8 * S  # the send buffer
+    return total
+
+
 def _peer_view(nv, t, pe: int, my_pe: int):
     """t on PE `pe`, addressable from here by loads and stores (nvshmem_ptr)."""
     try:
