@@ -40,8 +40,14 @@ class NvshmemOptions:
     # its own error, with no timeout. Off, nothing is compared and a failing PE's peers end with
     # PeerTimeout after peer_timeout_s (not a hang); every PE of a group must set it alike.
     check_headers: bool = True
+    # With put peers: each token crosses to a PE once (DEDUP.md, "Put peers"; fp8 rows possible)
+    # instead of one row per slot, at the cost of a send staging (README: memory per PE). Off by
+    # default until it has run on a GPU; without put peers the transport takes that path anyway.
+    put_dedup: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.put_dedup, bool):
+            raise ValueError(f"put_dedup must be a bool, got {self.put_dedup!r}")
         if not isinstance(self.check_headers, bool):
             raise ValueError(f"check_headers must be a bool, got {self.check_headers!r}")
         if not isinstance(self.max_tokens_per_rank, int) or self.max_tokens_per_rank < 1:

@@ -109,12 +109,14 @@ def via_put_of(peer_path: str, N: int, me: int) -> list[int]:
     return [int(q != me and (peer_path == "put" or q % 2 == 1)) for q in range(N)]
 
 
-def workspaces(N, E, K, H, T_max, C, dtype, peer_path="p2p"):
+def workspaces(N, E, K, H, T_max, C, dtype, peer_path="p2p", put_dedup=False):
     """Stand-in SymmetricWorkspaces (runtime.py's layout), stale garbage in every staging buffer.
-    With put peers (any PE's) every PE takes the one-row-per-slot path and has a send buffer."""
+    With put peers (any PE's) every PE takes the one-row-per-slot path and has a send buffer, or
+    with put_dedup the pair staging and a pair send staging."""
     heap = _HEAP[0] = SymmetricHeap()
     F, Q, S_max = HS.F, N * T_max, T_max * K
     any_put = peer_path != "p2p" and N > 1
+    dedup = not any_put or put_dedup
     # Stale values where the runtime can hold them: headers of no call (-3), but counts >= 0 and
     # slot ids in [0, T_max * K) (symmetric memory starts zeroed and then holds only real ones), so
     # a PE that stops waiting (out of step) reads void data that still addresses inside buffers.
@@ -124,7 +126,7 @@ def workspaces(N, E, K, H, T_max, C, dtype, peer_path="p2p"):
         "count_rows": [rows.clone() for _ in range(N)],
         "flags": [torch.zeros(2, 3, N, dtype=torch.int64) for _ in range(N)],
     }
-    if not any_put:
+    if dedup:
         bufs.update(
             pair_rows=[torch.randn(2, Q, H).to(dtype) for _ in range(N)],
             pair_meta=[torch.randint(-1, 3, (2, Q, K + 1)) for _ in range(N)],
@@ -135,6 +137,11 @@ def workspaces(N, E, K, H, T_max, C, dtype, peer_path="p2p"):
         )
         for m in bufs["pair_meta"]:
             m[:, :, 0] = -5  # stamps of no call
+        if any_put:  # garbage the puts must not carry: only rows that carry a pair move
+            heap.add("pair_send_rows", [torch.randn(Q, H).to(dtype) for _ in range(N)])
+            heap.add("pair_send_meta", [torch.randint(-1, 3, (Q, K + 1)) for _ in range(N)])
+            heap.add("pair_send_w", [torch.rand(Q, K) for _ in range(N)])
+            heap.add("pair_send_scales", [torch.rand(Q, max(H // 128, 1)) for _ in range(N)])
     else:
         bufs.update(
             fwd_rows=[torch.randn(2, C, H).to(dtype) for _ in range(N)],
@@ -149,14 +156,14 @@ def workspaces(N, E, K, H, T_max, C, dtype, peer_path="p2p"):
     for me in range(N):
         via = via_put_of(peer_path, N, me)
         ws = types.SimpleNamespace(
-            n=N, me=me, dtype=dtype, capacity=C, max_tokens=T_max, top_k=K, dedup=not any_put,
+            n=N, me=me, dtype=dtype, capacity=C, max_tokens=T_max, top_k=K, dedup=dedup,
             any_put=any_put, epoch_dev=torch.zeros(1, dtype=torch.int64), calls=0, row_ints=F + E,
             via_put=torch.tensor(via, dtype=torch.int32),
             peer_pe=torch.arange(N, dtype=torch.int32),
         )  # fmt: skip
         for name, per_pe in heap.buffers.items():
             setattr(ws, name, per_pe[me])
-            if name not in ("send_rows", "send_meta"):  # [2, N]: a put peer's entry is our own
+            if "send_" not in name:  # [2, N]: a put peer's entry is our own
                 ws.__dict__[name + "_at"] = torch.tensor(
                     [[per_pe[me if via[q] else q][p].data_ptr() for q in range(N)] for p in (0, 1)],
                     dtype=torch.int64,
@@ -205,7 +212,8 @@ class Flags:
                 words[0] |= PEER_TIMEOUT
 
 
-def make_transport(ws, E, K, T_max, flags, *, sms=2, fp8=False, check_headers=True):
+def make_transport(ws, E, K, T_max, flags, *, sms=2, fp8=False, check_headers=True,
+                   put_dedup=False):  # fmt: skip
     """An NvshmemTransport on a stand-in workspace (no NVSHMEM, no process group)."""
     tr = object.__new__(NvshmemTransport)
     tr.num_experts, tr.ep_size, tr.ep_rank, tr.top_k = E, ws.n, ws.me, K
@@ -215,7 +223,7 @@ def make_transport(ws, E, K, T_max, flags, *, sms=2, fp8=False, check_headers=Tr
     tr.error_flags = DeviceErrorFlags("emulated", "cpu")
     tr.device, tr.context, tr._header_TF = "cpu", HS.CallContext(), None  # the call header
     tr._last_ws = None
-    tr.options = NvshmemOptions(check_headers=check_headers)
+    tr.options = NvshmemOptions(check_headers=check_headers, put_dedup=put_dedup)
     tr._workspaces = {(ws.dtype, None): ws}
     tr.workspace = lambda dtype, hidden: ws
     tr._wait = lambda ws_, channel, parity, first: flags.wait(tr, ws_, channel, parity, first)

@@ -22,7 +22,7 @@ from moe_dist import (
 )
 from moe_dist.transport.dedup import count_pairs
 from moe_dist.transport import NvshmemOptions, TransportOptions
-from moe_dist.transport.nvshmem.runtime import bootstrap_method
+from moe_dist.transport.nvshmem.runtime import bootstrap_method, workspace_bytes
 
 from tests.conftest import assert_same_rows, stamp
 from tests.gpu.torchrun_pes import setup_pe
@@ -110,8 +110,9 @@ def compare(cfg, seed, skew=False, dtype=torch.float32, nv=NV):
     n = int(counts.sum())
     assert torch.equal(counts, rcounts), (counts, rcounts)
     assert_same_rows(tok[:n], rtok, f"rank {rank}")
-    # dedup (every peer P2P): rows sent = distinct (token, peer PE) pairs of the routing
+    # dedup (every peer P2P, or put_dedup): rows sent = distinct (token, peer PE) pairs of the routing
     sent = fast.transport.sent_rows_N
+    assert sent is not None or not nv.put_dedup, "put_dedup took the one-row-per-slot path"
     if sent is not None:
         want = count_pairs(plan.expert_idx_TK, E // world, world)
         want[rank] = 0
@@ -123,10 +124,10 @@ def compare(cfg, seed, skew=False, dtype=torch.float32, nv=NV):
     )
 
 
-def compare_fp8(cfg, seed, dtype=torch.bfloat16):
+def compare_fp8(cfg, seed, dtype=torch.bfloat16, nv=NV):
     """dispatch_dtype='fp8_e4m3' against the reference (activation-dtype rows): bounded relative
     error on outputs, input and weight gradients, and fewer bytes than bf16 by design."""
-    fast, ref = pair(cfg.replace(dispatch_dtype="fp8_e4m3"), seed, dtype)
+    fast, ref = pair(cfg.replace(dispatch_dtype="fp8_e4m3"), seed, dtype, nv)
     x = tokens(rank, seed, hidden=cfg.hidden_size).to(dtype)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(dev, dtype)
     outs = []
@@ -139,7 +140,10 @@ def compare_fp8(cfg, seed, dtype=torch.bfloat16):
     for name, a, b in zip(("output", "input grad", "w_in grad"), outs[0], outs[1]):
         err = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6))
         assert err < 0.06, f"rank {rank}: fp8 {name} differs from the reference by {err:.3g}"
-    passed(f"fp8 dispatch within 6% of the reference cfg=k{cfg.top_k} H={cfg.hidden_size}")
+    passed(
+        f"fp8 dispatch within 6% of the reference cfg=k{cfg.top_k} H={cfg.hidden_size} "
+        f"peers={nv.peer_path} put_peers={sorted(nv.put_peers)} put_dedup={nv.put_dedup}"
+    )
 
 
 base = MoEConfig(
@@ -181,18 +185,46 @@ if world > 1:
     except RuntimeError as e:
         assert "fp8_e4m3" in str(e) and "put peers" in str(e), e
         passed("fp8 with put peers refused")
+# put_dedup (DEDUP.md "Put peers"): the deduplicated path with put peers, every peer by puts and
+# the mix, fp32/bf16 and fp8 rows; compare checks the rows-sent counter (distinct (token, PE)).
+PUT_DEDUP = dataclasses.replace(PUT, put_dedup=True)
+MIXED_DEDUP = dataclasses.replace(MIXED, put_dedup=True)
+compare(base, 15, nv=PUT_DEDUP)
+compare(base.replace(router="top_p", top_k=3, top_p=0.6, num_shared_experts=1), 16, nv=PUT_DEDUP)
+compare(base.replace(hidden_size=1500, top_k=4), 17, dtype=torch.bfloat16, nv=PUT_DEDUP)
+compare(base.replace(top_k=1), 18, skew=True, nv=PUT_DEDUP)
+compare(base.replace(hidden_size=1500, top_k=4), 19, nv=MIXED_DEDUP)
+compare(base, 20, skew=True, dtype=torch.bfloat16, nv=MIXED_DEDUP)
+compare_fp8(base.replace(hidden_size=256, top_k=4), 21, nv=PUT_DEDUP)
+# Symmetric memory per PE (README formula, pair send staging included with put peers).
+for nv in (NV, PUT, PUT_DEDUP, MIXED_DEDUP):
+    torch.manual_seed(23)
+    sized = nvshmem_layer(base.replace(hidden_size=256), nv, name="sized", dtype=torch.bfloat16)
+    tr = sized.transport
+    (ws,) = tr._workspaces.values()
+    want = workspace_bytes(
+        world, 256, E, nv.max_tokens_per_rank, base.top_k, tr.capacity, 2, ws.any_put, nv.put_dedup
+    )
+    assert tr.memory_bytes_per_pe() == want, (nv, tr.memory_bytes_per_pe(), want)
+passed("memory_bytes_per_pe equals the README formula (p2p, put, put_dedup, mixed put_dedup)")
+compare_fp8(base.replace(hidden_size=1152, router="top_p", top_k=3, top_p=0.6), 22, nv=MIXED_DEDUP)
 
 # No host synchronisation between router and combine output, forward and backward (bf16 fast path).
 fast_cfg = base.replace(
     expert_backend="auto", error_check="deferred", hidden_size=64, ffn_hidden_size=32
 )
 # (the last one's layer goes on to the CUDA-graph check)
-for peer_path, ddt in (("put", "bf16"), ("auto", "fp8_e4m3"), ("auto", "bf16")):
+for peer_path, ddt, put_dedup in (
+    ("put", "bf16", False),
+    ("put", "fp8_e4m3", True),
+    ("auto", "fp8_e4m3", False),
+    ("auto", "bf16", False),
+):
     torch.manual_seed(7)
     hidden = 128 if ddt == "fp8_e4m3" else 64
     layer = nvshmem_layer(
         fast_cfg.replace(dispatch_dtype=ddt, hidden_size=hidden),
-        dataclasses.replace(NV, peer_path=peer_path),
+        dataclasses.replace(NV, peer_path=peer_path, put_dedup=put_dedup),
         name="nosync",
         dtype=torch.bfloat16,
     )
@@ -205,7 +237,10 @@ for peer_path, ddt in (("put", "bf16"), ("auto", "fp8_e4m3"), ("auto", "bf16")):
     y.float().sum().backward()
     torch.cuda.set_sync_debug_mode(0)
     layer.check_errors()
-    passed(f"no host sync in forward+backward (peers={peer_path}, dispatch {ddt})")
+    passed(
+        f"no host sync in forward+backward (peers={peer_path}, dispatch {ddt}, "
+        f"put_dedup={put_dedup})"
+    )
 
 # CUDA-graph capture of a forward, replayed on new data.
 static_x = tokens(rank, 8).to(torch.bfloat16)
@@ -247,7 +282,13 @@ except BufferOverflow as e:
 # (hidden size and peer path): PEs that call different layers record RANK_MISMATCH on the device; a
 # PE whose routing fails carries the error in its header and every PE raises it; neither waits for
 # a timeout. The error check leaves that workspace's epochs out of step: it is not used again.
-HEADER_PATHS = (("p2p", NV), ("put", PUT), ("mixed", MIXED))
+HEADER_PATHS = (
+    ("p2p", NV),
+    ("put", PUT),
+    ("mixed", MIXED),
+    ("put_dedup", PUT_DEDUP),
+    ("mixed_dedup", MIXED_DEDUP),
+)
 if world > 1:
     assert NV.check_headers, "the call header is on by default"
     for i, (path, nv) in enumerate(HEADER_PATHS):

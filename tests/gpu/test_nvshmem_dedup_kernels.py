@@ -58,6 +58,7 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
         return K_.comm_grid(items, sms)
 
     chunks = K_.row_chunks(H)
+    no_put = torch.zeros(N, dtype=torch.int32, device=DEV)  # every peer P2P here (HAS_PUT=False)
     x = [(torch.randn(T, H, generator=gen) * 3).to(dt).to(DEV) for T in T_of]
     for pe, xt in enumerate(x):
         xt[:, 0], xt[:, 1] = pe, torch.arange(xt.shape[0])  # stamps (exact in bf16 and e4m3)
@@ -115,9 +116,9 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
             D_.push_pairs_kernel[grid(T * chunks)](
                 src, own_src, src_scales, weights, s["dest_rank"], s["dest_pos"],
                 addresses(rows), addresses(scales), addresses(meta), addresses(wst), out,
-                epoch[me], sent[me], me, T, K, H, T_max,
+                epoch[me], sent[me], no_put, 0, 0, 0, 0, me, T, K, H, T_max,
                 EPOCH_AHEAD=ahead, HAS_SCALES=src_scales is not None and fp8, HAS_META=has_meta,
-                SCALE_OWN=scale_own, KB=KB, BLOCK=BLOCK,
+                SCALE_OWN=scale_own, HAS_PUT=False, KB=KB, BLOCK=BLOCK,
             )  # fmt: skip
 
     # -- dispatch: pairs out, then each receiver expands its staged rows
@@ -171,8 +172,8 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
     for me in range(N):
         D_.reduce_pairs_kernel[grid(triton.cdiv(Q - T_max, RB))](
             st[me]["y"], st[me]["lmeta"], st[me]["lw"], addresses(ret), st[me]["lw"],
-            addresses(ret_w), me, K, H, T_max, Q,
-            HAS_W=True, SEND_W=False, KB=KB, RB=RB, BLOCK=BLOCK,
+            addresses(ret_w), no_put, 0, 0, me, K, H, T_max, Q,
+            HAS_W=True, SEND_W=False, HAS_PUT=False, KB=KB, RB=RB, BLOCK=BLOCK,
         )  # fmt: skip
     sync()
 
@@ -228,8 +229,8 @@ def test_emulated_dedup_round_trip(N, sms, fp8):
     for me in range(N):
         D_.reduce_pairs_kernel[grid(triton.cdiv(Q - T_max, RB))](
             st[me]["grad_y"], st[me]["lmeta"], st[me]["lw"], addresses(ret), st[me]["grad_lw"],
-            addresses(ret_w), me, K, H, T_max, Q,
-            HAS_W=False, SEND_W=True, KB=KB, RB=RB, BLOCK=BLOCK,
+            addresses(ret_w), no_put, 0, 0, me, K, H, T_max, Q,
+            HAS_W=False, SEND_W=True, HAS_PUT=False, KB=KB, RB=RB, BLOCK=BLOCK,
         )  # fmt: skip
     sync()
     for me in range(N):

@@ -1,6 +1,7 @@
 """The nvshmem call header (PROTOCOL.md "Header") on every path, with N PEs emulated in one process
 under Triton's interpreter (tests/gpu/nvshmem_emulation.py): P2P peers get a PE's header row by
-stores, put peers in the one putmem_signal that carries its counts. A PE that disagrees makes
+stores, put peers in the one putmem_signal that carries its counts (slot path, or the dedup path
+under put_dedup). A PE that disagrees makes
 every PE raise RankMismatch naming the field; a PE that fails before its dispatch makes every PE
 raise its error naming it; neither waits for a timeout. Legend: T tokens, K slots/token, E experts,
 G local experts, N PEs, H hidden, C receive rows."""
@@ -30,12 +31,20 @@ G, K, H, T_MAX = 2, 2, 40, 6
 TIMEOUT_S = 30.0  # the emulated flag wait's bound: an error must come well before it
 
 
+# "+dedup": the put and mixed paths under NvshmemOptions(put_dedup=True) (pairs, not slots)
+PATHS = PEER_PATHS + ("put+dedup", "mixed+dedup")
+
+
 def setup(N, peers, seed, check_headers=True):
     E = G * N
     C = N * T_MAX * K
-    wss = workspaces(N, E, K, H, T_MAX, C, torch.float32, peers)
+    peers, dedup = peers.removesuffix("+dedup"), peers.endswith("+dedup")
+    wss = workspaces(N, E, K, H, T_MAX, C, torch.float32, peers, put_dedup=dedup)
     flags = Flags(wss, timeout_s=TIMEOUT_S)
-    trs = [make_transport(ws, E, K, T_MAX, flags, check_headers=check_headers) for ws in wss]
+    trs = [
+        make_transport(ws, E, K, T_MAX, flags, check_headers=check_headers, put_dedup=dedup)
+        for ws in wss
+    ]
     for tr in trs:
         tr.context.layer, tr.context.step, tr.context.chunks = "moe.0", 3, 1
         tr.error_flags.layer_name = "moe.0"
@@ -62,7 +71,7 @@ def forward(tr, x, plan):
     tr.error_flags.check()
 
 
-@pytest.mark.parametrize("peers", PEER_PATHS)
+@pytest.mark.parametrize("peers", PATHS)
 @pytest.mark.parametrize("N,field", [(2, "layer"), (2, "call"), (3, "hidden"), (3, "chunks")])
 def test_a_disagreeing_pe_makes_every_pe_raise_rank_mismatch(peers, N, field):
     trs, gen, E = setup(N, peers, seed=N * 10 + len(field))
@@ -90,7 +99,7 @@ def test_a_disagreeing_pe_makes_every_pe_raise_rank_mismatch(peers, N, field):
         assert f"(PE {first_other} differs" in str(r), (pe, r)
 
 
-@pytest.mark.parametrize("peers", PEER_PATHS)
+@pytest.mark.parametrize("peers", PATHS)
 def test_agreeing_pes_raise_nothing_over_many_calls(peers):
     """Both parities, several calls: headers of earlier calls are never taken for this call's."""
     N = 3
@@ -103,7 +112,7 @@ def test_agreeing_pes_raise_nothing_over_many_calls(peers):
             tr.context.step += 1
 
 
-@pytest.mark.parametrize("peers", PEER_PATHS)
+@pytest.mark.parametrize("peers", PATHS)
 @pytest.mark.parametrize("N", [2, 3])
 def test_a_failing_pe_makes_every_pe_raise_its_error(peers, N):
     """The failing PE (fail_together: its routing raised) makes one count exchange with its error
@@ -128,7 +137,7 @@ def test_a_failing_pe_makes_every_pe_raise_its_error(peers, N):
     assert got[odd].__cause__ is cause  # the failing PE's own error is chained
 
 
-@pytest.mark.parametrize("peers", PEER_PATHS)
+@pytest.mark.parametrize("peers", PATHS)
 @pytest.mark.parametrize("peers_next", ["combine", "dispatch"])
 def test_a_pe_whose_experts_raise_makes_every_pe_raise_its_error(peers, peers_next):
     """After a dispatch that went well, one PE's experts raise: it carries the error in the call
@@ -163,7 +172,7 @@ def test_a_pe_whose_experts_raise_makes_every_pe_raise_its_error(peers, peers_ne
     assert got[odd].__cause__ is cause  # the failing PE's own error is chained
 
 
-@pytest.mark.parametrize("peers", PEER_PATHS)
+@pytest.mark.parametrize("peers", PATHS)
 def test_an_earlier_failed_call_is_not_taken_for_a_later_one(peers):
     """The combine's status check reads rows of earlier calls too: only a row naming this call's
     epoch counts. A PE failed in one call; after the error is cleared and the call numbers start
@@ -192,7 +201,7 @@ def test_an_earlier_failed_call_is_not_taken_for_a_later_one(peers):
         assert got == [None] * N, (step, got)
 
 
-@pytest.mark.parametrize("peers", PEER_PATHS)
+@pytest.mark.parametrize("peers", PATHS)
 def test_too_many_tokens_on_one_pe_is_raised_on_every_pe(peers):
     """A PE with more tokens than max_tokens_per_rank fails inside its dispatch: the count
     exchange carries BufferOverflow to its peers instead of leaving them waiting."""

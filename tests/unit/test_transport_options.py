@@ -34,6 +34,8 @@ def test_options_validate_with_the_values():
         NvshmemOptions(peer_timeout_s=0)
     with pytest.raises(ValueError, match=r"bootstrap must be 'uid', 'mpi' or None, got 'tcp'"):
         NvshmemOptions(bootstrap="tcp")
+    with pytest.raises(ValueError, match=r"put_dedup must be a bool, got 1"):
+        NvshmemOptions(put_dedup=1)
     with pytest.raises(ValueError, match=r"kind must be one of .* got 'ucx'"):
         TransportOptions(kind="ucx")
     assert NvshmemOptions(put_peers={1, 3}).put_peers == frozenset({1, 3})

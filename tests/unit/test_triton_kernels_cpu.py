@@ -212,12 +212,12 @@ def dedup_kernel_cases(ints):
         "dest_pos_ptr": P64,
         **ints("G", "S"),
     }, {}
-    for rows_t, scales, meta, own, ahead in (
-        (PBF, False, True, False, False),
-        ("*fp8e4nv", True, True, False, False),
-        (PBF, False, False, True, True),
+    for rows_t, scales, meta, own, ahead, put in (
+        (PBF, False, True, False, False, False),
+        ("*fp8e4nv", True, True, False, False, True),
+        (PBF, False, False, True, True, True),
     ):
-        yield f"push_pairs({rows_t}, SCALE_OWN={own})", D.push_pairs_kernel, {
+        yield f"push_pairs({rows_t}, SCALE_OWN={own}, HAS_PUT={put})", D.push_pairs_kernel, {
             "src_ptr": rows_t,
             "own_src_ptr": PBF,
             "scales_ptr": PF32,
@@ -231,11 +231,15 @@ def dedup_kernel_cases(ints):
             "own_out_ptr": PBF,
             "epoch_ptr": P64,
             "sent_ptr": P64,
+            "via_put_ptr": P32,
+            **{a: "i64" for a in ("send_rows_addr", "send_scales_addr", "send_meta_addr")},
+            "send_w_addr": "i64",
             **ints("me", "T", "K", "H", "T_max"),
             "EPOCH_AHEAD": "constexpr",
             "HAS_SCALES": "constexpr",
             "HAS_META": "constexpr",
             "SCALE_OWN": "constexpr",
+            "HAS_PUT": "constexpr",
             "KB": "constexpr",
             "BLOCK": "constexpr",
         }, {
@@ -243,6 +247,7 @@ def dedup_kernel_cases(ints):
             "HAS_SCALES": scales,
             "HAS_META": meta,
             "SCALE_OWN": own,
+            "HAS_PUT": put,
             "KB": 8,
             "BLOCK": 1024,
         }
@@ -277,20 +282,24 @@ def dedup_kernel_cases(ints):
             "BLOCK": 1024,
         }
     for w in (False, True):
-        yield f"reduce_pairs(HAS_W={w})", D.reduce_pairs_kernel, {
+        yield f"reduce_pairs(HAS_W={w}, HAS_PUT={w})", D.reduce_pairs_kernel, {
             "rows_ptr": PBF,
             "local_meta_ptr": P64,
             "local_w_ptr": PF32,
             "peer_ret_addr_ptr": P64,
             "grad_lw_ptr": PF32,
             "peer_ret_w_addr_ptr": P64,
+            "via_put_ptr": P32,
+            "send_rows_addr": "i64",
+            "send_w_addr": "i64",
             **ints("me", "K", "H", "T_max", "Q"),
             "HAS_W": "constexpr",
             "SEND_W": "constexpr",
+            "HAS_PUT": "constexpr",
             "KB": "constexpr",
             "RB": "constexpr",
             "BLOCK": "constexpr",
-        }, {"HAS_W": w, "SEND_W": not w, "KB": 8, "RB": 64, "BLOCK": 1024}
+        }, {"HAS_W": w, "SEND_W": not w, "HAS_PUT": w, "KB": 8, "RB": 64, "BLOCK": 1024}
         yield f"gather_pairs(HAS_W={w})", D.gather_pairs_kernel, {
             "own_rows_ptr": PBF,
             "ret_ptr": PBF,
@@ -357,6 +366,30 @@ def put_kernel_cases():
         "SPLIT": "constexpr",
         "BLOCK": "constexpr",
     }, {"SPLIT": 16, "BLOCK": 1024}
+    for scales, meta in ((False, True), (True, True), (False, False)):
+        yield f"put_pairs(HAS_SCALES={scales}, HAS_META={meta})", PK.put_pairs_kernel, {
+            "dest_rank_ptr": P64,
+            "via_put_ptr": P32,
+            "peer_pe_ptr": P32,
+            **{a: "i64" for a in ("send_rows_addr", "send_scales_addr", "send_meta_addr")},
+            **{a: "i64" for a in ("send_w_addr", "rows_addr", "scales_addr", "meta_addr")},
+            "w_addr": "i64",
+            **{a: "i32" for a in ("me", "T", "K", "H", "T_max", "row_bytes")},
+            "HAS_SCALES": "constexpr",
+            "HAS_META": "constexpr",
+            "KB": "constexpr",
+        }, {"HAS_SCALES": scales, "HAS_META": meta, "KB": 8}
+    for send_w in (False, True):
+        yield f"put_pair_returns(SEND_W={send_w})", PK.put_pair_returns_kernel, {
+            "local_meta_ptr": P64,
+            "via_put_ptr": P32,
+            "peer_pe_ptr": P32,
+            **{a: "i64" for a in ("send_rows_addr", "send_w_addr", "ret_addr", "ret_w_addr")},
+            **{a: "i32" for a in ("me", "K", "H", "T_max", "Q", "row_bytes")},
+            "SEND_W": "constexpr",
+            "KB": "constexpr",
+            "RB": "constexpr",
+        }, {"SEND_W": send_w, "KB": 8, "RB": 64}
 
 
 def test_put_kernels_link_nvshmem_and_compile_for_hopper():

@@ -50,6 +50,16 @@ def slot_destinations_kernel(
 
 
 @triton.jit
+def _pair_dest(peer_addr_ptr, send_addr, r, put, HAS_PUT: tl.constexpr):
+    """Where a pair for PE r is stored: this PE's send staging for a put peer (put_kernels.py
+    carries it on), else PE r's buffer through its nvshmem_ptr address."""
+    addr = tl.load(peer_addr_ptr + r)
+    if HAS_PUT:
+        addr = tl.where(put, send_addr.to(tl.int64), addr)
+    return addr
+
+
+@triton.jit
 def push_pairs_kernel(
     src_ptr,
     own_src_ptr,
@@ -64,6 +74,11 @@ def push_pairs_kernel(
     own_out_ptr,
     epoch_ptr,
     sent_ptr,
+    via_put_ptr,
+    send_rows_addr,
+    send_scales_addr,
+    send_meta_addr,
+    send_w_addr,
     me,
     T,
     K,
@@ -73,6 +88,7 @@ def push_pairs_kernel(
     HAS_SCALES: tl.constexpr,
     HAS_META: tl.constexpr,
     SCALE_OWN: tl.constexpr,
+    HAS_PUT: tl.constexpr,
     KB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -81,7 +97,9 @@ def push_pairs_kernel(
     (stamp = epoch (+1 when EPOCH_AHEAD: the call's epoch is bumped by its first flag, which comes
     after), the slots' positions there) and, with HAS_META, the slots' weights. Own slots: row
     own_src[t] (times w[t, k] with SCALE_OWN) straight into own_out at each slot's position.
-    sent[r] counts the rows sent to PE r (the transport's counter; no host sync)."""
+    sent[r] counts the rows sent to PE r (the transport's counter; no host sync).
+    HAS_PUT: a put peer r (via_put[r]) has no address; its pair goes to this PE's symmetric send
+    staging (send_*_addr) at row r * T_max + t instead, for put_pairs_kernel to carry."""
     SPB: tl.constexpr = BLOCK // FP8_BLOCK
     chunks = tl.cdiv(H, BLOCK)
     kk = tl.arange(0, KB)
@@ -111,7 +129,11 @@ def push_pairs_kernel(
                 lead = (r >= 0) & (tl.sum(tl.where((kk < k) & (r_vec == r), 1, 0), 0) == 0)
                 if lead:  # the first slot of t bound for PE r carries the row
                     row = me * T_max + t
-                    rows = tl.load(peer_rows_addr_ptr + r).to(
+                    put = False
+                    if HAS_PUT:
+                        put = tl.load(via_put_ptr + r) != 0
+                        row = tl.where(put, r * T_max + t, row)
+                    rows = _pair_dest(peer_rows_addr_ptr, send_rows_addr, r, put, HAS_PUT).to(
                         tl.pointer_type(src_ptr.dtype.element_ty)
                     )
                     tl.store(rows + row * H + offs, vals, mask=m)
@@ -120,16 +142,21 @@ def push_pairs_kernel(
                         cm = c < tl.cdiv(H, FP8_BLOCK)
                         SC = tl.cdiv(H, FP8_BLOCK)
                         sc_src = tl.load(scales_ptr + t * SC + c, mask=cm)
-                        sc_dst = tl.load(peer_scales_addr_ptr + r).to(tl.pointer_type(tl.float32))
-                        tl.store(sc_dst + row * SC + c, sc_src, mask=cm)
+                        sc_dst = _pair_dest(peer_scales_addr_ptr, send_scales_addr, r, put, HAS_PUT)
+                        tl.store(sc_dst.to(tl.pointer_type(tl.float32)) + row * SC + c, sc_src,
+                                 mask=cm)  # fmt: skip
                     if chunk == 0:
                         tl.atomic_add(sent_ptr + r, 1)
-                        meta = tl.load(peer_meta_addr_ptr + r).to(tl.pointer_type(tl.int64))
+                        meta = _pair_dest(peer_meta_addr_ptr, send_meta_addr, r, put, HAS_PUT).to(
+                            tl.pointer_type(tl.int64)
+                        )
                         here = r_vec == r
                         tl.store(meta + row * (K + 1) + 1 + kk, tl.where(here, p_vec, -1), mask=km)
                         if HAS_META:
                             w_vec = tl.load(w_ptr + t * K + kk, mask=km, other=0.0)
-                            pw = tl.load(peer_w_addr_ptr + r).to(tl.pointer_type(tl.float32))
+                            pw = _pair_dest(peer_w_addr_ptr, send_w_addr, r, put, HAS_PUT).to(
+                                tl.pointer_type(tl.float32)
+                            )
                             tl.store(pw + row * K + kk, tl.where(here, w_vec, 0.0), mask=km)
                         stamp = tl.load(epoch_ptr)
                         if EPOCH_AHEAD:
@@ -233,6 +260,9 @@ def reduce_pairs_kernel(
     peer_ret_addr_ptr,
     grad_lw_ptr,
     peer_ret_w_addr_ptr,
+    via_put_ptr,
+    send_rows_addr,
+    send_w_addr,
     me,
     K,
     H,
@@ -240,6 +270,7 @@ def reduce_pairs_kernel(
     Q,
     HAS_W: tl.constexpr,
     SEND_W: tl.constexpr,
+    HAS_PUT: tl.constexpr,
     KB: tl.constexpr,
     RB: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -248,7 +279,8 @@ def reduce_pairs_kernel(
     once): for each pair q with slots here, sum_k w_k * rows[pos_k] in float32 (w = 1 without
     HAS_W), as ONE row into the owner's return staging at row me * T_max + t (owner = q // T_max,
     t = q % T_max). SEND_W (backward of the dispatch): the pair's K weight gradients grad_lw[q] go
-    beside it, into the owner's ret_w."""
+    beside it, into the owner's ret_w. HAS_PUT: for an owner that is a put peer, row q of this PE's
+    send staging instead (put_pair_returns_kernel carries it on)."""
     chunks = tl.cdiv(H, BLOCK)
     kk = tl.arange(0, KB)
     km = kk < K
@@ -266,7 +298,11 @@ def reduce_pairs_kernel(
                     p_vec = tl.load(local_meta_ptr + q * K + kk, mask=km, other=-1)
                     owner = q // T_max
                     row = me * T_max + q % T_max
-                    dst = tl.load(peer_ret_addr_ptr + owner).to(
+                    put = False
+                    if HAS_PUT:
+                        put = tl.load(via_put_ptr + owner) != 0
+                        row = tl.where(put, q, row)
+                    dst = _pair_dest(peer_ret_addr_ptr, send_rows_addr, owner, put, HAS_PUT).to(
                         tl.pointer_type(rows_ptr.dtype.element_ty)
                     )
                     for chunk in range(chunks):
@@ -284,7 +320,9 @@ def reduce_pairs_kernel(
                         tl.store(dst + row * H + offs, acc.to(rows_ptr.dtype.element_ty), mask=m)
                     if SEND_W:
                         gw = tl.load(grad_lw_ptr + q * K + kk, mask=km, other=0.0)
-                        dst_w = tl.load(peer_ret_w_addr_ptr + owner).to(tl.pointer_type(tl.float32))
+                        dst_w = _pair_dest(
+                            peer_ret_w_addr_ptr, send_w_addr, owner, put, HAS_PUT
+                        ).to(tl.pointer_type(tl.float32))
                         tl.store(dst_w + row * K + kk, gw, mask=km)
 
 

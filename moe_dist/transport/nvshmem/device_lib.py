@@ -21,7 +21,15 @@ import triton.language as tl
 from triton.language import core
 
 SIGNAL_SET = core.constexpr(9)  # nvshmemx_signal_op_t NVSHMEM_SIGNAL_SET
-PUT_KERNELS = frozenset({"put_signal_kernel", "put_rows_kernel", "put_return_kernel"})
+PUT_KERNELS = frozenset(
+    {
+        "put_signal_kernel",
+        "put_rows_kernel",
+        "put_return_kernel",
+        "put_pairs_kernel",
+        "put_pair_returns_kernel",
+    }
+)
 
 _I64, _U64, _I32 = core.dtype("int64"), core.dtype("uint64"), core.dtype("int32")
 

@@ -171,3 +171,108 @@ def put_return_kernel(
                     n * elem,
                     pe,
                 )
+
+
+# -- the deduplicated path (DEDUP.md "Put peers"): push_pairs_kernel / reduce_pairs_kernel have put
+# a put peer's pairs into this PE's symmetric send staging (pair_send_*, row = the peer's row of
+# Q); these kernels carry exactly those rows, whole, to the pair staging's row on that peer.
+
+
+@triton.jit
+def put_pairs_kernel(
+    dest_rank_ptr,
+    via_put_ptr,
+    peer_pe_ptr,
+    send_rows_addr,
+    send_scales_addr,
+    send_meta_addr,
+    send_w_addr,
+    rows_addr,
+    scales_addr,
+    meta_addr,
+    w_addr,
+    me,
+    T,
+    K,
+    H,
+    T_max,
+    row_bytes,
+    HAS_SCALES: tl.constexpr,
+    HAS_META: tl.constexpr,
+    KB: tl.constexpr,
+):
+    """Item: token t, dispatch direction. For each put peer r that t's slots chose (once per r, as
+    push_pairs_kernel): send staging row r * T_max + t -> PE r's pair staging row me * T_max + t:
+    the row (row_bytes), its fp8 scales (HAS_SCALES), meta row (stamp, positions) and, with
+    HAS_META, the slots' weights. Only rows that carry a pair move."""
+    kk = tl.arange(0, KB)
+    km = kk < K
+    SC = tl.cdiv(H, 128)
+    for item in range(tl.program_id(0), T, tl.num_programs(0)):
+        t = tl.cast(item, tl.int64)  # byte offsets below pass 2**31 for large buffers
+        r_vec = tl.load(dest_rank_ptr + t * K + kk, mask=km, other=-1)
+        for k in range(K):
+            r = tl.sum(tl.where(kk == k, r_vec, 0), 0)
+            lead = (r >= 0) & (tl.sum(tl.where((kk < k) & (r_vec == r), 1, 0), 0) == 0)
+            if lead & (r != me):
+                if tl.load(via_put_ptr + r) != 0:
+                    pe = tl.load(peer_pe_ptr + r).to(tl.int32)
+                    src = r * T_max + t
+                    dst = me * T_max + t
+                    put_block_nbi(rows_addr + dst * row_bytes, send_rows_addr + src * row_bytes,
+                                  row_bytes, pe)  # fmt: skip
+                    put_block_nbi(meta_addr + dst * (K + 1) * 8,
+                                  send_meta_addr + src * (K + 1) * 8, (K + 1) * 8, pe)  # fmt: skip
+                    if HAS_SCALES:
+                        put_block_nbi(scales_addr + dst * SC * 4, send_scales_addr + src * SC * 4,
+                                      SC * 4, pe)  # fmt: skip
+                    if HAS_META:
+                        put_block_nbi(w_addr + dst * K * 4, send_w_addr + src * K * 4, K * 4, pe)
+
+
+@triton.jit
+def put_pair_returns_kernel(
+    local_meta_ptr,
+    via_put_ptr,
+    peer_pe_ptr,
+    send_rows_addr,
+    send_w_addr,
+    ret_addr,
+    ret_w_addr,
+    me,
+    K,
+    H,
+    T_max,
+    Q,
+    row_bytes,
+    SEND_W: tl.constexpr,
+    KB: tl.constexpr,
+    RB: tl.constexpr,
+):
+    """Item: a block of RB staged pairs of peers (reduce_pairs_kernel's blocks), combine direction:
+    each pair q with slots here whose owner (q // T_max) is a put peer: send staging row q -> the
+    owner's return staging row me * T_max + q % T_max (with SEND_W, its K weight gradients into
+    the owner's ret_w). Pairs with no slot here were not sent and do not move."""
+    kk = tl.arange(0, KB)
+    km = kk < K
+    for blk in range(tl.program_id(0), tl.cdiv(Q - T_max, RB), tl.num_programs(0)):
+        i_vec = blk * RB + tl.arange(0, RB)
+        in_range = i_vec < Q - T_max
+        q_vec = (i_vec + tl.where(i_vec >= me * T_max, T_max, 0)).to(tl.int64)  # skip own block
+        pos2 = tl.load(local_meta_ptr + q_vec[:, None] * K + kk[None, :],
+                       mask=in_range[:, None] & km[None, :], other=-1)  # fmt: skip
+        owner_vec = q_vec // T_max
+        put_vec = tl.load(via_put_ptr + owner_vec, mask=in_range, other=0)
+        send_vec = ((tl.max(pos2, 1) >= 0) & (put_vec != 0)).to(tl.int32)
+        if tl.max(send_vec, 0) > 0:
+            for j in range(RB):
+                if tl.sum(tl.where(tl.arange(0, RB) == j, send_vec, 0), 0) > 0:
+                    q = tl.sum(tl.where(tl.arange(0, RB) == j, q_vec, 0), 0)
+                    owner = q // T_max
+                    pe = tl.load(peer_pe_ptr + owner).to(tl.int32)
+                    dst = me * T_max + q % T_max
+                    put_block_nbi(ret_addr + dst * row_bytes, send_rows_addr + q * row_bytes,
+                                  row_bytes, pe)  # fmt: skip
+                    if SEND_W:
+                        put_block_nbi(ret_w_addr + dst * K * 4, send_w_addr + q * K * 4, K * 4,
+                                      pe)  # fmt: skip

@@ -80,7 +80,8 @@ class SymmetricWorkspace:
       (row src*T_max + t: token t of PE src, at most once), pair_meta [Q, K+1] int64 (stamp,
       positions), pair_w and pair_ret_w [Q, K] float32, and for H % 128 == 0 pair_scales
       [Q, H/128] float32 (fp8 rows). Bytes per PE = 2 * (2*Q*H*itemsize + 8*Q*(K+1) + 8*Q*K
-      + 4*Q*H/128) + 2 * (8*N*(12 + E) + 24*N).
+      + 4*Q*H/128) + 2 * (8*N*(12 + E) + 24*N). With put peers and put_dedup, plus one send
+      staging that puts read from: Q*H*itemsize + 8*Q*(K+1) + 4*Q*K + 4*Q*H/128 bytes.
     - with put peers (one row per slot): fwd_rows [C, H] + fwd_meta [C] (dispatch-direction rows,
       at final positions), ret_rows [T_max*K, H] (combine-direction rows, at the owner's slot).
       Bytes per PE = 2 * (C*H + T_max*K*H) * itemsize + 2 * (8*C + 8*N*(12 + E) + 24*N), plus
@@ -89,7 +90,7 @@ class SymmetricWorkspace:
     peer_path: "p2p" = every peer by loads and stores (an error names a peer without a P2P path);
     "put" = every other PE by NVSHMEM put-with-signal; "auto" = P2P where nvshmem_ptr gives an
     address, put elsewhere. `put_peers`: global ranks taken by puts even where P2P works (the mixed
-    path on one node)."""
+    path on one node). `put_dedup`: the pair layout with put peers too (NvshmemOptions)."""
 
     def __init__(
         self,
@@ -103,6 +104,7 @@ class SymmetricWorkspace:
         dtype: torch.dtype,
         peer_path: str = "auto",
         put_peers: frozenset[int] = frozenset(),
+        put_dedup: bool = False,
     ):
         import nvshmem.core as nv
 
@@ -148,8 +150,9 @@ class SymmetricWorkspace:
         # Every PE allocates the send buffer, or none does: symmetric allocation is collective.
         self.any_put = _any_rank(not all(reach), self.flags.device)
         # Every peer by loads and stores: each token crosses to a PE once (dedup_kernels.py, pair
-        # staging); with put peers, one row per slot (the put kernels move slots).
-        self.dedup = not self.any_put
+        # staging); with put peers, one row per slot (the put kernels move slots), unless
+        # put_dedup: pairs too, put peers' through a send staging (DEDUP.md "Put peers").
+        self.dedup = not self.any_put or put_dedup
         if self.dedup:
             Q = self.n * max_tokens  # row src * T_max + t: token t of PE src
             self.pair_rows = sym((2, Q, hidden), dtype)
@@ -165,7 +168,17 @@ class SymmetricWorkspace:
             self.fwd_rows = sym((2, capacity, hidden), dtype)
             self.fwd_meta = sym((2, capacity), torch.int64)
             self.ret_rows = sym((2, self.max_slots, hidden), dtype)
-        if self.any_put:
+        if self.any_put and self.dedup:
+            # pairs bound for put peers, at the peer's row of Q (dispatch: r * T_max + t; return:
+            # the pair's own row q); single-buffered like send_rows (a call's puts are complete
+            # before its flags go out, and the next call writes after them on the stream)
+            self.pair_send_rows = sym((Q, hidden), dtype)
+            self.pair_send_meta = sym((Q, top_k + 1), torch.int64)
+            self.pair_send_w = sym((Q, top_k), torch.float32)  # pair_w, or pair_ret_w's gradients
+            self.pair_send_scales = (
+                sym((Q, hidden // 128), torch.float32) if hidden % 128 == 0 else None
+            )
+        elif self.any_put:
             self.send_rows = sym((max(capacity, self.max_slots), hidden), dtype)
             self.send_meta = sym((self.max_slots,), torch.int64)
 
@@ -244,6 +257,31 @@ class SymmetricWorkspace:
         self._tensors.clear()
 
 
+def workspace_bytes(
+    n: int,
+    hidden: int,
+    num_experts: int,
+    max_tokens: int,
+    top_k: int,
+    capacity: int,
+    itemsize: int,
+    any_put: bool,
+    put_dedup: bool = False,
+) -> int:
+    """Symmetric bytes per PE that SymmetricWorkspace allocates (README "Symmetric memory per PE";
+    the GPU worker checks it against bytes_per_pe)."""
+    Q, S, SC = n * max_tokens, max_tokens * top_k, (hidden // 128 if hidden % 128 == 0 else 0)
+    total = 2 * (8 * n * (HEADER_INTS + num_experts) + 24 * n)  # count rows and flags
+    if not any_put or put_dedup:
+        total += 2 * (2 * Q * hidden * itemsize + 8 * Q * (top_k + 1) + 8 * Q * top_k + 4 * Q * SC)
+        if any_put:  # the pair send staging
+            total += Q * hidden * itemsize + 8 * Q * (top_k + 1) + 4 * Q * top_k + 4 * Q * SC
+    else:
+        total += 2 * ((capacity + S) * hidden * itemsize + 8 * capacity)
+        total += max(capacity, S) * hidden * itemsize + 8 * S  # the send buffer
+    return total
+
+
 def _peer_view(nv, t, pe: int, my_pe: int):
     """t on PE `pe`, addressable from here by loads and stores (nvshmem_ptr)."""
     try:
@@ -278,6 +316,7 @@ def workspace(
     dtype: torch.dtype,
     peer_path: str = "auto",
     put_peers: frozenset[int] = frozenset(),
+    put_dedup: bool = False,
 ) -> SymmetricWorkspace:
     """Shared by every layer of the same shape: consecutive layers alternate parity, and a PE cannot
     run two calls ahead of a peer (each call waits on every peer's flag), so parity p is never
@@ -292,9 +331,20 @@ def workspace(
         dtype,
         peer_path,
         put_peers,
+        put_dedup,
     )
     if key not in _state["workspaces"]:
         _state["workspaces"][key] = SymmetricWorkspace(
-            pes, me, hidden, num_experts, max_tokens, top_k, capacity, dtype, peer_path, put_peers
+            pes,
+            me,
+            hidden,
+            num_experts,
+            max_tokens,
+            top_k,
+            capacity,
+            dtype,
+            peer_path,
+            put_peers,
+            put_dedup,
         )
     return _state["workspaces"][key]

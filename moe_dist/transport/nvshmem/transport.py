@@ -144,6 +144,7 @@ class NvshmemTransport(Transport):
                 dtype,
                 self.peer_path,
                 self.options.put_peers,
+                self.options.put_dedup,
             )
             if ws.any_put and self._put_libs is None:
                 self._put_libs = extern_libs(torch.cuda.get_device_capability(self.device))
@@ -177,7 +178,7 @@ class NvshmemTransport(Transport):
             raise ValueError(
                 f"plan has {K} slots per token, transport was sized for top_k={self.top_k}"
             )
-        if ws.dedup:  # every peer P2P: each token crosses to a PE once
+        if ws.dedup:  # every peer P2P, or put_dedup: each token crosses to a PE once
             tokens, counts_G, local_w, box = _DedupDispatch.apply(x_TH, plan.weights_TK, self, plan)
             return tokens, counts_G, replace(box.handle, local_w_QK=local_w)
         if self.fp8:
@@ -185,7 +186,7 @@ class NvshmemTransport(Transport):
                 f"MoE layer '{self.error_flags.layer_name}': dispatch_dtype='fp8_e4m3' on the"
                 " nvshmem transport needs every peer reachable by loads and stores (P2P); this EP"
                 " group has put peers, whose path sends rows in the activation dtype. Use"
-                " transport='collective' or dispatch_dtype='bf16'."
+                " NvshmemOptions(put_dedup=True), transport='collective' or dispatch_dtype='bf16'."
             )
         tokens, counts_G, handle_box = _Dispatch.apply(x_TH, self, plan)
         return tokens, counts_G, handle_box.handle
@@ -673,7 +674,7 @@ class _Combine(torch.autograd.Function):
         return grad_y, grad_w, None, None
 
 
-# -- the deduplicated path (every peer P2P): dedup_kernels.py, DEDUP.md ---------------------------
+# -- the deduplicated path (every peer P2P, or put_dedup): dedup_kernels.py, DEDUP.md -------------
 
 
 @dataclass(frozen=True)
@@ -688,18 +689,44 @@ class DedupHandle:
     ws: SymmetricWorkspace
 
 
+def _send_addrs(ws):
+    """Addresses of the put peers' send staging (rows, scales, meta, weights); 0 without put
+    peers (the kernels then never take them)."""
+    if not ws.any_put:
+        return 0, 0, 0, 0
+    scales = ws.pair_send_scales if ws.pair_send_scales is not None else ws.pair_send_w
+    return (ws.pair_send_rows.data_ptr(), scales.data_ptr(), ws.pair_send_meta.data_ptr(),
+            ws.pair_send_w.data_ptr())  # fmt: skip
+
+
 def _dedup_push(tr, ws, p, src, own_src, scales, w_TK, h_rank, h_pos, own_out, *, meta, scale_own,
                 ahead):  # fmt: skip
+    """Dispatch direction: pairs to P2P peers' staging, own slots in place; with put peers, their
+    pairs into the send staging, then put_pairs_kernel carries those rows (DEDUP.md "Put peers").
+    The flag (put_signal's quiet first) comes after, in the caller."""
     T, H = own_src.shape
     sent = torch.zeros(ws.n, dtype=torch.int64, device=own_src.device)
     if T:
+        send_rows, send_scales, send_meta, send_w = _send_addrs(ws)
         D_.push_pairs_kernel[K_.comm_grid(T * K_.row_chunks(H), tr.num_comm_sms)](
             src, own_src, scales if scales is not None else w_TK, w_TK, h_rank, h_pos,
             ws.pair_rows_at[p], ws.pair_scales_at[p], ws.pair_meta_at[p], ws.pair_w_at[p],
-            own_out, ws.epoch_dev, sent, ws.me, T, tr.top_k, H, ws.max_tokens,
+            own_out, ws.epoch_dev, sent, ws.via_put, send_rows, send_scales, send_meta, send_w,
+            ws.me, T, tr.top_k, H, ws.max_tokens,
             EPOCH_AHEAD=ahead, HAS_SCALES=scales is not None, HAS_META=meta, SCALE_OWN=scale_own,
-            KB=triton.next_power_of_2(tr.top_k), BLOCK=K_.ROW_BLOCK,
+            HAS_PUT=ws.any_put, KB=triton.next_power_of_2(tr.top_k), BLOCK=K_.ROW_BLOCK,
         )  # fmt: skip
+        if ws.any_put:
+            has_scales = scales is not None
+            P_.put_pairs_kernel[K_.comm_grid(T, tr.num_comm_sms)](
+                h_rank, ws.via_put, ws.peer_pe, send_rows, send_scales, send_meta, send_w,
+                ws.pair_rows[p].data_ptr(),
+                ws.pair_scales[p].data_ptr() if has_scales else 0,
+                ws.pair_meta[p].data_ptr(), ws.pair_w[p].data_ptr(),
+                ws.me, T, tr.top_k, H, ws.max_tokens, H * src.element_size(),
+                HAS_SCALES=has_scales, HAS_META=meta, KB=triton.next_power_of_2(tr.top_k),
+                extern_libs=tr._put_libs,
+            )  # fmt: skip
     return sent
 
 
@@ -730,13 +757,21 @@ def _dedup_return(tr, h: DedupHandle, rows_CH, *, w_QK=None, grad_lw=None, weigh
     Q = ws.n * ws.max_tokens
     KB = triton.next_power_of_2(tr.top_k)
     blocks = triton.cdiv(Q - ws.max_tokens, D_.ROW_SCAN)
+    send_rows, _, _, send_w = _send_addrs(ws)
     D_.reduce_pairs_kernel[K_.comm_grid(blocks, tr.num_comm_sms)](
         rows_CH, h.local_meta_QK, w_QK if w_QK is not None else h.local_meta_QK,
         ws.pair_ret_at[p], grad_lw if grad_lw is not None else h.local_meta_QK,
-        ws.pair_ret_w_at[p], ws.me, tr.top_k, H, ws.max_tokens, Q,
-        HAS_W=w_QK is not None, SEND_W=grad_lw is not None, KB=KB, RB=D_.ROW_SCAN,
-        BLOCK=K_.ROW_BLOCK,
+        ws.pair_ret_w_at[p], ws.via_put, send_rows, send_w, ws.me, tr.top_k, H, ws.max_tokens, Q,
+        HAS_W=w_QK is not None, SEND_W=grad_lw is not None, HAS_PUT=ws.any_put, KB=KB,
+        RB=D_.ROW_SCAN, BLOCK=K_.ROW_BLOCK,
     )  # fmt: skip
+    if ws.any_put:  # the partial rows reduce_pairs left in the send staging for put owners
+        P_.put_pair_returns_kernel[K_.comm_grid(blocks, tr.num_comm_sms)](
+            h.local_meta_QK, ws.via_put, ws.peer_pe, send_rows, send_w,
+            ws.pair_ret[p].data_ptr(), ws.pair_ret_w[p].data_ptr(), ws.me, tr.top_k, H,
+            ws.max_tokens, Q, H * rows_CH.element_size(), SEND_W=grad_lw is not None, KB=KB,
+            RB=D_.ROW_SCAN, extern_libs=tr._put_libs,
+        )  # fmt: skip
     tr._signal_and_wait(ws, RETURN, p, first_of_call=True)
     if tr.checks_headers(ws):  # a PE whose experts raised says so here (fail_together)
         tr._check_status(ws, p)
