@@ -333,18 +333,6 @@ def workspace(
         put_peers,
         put_dedup,
     )
-    if key not in _state["workspaces"]:
-        _state["workspaces"][key] = SymmetricWorkspace(
-            pes,
-            me,
-            hidden,
-            num_experts,
-            max_tokens,
-            top_k,
-            capacity,
-            dtype,
-            peer_path,
-            put_peers,
-            put_dedup,
-        )
+    if key not in _state["workspaces"]:  # the key holds the shape arguments, in their order
+        _state["workspaces"][key] = SymmetricWorkspace(pes, me, *key[1:])
     return _state["workspaces"][key]
