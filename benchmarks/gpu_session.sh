@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One lease, one call: the GPU tests and the benchmarks, results under $OUT (or benchmarks/results).
 # Run on the lent GPU machine after ../shared/device/fetch-wheels.sh put wheels in .whl/:
-#   bash benchmarks/gpu_session.sh [tests|nvshmem|layer|transport|train|overlap|sweep|multi ...]
-#   (default: tests transport sweep; nvshmem takes a call of its own)
+#   bash benchmarks/gpu_session.sh [tests|nvshmem|nvshmem4|layer|transport|train|overlap|sweep|multi]
+#   (default: tests transport sweep; nvshmem and nvshmem4 take a call each)
 # The device returns at most 8 files: JSON results and one log, session.log.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -18,9 +18,14 @@ for step in $steps; do
   case $step in
     tests) timeout 240 python3 -m pytest -q -rs tests/gpu --ignore tests/gpu/test_nvshmem.py 2>&1 \
              | grep -v "^E  *File\|^W11" | tail -40 | tee -a "$log" ;;
-    nvshmem)  # the nvshmem worker at 1, 2 and 4 PEs time-sliced on one GPU (headers on every path),
-              # and under mpirun: about 8 minutes, a call of its own
-           timeout 560 python3 -m pytest -q -rs tests/gpu/test_nvshmem.py 2>&1 \
+    nvshmem)  # the nvshmem worker at 1 and 2 PEs time-sliced on one GPU (headers and put_dedup on
+              # every path): a call of its own (280 s before put_dedup; cold compiles add ~2 min/PE)
+           timeout 580 python3 -m pytest -q -rs "tests/gpu/test_nvshmem.py::test_nvshmem_matches_reference[1]" \
+             "tests/gpu/test_nvshmem.py::test_nvshmem_matches_reference[2]" 2>&1 \
+             | grep -v "^E  *File\|^W11" | tail -40 | tee -a "$log" ;;
+    nvshmem4)  # the worker at 4 PEs, then 2 PEs under mpirun (warm cache): a call of its own
+           timeout 580 python3 -m pytest -q -rs "tests/gpu/test_nvshmem.py::test_nvshmem_matches_reference[4]" \
+             tests/gpu/test_nvshmem.py::test_nvshmem_bootstraps_over_mpi 2>&1 \
              | grep -v "^E  *File\|^W11" | tail -40 | tee -a "$log" ;;
     layer) timeout 240 python3 -m benchmarks.layer --out "$out" --iters 10 2>&1 | tee -a "$log" | tail -20 ;;
     transport) timeout 90 python3 -m benchmarks.transport --out "$out" --iters 20 2>&1 | tee -a "$log" | grep -v Warn | tail -8
