@@ -355,7 +355,7 @@ class Handshake:
                 return f"MoEConfig.{name}", values
         return "the MoEConfig", ["?"] * len(texts)
 
-    def _gather_text(self, text: str, size: int = TEXT_BYTES) -> list[str]:
+    def _gather_text(self, text: str, size: int = TEXT_BYTES, what="error report") -> list[str]:
         data = text.encode()[:size]
         buf = torch.zeros(size + 8, dtype=torch.uint8)
         buf[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
@@ -364,7 +364,7 @@ class Handshake:
         buf = buf.to(self._device())
         out = [torch.empty_like(buf) for _ in range(self.size)]
         work = dist.all_gather(out, buf, group=self.group, async_op=True)
-        self.wait(work, "error report")
+        self.wait(work, what)
         texts = []
         for b in out:
             b = b.cpu()
@@ -376,6 +376,28 @@ class Handshake:
 def _default_text(code: int) -> str:
     cls = _CLASSES.get(code)
     return f"{cls.__name__} (recorded on the device)" if cls else f"error bits {code:#x}"
+
+
+def agree_on_options(what: str, options, group, timeout_s: float) -> None:
+    """Before anything collective is sized by them (symmetric memory): the ranks of `group`
+    compare every field of the `options` dataclass (one bounded all_gather of their texts); a
+    difference raises RankMismatch on every rank, naming the first differing field and each
+    rank's value. `what` names the options in the message (e.g. "NvshmemOptions")."""
+    import ast
+
+    fields = config_fields(options)
+    hs = Handshake(group, 0, timeout_s)
+    texts = hs._gather_text(repr(sorted(fields.items())), 16 * TEXT_BYTES, f"{what} check")
+    per_rank = [dict(ast.literal_eval(t)) for t in texts]
+    for name in fields:
+        values = [d.get(name, "?") for d in per_rank]
+        if len(set(values)) > 1:
+            shown = ", ".join(f"rank {r}: {v}" for r, v in zip(hs.ranks, values))
+            raise RankMismatch(
+                f"the ranks of the EP group disagree on {what}.{name}: {shown}. Every rank must "
+                f"build its layers with the same {what} (they size memory that all ranks allocate "
+                "together); nothing was allocated"
+            )
 
 
 def wait_bounded(

@@ -166,6 +166,32 @@ def test_ranks_that_disagree_fail_together():
     run_distributed(scenario_mismatches, WORLD, timeout_s=LIMIT_S)
 
 
+def scenario_nvshmem_options_disagree():
+    """The options that size NVSHMEM's collective allocations are compared before any of it
+    (NvshmemTransport runs this first; nvshmem itself needs a GPU): equal options pass, and a
+    difference raises RankMismatch on every rank naming the field and each rank's value."""
+    from moe_dist.transport import NvshmemOptions
+    from moe_dist.transport.handshake import agree_on_options
+
+    groups = ParallelGroups(ep_size=WORLD)
+    rank = groups.rank
+    agree_on_options("NvshmemOptions", NvshmemOptions(), groups.ep_group, 10.0)
+    for field, value in (("put_dedup", True), ("max_tokens_per_rank", 4096)):
+        options = NvshmemOptions(**({field: value} if rank == 1 else {}))
+        err, s = timed(agree_on_options, "NvshmemOptions", options, groups.ep_group, 10.0)
+        default = repr(getattr(NvshmemOptions(), field))
+        expect_on_every_rank(
+            err,
+            RankMismatch,
+            rf"NvshmemOptions\.{field}: rank 0: {default}, rank 1: {value!r}\. .*nothing was",
+            s,
+        )
+
+
+def test_ranks_with_different_nvshmem_options_fail_together():
+    run_distributed(scenario_nvshmem_options_disagree, WORLD, timeout_s=LIMIT_S)
+
+
 # -- case 7: bounded waits on the collective transport ---------------------------------------------
 def scenario_stall():
     groups = ParallelGroups(ep_size=WORLD)

@@ -113,6 +113,10 @@ class NvshmemTransport(Transport):
         self._timeout_s = options.peer_timeout_s
         self._header_TF = None  # the last header (reused under CUDA-graph capture)
         self._last_ws = None  # the workspace of the latest call: where a failure travels
+        if self._ep_group is not None and self.ep_size > 1:
+            # NVSHMEM's initialisation and symmetric allocation are collective and sized by the
+            # options: ranks that disagree must fail here, all of them, not hang or corrupt there
+            HS.agree_on_options("NvshmemOptions", options, self._ep_group, self._timeout_s)
         ensure_initialized(device, options.bootstrap)
         self._workspaces: dict = {}
         # Symmetric allocation is collective. With the layer's dtype known it is made here, where
