@@ -171,6 +171,17 @@ def _row_of_block(vec, j, RB: tl.constexpr):
 
 
 @triton.jit
+def peer_pairs_block(blk, me, T_max, Q, RB: tl.constexpr):
+    """Block blk of the staged rows of peers, this PE's own block of T_max rows skipped:
+    (in_range [RB], q_vec [RB] int64 staged rows). Expand, reduce and the return puts walk the
+    same blocks."""
+    i_vec = blk * RB + tl.arange(0, RB)
+    in_range = i_vec < Q - T_max
+    q_vec = (i_vec + tl.where(i_vec >= me * T_max, T_max, 0)).to(tl.int64)
+    return in_range, q_vec
+
+
+@triton.jit
 def expand_pairs_kernel(
     staging_ptr,
     staging_scales_ptr,
@@ -208,9 +219,7 @@ def expand_pairs_kernel(
     km = kk < K
     epoch = tl.load(epoch_ptr)
     for blk in range(tl.program_id(0), tl.cdiv(Q - T_max, RB), tl.num_programs(0)):
-        i_vec = blk * RB + tl.arange(0, RB)
-        in_range = i_vec < Q - T_max
-        q_vec = (i_vec + tl.where(i_vec >= me * T_max, T_max, 0)).to(tl.int64)  # skip own block
+        in_range, q_vec = peer_pairs_block(blk, me, T_max, Q, RB)
         stamps = tl.load(staging_meta_ptr + q_vec * (K + 1), mask=in_range, other=-1)
         valid_vec = in_range & (stamps == epoch)
         if KEEP_META:
@@ -285,9 +294,7 @@ def reduce_pairs_kernel(
     kk = tl.arange(0, KB)
     km = kk < K
     for blk in range(tl.program_id(0), tl.cdiv(Q - T_max, RB), tl.num_programs(0)):
-        i_vec = blk * RB + tl.arange(0, RB)
-        in_range = i_vec < Q - T_max
-        q_vec = (i_vec + tl.where(i_vec >= me * T_max, T_max, 0)).to(tl.int64)  # skip own block
+        in_range, q_vec = peer_pairs_block(blk, me, T_max, Q, RB)
         pos2 = tl.load(local_meta_ptr + q_vec[:, None] * K + kk[None, :],
                        mask=in_range[:, None] & km[None, :], other=-1)  # fmt: skip
         has_vec = (tl.max(pos2, 1) >= 0).to(tl.int32)

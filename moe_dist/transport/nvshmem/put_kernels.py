@@ -17,6 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .dedup_kernels import peer_pairs_block
 from .device_lib import put_block_nbi, put_signal_block, quiet, signal_set
 
 
@@ -256,9 +257,7 @@ def put_pair_returns_kernel(
     kk = tl.arange(0, KB)
     km = kk < K
     for blk in range(tl.program_id(0), tl.cdiv(Q - T_max, RB), tl.num_programs(0)):
-        i_vec = blk * RB + tl.arange(0, RB)
-        in_range = i_vec < Q - T_max
-        q_vec = (i_vec + tl.where(i_vec >= me * T_max, T_max, 0)).to(tl.int64)  # skip own block
+        in_range, q_vec = peer_pairs_block(blk, me, T_max, Q, RB)
         pos2 = tl.load(local_meta_ptr + q_vec[:, None] * K + kk[None, :],
                        mask=in_range[:, None] & km[None, :], other=-1)  # fmt: skip
         owner_vec = q_vec // T_max
