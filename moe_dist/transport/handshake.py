@@ -339,10 +339,15 @@ class Handshake:
 
     def _config_difference(self) -> tuple[str, list[str]]:
         """Names the first MoEConfig field whose value differs (all ranks gather all fields)."""
-        fields = self.context.config_text
-        texts = self._gather_text(repr(sorted(fields.items())), size=16 * TEXT_BYTES)
+        name, values = self._field_difference(self.context.config_text, "error report")
+        return (f"MoEConfig.{name}", values) if name else ("the MoEConfig", values)
+
+    def _field_difference(self, fields: dict, what: str) -> tuple[str | None, list[str]]:
+        """The first of `fields` ({name: repr of the value}) whose value differs across the
+        ranks, with each rank's value (one gather of every rank's fields); None if none does."""
         import ast
 
+        texts = self._gather_text(repr(sorted(fields.items())), 16 * TEXT_BYTES, what)
         per_rank = []
         for t in texts:
             try:
@@ -352,8 +357,8 @@ class Handshake:
         for name in fields:
             values = [d.get(name, "?") for d in per_rank]
             if len(set(values)) > 1:
-                return f"MoEConfig.{name}", values
-        return "the MoEConfig", ["?"] * len(texts)
+                return name, values
+        return None, ["?"] * len(texts)
 
     def _gather_text(self, text: str, size: int = TEXT_BYTES, what="error report") -> list[str]:
         data = text.encode()[:size]
@@ -383,21 +388,15 @@ def agree_on_options(what: str, options, group, timeout_s: float) -> None:
     compare every field of the `options` dataclass (one bounded all_gather of their texts); a
     difference raises RankMismatch on every rank, naming the first differing field and each
     rank's value. `what` names the options in the message (e.g. "NvshmemOptions")."""
-    import ast
-
-    fields = config_fields(options)
     hs = Handshake(group, 0, timeout_s)
-    texts = hs._gather_text(repr(sorted(fields.items())), 16 * TEXT_BYTES, f"{what} check")
-    per_rank = [dict(ast.literal_eval(t)) for t in texts]
-    for name in fields:
-        values = [d.get(name, "?") for d in per_rank]
-        if len(set(values)) > 1:
-            shown = ", ".join(f"rank {r}: {v}" for r, v in zip(hs.ranks, values))
-            raise RankMismatch(
-                f"the ranks of the EP group disagree on {what}.{name}: {shown}. Every rank must "
-                f"build its layers with the same {what} (they size memory that all ranks allocate "
-                "together); nothing was allocated"
-            )
+    name, values = hs._field_difference(config_fields(options), f"{what} check")
+    if name is not None:
+        shown = ", ".join(f"rank {r}: {v}" for r, v in zip(hs.ranks, values))
+        raise RankMismatch(
+            f"the ranks of the EP group disagree on {what}.{name}: {shown}. Every rank must "
+            f"build its layers with the same {what} (they size memory that all ranks allocate "
+            "together); nothing was allocated"
+        )
 
 
 def wait_bounded(

@@ -344,8 +344,7 @@ class NvshmemTransport(Transport):
         made). Without a workspace yet, or with check_headers off, there is nothing to carry it:
         the peers time out (PeerTimeout)."""
         if ws is None:
-            ws = self._last_ws
-        ws = ws if ws is not None else next(iter(self._workspaces.values()), None)
+            ws = self._last_ws or next(iter(self._workspaces.values()), None)
         if (
             ws is None
             or isinstance(exc, _TOGETHER)  # already raised on every PE: nothing to carry
