@@ -23,8 +23,8 @@ from .local import LocalTransport
 from .options import BOOTSTRAP_ENV, TransportOptions
 from .reference import ReferenceTransport
 
-# fp8 rows on nvshmem: the deduplicated path (all P2P, or put_dedup); without put_dedup its dispatch
-# refuses put peers clearly
+# fp8 rows on nvshmem: the deduplicated path (the default); with put peers under put_dedup=False its
+# dispatch refuses them clearly
 NVSHMEM_DISPATCH_DTYPES = ("bf16", "fp8_e4m3")
 
 

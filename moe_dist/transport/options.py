@@ -41,9 +41,9 @@ class NvshmemOptions:
     # PeerTimeout after peer_timeout_s (not a hang); every PE of a group must set it alike.
     check_headers: bool = True
     # With put peers: each token crosses to a PE once (DEDUP.md, "Put peers"; fp8 rows possible)
-    # instead of one row per slot, at the cost of a send staging (README: memory per PE). Off by
-    # default until it has run on a GPU; without put peers the transport takes that path anyway.
-    put_dedup: bool = False
+    # instead of one row per slot, through a send staging (README: memory per PE, smaller than the
+    # slot path's). False: the one-row-per-slot put path. Without put peers it is always dedup.
+    put_dedup: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.put_dedup, bool):

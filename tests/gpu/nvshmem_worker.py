@@ -159,15 +159,15 @@ compare(base.replace(router="top_p", top_k=3, top_p=0.6), 3)
 compare(base.replace(top_k=1), 4, skew=True)
 compare(base, 5, skew=True)
 # The put-with-signal path (for peers without P2P), forced for every peer: NVSHMEM puts to PEs on
-# the same GPU.
-PUT = dataclasses.replace(NV, peer_path="put")
+# the same GPU; first one row per slot (put_dedup=False), the put_dedup default further below.
+PUT = dataclasses.replace(NV, peer_path="put", put_dedup=False)
 compare(base, 6, nv=PUT)
 compare(base.replace(router="top_p", top_k=3, top_p=0.6, num_shared_experts=1), 7, nv=PUT)
 compare(base.replace(top_k=1), 8, skew=True, nv=PUT)
 # Rows of two chunks (the second partial) in bf16, all puts; then a mix: odd PEs by puts, the rest
 # by stores.
 compare(base.replace(hidden_size=1500), 9, dtype=torch.bfloat16, nv=PUT)
-MIXED = dataclasses.replace(NV, put_peers=frozenset(pe for pe in range(world) if pe % 2))
+MIXED = dataclasses.replace(PUT, peer_path="auto", put_peers=frozenset(range(1, world, 2)))
 compare(base.replace(hidden_size=1500), 10, nv=MIXED)
 compare(base.replace(hidden_size=1500, top_k=1), 11, skew=True, dtype=torch.bfloat16, nv=MIXED)
 # FP8 rows (dedup path, every peer P2P), forward and backward; refused clearly with put peers.

@@ -188,9 +188,10 @@ class NvshmemTransport(Transport):
         if self.fp8:
             raise RuntimeError(
                 f"MoE layer '{self.error_flags.layer_name}': dispatch_dtype='fp8_e4m3' on the"
-                " nvshmem transport needs every peer reachable by loads and stores (P2P); this EP"
-                " group has put peers, whose path sends rows in the activation dtype. Use"
-                " NvshmemOptions(put_dedup=True), transport='collective' or dispatch_dtype='bf16'."
+                " nvshmem transport needs the deduplicated path; this EP group has put peers and"
+                " NvshmemOptions(put_dedup=False), whose one-row-per-slot path sends rows in the"
+                " activation dtype. Use put_dedup=True (the default), transport='collective' or"
+                " dispatch_dtype='bf16'."
             )
         tokens, counts_G, handle_box = _Dispatch.apply(x_TH, self, plan)
         return tokens, counts_G, handle_box.handle
