@@ -17,6 +17,7 @@ BENCHMARKS = [
     "coe_compare",
     "compression_report",
     "sweep",
+    "row_kernels",
 ]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -41,30 +41,65 @@ def call(op, *args):
 
 
 _TUNED: dict = {}
+WHOLE_ROW = 1 << 16  # reduce_rows' COLS: one program sums its token's whole row
 
 
 def _tuned(kernel, kind: str, H: int, KP: int = 1):
     """(launchable, meta): on a GPU the row kernels pick their tile by Triton's autotuner (they are
     pure functions of their inputs, so the trial runs are harmless); the interpreter gets one
-    fixed tile."""
+    fixed tile that still exercises every loop and masked tail."""
     if _TRITON_ON_CPU:
         block = min(_pow2(H), 16)  # several column tiles and a masked tail on small H
-        return kernel, dict(BLOCK_H=block, ROWS=4) if kind == "gather" else dict(BLOCK_H=block)
+        if kind == "gather":
+            return kernel, dict(BLOCK_H=block, ROWS=4)
+        return kernel, dict(BLOCK_H=block, BLOCK_K=max(KP // 2, 1), COLS=2 * block)
     if kind not in _TUNED:
         if kind == "gather":
             configs = [
                 triton.Config(dict(ROWS=r, BLOCK_H=b), num_warps=w)
                 for r, b, w in [(4, 1024, 4), (8, 1024, 8), (16, 512, 8)]
             ]
-            key = ["H"]
+            tuner = triton.autotune(configs=configs, key=["H"])
         else:
-            configs = [
-                triton.Config(dict(BLOCK_H=b), num_warps=w)
-                for b, w in [(256, 4), (512, 4), (1024, 8)]
-            ]
-            key = ["H", "K"]
-        _TUNED[kind] = triton.autotune(configs=configs, key=key)(kernel)
+            tuner = triton.autotune(
+                configs=_reduce_configs(),
+                key=["H", "K", "HAS_VALS"],
+                prune_configs_by=dict(early_config_prune=_prune_reduce_configs),
+                do_bench=_quick_bench,
+            )
+        _TUNED[kind] = tuner(kernel)
     return _TUNED[kind], {}
+
+
+def _reduce_configs() -> list:
+    """[BLOCK_K, BLOCK_H] loads of 1K-16K elements; a program takes one tile or its whole row."""
+    configs = []
+    for bk in (1, 2, 4, 8, 16):
+        for bh in (256, 512, 1024, 2048):
+            if 1024 <= bk * bh <= 16384:
+                warps = 4 if bk * bh <= 4096 else 8
+                for cols in (bh, WHOLE_ROW):
+                    configs.append(triton.Config(dict(BLOCK_K=bk, BLOCK_H=bh, COLS=cols), warps))
+    return configs
+
+
+def _prune_reduce_configs(configs, named_args, **kwargs):
+    """Drops tiles wider than the row or taller than the slots, and duplicate column spans."""
+    args = {**named_args, **kwargs}
+    H, KP = _pow2(args["H"]), args["KP"]
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_K"] <= KP
+        and c.kwargs["BLOCK_H"] <= H
+        and (c.kwargs["COLS"] == WHOLE_ROW or c.kwargs["BLOCK_H"] < H)
+    ]
+    return kept or configs[:1]
+
+
+def _quick_bench(fn, quantiles):
+    # the default (25 ms warm-up, 100 ms per config) would spend seconds per shape on ~20 configs
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
 def _pow2(n: int) -> int:
@@ -165,7 +200,7 @@ def reduce_rows(
     if T:
         KP = max(_pow2(K), 2)
         kernel, meta = _tuned(reduce_rows_kernel, "reduce", H, KP)
-        grid = lambda m: (T, triton.cdiv(H, m["BLOCK_H"]))  # noqa: E731
+        grid = lambda m: (T, triton.cdiv(H, m["COLS"]))  # noqa: E731
         kernel[grid](
             y_RH,
             pos_TK.contiguous(),
