@@ -65,9 +65,11 @@ class _FusedExperts(torch.autograd.Function):
         K = pos_TK.shape[1]
         need_x, need_w, need_in, need_out = ctx.needs_input_grad[:4]
         dy_RH = ops.call(ops.gather_rows, dout_TH.contiguous(), row_slot_R, ends_E, K)
-        da_RF = ops.call(ops.grouped_mm, dy_RH, w_out, ends_E)
+        # dW_out before dA: a is freed before dA is allocated, a off the peak that dy and dA set
         dw_out = ops.call(ops.grouped_mm_wgrad, dy_RH, a_RF, ends_E) if need_out else None
-        del dy_RH, a_RF
+        del a_RF
+        da_RF = ops.call(ops.grouped_mm, dy_RH, w_out, ends_E)
+        del dy_RH
         dh_R2F, dw_R = ops.call(ops.swiglu_rows_backward, h_R2F, da_RF, w_S, row_slot_R, ends_E)
         del da_RF, h_R2F
         dx_TH = dw_TK = None
