@@ -44,6 +44,22 @@ def time_ms(fn, warmup: int = 3, iters: int = 10) -> dict:
     }
 
 
+def host_ms(fn, iters: int = 10) -> float | None:
+    """Median milliseconds the host spends issuing fn() (from the call to its return, the GPU
+    idle at the start; None on CPU). Near the step's GPU time, the step is host-bound: the GPU
+    waits for launches (Python, Triton's launcher, autograd), or a host sync hides inside."""
+    if not torch.cuda.is_available():
+        return None
+    samples = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
 def peak_memory_mb(fn) -> float | None:
     """Peak device memory fn() allocates above what was already allocated (None on CPU)."""
     if not torch.cuda.is_available():

@@ -14,7 +14,8 @@ deepspeed   deepspeed.moe.layer.MoE, dropless top-k, same expert shape (opt-in: 
 
 Each variant is checked against an oracle before it is timed (moe_dist: the HF loop forward and
 the previous path's gradients; SonicMoE: its own torch backend). Gradients are set to None between
-steps, as a training loop does.
+steps, as a training loop does. `host_ms`: how long the host takes to issue one step (the GPU idles
+until the first launch; near `median_ms`, the step is host-bound).
 
   python -m benchmarks.layer --out benchmarks/results          # GPU, bf16
   python -m benchmarks.layer --smoke --out DIR                 # tiny CPU run (CI)
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
+    host_ms,
     init_single_process_group,
     peak_memory_mb,
     save_results,
@@ -295,6 +297,7 @@ def main(argv=None):
             r = row[vname] = time_ms(fn, warmup=warmup, iters=iters)
             r["tflops"] = flops / (r["median_ms"] * 1e-3) / 1e12
             r["peak_mb"] = peak_memory_mb(fn)
+            r["host_ms"] = host_ms(fn, iters)
             if device.type == "cuda":
                 try:
                     r["kernels_per_step"], r["top_kernels"] = kernels_per_step(fn, device)
@@ -318,6 +321,7 @@ def main(argv=None):
                     f"   {vname:10s} {r['median_ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s"
                     + (f"  peak {r['peak_mb']:9.1f} MiB" if r["peak_mb"] is not None else "")
                     + (f"  {r['kernels_per_step']:4d} kernels" if "kernels_per_step" in r else "")
+                    + (f"  host {r['host_ms']:.2f} ms" if r.get("host_ms") is not None else "")
                 )
         print("   " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if "_over_" in k))
         del layer, x, grad, variants

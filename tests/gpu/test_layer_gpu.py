@@ -47,3 +47,37 @@ def test_bf16_layer_matches_loop_oracle(router):
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
     assert rel(y1, y2) < 1e-2 and rel(x1.grad, x2.grad) < 1e-2
     assert rel(fast.experts.w_in.grad, oracle.experts.w_in.grad) < 1e-2
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "top_p"])
+def test_fused_layer_step_never_waits_on_the_host(router):
+    """The fused path (routing kernel, counting sort, grouped GEMMs, row kernels) forward and
+    backward with no host synchronisation once warm: a sync leaves the GPU idle while the host
+    launches what follows. check_finite=False and deferred errors: those two sync by design."""
+    from moe_dist import MoEConfig, MoELayer
+
+    cfg = MoEConfig(
+        hidden_size=256,
+        ffn_hidden_size=128,
+        num_experts=16,
+        top_k=4,
+        router=router,
+        top_p=0.6 if router == "top_p" else 0.5,
+        aux_loss_coef=0.01,
+        check_finite=False,
+        error_check="deferred",
+    )
+    layer = MoELayer(cfg, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert layer.transport.use_fused(x, layer.experts), "the fused path is the default on CUDA"
+    for _ in range(2):  # warm-up: Triton compiles and autotunes (both may synchronise)
+        out = layer(x)
+        (out.output.float().sum() + out.aux_loss).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = layer(x)
+        (out.output.float().sum() + out.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    layer.check_errors()
