@@ -3,7 +3,7 @@
     python -m benchmarks.fault_injection [--timeout 3]
 
 Cases: a rank raises inside the layer (NaN router logits; an exception in its experts), a rank
-stalls, a rank disagrees (num_chunks), a rank is killed, a checkpoint is corrupt. Prints one row per
+stalls, a rank disagrees (top_k), a rank is killed, a checkpoint is corrupt. Prints one row per
 case and rank: wall time from the faulty call to the error, the error type and its message.
 """
 
@@ -77,7 +77,7 @@ def case_rank_stalls(rank, timeout_s, tmp):
 
 def case_rank_disagrees(rank, timeout_s, tmp):
     torch.manual_seed(0)
-    c = _cfg(num_chunks=1 + rank)
+    c = _cfg(top_k=2 + rank)
     return lambda: _build(c, timeout_s)(torch.randn(8, H))
 
 
@@ -111,7 +111,7 @@ CASES = {
     "rank 1 raises (NaN logits)": case_rank_raises,
     "rank 0 raises (in experts)": case_expert_raises,
     "rank 1 stalls": case_rank_stalls,
-    "rank 1 disagrees (chunks)": case_rank_disagrees,
+    "rank 1 disagrees (top_k)": case_rank_disagrees,
     "rank 1 killed": case_rank_killed,
     "corrupt checkpoint": case_corrupt_checkpoint,
 }

@@ -1,25 +1,28 @@
-"""Overlap of communication with expert compute (moe_dist/overlap.py), forward and forward+backward:
+"""Overlap of communication with compute (moe_dist/overlap.py), forward and forward+backward:
 
   t_comm        dispatch + combine alone (the transport; at EP=1 the local permutation)
   t_compute     the routed experts alone, on tokens dispatched beforehand
-  t_overlapped  the routed path pipelined over C chunks (C = 1, 2, 4, 8), routing done beforehand
-  t_layer       the whole layer (routing and shared experts included) at C chunks, and split in two
-                micro-batches through MoELayer.start / run_experts / finish (the schedule of
-                `--overlap-microbatches 2`: A's experts run while B's tokens travel, A's combine
-                while B's experts run), one chunk each: `microbatches` in the JSON
-  efficiency    (t_comm + t_compute - t_overlapped) / min(t_comm, t_compute): the fraction of the
-                shorter phase hidden under the longer one (1 = fully hidden, 0 = serial, < 0 =
-                slower)
-  shared        routed path alone (route + experts), shared experts alone, and the layer with
-                both with the side stream on and off; ratio = t_layer / max(t_routed, t_shared)
-                (goal: <= 1.1 on)
+  t_routed      the routed path alone (route, dispatch, experts, combine; no shared experts)
+  t_shared      the shared experts alone
+  the layer (routing and shared experts included), three ways, in `layers`:
+    no_overlap    one call, every phase on the compute stream (shared_expert_overlap=False)
+    side_stream   one call, the shared experts on the side stream (the default)
+    microbatches  two micro-batches through MoELayer.start / run_experts / finish (the schedule of
+                  `--overlap-microbatches 2`: A's experts run while B's tokens travel, A's combine
+                  while B's experts run), side stream on
+  ratios        side_stream / no_overlap and microbatches / side_stream (< 1: the overlap pays);
+                shared: t_layer / max(t_routed, t_shared) with the side stream on and off (goal:
+                <= 1.1 on)
 
     python -m benchmarks.overlap --out DIR                # one GPU, EP=1, bf16
     torchrun --nproc-per-node 2 -m benchmarks.overlap --backend gloo --out DIR
                                                           # 2 PEs (nvshmem if present)
     python -m benchmarks.overlap --smoke --out DIR        # tiny CPU run (CI)
 
-Legend: T tokens per rank, H hidden, F expert ffn width, E experts, K top-k, C chunks.
+(Runs before 0.2.0 also timed the chunked pipeline, MoEConfig.num_chunks; it never beat one chunk
+and was removed: benchmarks/results/overlap_*.json keep those runs.)
+
+Legend: T tokens per rank, H hidden, F expert ffn width, E experts, K top-k.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ import torch.distributed as dist
 
 from benchmarks.common import save_results, time_ms
 from moe_dist import MoEConfig, MoELayer, ParallelGroups
-from moe_dist.overlap import pipelined_moe
 from moe_dist.transport import NvshmemOptions, TransportOptions
 from moe_dist.parallel import init_distributed
 
@@ -65,10 +67,6 @@ def microbatched(layer, x, n: int) -> torch.Tensor:
     return torch.cat([layer.finish(call).output for call in calls])
 
 
-def efficiency(t_comm: float, t_compute: float, t_overlapped: float) -> float:
-    return (t_comm + t_compute - t_overlapped) / min(t_comm, t_compute)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -80,7 +78,6 @@ def main(argv=None) -> None:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--shared", type=int, default=1, help="shared experts (each --ffn wide)")
-    p.add_argument("--chunks", default="1,2,4,8")
     p.add_argument("--transport", default="auto")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument(
@@ -135,7 +132,6 @@ def main(argv=None) -> None:
     x_g = x.clone().requires_grad_(True)
     tokens_g = tokens.clone().requires_grad_(True)
     ones = lambda out: torch.ones_like(out)  # noqa: E731 - the gradient fed to every backward
-    chunk_counts = [int(c) for c in args.chunks.split(",")]
 
     def comm():
         tok, _, h = tr.dispatch(x_g, plan)
@@ -144,70 +140,62 @@ def main(argv=None) -> None:
     def compute():
         return layer.experts(tokens_g, counts)
 
+    def routed():  # not layer.routed_pass: that adds the shared experts
+        return layer._routed_experts(x_g, layer.route(x_g))
+
+    def layer_with(**changes):
+        """The whole layer's output under cfg.replace(**changes) (the layer reads cfg per call)."""
+
+        def run():
+            layer.cfg = cfg.replace(**changes)
+            try:
+                return layer(x_g).output
+            finally:
+                layer.cfg = cfg
+
+        return run
+
+    ways = {
+        "no_overlap": layer_with(shared_expert_overlap=False),
+        "side_stream": layer_with(),
+        "microbatches": lambda: microbatched(layer, x_g, 2),
+    }
     rows, summary = [], {}
     for mode in MODES:
-        t_comm = timed(comm, mode, ones, args.iters, warmup)
-        t_compute = timed(compute, mode, ones, args.iters, warmup)
-        rows += [
-            {"mode": mode, "what": "comm", "ms": t_comm},
-            {"mode": mode, "what": "compute", "ms": t_compute},
-        ]
-        s = summary[mode] = {
-            "t_comm_ms": t_comm,
-            "t_compute_ms": t_compute,
-            "t_overlapped_ms": {},
-            "efficiency": {},
-            "t_layer_ms": {},
+        t = {
+            "comm": timed(comm, mode, ones, args.iters, warmup),
+            "compute": timed(compute, mode, ones, args.iters, warmup),
+            "routed": timed(routed, mode, ones, args.iters, warmup),
+            "shared": timed(lambda: layer.shared_experts(x_g), mode, ones, args.iters, warmup),
         }
-        for C in chunk_counts:
-            t_ov = timed(
-                lambda: pipelined_moe(layer.transport, layer.experts, x_g, plan, C, layer.streams),
-                mode,
-                ones,
-                args.iters,
-                warmup,
-            )
-            layer.cfg = cfg.replace(num_chunks=C)
-            t_layer = timed(lambda: layer(x_g).output, mode, ones, args.iters, warmup)
-            layer.cfg = cfg
-            s["t_overlapped_ms"][C], s["efficiency"][C], s["t_layer_ms"][C] = (
-                t_ov,
-                efficiency(t_comm, t_compute, t_ov),
-                t_layer,
-            )
-            rows.append(
-                {
-                    "mode": mode,
-                    "what": "layer",
-                    "num_chunks": C,
-                    "t_overlapped_ms": t_ov,
-                    "efficiency": s["efficiency"][C],
-                    "t_layer_ms": t_layer,
-                }
-            )
-        s["best_num_chunks"] = min(chunk_counts, key=lambda c: s["t_layer_ms"][c])
-        t_micro = timed(lambda: microbatched(layer, x_g, 2), mode, ones, args.iters, warmup)
-        s["t_microbatches_ms"] = {2: t_micro}
-        s["microbatches_vs_best_chunks"] = t_micro / s["t_layer_ms"][s["best_num_chunks"]]
-        rows.append(
-            {"mode": mode, "what": "microbatches", "num_microbatches": 2, "t_layer_ms": t_micro}
-        )
+        layers = {way: timed(fn, mode, ones, args.iters, warmup) for way, fn in ways.items()}
+        rows += [{"mode": mode, "what": what, "ms": ms} for what, ms in t.items()]
+        rows += [
+            {
+                "mode": mode,
+                "what": "layer",
+                "overlap": way,
+                "num_microbatches": 2 if way == "microbatches" else 1,
+                "t_layer_ms": ms,
+            }
+            for way, ms in layers.items()
+        ]
+        longer = max(t["routed"], t["shared"])
+        summary[mode] = {
+            **{f"t_{what}_ms": ms for what, ms in t.items()},
+            "t_layer_ms": layers,
+            "side_stream_vs_no_overlap": layers["side_stream"] / layers["no_overlap"],
+            "microbatches_vs_side_stream": layers["microbatches"] / layers["side_stream"],
+            "shared_ratio_side_stream_on": layers["side_stream"] / longer,
+            "shared_ratio_side_stream_off": layers["no_overlap"] / longer,
+        }
 
     # Shared experts: does the side stream hide the shared path under the routed one?
-    shared = {}
-    for mode in MODES:
-        t_routed = timed(lambda: layer.routed_pass(x_g)[0], mode, ones, args.iters, warmup)
-        t_shared = timed(lambda: layer.shared_experts(x_g), mode, ones, args.iters, warmup)
-        res = {"t_routed_ms": t_routed, "t_shared_ms": t_shared}
-        for on in (True, False):
-            layer.cfg = cfg.replace(shared_expert_overlap=on)
-            t = timed(lambda: layer(x_g).output, mode, ones, args.iters, warmup)
-            res[f"t_layer_side_stream_{'on' if on else 'off'}_ms"] = t
-            res[f"ratio_side_stream_{'on' if on else 'off'}"] = t / max(t_routed, t_shared)
-        layer.cfg = cfg
-        shared[mode] = res
-    shared["ratio_side_stream_on"] = shared["fwd_bwd"]["ratio_side_stream_on"]
-    shared["goal"] = "ratio_side_stream_on <= 1.1 (forward+backward, one GPU)"
+    shared = {
+        "ratio_side_stream_on": summary["fwd_bwd"]["shared_ratio_side_stream_on"],
+        "ratio_side_stream_off": summary["fwd_bwd"]["shared_ratio_side_stream_off"],
+        "goal": "ratio_side_stream_on <= 1.1 (forward+backward, one GPU)",
+    }
 
     layer.check_errors()  # a run that overflowed or lost a peer is an error, not a figure
     if rank == 0:
@@ -217,24 +205,17 @@ def main(argv=None) -> None:
         )
         for mode in MODES:
             s = summary[mode]
-            print(f"[{mode}] comm {s['t_comm_ms']:.3f} ms, compute {s['t_compute_ms']:.3f} ms")
-            print("   C  overlapped ms  efficiency  layer ms")
-            for C in chunk_counts:
-                print(
-                    f"  {C:2d}  {s['t_overlapped_ms'][C]:13.3f}  {s['efficiency'][C]:10.2f} "
-                    f" {s['t_layer_ms'][C]:8.3f}"
-                )
             print(
-                f"  2 micro-batches: layer {s['t_microbatches_ms'][2]:.3f} ms"
-                f" ({s['microbatches_vs_best_chunks']:.3f} x the best chunk count,"
-                f" C={s['best_num_chunks']})"
+                f"[{mode}] comm {s['t_comm_ms']:.3f} ms, compute {s['t_compute_ms']:.3f} ms,"
+                f" routed {s['t_routed_ms']:.3f} ms, shared {s['t_shared_ms']:.3f} ms"
             )
-            sh = shared[mode]
+            for way, ms in s["t_layer_ms"].items():
+                print(f"  layer, {way:12s} {ms:8.3f} ms")
             print(
-                f"  shared: routed {sh['t_routed_ms']:.3f} ms, shared {sh['t_shared_ms']:.3f} ms,"
-                f" layer {sh['t_layer_side_stream_on_ms']:.3f} (side stream on, ratio"
-                f" {sh['ratio_side_stream_on']:.3f}) / {sh['t_layer_side_stream_off_ms']:.3f} ms"
-                f" (off, ratio {sh['ratio_side_stream_off']:.3f})"
+                f"  side stream / no overlap {s['side_stream_vs_no_overlap']:.3f},"
+                f" 2 micro-batches / side stream {s['microbatches_vs_side_stream']:.3f},"
+                f" layer / max(routed, shared) {s['shared_ratio_side_stream_on']:.3f} (side stream"
+                f" on) {s['shared_ratio_side_stream_off']:.3f} (off)"
             )
         note = (
             "several PEs on one GPU are time-sliced: correctness-grade timings"

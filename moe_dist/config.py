@@ -9,6 +9,7 @@ rewrites it in place; tests/unit/test_config_docs.py fails when the README drift
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import io
 import math
@@ -22,8 +23,43 @@ EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
 ERROR_CHECKS = ("eager", "deferred")
 _TOP_P_DEFAULT = 0.5
 DISPATCH_DTYPES = ("bf16", "fp8_e4m3")  # transport/fp8.py
+# Fields earlier versions had: passing one (a kwarg, an old config's dict) says why it went and
+# what to use instead, rather than Python's bare "unexpected keyword argument".
+REMOVED_FIELDS = {
+    "num_chunks": (
+        "num_chunks was removed in 0.2.0: the chunked pipeline never beat one chunk "
+        "(benchmarks/results/overlap_*.json); overlap with ModelConfig.overlap_microbatches=2 "
+        "(MoELayer.start / run_experts / finish) or shared experts (shared_expert_overlap=True, "
+        "the default: a side stream) instead, and drop num_chunks from the config"
+    ),
+}
 
 
+def removed_fields_note(names) -> str:
+    """Why each removed MoEConfig field among `names` went ("" if none is one)."""
+    return "; ".join(REMOVED_FIELDS[n] for n in sorted(REMOVED_FIELDS.keys() & set(names)))
+
+
+def _refuses_removed_fields(cls):
+    """Wraps the dataclass __init__: a removed field raises TypeError, as any unknown keyword
+    does, with removed_fields_note's explanation. (functools.wraps keeps the signature.)"""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        removed = sorted(REMOVED_FIELDS.keys() & kwargs.keys())
+        if removed:
+            raise TypeError(
+                f"{cls.__name__}.__init__() got an unexpected keyword argument {removed[0]!r}: "
+                f"{removed_fields_note(removed)}"
+            )
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_refuses_removed_fields
 @dataclass(frozen=True)
 class MoEConfig:
     hidden_size: int  # model width H: tokens enter and leave the layer as [T, H]
@@ -53,7 +89,6 @@ class MoEConfig:
     activation: str = "swiglu"  # the experts' FFN activation
     expert_backend: str = "auto"  # auto: torch._grouped_mm where it runs, else the loop oracle
     transport: str = "auto"  # auto: local at EP=1, nvshmem in one GPU node, else collective
-    num_chunks: int = 1  # >1: pipeline dispatch / experts / combine over token chunks (overlap)
     shared_expert_overlap: bool = True  # CUDA: shared experts on a side stream while tokens travel
     check_finite: bool = True  # NaN/Inf router logits raise instead of routing garbage
     error_check: str = (
@@ -81,7 +116,6 @@ class MoEConfig:
             "top_k",
             "num_expert_groups",
             "topk_groups",
-            "num_chunks",
         ):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -204,7 +238,10 @@ class MoEConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         unknown = set(changes) - set(values)
         if unknown:
-            raise ValueError(f"unknown MoEConfig fields: {sorted(unknown)}")
+            note = removed_fields_note(unknown)
+            raise ValueError(
+                f"unknown MoEConfig fields: {sorted(unknown)}" + (f" ({note})" if note else "")
+            )
         values.update(changes)
         return MoEConfig(**values)
 

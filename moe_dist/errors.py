@@ -33,7 +33,7 @@ class RankFailed(MoERuntimeError):
 
 
 class RankMismatch(MoERuntimeError):
-    """The ranks of an EP group disagree on a call (layer, step, chunks, dtype, hidden size, top_k,
+    """The ranks of an EP group disagree on a call (layer, step, dtype, hidden size, top_k,
     configuration or router weights); every rank raises it before any token moves."""
 
 

@@ -29,7 +29,6 @@ from .overlap import (
     compute_experts,
     dispatch_async,
     landed,
-    pipelined_moe,
 )
 from .routing import Router, RoutingPlan, scale_inputs
 from .transport import Transport, TransportOptions, build_transport
@@ -55,8 +54,8 @@ class MoEPending:
     def __init__(self, layer, plan, step, shared, x_in, plan_in):
         self.layer, self.plan, self.step, self.shared = layer, plan, step, shared
         self.x_in, self.plan_in = x_in, plan_in  # the pass's tokens and plan (Llama-4 scaled)
-        self.flight: InFlight | None = None  # None: dispatched in run_experts (chunked or fused)
-        self.out_TH: torch.Tensor | None = None  # the routed output of a chunked or fused call
+        self.flight: InFlight | None = None  # None: dispatched in run_experts (fused path)
+        self.out_TH: torch.Tensor | None = None  # the routed output of a fused call
         self.shape, self.stage = None, "dispatched"
         self.counts = False  # a layer call (start), counted in layer.step; not a routed pass
 
@@ -199,8 +198,8 @@ class MoELayer(nn.Module):
     # -- the forward, in data-flow order
     # -------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> MoEOutput:
-        """x: [..., hidden] -> MoEOutput. Every phase on the current stream (the shared experts and
-        num_chunks > 1 excepted, see overlap.py); `start`/`finish` split it to overlap calls."""
+        """x: [..., hidden] -> MoEOutput. Every phase on the current stream (the shared experts
+        excepted, see overlap.py); `start`/`finish` split it to overlap calls."""
         return self.finish(self._start(x, streams=None))
 
     def start(self, x: torch.Tensor) -> MoEPending:
@@ -212,8 +211,8 @@ class MoELayer(nn.Module):
         other calls; every rank must make the same calls in the same order, since transport calls
         are collective (each handshake carries its call's step: with the collective transport a
         different order raises RankMismatch on every rank).
-        With num_chunks > 1, observers or a fused transport path, dispatch and combine both run in
-        run_experts. Errors travel as in forward: a rank that fails makes every rank raise."""
+        On a fused transport path dispatch and combine both run in run_experts (observers force
+        the plain path). Errors travel as in forward: a rank that fails makes every rank raise."""
         return self._start(x, streams=self.streams)
 
     def run_experts(self, pending: MoEPending) -> None:
@@ -225,7 +224,7 @@ class MoELayer(nn.Module):
             pending.step = self.step
         try:
             self._set_call_step(pending.step)  # the combine's handshake names this call's step
-            if flight is None:  # chunked or fused: dispatch, experts and combine here
+            if flight is None:  # fused: dispatch, experts and combine here
                 pending.out_TH = self._routed_experts(pending.x_in, pending.plan_in)
             else:
                 compute_experts(flight, self._experts_for(pending.x_in, pending.plan_in))
@@ -261,7 +260,7 @@ class MoELayer(nn.Module):
         pending = self._open_pass(x.reshape(-1, x.shape[-1]), None, None, streams)
         pending.shape, pending.counts = x.shape, True
         # A call counts once its first transport call is made: then every rank counts it (a
-        # failure there raises on every rank, uncounted). Chunked or fused: in run_experts.
+        # failure there raises on every rank, uncounted). Fused: in run_experts.
         if pending.flight is not None:
             self.step += 1
         return pending
@@ -274,10 +273,9 @@ class MoELayer(nn.Module):
         router: Router | None = None,
     ) -> tuple[torch.Tensor, RoutingPlan]:
         """One routed pass: route (unless `plan` is given) -> dispatch -> experts -> combine, plus
-        the shared experts (added in _close_pass and nowhere else). Chunked and overlapped when
-        cfg.num_chunks > 1 and no observer is attached. `router`: route with another router of
-        the same config (Chain-of-Experts' later passes); default self.router. Returns (out_TH,
-        plan). Collective at EP > 1: every rank calls it the same number of times."""
+        the shared experts (added in _close_pass and nowhere else). `router`: route with another
+        router of the same config (Chain-of-Experts' later passes); default self.router. Returns
+        (out_TH, plan). Collective at EP > 1: every rank calls it the same number of times."""
         pending = self._open_pass(x_TH, plan, router, None)
         self.run_experts(pending)
         pending.advance(self, "computed", "routed_pass")
@@ -315,30 +313,17 @@ class MoELayer(nn.Module):
         return pending.shared.add_to(out_TH)
 
     def _one_go_path(self, x_TH: torch.Tensor) -> str | None:
-        """ "chunked" or "fused" where dispatch, experts and combine run in one call (so the
-        dispatch cannot be issued ahead of the experts); None: the plain path. Observers expect
-        one unfused call over the whole batch."""
+        """ "fused" where dispatch, experts and combine run in one call (so the dispatch cannot be
+        issued ahead of the experts); None: the plain path. Observers expect one unfused call over
+        the whole batch."""
         if self._observers:
             return None
-        if self.cfg.num_chunks > 1:
-            return "chunked"
         use_fused = getattr(self.transport, "use_fused", None)
         return "fused" if use_fused is not None and use_fused(x_TH, self.experts) else None
 
     def _routed_experts(self, x_TH: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        """The routed experts in one go (no shared experts), on the current stream (the chunked
-        pipeline uses its streams)."""
-        path = self._one_go_path(x_TH)
-        if path == "chunked":
-            return pipelined_moe(
-                self.transport,
-                self._guarded_experts,
-                x_TH,
-                plan,
-                self.cfg.num_chunks,
-                self.streams,
-            )
-        if path == "fused":
+        """The routed experts in one go (no shared experts), on the current stream."""
+        if self._one_go_path(x_TH) == "fused":
             return self.transport.fused_experts(x_TH, plan, self.experts)
         flight = dispatch_async(self.transport, x_TH, plan, None)
         compute_experts(flight, self._experts_for(x_TH, plan))
@@ -441,7 +426,6 @@ class MoELayer(nn.Module):
         if context is None:
             return
         context.step = self.step
-        context.chunks = 1 if self._observers else self.cfg.num_chunks
         if not context.router_crc:  # the router weights are compared once, at the first call
             context.router_crc = tensor_crc(self.router.weight)
 

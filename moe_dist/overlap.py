@@ -1,35 +1,35 @@
-"""Overlap of communication with compute: the shared experts on a side stream, a chunked pipeline of
-dispatch / experts / combine within one call, and micro-batches: several layer calls in flight at
-once through MoELayer's split call (start / run_experts / finish), which is how the LM overlaps one
-micro-batch's communication with the other's attention and experts. Results equal the plain layer
-up to fp reordering. The phases of one token set in flight (`InFlight`: dispatch_async,
-compute_experts, combine_async, landed) are shared by the pipeline and the split call.
+"""Overlap of communication with compute: the shared experts on a side stream, and micro-batches:
+several layer calls in flight at once through MoELayer's split call (start / run_experts / finish),
+which is how the LM overlaps one micro-batch's communication with the other's attention and
+experts. Results equal the plain layer up to fp reordering. The phases of one token set in flight
+(`InFlight`: dispatch_async, compute_experts, combine_async, landed) serve the split call and the
+plain forward alike. (A chunked pipeline within one call, MoEConfig.num_chunks, was removed in
+0.2.0: it never beat one chunk, benchmarks/results/overlap_*.json.)
 
 Legend: T tokens on this rank, H hidden, K slots/token, E experts (global), M rows received by local
-experts, G local experts, C chunks.
+experts, G local experts.
 
 Streams on CUDA (a StreamSet, owned by the layer; see StreamSet below):
-  compute  the caller's current stream: routing, experts (grouped GEMM), the final concatenation.
-  comm     every transport call (dispatch and combine of every chunk), in one fixed order on every
-           rank: d0, d1, c0, d2, c1, ..., c(C-1) (`issue_order`). One stream keeps collective calls
-           (NCCL) and nvshmem epochs/buffer parities in the same order on every rank, across layers
-           too.
+  compute  the caller's current stream: routing, experts (grouped GEMM), the final sum.
+  comm     the transport calls of split calls (dispatch and combine), in the order the host issues
+           them, which is the same on every rank: one stream keeps collective calls (NCCL) and
+           nvshmem epochs/buffer parities in the same order on every rank, across layers too.
   side     the shared experts: they need only x, so they run while tokens are routed and travel.
+A plain forward (MoELayer.forward) makes its transport calls on the current stream: with one call
+in flight nothing could run beside them but the shared experts, and those have the side stream.
 
 What waits on what (forward), through the transport's events (transport/base.py):
-  dispatch_0 (comm)  previous_event = "x and the plan are ready", recorded on compute at entry;
-  experts_i (compute) waits the event dispatch_i returned (async_finish=True);
-  combine_i (comm)   previous_event = the event recorded on compute after experts_i;
+  dispatch (comm)    previous_event = "x and the plan are ready", recorded on compute after routing;
+  experts (compute)  waits the event the dispatch returned (async_finish=True);
+  combine (comm)     previous_event = the event recorded on compute after the experts;
   side               waits an event recorded on compute at the layer's entry, nothing else;
-  compute            waits the last combine's event, and side's before adding the shared output.
-So while chunk i's experts run, the dispatch of chunk i+1 and the combine of chunk i-1 are in
-flight.
+  compute            waits the combine's event, and side's before adding the shared output.
 Backward: autograd runs each node's backward on the stream its forward ran on and makes a consumer
 stream wait for the producer's (the engine records the producer stream's event and calls
 record_stream on gradients it hands across streams). The engine runs the backward nodes of one
 device in decreasing creation order, so the transport backward calls run on comm in the reverse of
-the forward order, the same on every rank: c(C-1)', ..., d2', c0', d1', d0' (' = backward), while
-the experts' backward runs on compute and the shared experts' backward on side: the same overlap.
+the forward order, the same on every rank, while the experts' backward runs on compute and the
+shared experts' backward on side: the same overlap.
 Caching allocator: every tensor made on one stream and used on another is `record_stream`ed to the
 user (inputs and plan -> comm, received tokens -> compute, expert outputs -> comm, combined rows ->
 compute, x -> side, shared output -> compute), so its memory is not reused before that use is done.
@@ -53,13 +53,8 @@ calls in the same order on every rank (transport calls are collective). Backward
 node on its forward's stream, transport calls in the reverse creation order (c_B', c_A', d_B', d_A'
 per block), the same on every rank.
 
-CPU (gloo, or no CUDA): the same chunk loop and the same call order, without streams; that is what
-the CPU tests exercise. With observers attached (telemetry, calibration) the layer runs unchunked:
-observers expect one call per forward with rows grouped by expert over the whole batch.
-
-Why num_chunks defaults to 1: each chunk pays the transport's fixed costs (count exchange, kernel
-launches, and for collective transports a host sync), so chunking pays only when both communication
-and expert compute are long (many tokens, EP > 1); benchmarks/overlap.py measures where it does.
+CPU (gloo, or no CUDA): the same calls in the same order, without streams; that is what the CPU
+tests exercise.
 """
 
 from __future__ import annotations
@@ -76,7 +71,7 @@ from .transport.base import record_event
 
 class StreamSet:
     """The side streams of one runtime, per (device, role), made on first use: "comm" (transport
-    calls, high priority: short kernels on the next chunk's critical path) and "side" (shared
+    calls, high priority: short kernels on the other micro-batch's critical path) and "side" (shared
     experts). A layer owns one (MoELayer(streams=...) shares one between layers: then transport
     calls of different layers are also issued in one order on one stream, as the nvshmem workspace,
     its epochs and parities, are shared by layers of one shape). Copies share the streams."""
@@ -112,64 +107,12 @@ def _use(t, stream) -> None:
         t.record_stream(stream)
 
 
-# -- chunking (pure, tested on CPU)
-# ----------------------------------------------------------------------
-def issue_order(num_chunks: int) -> list[tuple[str, int]]:
-    """The order in which the host issues the phases of C chunks: experts_i is issued before
-    dispatch_(i+1), so a dispatch that syncs the host (collective transport) finds the GPU busy.
-    Transport calls, in this order, are d0, d1, c0, d2, c1, ..., c(C-1) on every rank."""
-    if num_chunks < 1:
-        raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
-    order = [("dispatch", 0)]
-    for i in range(num_chunks):
-        order.append(("experts", i))
-        if i + 1 < num_chunks:
-            order.append(("dispatch", i + 1))
-        order.append(("combine", i))
-    return order
-
-
-def _slots_per_expert(expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    # scatter_add into an overflow bin for unused slots (-1): no host sync, unlike bincount.
-    key_S = expert_idx_TK.reshape(-1)
-    key_S = torch.where(key_S >= 0, key_S, num_experts)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=key_S.device)
-    return counts.scatter_add_(0, key_S, torch.ones_like(key_S))[:num_experts]
-
-
-def split_plan(plan: RoutingPlan, num_chunks: int) -> list[RoutingPlan]:
-    """The plan of C contiguous token chunks (torch.tensor_split: uneven T, T < C and T == 0 all
-    give exactly C chunks, some maybe empty). A chunk plan carries its own slot counts; its aux loss
-    and dropped count are zero: those belong to the whole batch and the layer returns the full
-    plan's."""
-    E = plan.tokens_per_expert_E.numel()
-    zero_loss = torch.zeros((), dtype=plan.aux_loss.dtype, device=plan.aux_loss.device)
-    zero_dropped = torch.zeros(
-        (), dtype=plan.dropped_tokens.dtype, device=plan.dropped_tokens.device
-    )
-    return [
-        dataclasses.replace(
-            plan,
-            expert_idx_TK=idx_TK,
-            weights_TK=w_TK,
-            tokens_per_expert_E=_slots_per_expert(idx_TK, E),
-            aux_loss=zero_loss,
-            dropped_tokens=zero_dropped,
-            aux_terms=None,
-        )
-        for idx_TK, w_TK in zip(
-            torch.tensor_split(plan.expert_idx_TK, num_chunks),
-            torch.tensor_split(plan.weights_TK, num_chunks),
-        )
-    ]
-
-
-# -- one token set in flight: the phases the pipeline and the micro-batches share
+# -- one token set in flight: the phases of every pass
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(eq=False)
 class InFlight:
-    """One token set between its dispatch and its combine (a chunk of the pipeline, or a layer
-    call between MoELayer.start and finish): what each phase leaves for the next, with the event
+    """One token set between its dispatch and its combine (a layer call between MoELayer.start and
+    finish, or one routed pass): what each phase leaves for the next, with the event
     that says it is ready (None off CUDA or when run on the current stream). Each phase drops
     what it consumed, so memory is freed as early as autograd allows."""
 
@@ -240,39 +183,6 @@ def landed(flight: InFlight) -> torch.Tensor:
         _use(out_TH, compute)
     flight.out_TH = None
     return out_TH
-
-
-# -- the pipeline
-# ----------------------------------------------------------------------------------------
-def pipelined_moe(
-    transport,
-    experts,
-    x_TH: torch.Tensor,
-    plan: RoutingPlan,
-    num_chunks: int,
-    streams: StreamSet | None = None,
-) -> torch.Tensor:
-    """Routed experts over `num_chunks` token chunks: dispatch / experts / combine of neighbouring
-    chunks overlapped on CUDA (transport calls on streams.comm, experts on the caller's stream).
-    Returns out_TH (without shared experts). Every rank must call it with the same num_chunks
-    (transport calls are collective). `streams`: the layer's StreamSet (None: a new one)."""
-    C = num_chunks
-    x_chunks = torch.tensor_split(x_TH, C)
-    plans = split_plan(plan, C)
-    if x_TH.is_cuda:
-        streams = streams if streams is not None else StreamSet()
-        ready = record_event(x_TH.device)  # x and the plan (routing ran on compute)
-    else:
-        streams = ready = None
-    flights: list[InFlight | None] = [None] * C
-    for op, i in issue_order(C):
-        if op == "dispatch":
-            flights[i] = dispatch_async(transport, x_chunks[i], plans[i], streams, ready)
-        elif op == "experts":
-            compute_experts(flights[i], experts)
-        else:
-            combine_async(transport, flights[i], streams)
-    return torch.cat([landed(f) for f in flights])
 
 
 # -- shared experts on a side stream

@@ -6,7 +6,7 @@
 `tokens_MH` holds the rows this rank's local experts must process, grouped by local expert
 (`counts_G` rows each, on the device); rows past sum(counts_G) may exist (shape-static transports)
 and are ignored. `handle` is immutable and carries everything combine needs: transports keep no
-per-call state, so several dispatches may be in flight at once (micro-batches, pipelined chunks).
+per-call state, so several dispatches may be in flight at once (micro-batches).
 
 Events (DeepEP's shape). A transport runs its work on the caller's *current* stream; to overlap, the
 caller makes a communication stream current (overlap.py does). Both calls take

@@ -134,7 +134,7 @@ class CollectiveTransport(Transport):
 
     @property
     def context(self):
-        """The caller's identity (layer name, step, chunks, config CRC) carried in each header."""
+        """The caller's identity (layer name, step, config CRC) carried in each header."""
         return self.handshake.context
 
     def agree(self) -> None:
@@ -213,16 +213,15 @@ class CollectiveTransport(Transport):
         """Transport.combine, with the handshake made BEFORE the stream waits on previous_event.
 
         Why the combine keeps a handshake and its host sync: a rank whose experts raised has no
-        rows to send and, called from the layer's except block, no handle; in the chunked pipeline
-        its peers' next call may even be a dispatch. The one collective it can match whatever the
-        peers do next is this fixed-shape header exchange (fail_together), and the healthy ranks
-        must read its verdict before they post the rows: a rows exchange posted against a failed
-        rank would pair with that rank's next collective (a hang, or rows mixed into another
-        call). Checking later (at the next sync point) would return an output built without the
-        failed rank's rows, and raise late or never (the last layer of a run).
+        rows to send and, called from the layer's except block, no handle. The one collective it
+        can match whatever the peers do next is this fixed-shape header exchange (fail_together),
+        and the healthy ranks must read its verdict before they post the rows: a rows exchange
+        posted against a failed rank would pair with that rank's next collective (a hang, or rows
+        mixed into another call). Checking later (at the next sync point) would return an output
+        built without the failed rank's rows, and raise late or never (the last layer of a run).
         Why before previous_event: the header is known on the host (a rank here has no error), so
-        the sync waits for earlier communication only, not for this chunk's expert compute; the
-        experts of the next chunk are then issued while these still run (overlap.py)."""
+        the sync waits for earlier communication only, not for this call's expert compute; the
+        experts of the next micro-batch are then issued while these still run (overlap.py)."""
         self._combine_handshake(y_MH)
         wait_event(previous_event, y_MH.device)
         out_TH = self._combine_rows(y_MH, handle)

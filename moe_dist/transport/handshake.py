@@ -5,9 +5,9 @@ that they are making the same call and that none of them has failed:
 
   layer   CRC-32 of the layer's name          step    the layer's forward count
   call    handshakes of this transport so far phase   0 dispatch, 1 combine
-  chunks  the pipeline's chunk count          dtype   code of the rows' dtype (DTYPES)
-  hidden  row width                           top_k   slots per token (dispatch; 0 at combine)
-  config  CRC-32 of the MoEConfig fields      router  CRC-32 of the router weights (first call)
+  dtype   code of the rows' dtype (DTYPES)    hidden  row width
+  top_k   slots per token (0 at combine)      config  CRC-32 of the MoEConfig fields
+  router  CRC-32 of the router weights (first call)
   status  0, or the error code of a rank whose forward failed (errors.py bits, RANK_FAILED)
   origin  the rank where that error began (-1: none)
 
@@ -60,7 +60,6 @@ FIELDS = (
     "step",
     "call",
     "phase",
-    "chunks",
     "dtype",
     "hidden",
     "top_k",
@@ -129,7 +128,6 @@ class CallContext:
 
     layer: str = "transport"
     step: int = 0
-    chunks: int = 1
     config: int = 0
     config_text: dict | None = None
     router_crc: int = 0
@@ -174,7 +172,6 @@ class Handshake:
         values[_I["step"]] = c.step
         values[_I["call"]] = self.calls
         values[_I["phase"]] = PHASES.index(phase)
-        values[_I["chunks"]] = c.chunks
         values[_I["dtype"]] = dtype_code(dtype) if dtype is not None else -1
         values[_I["hidden"]] = hidden
         values[_I["top_k"]] = top_k
@@ -327,7 +324,6 @@ class Handshake:
             "layer": "which MoE layer is called (CRC-32 of its name)",
             "step": "the layer's step (forward calls so far)",
             "call": "the number of transport calls so far",
-            "chunks": "num_chunks",
             "hidden": "the hidden size of the rows",
             "router": "the router weights (CRC-32)",
         }.get(name, name)

@@ -119,8 +119,9 @@ def scenario_transport():
             torch.testing.assert_close(out, oracle.combine(y, ref_handle), rtol=1e-5, atol=1e-5)
 
 
-def scenario_pipelined_layer():
-    """A layer with 3 chunks: 3 dispatches and 3 combines per forward, one read each."""
+def scenario_split_calls():
+    """Two split calls in flight (start A, start B, run_experts A and B, finish A and B): 2
+    dispatches and 2 combines per step, one read each, however the calls interleave."""
     rank = dist.get_rank()
     groups = ParallelGroups(ep_size=WORLD)
     count = Counted()
@@ -129,7 +130,6 @@ def scenario_pipelined_layer():
         ffn_hidden_size=16,
         num_experts=E,
         top_k=2,
-        num_chunks=3,
         transport="collective",
     )
     torch.manual_seed(0)
@@ -145,15 +145,17 @@ def scenario_pipelined_layer():
 
         setattr(layer.transport, name, counted)
     for step in range(2):
-        x = torch.randn(7 + 3 * rank + step, 8)
-        layer(x).output.sum().backward()
-    assert calls["dispatch"] == [(1, 3)] * 6, f"rank {rank}: dispatch {calls['dispatch']}"
-    assert calls["combine"] == [(1, 2)] * 6, f"rank {rank}: combine {calls['combine']}"
+        pending = [layer.start(torch.randn(7 + 3 * rank + step + i, 8)) for i in range(2)]
+        for p in pending:
+            layer.run_experts(p)
+        sum(layer.finish(p).output.sum() for p in pending).backward()
+    assert calls["dispatch"] == [(1, 3)] * 4, f"rank {rank}: dispatch {calls['dispatch']}"
+    assert calls["combine"] == [(1, 2)] * 4, f"rank {rank}: combine {calls['combine']}"
 
 
 def test_one_host_read_per_dispatch_and_per_combine():
     run_distributed(scenario_transport, WORLD, timeout_s=60)
 
 
-def test_pipelined_layer_reads_once_per_transport_call():
-    run_distributed(scenario_pipelined_layer, WORLD, timeout_s=60)
+def test_split_calls_read_once_per_transport_call():
+    run_distributed(scenario_split_calls, WORLD, timeout_s=60)

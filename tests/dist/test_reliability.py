@@ -74,40 +74,38 @@ def scenario_errors_travel():
     groups = ParallelGroups(ep_size=WORLD)
     rank = groups.rank
     for check in ("eager", "deferred"):
-        for chunks in (1, 2):
-            torch.manual_seed(0)
-            layer = build(cfg(error_check=check, num_chunks=chunks), groups, name="blk")
-            layer(torch.randn(5, H))  # step 0 runs clean
-            bad = int(torch.randint(0, WORLD, (1,)))  # the same on every rank (same seed)
-            x = torch.randn(6, H)
-            if rank == bad:
-                x[int(torch.randint(0, 6, ()))] = float("nan")
-            err, s = timed(layer, x)
-            expect_on_every_rank(
-                err, NonFiniteRouterLogits, rf"layer 'blk', step 1: .*failed on rank {bad}", s
-            )
-            layer.step += 1  # the failed forward did not count its step; keep ranks aligned
-            still_works(layer, groups)
+        torch.manual_seed(0)
+        layer = build(cfg(error_check=check), groups, name="blk")
+        layer(torch.randn(5, H))  # step 0 runs clean
+        bad = int(torch.randint(0, WORLD, (1,)))  # the same on every rank (same seed)
+        x = torch.randn(6, H)
+        if rank == bad:
+            x[int(torch.randint(0, 6, ()))] = float("nan")
+        err, s = timed(layer, x)
+        expect_on_every_rank(
+            err, NonFiniteRouterLogits, rf"layer 'blk', step 1: .*failed on rank {bad}", s
+        )
+        layer.step += 1  # the failed forward did not count its step; keep ranks aligned
+        still_works(layer, groups)
 
     # An exception inside the experts of one rank (between dispatch and combine).
-    for chunks in (1, 3):
-        torch.manual_seed(0)
-        layer = build(cfg(num_chunks=chunks), groups, name="blk2")
-        if rank == 1:
-            real = layer.experts.forward
+    torch.manual_seed(0)
+    layer = build(cfg(), groups, name="blk2")
+    if rank == 1:
+        real = layer.experts.forward
 
-            def broken(*args):
-                raise RuntimeError("injected expert fault")
+        def broken(*args):
+            raise RuntimeError("injected expert fault")
 
-            layer.experts.forward = broken
-        err, s = timed(layer, torch.randn(7, H))
-        expect_on_every_rank(
-            err, RankFailed, r"layer 'blk2', step 0: .*rank 1.*injected expert fault", s
-        )
-        if rank == 1:
-            layer.experts.forward = real
-            assert "injected" in str(err.__cause__)  # the failing rank chains its own exception
-        still_works(layer, groups)
+        layer.experts.forward = broken
+    err, s = timed(layer, torch.randn(7, H))
+    expect_on_every_rank(
+        err, RankFailed, r"layer 'blk2', step 0: .*rank 1.*injected expert fault", s
+    )
+    if rank == 1:
+        layer.experts.forward = real
+        assert "injected" in str(err.__cause__)  # the failing rank chains its own exception
+    still_works(layer, groups)
 
     # A bad input on one rank (wrong dtype): checked at entry, raised on every rank.
     torch.manual_seed(0)
@@ -124,7 +122,10 @@ def test_a_failing_rank_makes_every_rank_raise_the_same_error():
 # -- case 2: ranks that disagree fail together, before any token moves ---------------------------
 MISMATCHES = [
     # (what differs on rank 1, expected pattern); config differences fail at construction
-    (dict(num_chunks=2), r"construction: .*disagree on MoEConfig.num_chunks: rank 0: 1, rank 1: 2"),
+    (
+        dict(shared_expert_overlap=False),
+        r"construction: .*disagree on MoEConfig.shared_expert_overlap: rank 0: True, rank 1: False",
+    ),
     (dict(top_k=3), r"construction: .*disagree on MoEConfig.top_k: rank 0: 2, rank 1: 3"),
     (dict(num_experts=8), r"construction: .*MoEConfig.num_experts: rank 0: 4, rank 1: 8"),
     (dict(hidden_size=6), r"construction: .*MoEConfig.hidden_size: rank 0: 8, rank 1: 6"),

@@ -1,7 +1,8 @@
-"""Runs under torchrun on ONE GPU with N processes (NVSHMEM PEs sharing it): the nvshmem transport
-pipelined over chunks (comm stream, per-chunk epochs) against the same transport unpipelined,
-forward and backward, two steps, uneven tokens and a rank with none. Prints 'OVERLAP WORKER OK <n>'.
-Used by tests/gpu/test_overlap_gpu.py. Legend: T tokens, H hidden, E experts."""
+"""Runs under torchrun on ONE GPU with N processes (NVSHMEM PEs sharing it): a layer on the nvshmem
+transport with its shared experts on the side stream against the same layer with them on the
+compute stream, forward and backward, two steps (both buffer parities), uneven tokens and a rank
+with none. Prints 'OVERLAP WORKER OK <n>'. Used by tests/gpu/test_overlap_gpu.py (split calls:
+tests/gpu/microbatch_worker.py). Legend: T tokens, H hidden, E experts."""
 
 import os
 
@@ -30,33 +31,36 @@ base = MoEConfig(
 options = TransportOptions(
     nvshmem=NvshmemOptions.from_env(os.environ, max_tokens_per_rank=64, peer_timeout_s=20.0)
 )
-for chunks in (3, 5):
-    torch.manual_seed(chunks)
-    plain = MoELayer(
-        base.replace(shared_expert_overlap=False),
-        groups,
-        transport_options=options,
-        name="plain",
-        device=dev,
-    )
-    torch.manual_seed(chunks)
-    piped = MoELayer(
-        base.replace(num_chunks=chunks), groups, transport_options=options, name="piped", device=dev
-    )
-    for step in range(2):  # the second step runs on the other buffer parity
-        T = [11, 0, 7, 3][rank % 4] + step
-        gen = torch.Generator().manual_seed(100 * chunks + 10 * step + rank)
-        x = torch.randn(T, H, generator=gen).to(dev)
-        g = torch.randn(T, H, generator=gen).to(dev)
-        plain.zero_grad()
-        piped.zero_grad()
-        got = fwd_bwd(piped, x, g)
-        piped.check_errors()
-        want = fwd_bwd(plain, x, g)
-        plain.check_errors()
-        label = f"rank {rank} chunks {chunks} step {step}"
-        assert_fwd_bwd_close(got, want, label, rtol=1e-5, atol=1e-5)
-    print(f"[rank {rank}] chunks {chunks}: pipelined == unpipelined", flush=True)
+torch.manual_seed(0)
+plain = MoELayer(
+    base.replace(shared_expert_overlap=False),
+    groups,
+    transport_options=options,
+    name="plain",
+    device=dev,
+)
+torch.manual_seed(0)
+side = MoELayer(
+    base.replace(shared_expert_overlap=True),
+    groups,
+    transport_options=options,
+    name="side",
+    device=dev,
+)
+for step in range(2):  # the second step runs on the other buffer parity
+    T = [11, 0, 7, 3][rank % 4] + step
+    gen = torch.Generator().manual_seed(10 * step + rank)
+    x = torch.randn(T, H, generator=gen).to(dev)
+    g = torch.randn(T, H, generator=gen).to(dev)
+    plain.zero_grad()
+    side.zero_grad()
+    got = fwd_bwd(side, x, g)
+    side.check_errors()
+    want = fwd_bwd(plain, x, g)
+    plain.check_errors()
+    label = f"rank {rank} step {step}"
+    assert_fwd_bwd_close(got, want, label, rtol=1e-5, atol=1e-5)
+    print(f"[rank {rank}] step {step}: side stream == compute stream", flush=True)
 
 torch.cuda.synchronize()
 dist.barrier()

@@ -46,7 +46,7 @@ def setup(N, peers, seed, check_headers=True):
         for ws in wss
     ]
     for tr in trs:
-        tr.context.layer, tr.context.step, tr.context.chunks = "moe.0", 3, 1
+        tr.context.layer, tr.context.step = "moe.0", 3
         tr.error_flags.layer_name = "moe.0"
     gen = torch.Generator().manual_seed(seed)
     return trs, gen, E
@@ -72,7 +72,7 @@ def forward(tr, x, plan):
 
 
 @pytest.mark.parametrize("peers", PATHS)
-@pytest.mark.parametrize("N,field", [(2, "layer"), (2, "call"), (3, "hidden"), (3, "chunks")])
+@pytest.mark.parametrize("N,field", [(2, "layer"), (2, "call"), (3, "hidden"), (3, "step")])
 def test_a_disagreeing_pe_makes_every_pe_raise_rank_mismatch(peers, N, field):
     trs, gen, E = setup(N, peers, seed=N * 10 + len(field))
     # an agreeing call first, so the mismatch is read from rows that replaced an earlier call's
@@ -87,8 +87,8 @@ def test_a_disagreeing_pe_makes_every_pe_raise_rank_mismatch(peers, N, field):
         trs[odd].context.layer = "moe.1"
     elif field == "call":
         trs[odd].calls += 1  # this PE made one transport call more than its peers
-    elif field == "chunks":
-        trs[odd].context.chunks = 2
+    elif field == "step":
+        trs[odd].context.step += 1  # this PE runs another forward of the layer
     t0 = time.monotonic()
     got = run_pes(N, lambda pe: forward(trs[pe], *calls[pe]))
     assert time.monotonic() - t0 < TIMEOUT_S, "a PE waited for a timeout"
@@ -143,7 +143,7 @@ def test_a_pe_whose_experts_raise_makes_every_pe_raise_its_error(peers, peers_ne
     """After a dispatch that went well, one PE's experts raise: it carries the error in the call
     its peers are in (fail_together "combine": its header with the status, both channels'
     flags, no rows), so every PE raises it naming that PE, without waiting for a timeout. The
-    peers' next call is the combine, or (a pipeline) the next chunk's dispatch."""
+    peers' next call is the combine or, should a caller issue one first, a dispatch."""
     N = 3
     trs, gen, E = setup(N, peers, seed=21 + len(peers_next))
     odd = N - 1
@@ -247,7 +247,7 @@ def test_an_experts_error_travels_in_the_workspace_its_dispatch_used(peers):
         tr._wait = lambda ws, *args, tr=tr: (
             flags_first if ws.dtype == torch.float64 else flags
         ).wait(tr, ws, *args)
-        tr.context.layer, tr.context.step, tr.context.chunks = "moe.0", 3, 1
+        tr.context.layer, tr.context.step = "moe.0", 3
         tr.error_flags.layer_name = "moe.0"
         trs.append(tr)
     gen = torch.Generator().manual_seed(41)

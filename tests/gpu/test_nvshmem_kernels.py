@@ -569,10 +569,10 @@ def test_header_check_keeps_an_earlier_error():
     gen = torch.Generator().manual_seed(5)
     base = a_header(gen)
     hs = [base.clone() for _ in range(3)]
-    hs[2][HS.FIELDS.index("chunks")] += 1  # a stale row from PE 2
+    hs[2][HS.FIELDS.index("top_k")] += 1  # a stale row from PE 2
     before = torch.tensor([[PEER_TIMEOUT, 3, 2], [0, 0, 0], [BUFFER_OVERFLOW, 4, 0]])
     words = run_headers(hs, before)
     assert words[0].tolist() == [PEER_TIMEOUT, 3, 2], words
-    chunks = HS.FIELDS.index("chunks")
-    assert words[1].tolist() == [RANK_MISMATCH, 7, chunks * 65536 + 2], words
-    assert words[2].tolist() == [BUFFER_OVERFLOW | RANK_MISMATCH, 7, chunks * 65536 + 0], words
+    top_k = HS.FIELDS.index("top_k")
+    assert words[1].tolist() == [RANK_MISMATCH, 7, top_k * 65536 + 2], words
+    assert words[2].tolist() == [BUFFER_OVERFLOW | RANK_MISMATCH, 7, top_k * 65536 + 0], words

@@ -177,17 +177,19 @@ def test_bad_new_fields_fail_at_construction_naming_the_value():
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_input_scaled_routing_is_the_same_in_chunks(top_k):
-    """num_chunks > 1 (the pipelined path) scales the expert inputs like the one-chunk path."""
+def test_input_scaled_routing_is_the_same_on_the_fused_path(top_k):
+    """The one-go (fused) path scales the expert inputs like the plain path."""
     cfg = _family_cfg(**CASES["llama4_top2"], top_k=top_k, router_bias_update_rate=0.0)
     torch.manual_seed(5)
     one = MoELayer(cfg)
     torch.manual_seed(5)
-    chunked = MoELayer(cfg.replace(num_chunks=3))
+    fused = MoELayer(cfg)
+    fused.transport.fused = True  # forces the fused path (CPU: its oracle ops)
     _randomise(one, seed=6)
-    _randomise(chunked, seed=6)
+    _randomise(fused, seed=6)
     x = torch.randn(17, 16, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(chunked(x).output, one(x).output)
+    assert fused._one_go_path(x) == "fused"
+    torch.testing.assert_close(fused(x).output, one(x).output, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(one(x).output, _oracle(one, x), rtol=1e-5, atol=1e-5)
 
 

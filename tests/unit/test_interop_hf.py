@@ -580,6 +580,8 @@ def test_overrides_reach_the_layers_and_bad_ones_fail():
         replace_moe_blocks(model, num_experts=16)
     with pytest.raises(ValueError, match="unknown MoEConfig fields"):
         replace_moe_blocks(model, no_such_field=1)
+    with pytest.raises(ValueError, match=r"\['num_chunks'\] \(num_chunks was removed in 0.2.0"):
+        replace_moe_blocks(model, num_chunks=2)
     with pytest.raises(ValueError, match="aux_loss_coef=0.01 has nowhere to go"):
         replace_moe_blocks(model, aux_loss_coef=0.01)
     assert all(type(b).__name__ == "DeepseekV3MoE" for _, b in find_moe_blocks(model))  # untouched

@@ -33,10 +33,12 @@ def interleaved(layer, xa, xb, ga, gb):
     xa, xb = xa.clone().requires_grad_(True), xb.clone().requires_grad_(True)
     pa = layer.start(xa)
     pb = layer.start(xb)
+    # the fused path dispatches in run_experts; the others in start
+    assert (pa.flight is None) == bool(getattr(layer.transport, "fused", None))
     layer.run_experts(pa)
     layer.run_experts(pb)
     oa, ob = layer.finish(pa), layer.finish(pb)
-    assert (pa.step, pb.step) == (0, 1)  # each call its own step, chunked ones too
+    assert (pa.step, pb.step) == (0, 1)  # each call its own step, fused ones too
     ((oa.output * ga).sum() + (ob.output * gb).sum() + oa.aux_loss + ob.aux_loss).backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     return (oa, ob), (xa.grad, xb.grad), grads
@@ -55,7 +57,7 @@ CASES = {
     "sigmoid": dict(router="sigmoid", aux_loss_coef=0.0, router_bias_update_rate=1e-3),
     "top_p": dict(router="top_p", top_p=0.6),
     "llama4": dict(scale_expert_input=True, shared_expert_gate=True),
-    "chunked": dict(num_chunks=3),
+    "fused": dict(),  # the local transport's fused path, forced (CPU: its oracle ops)
     "reference": dict(transport="reference"),
 }
 
@@ -68,6 +70,8 @@ def test_interleaved_calls_equal_sequential_calls(case, ta, tb):
     a = MoELayer(cfg)
     torch.manual_seed(1)
     b = MoELayer(cfg)
+    if case == "fused":
+        a.transport.fused = b.transport.fused = True
     xa = torch.randn(ta, H)
     xb = torch.randn(2, tb, H) if tb else torch.randn(0, H)  # [B, S, H] input too
     ga, gb = torch.randn(xa.shape), torch.randn(xb.shape)
@@ -108,13 +112,14 @@ def test_finish_alone_and_forward_agree_and_phases_run_once():
 
 def test_observers_see_each_call():
     torch.manual_seed(3)
-    layer = MoELayer(cfg_for(transport="local", num_chunks=2))
+    layer = MoELayer(cfg_for(transport="local"))
+    layer.transport.fused = True  # a one-go path: observers turn it off, they expect the rows
     seen = []
-    layer.add_observer(lambda lay, x, plan, counts, y: seen.append(x.shape[0]))
+    layer.add_observer(lambda lay, x, plan, counts, y: seen.append((x.shape[0], int(counts.sum()))))
     pa, pb = layer.start(torch.randn(6, H)), layer.start(torch.randn(4, H))
     layer.finish(pa)
     layer.finish(pb)
-    assert seen == [6, 4], seen
+    assert seen == [(6, 18), (4, 12)], seen  # each call's whole batch, top-3
 
 
 def test_an_expert_error_marks_the_call_failed():

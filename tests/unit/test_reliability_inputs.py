@@ -1,6 +1,9 @@
 """Issue 15, cases 5 and 6 (single process): every bad configuration value or layer input is a
 clear error at construction or at the layer's entry, never a late failure or a silent result."""
 
+import dataclasses
+import inspect
+import json
 import math
 
 import pytest
@@ -18,7 +21,6 @@ def make(**kw):
 BAD = [
     (dict(num_shared_experts=1.5), r"num_shared_experts must be an int, got 1.5"),
     (dict(top_k=True), r"top_k must be a positive int, got True"),
-    (dict(num_chunks=2.0), r"num_chunks must be a positive int, got 2.0"),
     (dict(init_seed_offset=False), r"init_seed_offset must be an int, got False"),
     (dict(capacity_factor=math.inf), r"capacity_factor must be a finite number .*inf"),
     (dict(capacity_factor=True), r"capacity_factor must be a finite number .*True"),
@@ -45,6 +47,35 @@ BAD = [
 def test_bad_config_value_is_a_clear_error(changes, message):
     with pytest.raises(ValueError, match=message):
         make(**changes)
+
+
+REMOVED = (
+    r"num_chunks was removed in 0\.2\.0: the chunked pipeline never beat one chunk "
+    r"\(benchmarks/results/overlap_\*\.json\); overlap with ModelConfig\.overlap_microbatches=2"
+)
+
+
+@pytest.mark.parametrize("value", [1, 4])
+def test_a_removed_field_says_why_and_what_replaces_it(value):
+    """An older config (a kwarg, or its saved dict / JSON) that still names num_chunks fails at
+    construction with the reason, whatever the value, like any unknown field (TypeError) but
+    with the why; replace() raises its unknown-field ValueError with the same note."""
+    with pytest.raises(TypeError, match=rf"unexpected keyword argument 'num_chunks': {REMOVED}"):
+        make(num_chunks=value)
+    old = json.loads(json.dumps({**dataclasses.asdict(make()), "num_chunks": value}))
+    with pytest.raises(TypeError, match=REMOVED):
+        MoEConfig(**old)
+    with pytest.raises(
+        ValueError, match=rf"unknown MoEConfig fields: \['num_chunks'\] \({REMOVED}"
+    ):
+        make().replace(num_chunks=value)
+    # any other unknown field keeps Python's own error, without a note
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'no_such_field'$"):
+        make(no_such_field=value)
+    with pytest.raises(ValueError, match=r"unknown MoEConfig fields: \['no_such_field'\]$"):
+        make().replace(no_such_field=value)
+    assert "num_chunks" not in inspect.signature(MoEConfig).parameters
+    assert "shared_expert_overlap" in inspect.signature(MoEConfig).parameters
 
 
 def test_settings_a_router_uses_still_pass():

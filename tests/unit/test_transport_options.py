@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe_dist import MoEConfig, MoELayer
-from moe_dist.overlap import StreamSet, pipelined_moe
+from moe_dist.overlap import StreamSet, combine_async, compute_experts, dispatch_async, landed
 from moe_dist.transport import (
     LocalTransport,
     NvshmemOptions,
@@ -97,16 +97,23 @@ def test_dispatch_combine_events_on_cpu(transport):
     torch.testing.assert_close(out2, out)
 
 
-def test_pipelined_moe_takes_transport_and_experts():
+def test_overlap_phases_take_transport_and_experts():
+    """The phases of one token set in flight need a transport and experts, no layer; each drops
+    what it consumed (off CUDA: no events, host order)."""
     torch.manual_seed(2)
-    layer = MoELayer(make())
+    layer = MoELayer(make())  # no shared experts: the layer's output is the routed output
     x = torch.randn(13, H)
     plan = layer.route(x)
     streams = StreamSet()
-    torch.testing.assert_close(
-        pipelined_moe(layer.transport, layer.experts, x, plan, 4, streams),
-        layer._routed_experts(x, plan),
-    )
+    flight = dispatch_async(layer.transport, x, plan, streams)
+    assert flight.dispatched is None and flight.tokens_MH is not None
+    compute_experts(flight, layer.experts)
+    assert flight.tokens_MH is None and flight.computed is None
+    combine_async(layer.transport, flight, streams)
+    assert flight.y_MH is None and flight.handle is None
+    out_TH = landed(flight)
+    assert flight.out_TH is None
+    torch.testing.assert_close(out_TH, layer(x).output)
     with pytest.raises(ValueError, match="role must be one of"):
         streams.get(torch.device("cpu"), "bogus")
     import copy

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from moe_dist import MoEConfig, MoELayer
+from moe_dist.config import removed_fields_note
 
 from .hf_families import (
     DEFAULTS,
@@ -92,7 +93,11 @@ def replace_moe_blocks(model: nn.Module, groups=None, **overrides) -> nn.Module:
     known = {f.name for f in fields(MoEConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"replace_moe_blocks: unknown MoEConfig fields {unknown}")
+        note = removed_fields_note(unknown)
+        raise ValueError(
+            f"replace_moe_blocks: unknown MoEConfig fields {unknown}"
+            + (f" ({note})" if note else "")
+        )
     for name in ("aux_loss_coef", "z_loss_coef"):
         if overrides.get(name):
             raise ValueError(

@@ -72,19 +72,19 @@ def finalize() -> None:
 class SymmetricWorkspace:
     """Symmetric staging for one (EP group, shape) combination, double-buffered by call parity.
 
-    Per parity: count_rows [N, 12 + E] (int64: row src = PE src's call header, then its counts;
-    views `headers` [N, 12] and `counts` [N, E], row stride `row_ints`) and flags [3, N] (count /
-    dispatch / return channels, int64 epochs, monotonic, never reset), then the rows' staging, by
-    path:
+    Per parity: count_rows [N, F + E] (int64: row src = PE src's call header of F = 11 ints,
+    handshake.FIELDS, then its counts; views `headers` [N, F] and `counts` [N, E], row stride
+    `row_ints`) and flags [3, N] (count / dispatch / return channels, int64 epochs, monotonic,
+    never reset), then the rows' staging, by path:
     - every peer P2P (`dedup`; dedup_kernels.py): pair_rows and pair_ret [Q, H] with Q = N*T_max
       (row src*T_max + t: token t of PE src, at most once), pair_meta [Q, K+1] int64 (stamp,
       positions), pair_w and pair_ret_w [Q, K] float32, and for H % 128 == 0 pair_scales
       [Q, H/128] float32 (fp8 rows). Bytes per PE = 2 * (2*Q*H*itemsize + 8*Q*(K+1) + 8*Q*K
-      + 4*Q*H/128) + 2 * (8*N*(12 + E) + 24*N). With put peers and put_dedup, plus one send
+      + 4*Q*H/128) + 2 * (8*N*(F + E) + 24*N). With put peers and put_dedup, plus one send
       staging that puts read from: Q*H*itemsize + 8*Q*(K+1) + 4*Q*K + 4*Q*H/128 bytes.
     - with put peers (one row per slot): fwd_rows [C, H] + fwd_meta [C] (dispatch-direction rows,
       at final positions), ret_rows [T_max*K, H] (combine-direction rows, at the owner's slot).
-      Bytes per PE = 2 * (C*H + T_max*K*H) * itemsize + 2 * (8*C + 8*N*(12 + E) + 24*N), plus
+      Bytes per PE = 2 * (C*H + T_max*K*H) * itemsize + 2 * (8*C + 8*N*(F + E) + 24*N), plus
       one send buffer that puts read from: max(C, T_max*K) * H * itemsize + 8 * T_max*K bytes.
 
     peer_path: "p2p" = every peer by loads and stores (an error names a peer without a P2P path);

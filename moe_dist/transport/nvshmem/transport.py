@@ -281,7 +281,6 @@ class NvshmemTransport(Transport):
             ("layer", HS.crc32(c.layer)),
             ("step", c.step),
             ("call", self.calls),
-            ("chunks", c.chunks),
             ("dtype", HS.dtype_code(dtype) if dtype is not None else -1),
             ("hidden", hidden),
             ("top_k", top_k),
@@ -338,7 +337,7 @@ class NvshmemTransport(Transport):
         Before the dispatch ("dispatch": routing raised): one count exchange carrying the error
         (zero counts). After it ("combine": the experts raised): the header, status set, into
         this call's header rows and the flags of both channels the peers may wait on (RETURN in
-        a combine, COUNT in the next dispatch of a pipeline), without rows or waiting. Peers
+        the combine; COUNT, should a peer be in a dispatch), without rows or waiting. Peers
         raise at their next check (eager: the end of the forward). `ws`: the workspace of the
         call the peers are in (default: that of this PE's latest call, e.g. the dispatch whose
         experts raised, as there is one per dtype and hidden size; before any call, the first
@@ -355,8 +354,8 @@ class NvshmemTransport(Transport):
         code = next((k for k, cls in HS._CLASSES.items() if isinstance(exc, cls)), HS.RANK_FAILED)
         if torch.device(self.device).type == "cuda":
             # This runs on the caller's stream, the layer's earlier calls maybe still on the comm
-            # stream (overlap.py: a pipeline's previous combine, the other micro-batch's
-            # dispatch): they must bump the epoch before this call reads it.
+            # stream (overlap.py: the other micro-batch's dispatch or combine): they must bump
+            # the epoch before this call reads it.
             torch.cuda.synchronize(self.device)
         p = self.new_call(ws)
         hdr = self.header(None, 0, 0, status=code)
