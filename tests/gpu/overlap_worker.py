@@ -31,22 +31,15 @@ base = MoEConfig(
 options = TransportOptions(
     nvshmem=NvshmemOptions.from_env(os.environ, max_tokens_per_rank=64, peer_timeout_s=20.0)
 )
-torch.manual_seed(0)
-plain = MoELayer(
-    base.replace(shared_expert_overlap=False),
-    groups,
-    transport_options=options,
-    name="plain",
-    device=dev,
-)
-torch.manual_seed(0)
-side = MoELayer(
-    base.replace(shared_expert_overlap=True),
-    groups,
-    transport_options=options,
-    name="side",
-    device=dev,
-)
+
+
+def seeded_layer(name: str, shared_expert_overlap: bool) -> MoELayer:
+    torch.manual_seed(0)  # both layers get the same weights
+    cfg = base.replace(shared_expert_overlap=shared_expert_overlap)
+    return MoELayer(cfg, groups, transport_options=options, name=name, device=dev)
+
+
+plain, side = seeded_layer("plain", False), seeded_layer("side", True)
 for step in range(2):  # the second step runs on the other buffer parity
     T = [11, 0, 7, 3][rank % 4] + step
     gen = torch.Generator().manual_seed(10 * step + rank)
