@@ -44,6 +44,25 @@ def time_ms(fn, warmup: int = 3, iters: int = 10) -> dict:
     }
 
 
+def back_to_back_ms(fn, steps: int = 5, iters: int = 10) -> float | None:
+    """Median milliseconds per fn() over `steps` calls between two events, with no wait between
+    them (None on CPU): as a training loop issues layers and steps, the host prepares the next
+    call while the GPU runs this one, so host overhead hides wherever the GPU has work queued."""
+    if not torch.cuda.is_available():
+        return None
+    samples = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / steps)
+    return statistics.median(samples)
+
+
 def host_ms(fn, iters: int = 10) -> float | None:
     """Median milliseconds the host spends issuing fn() (from the call to its return, the GPU
     idle at the start; None on CPU). Near the step's GPU time, the step is host-bound: the GPU

@@ -14,8 +14,9 @@ deepspeed   deepspeed.moe.layer.MoE, dropless top-k, same expert shape (opt-in: 
 
 Each variant is checked against an oracle before it is timed (moe_dist: the HF loop forward and
 the previous path's gradients; SonicMoE: its own torch backend). Gradients are set to None between
-steps, as a training loop does. `host_ms`: how long the host takes to issue one step (the GPU idles
-until the first launch; near `median_ms`, the step is host-bound).
+steps, as a training loop does. `median_ms` times each step alone (events around it, then a wait);
+`back_to_back_ms` times 5 steps issued without a wait, per step, so host overhead overlaps queued GPU
+work as in training; `host_ms`: how long the host takes to issue one step.
 
   python -m benchmarks.layer --out benchmarks/results          # GPU, bf16
   python -m benchmarks.layer --smoke --out DIR                 # tiny CPU run (CI)
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
+    back_to_back_ms,
     host_ms,
     init_single_process_group,
     peak_memory_mb,
@@ -298,6 +300,7 @@ def main(argv=None):
             r["tflops"] = flops / (r["median_ms"] * 1e-3) / 1e12
             r["peak_mb"] = peak_memory_mb(fn)
             r["host_ms"] = host_ms(fn, iters)
+            r["back_to_back_ms"] = back_to_back_ms(fn, iters=iters)
             if device.type == "cuda":
                 try:
                     r["kernels_per_step"], r["top_kernels"] = kernels_per_step(fn, device)
@@ -312,6 +315,9 @@ def main(argv=None):
         for other in ("previous", "sonicmoe", "gemm_only", "floor"):
             if other in row and base is not None:
                 row[f"fused_over_{other}"] = base / row[other]["median_ms"]
+                b2b = row["fused"].get("back_to_back_ms"), row[other].get("back_to_back_ms")
+                if None not in b2b:
+                    row[f"fused_over_{other}_back_to_back"] = b2b[0] / b2b[1]
         results[name] = row
         print(f"== {name} T={T} H={H} F={Fh} E={E} k={K} {dtype}  checks {row['checks']}")
         for vname in variants:
@@ -322,6 +328,11 @@ def main(argv=None):
                     + (f"  peak {r['peak_mb']:9.1f} MiB" if r["peak_mb"] is not None else "")
                     + (f"  {r['kernels_per_step']:4d} kernels" if "kernels_per_step" in r else "")
                     + (f"  host {r['host_ms']:.2f} ms" if r.get("host_ms") is not None else "")
+                    + (
+                        f"  back-to-back {r['back_to_back_ms']:.3f} ms"
+                        if r.get("back_to_back_ms") is not None
+                        else ""
+                    )
                 )
         print("   " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if "_over_" in k))
         del layer, x, grad, variants
