@@ -118,8 +118,12 @@ def main(argv=None):
         row["one_tile"] = dict(row[best_tile], tile=best_tile)
         for b in blocks:
             del row[f"one_tile_{b}"]
-        tuned = getattr(ops._TUNED.get("reduce"), "best_config", None)
-        row["reduce_rows_config"] = str(tuned) if tuned is not None else None
+        # the tuner's best_config is that of its latest call: HAS_VALS is in its key, so each
+        # variant is read right after a call of its own
+        for label, v in (("reduce_rows_vals_config", vals), ("reduce_rows_config", None)):
+            ops.reduce_rows(y, pos, v)
+            tuned = getattr(ops._TUNED.get("reduce"), "best_config", None)
+            row[label] = str(tuned) if tuned is not None else None
         # gather_rows: K copies of each token row, expert-major
         want_rows = ref.gather_rows(x, row_slot, ends, K)
         tok = (row_slot.long() // K).contiguous()

@@ -95,6 +95,51 @@ def test_row_kernels_match_the_oracle(T, E, K, kind):
     close(got[1][:n], want[1][:n])
 
 
+@pytest.mark.parametrize("T,K,H", [(3, 6, 300), (2, 3, 1100)])
+def test_reduce_rows_kernel_matches_the_oracle_with_every_tuned_tile(T, K, H):
+    """Every [BLOCK_K, BLOCK_H] / COLS config the autotuner may pick (ops._reduce_configs), not
+    only the one it picked: K not a power of two (BLOCK_K < KP leaves a masked slot block), H not
+    a multiple of BLOCK_H, one tile or the whole row per program; out starts NaN so an unwritten
+    column shows. The interpreter runs the smaller tiles only (same loops, less time)."""
+    from moe_dist.experts.fused import ops
+    from moe_dist.experts.fused import reference as ref
+    from moe_dist.experts.fused.kernels import reduce_rows_kernel
+
+    gen = torch.Generator().manual_seed(T * K + H)
+    R = T * K + 3
+    y = torch.randn(R, H, generator=gen).to(DEV, DT)
+    vals = torch.randn(R, generator=gen).to(DEV)
+    pos = torch.randperm(R, generator=gen)[: T * K].view(T, K)
+    pos[0, -1] = pos[-1, 0] = -1  # unused slots read nothing
+    pos = pos.to(torch.int32).to(DEV)
+    want, want_vals = ref.reduce_rows(y, pos, vals)
+    KP = max(ops._pow2(K), 2)
+    configs = [c for c in ops._reduce_configs() if c.kwargs["BLOCK_K"] <= KP]
+    if INTERPRETED:
+        configs = [c for c in configs if c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_H"] <= 2048]
+    for c in configs:
+        for has_vals in (False, True):
+            out = torch.full((T, H), float("nan"), device=DEV, dtype=DT)
+            vals_out = torch.full((T, K), float("nan"), device=DEV)
+            grid = (T, triton.cdiv(H, c.kwargs["COLS"]))
+            reduce_rows_kernel[grid](
+                y,
+                pos,
+                out,
+                vals if has_vals else out,
+                vals_out if has_vals else out,
+                H,
+                K=K,
+                KP=KP,
+                HAS_VALS=has_vals,
+                num_warps=c.num_warps,
+                **c.kwargs,
+            )
+            torch.testing.assert_close(out.float().cpu(), want.float().cpu(), **TOL, msg=str(c))
+            if has_vals:
+                assert torch.equal(vals_out.cpu(), want_vals.cpu()), c
+
+
 @pytest.mark.parametrize("T,E,K,kind", [c for c in CASES if c[0] not in (80, 53)])
 def test_fused_experts_forward_backward_match_a_per_token_loop(T, E, K, kind):
     """The whole fused path (kernels + grouped GEMMs + autograd) against a per-slot loop in fp32."""
