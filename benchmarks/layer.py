@@ -14,7 +14,8 @@ deepspeed   deepspeed.moe.layer.MoE, dropless top-k, same expert shape (opt-in: 
 
 Each variant is checked against an oracle before it is timed (moe_dist: the HF loop forward and
 the previous path's gradients; SonicMoE: its own torch backend). Gradients are set to None between
-steps, as a training loop does. `median_ms` times each step alone (events around it, then a wait);
+steps, as a training loop does. `peak_mb`: the step's peak above what was allocated before it;
+`held_for_backward_mb`: what a forward leaves allocated until its backward (grows with depth). `median_ms` times each step alone (events around it, then a wait);
 `back_to_back_ms` times 5 steps issued without a wait, per step, so host overhead overlaps queued GPU
 work as in training; `host_ms`: how long the host takes to issue one step.
 
@@ -98,17 +99,46 @@ def build_layer(T, H, Fh, E, K, device, dtype):
     return layer, x, grad
 
 
-def moe_dist_step(layer, x, grad, fused: bool, save_rows: bool = True):
-    params = [x, *layer.parameters()]
+class Step:
+    """One training step of a layer, called as fn(): clear the gradients (to None, as a training
+    loop does), `prepare()` (the variant's knobs), forward, backward. The parts stay reachable so
+    held_for_backward_mb can stop between forward and backward."""
 
-    def run():
-        for p in params:
+    def __init__(self, forward, params, grad, prepare=None):
+        self.forward, self.params, self.grad, self.prepare = forward, params, grad, prepare
+
+    def clear(self) -> None:
+        for p in self.params:
             p.grad = None
+        if self.prepare is not None:
+            self.prepare()
+
+    def __call__(self) -> None:
+        self.clear()
+        self.forward().backward(self.grad)
+
+
+def held_for_backward_mb(step) -> float | None:
+    """MiB one forward leaves allocated until its backward (saved activations and the output):
+    per layer, the memory that grows with the model's depth (None on CPU, or for a plain fn)."""
+    if not torch.cuda.is_available() or not isinstance(step, Step):
+        return None
+    step.clear()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    out = step.forward()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base
+    out.backward(step.grad)
+    return held / 2**20
+
+
+def moe_dist_step(layer, x, grad, fused: bool, save_rows: bool = True) -> Step:
+    def prepare():
         layer.transport.fused = layer.router.fused_routing = fused
         layer.transport.fused_save_rows = save_rows
-        layer(x).output.backward(grad)
 
-    return run
+    return Step(lambda: layer(x).output, [x, *layer.parameters()], grad, prepare)
 
 
 def grads_of(fn, tensors):
@@ -182,13 +212,7 @@ def sonic_variant(layer, x, grad):
         moe.c_fc.weight[:, 0::2].copy_(w_in[:, :Fh])
         moe.c_fc.weight[:, 1::2].copy_(w_in[:, Fh:])
         moe.c_proj.weight.copy_(layer.experts.w_out)
-    params = [x, *moe.parameters()]
-
-    def run():
-        for p in params:
-            p.grad = None
-        moe(x)[0].backward(grad)
-
+    run = Step(lambda: moe(x)[0], [x, *moe.parameters()], grad)
     run()  # compiles for this shape
     with torch.no_grad():
         out = moe(x)[0]
@@ -207,12 +231,7 @@ def deepspeed_variant(layer, x, grad):
     """benchmarks.peers' DeepSpeed MoE holding this layer's router and expert weights."""
     init_single_process_group()
     ds = deepspeed_like(layer, 1, x.device, x.dtype)
-
-    def run():
-        out, _, _ = ds(x.unsqueeze(0))
-        out.squeeze(0).backward(grad)
-
-    return run
+    return Step(lambda: ds(x.unsqueeze(0))[0].squeeze(0), [x, *ds.parameters()], grad)
 
 
 def kernels_per_step(fn, device) -> tuple[int, list]:
@@ -299,6 +318,7 @@ def main(argv=None):
             r = row[vname] = time_ms(fn, warmup=warmup, iters=iters)
             r["tflops"] = flops / (r["median_ms"] * 1e-3) / 1e12
             r["peak_mb"] = peak_memory_mb(fn)
+            r["held_for_backward_mb"] = held_for_backward_mb(fn)
             r["host_ms"] = host_ms(fn, iters)
             r["back_to_back_ms"] = back_to_back_ms(fn, iters=iters)
             if device.type == "cuda":
@@ -327,6 +347,11 @@ def main(argv=None):
                     f"   {vname:10s} {r['median_ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s"
                     + (f"  peak {r['peak_mb']:9.1f} MiB" if r["peak_mb"] is not None else "")
                     + (f"  {r['kernels_per_step']:4d} kernels" if "kernels_per_step" in r else "")
+                    + (
+                        f"  held {r['held_for_backward_mb']:.0f} MiB"
+                        if r.get("held_for_backward_mb") is not None
+                        else ""
+                    )
                     + (f"  host {r['host_ms']:.2f} ms" if r.get("host_ms") is not None else "")
                     + (
                         f"  back-to-back {r['back_to_back_ms']:.3f} ms"
