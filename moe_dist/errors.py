@@ -37,6 +37,21 @@ class RankMismatch(MoERuntimeError):
     configuration or router weights); every rank raises it before any token moves."""
 
 
+# The call header's fields (transport/handshake.py writes and compares them): named here, beside
+# the status bits it carries, so a recorded RANK_MISMATCH can say which field differed.
+HEADER_FIELDS = (
+    "layer",
+    "step",
+    "call",
+    "phase",
+    "dtype",
+    "hidden",
+    "top_k",
+    "config",
+    "router",
+    "status",
+    "origin",
+)
 NONFINITE_LOGITS = 1
 BUFFER_OVERFLOW = 2
 PEER_TIMEOUT = 4
@@ -92,9 +107,8 @@ class DeviceErrorFlags:
                     )
                 elif code == RANK_MISMATCH:
                     field, pe = divmod(detail, 65536)
-                    from .transport.handshake import FIELDS  # noqa: PLC0415 (cycle at import)
-
-                    name = FIELDS[field] if 0 <= field < len(FIELDS) else f"field {field}"
+                    known = 0 <= field < len(HEADER_FIELDS)
+                    name = HEADER_FIELDS[field] if known else f"field {field}"
                     where = f" on {name} (PE {pe} differs from this PE); nothing was received"
                 raise exc(f"MoE layer '{self.layer_name}', step {step}: {text}{where}")
         raise MoERuntimeError(f"MoE layer '{self.layer_name}', step {step}: error bits {bits:#x}")

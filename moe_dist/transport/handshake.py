@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from ..errors import (
     BUFFER_OVERFLOW,
+    HEADER_FIELDS,
     NONFINITE_LOGITS,
     PEER_TIMEOUT,
     BufferOverflow,
@@ -55,19 +56,7 @@ from ..errors import (
     RankMismatch,
 )
 
-FIELDS = (
-    "layer",
-    "step",
-    "call",
-    "phase",
-    "dtype",
-    "hidden",
-    "top_k",
-    "config",
-    "router",
-    "status",
-    "origin",
-)
+FIELDS = HEADER_FIELDS  # the header's layout, one int64 each (named in errors.py)
 F = len(FIELDS)
 _I = {name: i for i, name in enumerate(FIELDS)}
 RANK_FAILED = 1 << 8  # any other exception in a rank's forward
