@@ -3,6 +3,8 @@ peers in the same run:
 
 fused       MoELayer, transport "local", the fused expert path (experts/fused; default on CUDA)
 fused_lowmem  the same, keeping x instead of its K expert-major copies (gathers again in backward)
+fused_lean  fused_lowmem that also recomputes a = w * silu(gate) * up in the SwiGLU backward (dh
+            over h): the least memory held for backward
 previous    the same layer and weights through the unfused path (argsort, K-fold gathers, weighted
             sum): transport.fused = False
 sonicmoe    SonicMoE (sonic-moe, quack / CUTLASS DSL) with the same expert weights, when installed
@@ -133,10 +135,11 @@ def held_for_backward_mb(step) -> float | None:
     return held / 2**20
 
 
-def moe_dist_step(layer, x, grad, fused: bool, save_rows: bool = True) -> Step:
+def moe_dist_step(layer, x, grad, fused: bool, save_rows=True, save_act=True) -> Step:
     def prepare():
         layer.transport.fused = layer.router.fused_routing = fused
         layer.transport.fused_save_rows = save_rows
+        layer.transport.fused_save_act = save_act
 
     return Step(lambda: layer(x).output, [x, *layer.parameters()], grad, prepare)
 
@@ -289,6 +292,7 @@ def main(argv=None):
         variants = {
             "fused": moe_dist_step(layer, x, grad, True),
             "fused_lowmem": moe_dist_step(layer, x, grad, True, save_rows=False),
+            "fused_lean": moe_dist_step(layer, x, grad, True, save_rows=False, save_act=False),
             "previous": moe_dist_step(layer, x, grad, False),
             "gemm_only": routed_gemm_only(layer, x, device, dtype, balanced=False),
             "floor": routed_gemm_only(layer, x, device, dtype, balanced=True),

@@ -37,6 +37,9 @@ class LocalTransport(Transport):
         # False: the fused path keeps x, not its K expert-major copies, and gathers again in
         # backward (less activation memory, one more pass).
         self.fused_save_rows = True
+        # False: the fused path keeps h but not a = w * silu(gate) * up; its SwiGLU backward
+        # recomputes a and writes dh over h (less memory held for backward, one more [R, F] write).
+        self.fused_save_act = True
 
     @property
     def num_local_experts(self) -> int:
@@ -68,4 +71,5 @@ class LocalTransport(Transport):
             experts.w_out,
             plan.expert_idx_TK,
             save_rows=self.fused_save_rows,
+            save_act=self.fused_save_act,
         )

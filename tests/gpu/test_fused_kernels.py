@@ -93,6 +93,13 @@ def test_row_kernels_match_the_oracle(T, E, K, kind):
     want = ref.swiglu_rows_backward(h, da, w, row_slot, ends)
     close(got[0][:n], want[0][:n])
     close(got[1][:n], want[1][:n])
+    # in place: dh over h, a recomputed as the forward computed it
+    want_a = ref.swiglu_rows(h, w, row_slot, ends)
+    h_in_place = h.clone()
+    dw, a = ops.swiglu_rows_backward_in_place(h_in_place, da, w, row_slot, ends)
+    close(h_in_place[:n], want[0][:n])
+    close(dw[:n], want[1][:n])
+    close(a[:n], want_a[:n])
 
 
 @pytest.mark.parametrize("T,K,H", [(3, 6, 300), (2, 3, 1100)])
@@ -140,9 +147,11 @@ def test_reduce_rows_kernel_matches_the_oracle_with_every_tuned_tile(T, K, H):
                 assert torch.equal(vals_out.cpu(), want_vals.cpu()), c
 
 
+@pytest.mark.parametrize("save_rows,save_act", [(True, True), (False, False)])
 @pytest.mark.parametrize("T,E,K,kind", [c for c in CASES if c[0] not in (80, 53)])
-def test_fused_experts_forward_backward_match_a_per_token_loop(T, E, K, kind):
-    """The whole fused path (kernels + grouped GEMMs + autograd) against a per-slot loop in fp32."""
+def test_fused_experts_forward_backward_match_a_per_token_loop(T, E, K, kind, save_rows, save_act):
+    """The whole fused path (kernels + grouped GEMMs + autograd) against a per-slot loop in fp32;
+    also keeping x instead of its rows and recomputing a (dh written over h)."""
     import torch.nn.functional as F_
 
     from moe_dist.experts.fused import fused_experts
@@ -155,7 +164,7 @@ def test_fused_experts_forward_backward_match_a_per_token_loop(T, E, K, kind):
     w_in = (torch.randn(E, 2 * F, H, generator=gen) / H**0.5).to(DEV, DT).requires_grad_()
     w_out = (torch.randn(E, H, F, generator=gen) / F**0.5).to(DEV, DT).requires_grad_()
     g = torch.randn(T, H, generator=gen).to(DEV, DT)
-    out = fused_experts(x, w, w_in, w_out, idx)
+    out = fused_experts(x, w, w_in, w_out, idx, save_rows=save_rows, save_act=save_act)
     out.backward(g)
     leaves = [x, w, w_in, w_out]
     got = [out.detach()] + [t.grad for t in leaves]

@@ -55,6 +55,20 @@ def test_fused_layer_equals_previous_path(kw):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"output {i}")
 
 
+@pytest.mark.parametrize("save_rows,save_act", [(False, True), (True, False), (False, False)])
+def test_fused_layer_memory_knobs_change_nothing_but_memory(save_rows, save_act):
+    """fused_save_rows=False (keep x, gather again) and fused_save_act=False (recompute a, dh over
+    h) give the same output and gradients as the previous path, top-p's unused slots included."""
+    gen = torch.Generator().manual_seed(3)
+    x, g = torch.randn(29, H, generator=gen), torch.randn(29, H, generator=gen)
+    lean = make_layer(True, router="top_p", top_p=0.5)
+    lean.transport.fused_save_rows, lean.transport.fused_save_act = save_rows, save_act
+    got = step(lean, x, g)
+    want = step(make_layer(False, router="top_p", top_p=0.5), x, g)
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"output {i}")
+
+
 def test_fused_layer_handles_no_tokens():
     layer = make_layer(True)
     x = torch.randn(0, H, requires_grad=True)

@@ -179,10 +179,23 @@ def swiglu_rows_fwd_kernel(
 
 @triton.jit
 def swiglu_rows_bwd_kernel(
-    h_ptr, da_ptr, w_ptr, row_slot_ptr, ends_ptr, dh_ptr, dw_ptr, E, F, BLOCK: tl.constexpr
+    h_ptr,
+    da_ptr,
+    w_ptr,
+    row_slot_ptr,
+    ends_ptr,
+    dh_ptr,
+    dw_ptr,
+    a_ptr,
+    E,
+    F,
+    BLOCK: tl.constexpr,
+    WRITE_A: tl.constexpr,
 ):
     """With a = w * silu(gate) * up and da = d(loss)/da: dh = d(loss)/d[gate | up], and
-    dw[r] = <silu(gate) * up, da> in fp32 (the combine weight's gradient, one per row)."""
+    dw[r] = <silu(gate) * up, da> in fp32 (the combine weight's gradient, one per row). With
+    WRITE_A also a, recomputed (the forward need not keep it). dh may be h itself: each chunk's
+    gate and up are loaded before its d_gate and d_up are stored, and chunks are disjoint."""
     r = tl.program_id(0)
     if r < tl.load(ends_ptr + E - 1):
         wr = tl.load(w_ptr + tl.load(row_slot_ptr + r)).to(tl.float32)
@@ -202,4 +215,7 @@ def swiglu_rows_bwd_kernel(
             d_up = gw * silu
             tl.store(dh_ptr + r64 * 2 * F + offs, d_gate.to(dh_ptr.dtype.element_ty), mask=m)
             tl.store(dh_ptr + r64 * 2 * F + F + offs, d_up.to(dh_ptr.dtype.element_ty), mask=m)
+            if WRITE_A:
+                a = (wr * silu * up).to(a_ptr.dtype.element_ty)
+                tl.store(a_ptr + r64 * F + offs, a, mask=m)
         tl.store(dw_ptr + r, tl.sum(acc, axis=0))

@@ -262,24 +262,52 @@ def swiglu_rows_backward(
     """(dh_R2F, dw_R): the backward of swiglu_rows, dw[r] = <silu(gate[r]) * up[r], da[r]>."""
     if not _triton(h_R2F):
         return ref.swiglu_rows_backward(h_R2F, da_RF, w_S, row_slot_R, ends_E)
-    from .kernels import swiglu_rows_bwd_kernel
-
-    h_R2F, da_RF = h_R2F.contiguous(), da_RF.contiguous()
-    R, F = h_R2F.shape[0], h_R2F.shape[1] // 2
+    h_R2F = h_R2F.contiguous()
     dh = torch.empty_like(h_R2F)
-    dw = torch.empty(R, dtype=torch.float32, device=h_R2F.device)
-    if R and F:
-        block = min(_pow2(F), 1024)
-        swiglu_rows_bwd_kernel[(R,)](
-            h_R2F, da_RF, w_S.contiguous(), row_slot_R, ends_E, dh, dw, ends_E.numel(), F,
-            BLOCK=block,
-        )  # fmt: skip
+    dw, _ = _swiglu_rows_bwd(h_R2F, da_RF, w_S, row_slot_R, ends_E, dh, None)
     return dh, dw
 
 
 @swiglu_rows_backward.register_fake
 def _(h_R2F, da_RF, w_S, row_slot_R, ends_E):
     return torch.empty_like(h_R2F), h_R2F.new_empty(h_R2F.shape[0], dtype=torch.float32)
+
+
+def swiglu_rows_backward_in_place(
+    h_R2F: torch.Tensor,
+    da_RF: torch.Tensor,
+    w_S: torch.Tensor,
+    row_slot_R: torch.Tensor,
+    ends_E: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dw_R, a_RF): swiglu_rows_backward writing dh over h (contiguous), and recomputing
+    a = w * silu(gate) * up for the down projection's weight gradient, so the forward keeps
+    neither a nor a second [R, 2F] buffer. Eager only: no custom op may overwrite its input."""
+    if not h_R2F.is_contiguous():
+        raise ValueError("swiglu_rows_backward_in_place overwrites h: it must be contiguous")
+    if not _triton(h_R2F):
+        a = ref.swiglu_rows(h_R2F, w_S, row_slot_R, ends_E)
+        dh, dw = ref.swiglu_rows_backward(h_R2F, da_RF, w_S, row_slot_R, ends_E)
+        h_R2F.copy_(dh)
+        return dw, a
+    a = h_R2F.new_empty(h_R2F.shape[0], h_R2F.shape[1] // 2)
+    return _swiglu_rows_bwd(h_R2F, da_RF, w_S, row_slot_R, ends_E, h_R2F, a)
+
+
+def _swiglu_rows_bwd(h_R2F, da_RF, w_S, row_slot_R, ends_E, dh, a):
+    """Launches swiglu_rows_bwd_kernel: dh (may be h), and a when given; returns (dw, a)."""
+    from .kernels import swiglu_rows_bwd_kernel
+
+    da_RF = da_RF.contiguous()
+    R, F = h_R2F.shape[0], h_R2F.shape[1] // 2
+    dw = torch.empty(R, dtype=torch.float32, device=h_R2F.device)
+    if R and F:
+        block = min(_pow2(F), 1024)
+        swiglu_rows_bwd_kernel[(R,)](
+            h_R2F, da_RF, w_S.contiguous(), row_slot_R, ends_E, dh, dw,
+            dh if a is None else a, ends_E.numel(), F, BLOCK=block, WRITE_A=a is not None,
+        )  # fmt: skip
+    return dw, a
 
 
 # -- grouped GEMMs ---------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ class _FusedExperts(torch.autograd.Function):
     same graph (retain_graph=True) is refused. Under torch.compile they are saved normally."""
 
     @staticmethod
-    def forward(ctx, x_TH, w_TK, w_in, w_out, pos_TK, row_slot_R, ends_E, save_rows):
+    def forward(ctx, x_TH, w_TK, w_in, w_out, pos_TK, row_slot_R, ends_E, save_rows, save_act):
         K = pos_TK.shape[1]
         w_S = w_TK.reshape(-1)
         x_RH = ops.call(ops.gather_rows, x_TH, row_slot_R, ends_E, K)
@@ -45,7 +45,9 @@ class _FusedExperts(torch.autograd.Function):
             ctx.stash = None
         else:
             ctx.save_for_backward(x_saved, *index)
-            ctx.stash = [h_R2F, a_RF]
+            # without a: the SwiGLU backward recomputes it and writes dh over h
+            ctx.stash = [h_R2F, a_RF] if save_act else [h_R2F, None]
+        del a_RF
         ctx.save_rows = save_rows
         return out_TH
 
@@ -65,13 +67,22 @@ class _FusedExperts(torch.autograd.Function):
         K = pos_TK.shape[1]
         need_x, need_w, need_in, need_out = ctx.needs_input_grad[:4]
         dy_RH = ops.call(ops.gather_rows, dout_TH.contiguous(), row_slot_R, ends_E, K)
-        # dW_out before dA: a is freed before dA is allocated, a off the peak that dy and dA set
-        dw_out = ops.call(ops.grouped_mm_wgrad, dy_RH, a_RF, ends_E) if need_out else None
-        del a_RF
-        da_RF = ops.call(ops.grouped_mm, dy_RH, w_out, ends_E)
-        del dy_RH
-        dh_R2F, dw_R = ops.call(ops.swiglu_rows_backward, h_R2F, da_RF, w_S, row_slot_R, ends_E)
-        del da_RF, h_R2F
+        if a_RF is not None:
+            # dW_out before dA: a is freed before dA is allocated, a off the peak dy and dA set
+            dw_out = ops.call(ops.grouped_mm_wgrad, dy_RH, a_RF, ends_E) if need_out else None
+            del a_RF
+            da_RF = ops.call(ops.grouped_mm, dy_RH, w_out, ends_E)
+            del dy_RH
+            dh_R2F, dw_R = ops.call(ops.swiglu_rows_backward, h_R2F, da_RF, w_S, row_slot_R, ends_E)
+            del da_RF
+        else:  # a was not kept: recomputed beside dh, which takes h's memory
+            da_RF = ops.call(ops.grouped_mm, dy_RH, w_out, ends_E)
+            dw_R, a_RF = ops.swiglu_rows_backward_in_place(h_R2F, da_RF, w_S, row_slot_R, ends_E)
+            dh_R2F = h_R2F
+            del da_RF
+            dw_out = ops.call(ops.grouped_mm_wgrad, dy_RH, a_RF, ends_E) if need_out else None
+            del dy_RH, a_RF
+        del h_R2F
         dx_TH = dw_TK = None
         if need_x or need_w:
             dx_RH = ops.call(ops.grouped_mm, dh_R2F, w_in, ends_E)
@@ -82,7 +93,7 @@ class _FusedExperts(torch.autograd.Function):
         if need_in:
             x_RH = x if ctx.save_rows else ops.call(ops.gather_rows, x, row_slot_R, ends_E, K)
             dw_in = ops.call(ops.grouped_mm_wgrad, dh_R2F, x_RH, ends_E)
-        return dx_TH, dw_TK, dw_in, dw_out, None, None, None, None
+        return dx_TH, dw_TK, dw_in, dw_out, None, None, None, None, None
 
 
 def fused_experts(
@@ -92,8 +103,11 @@ def fused_experts(
     w_out: torch.Tensor,
     expert_idx_TK: torch.Tensor,
     save_rows: bool = True,
+    save_act: bool = True,
 ) -> torch.Tensor:
     """out[t] = sum_k weights[t, k] * expert_{idx[t, k]}(x[t]) for SwiGLU experts stored like
     GroupedExperts (w_in [E, 2F, H] = [gate | up], w_out [E, H, F]); slots with expert -1 add 0."""
     pos_TK, row_slot_R, _, ends_E = ops.call(ops.sort_slots, expert_idx_TK, w_in.shape[0])
-    return _FusedExperts.apply(x_TH, weights_TK, w_in, w_out, pos_TK, row_slot_R, ends_E, save_rows)
+    return _FusedExperts.apply(
+        x_TH, weights_TK, w_in, w_out, pos_TK, row_slot_R, ends_E, save_rows, save_act
+    )
