@@ -16,9 +16,10 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def time_ms(fn, warmup: int = 3, iters: int = 10) -> dict:
-    """Median / min / max milliseconds of fn(). CUDA: events around each call after warm-up; CPU:
-    wall clock."""
+def time_ms(fn, warmup: int = 3, iters: int = 10, calls: int = 1) -> dict:
+    """Median / min / max milliseconds per fn() call. CUDA: events around `calls` calls issued
+    back to back (no wait between them: with calls > 1 the host's launch overhead overlaps
+    queued GPU work, as in a training loop), after warm-up; CPU: wall clock."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -27,40 +28,23 @@ def time_ms(fn, warmup: int = 3, iters: int = 10) -> dict:
         for _ in range(iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
             end.synchronize()
-            samples.append(start.elapsed_time(end))
+            samples.append(start.elapsed_time(end) / calls)
     else:
         for _ in range(iters):
             t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(calls):
+                fn()
+            samples.append((time.perf_counter() - t0) * 1e3 / calls)
     return {
         "median_ms": statistics.median(samples),
         "min_ms": min(samples),
         "max_ms": max(samples),
         "iters": iters,
     }
-
-
-def back_to_back_ms(fn, steps: int = 5, iters: int = 10) -> float | None:
-    """Median milliseconds per fn() over `steps` calls between two events, with no wait between
-    them (None on CPU): as a training loop issues layers and steps, the host prepares the next
-    call while the GPU runs this one, so host overhead hides wherever the GPU has work queued."""
-    if not torch.cuda.is_available():
-        return None
-    samples = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / steps)
-    return statistics.median(samples)
 
 
 def host_ms(fn, iters: int = 10) -> float | None:

@@ -58,10 +58,7 @@ def main(argv=None):
     cuda = torch.cuda.is_available() and not args.smoke
     dev, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     iters, warmup, reps = (args.iters, 5, REPS) if cuda else (1, 0, 1)
-
-    def per_call(fn) -> dict:
-        r = time_ms(lambda: [fn() for _ in range(reps)], warmup=warmup, iters=iters)
-        return {k: v / reps if k.endswith("_ms") else v for k, v in r.items()}
+    per_call = lambda fn: time_ms(fn, warmup=warmup, iters=iters, calls=reps)  # noqa: E731
 
     table = SMOKE_SHAPES if args.smoke else SHAPES
     sonic = _sonic_gather_sum() if cuda else None
@@ -80,7 +77,7 @@ def main(argv=None):
 
         def one_tile(block):
             out = torch.empty_like(x)
-            KP = max(triton_pow2(K), 2)
+            KP = max(ops._pow2(K), 2)
             meta = dict(BLOCK_K=KP, BLOCK_H=block, COLS=block)
             reduce_rows_kernel[(T, -(-H // block))](
                 y, pos, out, out, out, H, K=K, KP=KP, HAS_VALS=False, **meta
@@ -158,10 +155,6 @@ def main(argv=None):
         name_out = "row_kernels_smoke" if args.smoke else "row_kernels_h200"
         save_results(name_out, {"reps_per_sample": reps, "results": results}, args.out)
     return results
-
-
-def triton_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def _sonic_gather_sum():

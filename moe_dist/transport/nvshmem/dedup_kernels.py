@@ -165,9 +165,19 @@ def push_pairs_kernel(
 
 
 @triton.jit
-def _row_of_block(vec, j, RB: tl.constexpr):
+def row_of_block(vec, j, RB: tl.constexpr):
     """Element j of a [RB] vector, as a scalar (no memory access)."""
     return tl.sum(tl.where(tl.arange(0, RB) == j, vec, 0), 0)
+
+
+@triton.jit
+def pairs_with_slots_here(local_meta_ptr, in_range, q_vec, K, KB: tl.constexpr):
+    """[RB] int32: 1 where staged pair q kept a slot on this PE (a position >= 0 in local_meta),
+    the pairs that reduce and return."""
+    kk = tl.arange(0, KB)
+    pos2 = tl.load(local_meta_ptr + q_vec[:, None] * K + kk[None, :],
+                   mask=in_range[:, None] & (kk < K)[None, :], other=-1)  # fmt: skip
+    return (tl.max(pos2, 1) >= 0).to(tl.int32)
 
 
 @triton.jit
@@ -232,8 +242,8 @@ def expand_pairs_kernel(
             tl.store(local_w_ptr + q_vec[:, None] * K + kk[None, :], w2, mask=st2)
         if tl.max(valid_vec.to(tl.int32), 0) > 0:
             for j in range(RB):
-                if _row_of_block(valid_vec.to(tl.int32), j, RB) > 0:
-                    q = _row_of_block(q_vec, j, RB)
+                if row_of_block(valid_vec.to(tl.int32), j, RB) > 0:
+                    q = row_of_block(q_vec, j, RB)
                     p_vec = tl.load(staging_meta_ptr + q * (K + 1) + 1 + kk, mask=km, other=-1)
                     dots = tl.zeros([KB], dtype=tl.float32)
                     for chunk in range(chunks):
@@ -295,13 +305,11 @@ def reduce_pairs_kernel(
     km = kk < K
     for blk in range(tl.program_id(0), tl.cdiv(Q - T_max, RB), tl.num_programs(0)):
         in_range, q_vec = peer_pairs_block(blk, me, T_max, Q, RB)
-        pos2 = tl.load(local_meta_ptr + q_vec[:, None] * K + kk[None, :],
-                       mask=in_range[:, None] & km[None, :], other=-1)  # fmt: skip
-        has_vec = (tl.max(pos2, 1) >= 0).to(tl.int32)
+        has_vec = pairs_with_slots_here(local_meta_ptr, in_range, q_vec, K, KB)
         if tl.max(has_vec, 0) > 0:
             for j in range(RB):
-                if _row_of_block(has_vec, j, RB) > 0:
-                    q = _row_of_block(q_vec, j, RB)
+                if row_of_block(has_vec, j, RB) > 0:
+                    q = row_of_block(q_vec, j, RB)
                     p_vec = tl.load(local_meta_ptr + q * K + kk, mask=km, other=-1)
                     owner = q // T_max
                     row = me * T_max + q % T_max

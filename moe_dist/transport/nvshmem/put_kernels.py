@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dedup_kernels import peer_pairs_block
+from .dedup_kernels import pairs_with_slots_here, peer_pairs_block, row_of_block
 from .device_lib import put_block_nbi, put_signal_block, quiet, signal_set
 
 
@@ -254,19 +254,15 @@ def put_pair_returns_kernel(
     each pair q with slots here whose owner (q // T_max) is a put peer: send staging row q -> the
     owner's return staging row me * T_max + q % T_max (with SEND_W, its K weight gradients into
     the owner's ret_w). Pairs with no slot here were not sent and do not move."""
-    kk = tl.arange(0, KB)
-    km = kk < K
     for blk in range(tl.program_id(0), tl.cdiv(Q - T_max, RB), tl.num_programs(0)):
         in_range, q_vec = peer_pairs_block(blk, me, T_max, Q, RB)
-        pos2 = tl.load(local_meta_ptr + q_vec[:, None] * K + kk[None, :],
-                       mask=in_range[:, None] & km[None, :], other=-1)  # fmt: skip
-        owner_vec = q_vec // T_max
-        put_vec = tl.load(via_put_ptr + owner_vec, mask=in_range, other=0)
-        send_vec = ((tl.max(pos2, 1) >= 0) & (put_vec != 0)).to(tl.int32)
+        has_vec = pairs_with_slots_here(local_meta_ptr, in_range, q_vec, K, KB)
+        put_vec = tl.load(via_put_ptr + q_vec // T_max, mask=in_range, other=0)
+        send_vec = ((has_vec != 0) & (put_vec != 0)).to(tl.int32)
         if tl.max(send_vec, 0) > 0:
             for j in range(RB):
-                if tl.sum(tl.where(tl.arange(0, RB) == j, send_vec, 0), 0) > 0:
-                    q = tl.sum(tl.where(tl.arange(0, RB) == j, q_vec, 0), 0)
+                if row_of_block(send_vec, j, RB) > 0:
+                    q = row_of_block(q_vec, j, RB)
                     owner = q // T_max
                     pe = tl.load(peer_pe_ptr + owner).to(tl.int32)
                     dst = me * T_max + q % T_max
