@@ -2,9 +2,10 @@
 peers in the same run:
 
 fused       MoELayer, transport "local", the fused expert path (experts/fused; default on CUDA)
-fused_lowmem  the same, keeping x instead of its K expert-major copies (gathers again in backward)
-fused_lean  fused_lowmem that also recomputes a = w * silu(gate) * up in the SwiGLU backward (dh
-            over h): the least memory held for backward
+            with its default memory setting: it keeps x and h for backward (not x's K
+            expert-major copies, not a = w * silu(gate) * up: gathered and recomputed in backward)
+fused_save_all  the same keeping x's expert-major rows, h and a: less work in backward, more
+            memory held (the default until 2026-12-02)
 previous    the same layer and weights through the unfused path (argsort, K-fold gathers, weighted
             sum): transport.fused = False
 sonicmoe    SonicMoE (sonic-moe, quack / CUTLASS DSL) with the same expert weights, when installed
@@ -134,7 +135,7 @@ def held_for_backward_mb(step) -> float | None:
     return held / 2**20
 
 
-def moe_dist_step(layer, x, grad, fused: bool, save_rows=True, save_act=True) -> Step:
+def moe_dist_step(layer, x, grad, fused: bool, save_rows: bool, save_act: bool) -> Step:
     def prepare():
         layer.transport.fused = layer.router.fused_routing = fused
         layer.transport.fused_save_rows = save_rows
@@ -158,8 +159,9 @@ def check_moe_dist(layer, x, grad, device, smoke):
         layer.transport.fused = layer.router.fused_routing = False
         err["previous_out_vs_hf_loop"] = rel(layer(x).output, ref)
     watched = [x, layer.router.weight, layer.experts.w_in, layer.experts.w_out]
-    g_prev = grads_of(moe_dist_step(layer, x, grad, False), watched)
-    g_fused = grads_of(moe_dist_step(layer, x, grad, True), watched)
+    keep = layer.transport.fused_save_rows, layer.transport.fused_save_act
+    g_prev = grads_of(moe_dist_step(layer, x, grad, False, *keep), watched)
+    g_fused = grads_of(moe_dist_step(layer, x, grad, True, *keep), watched)
     for name, a, b in zip(("dx", "drouter", "dw_in", "dw_out"), g_fused, g_prev):
         err[f"fused_{name}_vs_previous"] = rel(a, b)
     bad = {k: v for k, v in err.items() if not v < tol * (5 if "drouter" in k else 1)}
@@ -236,8 +238,12 @@ def deepspeed_variant(layer, x, grad):
     return Step(lambda: ds(x.unsqueeze(0))[0].squeeze(0), [x, *ds.parameters()], grad)
 
 
-def kernels_per_step(fn, device) -> tuple[int, list]:
-    """CUDA kernels one call of fn launches, and the top kernels by time."""
+def kernels_per_step(fn, device) -> dict:
+    """One profiled call of fn: kernels launched, the top kernels by time, and where the GPU idles.
+
+    The idle figures tell a slow host (many short gaps) from a hidden sync (a few long gaps next
+    to a synchronising host call, counted in host_syncs).
+    """
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -246,16 +252,42 @@ def kernels_per_step(fn, device) -> tuple[int, list]:
         fn()
         torch.cuda.synchronize()
     cuda = torch.autograd.DeviceType.CUDA
-    kern = [e for e in prof.events() if e.device_type == cuda]
+    events = prof.events()
+    kern = [e for e in events if e.device_type == cuda]
     if not kern:  # older profilers list device events only as the CPU ops' kernels
-        kern = [k for e in prof.events() for k in getattr(e, "kernels", [])]
+        kern = [k for e in events for k in getattr(e, "kernels", [])]
     by_name: dict[str, list] = {}
     for e in kern:
         d = by_name.setdefault(e.name[:90], [0, 0.0])
         d[0] += 1
         d[1] += getattr(e, "device_time", getattr(e, "duration", 0.0)) / 1e3
     top = sorted(([n, c, round(t, 4)] for n, (c, t) in by_name.items()), key=lambda r: -r[2])
-    return len(kern), top[:25]
+    out = {"kernels_per_step": len(kern), "top_kernels": top[:25]}
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name[:60]) for e in kern if e.time_range
+    )
+    if spans:
+        busy, gaps, end, last = 0.0, [], spans[0][0], spans[0][2]
+        for start, stop, name in spans:
+            if start > end:
+                gaps.append((start - end, last, name))
+            busy += max(0.0, stop - max(start, end))
+            if stop > end:
+                end, last = stop, name
+        span = end - spans[0][0]
+        gaps.sort(reverse=True)
+        out["gpu_span_ms"] = round(span / 1e3, 4)
+        out["gpu_busy_ms"] = round(busy / 1e3, 4)
+        out["gpu_gaps"] = len(gaps)
+        out["largest_gaps"] = [[round(g / 1e3, 4), a, b] for g, a, b in gaps[:8]]
+    syncs: dict[str, int] = {}
+    for e in events:  # host calls that wait for the GPU
+        if e.device_type != cuda and (
+            "Synchronize" in e.name or "_local_scalar_dense" in e.name or e.name == "cudaMemcpy"
+        ):
+            syncs[e.name] = syncs.get(e.name, 0) + 1
+    out["host_syncs"] = syncs  # the trailing torch.cuda.synchronize() is one of them
+    return out
 
 
 def main(argv=None):
@@ -288,11 +320,12 @@ def main(argv=None):
             "checks": check_moe_dist(layer, x, grad, device, args.smoke),
         }
         log(f"{name}: checked {row['checks']}")
+        keep = layer.transport.fused_save_rows, layer.transport.fused_save_act  # the defaults
         variants = {
-            "fused": moe_dist_step(layer, x, grad, True),
-            "fused_lowmem": moe_dist_step(layer, x, grad, True, save_rows=False),
-            "fused_lean": moe_dist_step(layer, x, grad, True, save_rows=False, save_act=False),
-            "previous": moe_dist_step(layer, x, grad, False),
+            "fused": moe_dist_step(layer, x, grad, True, *keep),
+            # the fused path keeping all it can for backward: faster, more memory held
+            "fused_save_all": moe_dist_step(layer, x, grad, True, save_rows=True, save_act=True),
+            "previous": moe_dist_step(layer, x, grad, False, *keep),
             "gemm_only": routed_gemm_only(layer, x, device, dtype, balanced=False),
             "floor": routed_gemm_only(layer, x, device, dtype, balanced=True),
             "hf_loop": lambda: hf_loop_forward(layer, x).backward(grad),
@@ -331,7 +364,7 @@ def main(argv=None):
             )
             if device.type == "cuda":
                 try:
-                    r["kernels_per_step"], r["top_kernels"] = kernels_per_step(fn, device)
+                    r.update(kernels_per_step(fn, device))
                 except Exception as e:  # noqa: BLE001 - a profiler failure must not lose timings
                     r["kernels_per_step"] = None
                     log(f"{name}: {vname} profiler failed: {type(e).__name__}: {e}")
@@ -361,6 +394,12 @@ def main(argv=None):
                         else ""
                     )
                     + (f"  host {r['host_ms']:.2f} ms" if r.get("host_ms") is not None else "")
+                    + (
+                        f"  gpu idle {r['gpu_span_ms'] - r['gpu_busy_ms']:.2f} ms"
+                        f" in {r['gpu_gaps']} gaps"
+                        if "gpu_span_ms" in r
+                        else ""
+                    )
                     + (
                         f"  back-to-back {r['back_to_back_ms']:.3f} ms"
                         if r.get("back_to_back_ms") is not None

@@ -42,6 +42,7 @@ from benchmarks.plot_h200_tables import (
     transport_markdown,
     transport_title,
     value,
+    VARIANT,
 )
 from benchmarks.plot import RESULTS, finish, log_axes, panel_grid
 
@@ -134,7 +135,8 @@ def plot_layer_cost(d: dict, out: Path) -> Path:
     ):
         series = [
             (label, [(r.get(key) or {}).get(field) for r in results.values()], colour, hatch)
-            for key, label, colour, hatch in PATHS + (("fused_lowmem", LOWMEM, "C9", "xx"),)
+            for key, label, colour, hatch in PATHS
+            + tuple((k, f"moe_dist fused, {v}", "C9", "xx") for k, v in VARIANT.items())
             if any(isinstance(r.get(key), dict) and field in r[key] for r in results.values())
         ]
         bars(ax, groups, series, fmt)
@@ -142,9 +144,6 @@ def plot_layer_cost(d: dict, out: Path) -> Path:
         ax.set_ylabel(ylabel)
         ax.set_title(ylabel, fontsize=9)
     return finish(fig, axes, layer_title(d, "MoE layer cost", earlier), out / "layer_h200_cost.png")
-
-
-LOWMEM = "moe_dist fused, fused_save_rows=False"
 
 
 def plot_transport_latency(d: dict, out: Path) -> Path:

@@ -339,21 +339,31 @@ def sm_interference(tr, device, args) -> list[dict]:
         with torch.no_grad():
             comm_alone = time_ms(lambda: _round_trip(bounded, x, plan), 3, args.iters)["median_ms"]
             reps = max(1, int(round(comm_alone * 20 / max(gemm_alone, 1e-3))))
-            torch.cuda.synchronize()
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-            with torch.cuda.stream(comm_stream):
-                ev[0].record()
-                for _ in range(20):
-                    _round_trip(bounded, x, plan)
-                ev[1].record()
-            with torch.cuda.stream(gemm_stream):
-                ev[2].record()
-                for _ in range(reps):
-                    gemm()
-                ev[3].record()
-            torch.cuda.synchronize()
-        gemm_beside = ev[2].elapsed_time(ev[3]) / reps
-        comm_beside = ev[0].elapsed_time(ev[1]) / 20
+
+            def beside(carveout):
+                """(GEMM ms, transport ms) with both loops in flight; carveout: SMs the GEMM is
+                told to leave free (torch's experimental SM carveout), None: all SMs."""
+                torch.cuda.synchronize()
+                ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+                with torch.cuda.stream(comm_stream):
+                    ev[0].record()
+                    for _ in range(20):
+                        _round_trip(bounded, x, plan)
+                    ev[1].record()
+                with torch.cuda.stream(gemm_stream):
+                    set_carveout(carveout)
+                    ev[2].record()
+                    for _ in range(reps):
+                        gemm()
+                    ev[3].record()
+                    set_carveout(None)
+                torch.cuda.synchronize()
+                return ev[2].elapsed_time(ev[3]) / reps, ev[0].elapsed_time(ev[1]) / 20
+
+            gemm_beside, comm_beside = beside(None)
+            # whether a GEMM that leaves the comm SMs alone escapes the slowdown (a persistent
+            # GEMM waits for its slowest SM; the ones it shares with the transport are slowest)
+            carved = beside(n) if n < all_sms and set_carveout(None) else (None, None)
         out.append(
             {
                 "num_comm_sms": n,
@@ -362,15 +372,34 @@ def sm_interference(tr, device, args) -> list[dict]:
                 "gemm_slowdown": gemm_beside / gemm_alone,
                 "transport_alone_ms": comm_alone,
                 "transport_beside_gemm_ms": comm_beside,
+                "gemm_beside_transport_carveout_ms": carved[0],
+                "gemm_slowdown_carveout": carved[0] / gemm_alone if carved[0] else None,
+                "transport_beside_carved_gemm_ms": carved[1],
             }
         )
         print(
             f"num_comm_sms={n}: grouped GEMM {gemm_alone:.3f} -> {gemm_beside:.3f} ms beside the"
             f" transport ({gemm_beside / gemm_alone:.2f}x); transport {comm_alone:.3f} ->"
-            f" {comm_beside:.3f} ms",
+            f" {comm_beside:.3f} ms"
+            + (
+                f"; GEMM told to leave {n} SMs free: {carved[0]:.3f} ms"
+                f" ({carved[0] / gemm_alone:.2f}x)"
+                if carved[0]
+                else ""
+            ),
             flush=True,
         )
     return out
+
+
+def set_carveout(sms: int | None) -> bool:
+    """Tells torch's GEMMs to leave `sms` SMs free (None: use all); False where this torch lacks
+    the experimental knob."""
+    knob = getattr(torch._C, "_set_sm_carveout_experimental", None)
+    if knob is None:
+        return False
+    knob(sms)
+    return True
 
 
 def _round_trip(tr, x, plan):

@@ -335,10 +335,12 @@ class MoELayer(nn.Module):
         router whose bias learns records this pass's load on the device (not inside an
         activation-checkpoint recompute: that pass was recorded when it first ran)."""
         router = self.router if router is None else router
-        logits_TE = router.logits(x_TH)
         if self.cfg.check_finite:
+            logits_TE = router.logits(x_TH)
             self.check_finite(logits_TE)
-        plan = router(x_TH, logits_TE)
+            plan = router(x_TH, logits_TE)
+        else:  # the router may then fold the gate into its kernel and hold no logits
+            plan = router(x_TH)
         if self.training and router.updates_bias and not _in_backward():
             router.record_load(plan.tokens_per_expert_E)
         return plan

@@ -206,30 +206,48 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+def gate_logits(x_TH: torch.Tensor, w_EH: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """fp32 logits = x @ w^T: one bf16 GEMM with fp32 output (bf16), else fp32 copies."""
+    return _mm_f32(x_TH, w_EH.t()) if bf16 else torch.mm(x_TH.float(), w_EH.float().t())
+
+
+def gate_backward(x_TH, w_EH, grad_TE, need_x: bool, need_w: bool, bf16: bool):
+    """(dx, dw) of gate_logits. bf16: the fp32 gradient is split into two bf16 halves, so
+    dx = [hi | lo] @ [w; w] and dw = [hi | lo]^T @ x are bf16 GEMMs with fp32 accumulation,
+    accurate to ~2^-17 before the final bf16 rounding."""
+    grad_x = grad_w = None
+    if not bf16:
+        grad_TE = grad_TE.float()
+        if need_x:
+            grad_x = (grad_TE @ w_EH.float()).to(x_TH.dtype)
+        if need_w:
+            grad_w = (grad_TE.t() @ x_TH.float()).to(w_EH.dtype)
+        return grad_x, grad_w
+    E = w_EH.shape[0]
+    g_T2E = call(split_hi_lo, grad_TE.float())
+    if need_x:
+        grad_x = torch.mm(g_T2E, torch.cat([w_EH, w_EH], 0))
+    if need_w:
+        both = _mm_f32(g_T2E.t(), x_TH)
+        grad_w = (both[:E] + both[E:]).to(w_EH.dtype)
+    return grad_x, grad_w
+
+
 class Bf16GateFp32(torch.autograd.Function):
     """logits = x @ w^T for bf16 x, w on CUDA, in fp32 without fp32 copies of x or w: one bf16
     tensor-core GEMM with fp32 accumulation and output (the products of bf16 values are exact in
-    fp32, so this is the fp32 gate up to summation order). Backward: the fp32 gradient is split
-    into two bf16 halves, so dx = [hi | lo] @ [w; w] and dw = [hi | lo]^T @ x are bf16 GEMMs with
-    fp32 accumulation, accurate to ~2^-17 before the final bf16 rounding."""
+    fp32, so this is the fp32 gate up to summation order); gate_backward says how the backward
+    keeps fp32 accuracy."""
 
     @staticmethod
     def forward(ctx, x_TH, w_EH):
         ctx.save_for_backward(x_TH, w_EH)
-        return _mm_f32(x_TH, w_EH.t())
+        return gate_logits(x_TH, w_EH, bf16=True)
 
     @staticmethod
     def backward(ctx, grad_TE):
         x_TH, w_EH = ctx.saved_tensors
-        E = w_EH.shape[0]
-        g_T2E = call(split_hi_lo, grad_TE.float())
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g_T2E, torch.cat([w_EH, w_EH], 0))
-        if ctx.needs_input_grad[1]:
-            both = _mm_f32(g_T2E.t(), x_TH)
-            grad_w = (both[:E] + both[E:]).to(w_EH.dtype)
-        return grad_x, grad_w
+        return gate_backward(x_TH, w_EH, grad_TE, *ctx.needs_input_grad[:2], bf16=True)
 
 
 def bf16_gate_supported(x_TH: torch.Tensor, w_EH: torch.Tensor) -> bool:
@@ -397,5 +415,56 @@ def route_topk_fused(
     probs."""
     idx, w, probs, counts = _RouteTopK.apply(
         logits_TE, bias_E, k, mode, norm, float(top_p), float(scale), write_probs
+    )
+    return idx, w, probs if write_probs else None, counts
+
+
+class _GateRouteTopK(torch.autograd.Function):
+    """The gate and the routing kernel as one autograd node that keeps x, w and the ids, not the
+    [T, E] fp32 logits: the backward recomputes them (one small GEMM, T*H*E) before the routing
+    backward. The logits are the only [T, E] tensor a routed layer would hold until backward."""
+
+    @staticmethod
+    def forward(ctx, x_TH, w_EH, bias_E, bf16, k, mode, norm, top_p, scale, write_probs):
+        logits_TE = gate_logits(x_TH, w_EH, bf16)
+        idx, w, probs, counts = call(
+            route_topk, logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs
+        )
+        ctx.save_for_backward(x_TH, w_EH, idx)
+        ctx.bf16, ctx.args = bf16, (mode, norm, top_p, scale)
+        ctx.mark_non_differentiable(idx, counts)
+        ctx.set_materialize_grads(False)
+        return idx, w, probs, counts
+
+    @staticmethod
+    def backward(ctx, _, dw_TK, dprobs_TE, __):
+        x_TH, w_EH, idx = ctx.saved_tensors
+        if dw_TK is None and dprobs_TE is None:
+            return (None,) * 10
+        if dw_TK is None:
+            dw_TK = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
+        logits_TE = gate_logits(x_TH, w_EH, ctx.bf16)  # recomputed, as the forward computed it
+        dl_TE = call(route_topk_backward, logits_TE, idx, dw_TK, dprobs_TE, *ctx.args)
+        del logits_TE
+        need_x, need_w = ctx.needs_input_grad[:2]
+        dx, dw = gate_backward(x_TH, w_EH, dl_TE, need_x, need_w, ctx.bf16)
+        return dx, dw, None, None, None, None, None, None, None, None
+
+
+def gate_route_topk_fused(
+    x_TH: torch.Tensor,
+    w_EH: torch.Tensor,
+    bias_E: torch.Tensor,
+    k: int,
+    mode: str,
+    norm: bool,
+    top_p: float = 1.0,
+    scale: float = 1.0,
+    write_probs: bool = False,
+):
+    """route_topk_fused(x @ w^T in fp32, ...) without holding the logits until backward."""
+    bf16 = bf16_gate_supported(x_TH, w_EH)
+    idx, w, probs, counts = _GateRouteTopK.apply(
+        x_TH, w_EH, bias_E, bf16, k, mode, norm, float(top_p), float(scale), write_probs
     )
     return idx, w, probs if write_probs else None, counts

@@ -62,12 +62,14 @@ class AuxTerms:
 def aux_terms(
     probs_TE: torch.Tensor | None,
     idx_TK: torch.Tensor,
-    logits_TE: torch.Tensor,
+    logits_TE: torch.Tensor | None,
     aux_loss_coef: float,
     z_loss_coef: float,
+    num_experts: int | None = None,
 ) -> AuxTerms:
-    """The terms of one call's tokens (probs_TE may be None when aux_loss_coef is 0)."""
-    T, E = logits_TE.shape
+    """The terms of one call's tokens (probs_TE may be None when aux_loss_coef is 0, logits_TE
+    when z_loss_coef is 0: then num_experts gives E)."""
+    T, E = logits_TE.shape if logits_TE is not None else (idx_TK.shape[0], num_experts)
     slots_E = probs_sum_E = z_sum = None
     if aux_loss_coef:
         routed_TK = (idx_TK >= 0).to(probs_TE.dtype)

@@ -82,56 +82,52 @@ class Router(nn.Module):
 
     def forward(self, x_TH: torch.Tensor, logits_TE: torch.Tensor | None = None) -> RoutingPlan:
         cfg = self.cfg
-        if logits_TE is None:
-            logits_TE = self.logits(x_TH)
         k, E = cfg.top_k, cfg.num_experts
-        if self._use_kernel(logits_TE):
-            from .kernels import route_topk_fused
+        kernel = self._use_kernel(x_TH if logits_TE is None else logits_TE)
+        kernel_args = (
+            self.expert_bias,
+            k,
+            cfg.router,
+            cfg.norm_topk_prob,
+            cfg.top_p,
+            cfg.routed_scaling_factor,
+            bool(cfg.aux_loss_coef),
+        )
+        if kernel and logits_TE is None and self.bias is None and not cfg.z_loss_coef:
+            # gate + kernel as one node: no [T, E] logits held for backward (the z-loss and a
+            # gate bias need the logits themselves)
+            from .kernels import gate_route_topk_fused
 
-            idx_TK, weights_TK, probs_TE, kernel_counts_E = route_topk_fused(
-                logits_TE,
-                self.expert_bias,
-                k,
-                cfg.router,
-                cfg.norm_topk_prob,
-                cfg.top_p,
-                cfg.routed_scaling_factor,
-                write_probs=bool(cfg.aux_loss_coef),
-            )
-        elif cfg.router == "softmax":
-            bias_E = self.expert_bias if cfg.softmax_selection_bias else None
-            idx_TK, weights_TK, probs_TE = softmax_topk(logits_TE, k, cfg.norm_topk_prob, bias_E)
-        elif cfg.router == "group_limited":
-            idx_TK, weights_TK, probs_TE = group_limited_topk(
-                logits_TE, k, cfg.num_expert_groups, cfg.topk_groups, cfg.norm_topk_prob
-            )
-        elif cfg.router == "sigmoid":
-            idx_TK, weights_TK, probs_TE = sigmoid_topk(
-                logits_TE,
-                self.expert_bias,
-                k,
-                cfg.num_expert_groups,
-                cfg.topk_groups,
-                cfg.norm_topk_prob,
+            idx_TK, weights_TK, probs_TE, kernel_counts_E = gate_route_topk_fused(
+                x_TH, self.weight, *kernel_args
             )
         else:
-            idx_TK, weights_TK, probs_TE = top_p_select(logits_TE, k, cfg.top_p, cfg.norm_topk_prob)
-        if cfg.routed_scaling_factor != 1.0 and not self._use_kernel(logits_TE):
+            if logits_TE is None:
+                logits_TE = self.logits(x_TH)
+            if kernel:
+                from .kernels import route_topk_fused
+
+                idx_TK, weights_TK, probs_TE, kernel_counts_E = route_topk_fused(
+                    logits_TE, *kernel_args
+                )
+            else:
+                idx_TK, weights_TK, probs_TE = self._select(logits_TE)
+        if cfg.routed_scaling_factor != 1.0 and not kernel:
             weights_TK = weights_TK * cfg.routed_scaling_factor
 
         # The losses as sums over tokens (losses.py): several calls' plans give the loss of their
         # tokens together (joint_aux_loss), as two overlapped micro-batches need.
-        terms = aux_terms(probs_TE, idx_TK, logits_TE, cfg.aux_loss_coef, cfg.z_loss_coef)
+        terms = aux_terms(probs_TE, idx_TK, logits_TE, cfg.aux_loss_coef, cfg.z_loss_coef, E)
         aux = terms.loss()
         if aux is None:
-            aux = logits_TE.new_zeros(())
+            aux = torch.zeros((), dtype=torch.float32, device=idx_TK.device)
 
-        dropped = torch.zeros((), dtype=torch.int64, device=logits_TE.device)
+        dropped = torch.zeros((), dtype=torch.int64, device=idx_TK.device)
         if cfg.capacity_factor is not None:
             capacity = expert_capacity(idx_TK.shape[0], k, E, cfg.capacity_factor)
             idx_TK, weights_TK, dropped = drop_over_capacity(idx_TK, weights_TK, E, capacity)
 
-        if self._use_kernel(logits_TE) and cfg.capacity_factor is None:
+        if kernel and cfg.capacity_factor is None:
             tokens_per_expert_E = kernel_counts_E  # counted by the routing kernel
         else:
             tokens_per_expert_E = torch.zeros(E + 1, dtype=torch.int64, device=idx_TK.device)
@@ -154,6 +150,27 @@ class Router(nn.Module):
     def updates_bias(self) -> bool:
         """Whether this router's expert_bias learns (aux-loss-free balancing, router="sigmoid")."""
         return self.cfg.router == "sigmoid" and self.cfg.router_bias_update_rate > 0
+
+    def _select(self, logits_TE: torch.Tensor):
+        """(idx_TK, weights_TK, probs_TE) by select.py: the routers the kernel does not serve."""
+        cfg, k = self.cfg, self.cfg.top_k
+        if cfg.router == "softmax":
+            bias_E = self.expert_bias if cfg.softmax_selection_bias else None
+            return softmax_topk(logits_TE, k, cfg.norm_topk_prob, bias_E)
+        if cfg.router == "group_limited":
+            return group_limited_topk(
+                logits_TE, k, cfg.num_expert_groups, cfg.topk_groups, cfg.norm_topk_prob
+            )
+        if cfg.router == "sigmoid":
+            return sigmoid_topk(
+                logits_TE,
+                self.expert_bias,
+                k,
+                cfg.num_expert_groups,
+                cfg.topk_groups,
+                cfg.norm_topk_prob,
+            )
+        return top_p_select(logits_TE, k, cfg.top_p, cfg.norm_topk_prob)
 
     def _use_kernel(self, logits_TE: torch.Tensor) -> bool:
         """The fused kernel serves softmax, top-p and ungrouped sigmoid routing (sigmoid's

@@ -36,10 +36,10 @@ class LocalTransport(Transport):
         self.fused: bool | None = None
         # False: the fused path keeps x, not its K expert-major copies, and gathers again in
         # backward (less activation memory, one more pass).
-        self.fused_save_rows = True
+        self.fused_save_rows = False
         # False: the fused path keeps h but not a = w * silu(gate) * up; its SwiGLU backward
         # recomputes a and writes dh over h (less memory held for backward, one more [R, F] write).
-        self.fused_save_act = True
+        self.fused_save_act = False
 
     @property
     def num_local_experts(self) -> int:

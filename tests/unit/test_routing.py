@@ -139,3 +139,51 @@ def test_bias_update_moves_toward_balance():
     r = Router(cfg)
     r.update_bias(torch.tensor([10, 2, 4, 4]))  # mean 5
     torch.testing.assert_close(r.expert_bias, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
+
+
+@pytest.mark.parametrize(
+    "router,aux", [("softmax", 0.0), ("softmax", 0.01), ("sigmoid", 0.0), ("top_p", 0.0)]
+)
+def test_router_with_its_gate_folded_in_holds_no_logits_and_routes_as_the_logits_path(router, aux):
+    """Router(x) with the routing kernel (here its CPU oracle) keeps x, w and the ids for
+    backward, not the [T, E] fp32 logits (the backward recomputes them); the plan and every
+    gradient equal the path that computes the logits first."""
+    T, H, E, K = 40, 24, 12, 3
+    cfg = MoEConfig(
+        hidden_size=H,
+        ffn_hidden_size=16,
+        num_experts=E,
+        top_k=K,
+        router=router,
+        aux_loss_coef=aux,
+        **({"top_p": 0.7} if router == "top_p" else {}),
+        routed_scaling_factor=1.5,
+    )
+    torch.manual_seed(3)
+    r = Router(cfg)
+    r.fused_routing = True  # the kernel's path (on CPU: its plain-torch oracle)
+    if router == "sigmoid":
+        r.expert_bias.normal_(0, 0.1)
+    x = torch.randn(T, H, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    dw = torch.randn(T, K)
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        plan = r(x)
+    assert ((T, E), torch.float32) not in saved, saved
+    want = r(x2, r.logits(x2))
+    assert torch.equal(plan.expert_idx_TK, want.expert_idx_TK)
+    assert torch.equal(plan.tokens_per_expert_E, want.tokens_per_expert_E)
+    torch.testing.assert_close(plan.weights_TK, want.weights_TK)
+    torch.testing.assert_close(plan.aux_loss, want.aux_loss)
+    got_grads = torch.autograd.grad(
+        (plan.weights_TK * dw).sum() + plan.aux_loss, [x, r.weight], allow_unused=False
+    )
+    want_grads = torch.autograd.grad((want.weights_TK * dw).sum() + want.aux_loss, [x2, r.weight])
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

@@ -89,6 +89,7 @@ class _FusedExperts(torch.autograd.Function):
             dx_TH, dw_TK = ops.call(ops.reduce_rows, dx_RH, pos_TK, dw_R)
             dw_TK = dw_TK.to(w_S.dtype)
             del dx_RH
+        del dw_R  # [R] fp32: not held through dW_in's gather and GEMM
         dw_in = None
         if need_in:
             x_RH = x if ctx.save_rows else ops.call(ops.gather_rows, x, row_slot_R, ends_E, K)
