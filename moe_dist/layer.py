@@ -335,12 +335,9 @@ class MoELayer(nn.Module):
         router whose bias learns records this pass's load on the device (not inside an
         activation-checkpoint recompute: that pass was recorded when it first ran)."""
         router = self.router if router is None else router
+        plan = router(x_TH, check_finite=self.cfg.check_finite)
         if self.cfg.check_finite:
-            logits_TE = router.logits(x_TH)
-            self.check_finite(logits_TE)
-            plan = router(x_TH, logits_TE)
-        else:  # the router may then fold the gate into its kernel and hold no logits
-            plan = router(x_TH)
+            self.check_finite(plan.logits_finite, router, x_TH)
         if self.training and router.updates_bias and not _in_backward():
             router.record_load(plan.tokens_per_expert_E)
         return plan
@@ -401,20 +398,23 @@ class MoELayer(nn.Module):
                 f"{w.dtype}"
             )
 
-    def check_finite(self, logits_TE: torch.Tensor) -> None:
+    def check_finite(self, logits_finite: torch.Tensor, router: Router, x_TH: torch.Tensor) -> None:
         """NaN/Inf router logits (or a NaN/Inf sigmoid expert_bias) raise NonFiniteRouterLogits
-        (cfg.error_check="eager") or are recorded on the device for check_errors ("deferred")."""
+        (cfg.error_check="eager") or are recorded on the device for check_errors ("deferred").
+        logits_finite: the router's device flag (RoutingPlan.logits_finite)."""
         # The sigmoid router's bias steers selection: a NaN there (a corrupt checkpoint) would
         # send every token to one expert, so it is checked with the logits.
-        bias_E = self.router.expert_bias if self.cfg.router == "sigmoid" else None
-        bad = ~torch.isfinite(logits_TE).all()
+        bias_E = router.expert_bias if self.cfg.router == "sigmoid" else None
+        bad = ~logits_finite
         if bias_E is not None:
             bad = bad | ~torch.isfinite(bias_E).all()
         if self.cfg.error_check == "deferred":
             if self.error_flags is None:
-                self.error_flags = DeviceErrorFlags(self.name, logits_TE.device)
+                self.error_flags = DeviceErrorFlags(self.name, x_TH.device)
             self.error_flags.record(NONFINITE_LOGITS, bad, self.step)
         elif bool(bad):
+            with torch.no_grad():  # the error's details: the logits again (the router kept none)
+                logits_TE = router.logits(x_TH)
             rows = int((~torch.isfinite(logits_TE)).any(-1).sum())
             what = f"router logits contain NaN or Inf for {rows} of {logits_TE.shape[0]} tokens"
             if bias_E is not None and not bool(torch.isfinite(bias_E).all()):

@@ -425,22 +425,24 @@ class _GateRouteTopK(torch.autograd.Function):
     backward. The logits are the only [T, E] tensor a routed layer would hold until backward."""
 
     @staticmethod
-    def forward(ctx, x_TH, w_EH, bias_E, bf16, k, mode, norm, top_p, scale, write_probs):
+    def forward(ctx, x_TH, w_EH, bias_E, bf16, k, mode, norm, top_p, scale, write_probs, check):
         logits_TE = gate_logits(x_TH, w_EH, bf16)
         idx, w, probs, counts = call(
             route_topk, logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs
         )
+        # the finiteness check reads the logits here, while they exist
+        finite = torch.isfinite(logits_TE).all() if check else counts.new_empty(0, dtype=bool)
         ctx.save_for_backward(x_TH, w_EH, idx)
         ctx.bf16, ctx.args = bf16, (mode, norm, top_p, scale)
-        ctx.mark_non_differentiable(idx, counts)
+        ctx.mark_non_differentiable(idx, counts, finite)
         ctx.set_materialize_grads(False)
-        return idx, w, probs, counts
+        return idx, w, probs, counts, finite
 
     @staticmethod
-    def backward(ctx, _, dw_TK, dprobs_TE, __):
+    def backward(ctx, _, dw_TK, dprobs_TE, __, ___):
         x_TH, w_EH, idx = ctx.saved_tensors
         if dw_TK is None and dprobs_TE is None:
-            return (None,) * 10
+            return (None,) * 11
         if dw_TK is None:
             dw_TK = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
         logits_TE = gate_logits(x_TH, w_EH, ctx.bf16)  # recomputed, as the forward computed it
@@ -448,7 +450,7 @@ class _GateRouteTopK(torch.autograd.Function):
         del logits_TE
         need_x, need_w = ctx.needs_input_grad[:2]
         dx, dw = gate_backward(x_TH, w_EH, dl_TE, need_x, need_w, ctx.bf16)
-        return dx, dw, None, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None, None
 
 
 def gate_route_topk_fused(
@@ -461,10 +463,13 @@ def gate_route_topk_fused(
     top_p: float = 1.0,
     scale: float = 1.0,
     write_probs: bool = False,
+    check_finite: bool = False,
 ):
-    """route_topk_fused(x @ w^T in fp32, ...) without holding the logits until backward."""
+    """route_topk_fused(x @ w^T in fp32, ...) without holding the logits until backward; a fifth
+    result, with check_finite, says on the device whether every logit was finite (else None)."""
     bf16 = bf16_gate_supported(x_TH, w_EH)
-    idx, w, probs, counts = _GateRouteTopK.apply(
-        x_TH, w_EH, bias_E, bf16, k, mode, norm, float(top_p), float(scale), write_probs
-    )
-    return idx, w, probs if write_probs else None, counts
+    idx, w, probs, counts, finite = _GateRouteTopK.apply(
+        x_TH, w_EH, bias_E, bf16, k, mode, norm, float(top_p), float(scale), write_probs,
+        check_finite,
+    )  # fmt: skip
+    return idx, w, probs if write_probs else None, counts, finite if check_finite else None

@@ -27,6 +27,9 @@ class RoutingPlan:
     # The aux loss as sums over tokens, so several plans give their tokens' joint loss
     # (losses.joint_aux_loss); None for plans not made by a Router (or a chunk of one).
     aux_terms: AuxTerms | None = None
+    # bool scalar on the device, True when every router logit was finite; None unless the caller
+    # asked the router for it (Router(..., check_finite=True)). No host sync to compute.
+    logits_finite: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

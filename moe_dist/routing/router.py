@@ -80,8 +80,14 @@ class Router(nn.Module):
             logits_TE = _Fp32Gate.apply(x_TH, self.weight)
         return logits_TE if self.bias is None else logits_TE + self.bias.float()
 
-    def forward(self, x_TH: torch.Tensor, logits_TE: torch.Tensor | None = None) -> RoutingPlan:
+    def forward(
+        self, x_TH: torch.Tensor, logits_TE: torch.Tensor | None = None, check_finite: bool = False
+    ) -> RoutingPlan:
+        """The plan for x_TH (logits_TE: the gate's output, if the caller computed it).
+        check_finite: the plan's logits_finite says on the device whether every logit was
+        finite (no host sync)."""
         cfg = self.cfg
+        finite = None
         k, E = cfg.top_k, cfg.num_experts
         kernel = self._use_kernel(x_TH if logits_TE is None else logits_TE)
         kernel_args = (
@@ -98,12 +104,14 @@ class Router(nn.Module):
             # gate bias need the logits themselves)
             from .kernels import gate_route_topk_fused
 
-            idx_TK, weights_TK, probs_TE, kernel_counts_E = gate_route_topk_fused(
-                x_TH, self.weight, *kernel_args
+            idx_TK, weights_TK, probs_TE, kernel_counts_E, finite = gate_route_topk_fused(
+                x_TH, self.weight, *kernel_args, check_finite=check_finite
             )
         else:
             if logits_TE is None:
                 logits_TE = self.logits(x_TH)
+            if check_finite:
+                finite = torch.isfinite(logits_TE).all()
             if kernel:
                 from .kernels import route_topk_fused
 
@@ -144,6 +152,7 @@ class Router(nn.Module):
             dropped_tokens=dropped,
             may_have_unused_slots=cfg.router == "top_p" or cfg.capacity_factor is not None,
             aux_terms=terms,
+            logits_finite=finite,
         )
 
     @property

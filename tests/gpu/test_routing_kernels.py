@@ -88,3 +88,53 @@ def test_split_hi_lo_carries_fp32_through_two_bf16_halves(T, E):
     assert hl.shape == (T, 2 * E) and hl.dtype == torch.bfloat16
     back = hl[:, :E].float() + hl[:, E:].float()
     assert ((back - g).abs() <= 3e-5 * 1e-3 * 5).all()  # |g| < 5e-3
+
+
+@pytest.mark.parametrize("mode,check", [("softmax", True), ("sigmoid", False), ("top_p", True)])
+def test_gate_folded_into_the_routing_node_matches_gate_then_route(mode, check):
+    """gate_route_topk_fused(x, w) (logits recomputed in backward, never held) against the gate
+    then route_topk_fused: the same ids, weights, probabilities, counts, finiteness flag and
+    gradients of x and w (bf16 tensor-core gate on a GPU, fp32 in the interpreter)."""
+    from moe_dist.routing.kernels import (
+        bf16_gate_supported,
+        gate_logits,
+        gate_route_topk_fused,
+        route_topk_fused,
+    )
+
+    T, H, E, K = 70, 96, 24, 4
+    dtype = torch.float32 if INTERPRETED else torch.bfloat16
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(T, H, generator=gen).to(DEV, dtype)
+    w = (torch.randn(E, H, generator=gen) * 0.2).to(DEV, dtype)
+    bias = (torch.randn(E, generator=gen) * 0.1).to(DEV)
+    dw = torch.randn(T, K, generator=gen).to(DEV)
+    dp = torch.randn(T, E, generator=gen).to(DEV)
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+    bf16 = bf16_gate_supported(x, w)
+    args = (bias, K, mode, True, 0.6, 1.5, mode != "sigmoid")
+    idx, wt, probs, counts, finite = gate_route_topk_fused(xa, wa, *args, check_finite=check)
+
+    class Gate(torch.autograd.Function):  # the unfolded gate, with the same math
+        @staticmethod
+        def forward(ctx, x_, w_):
+            ctx.save_for_backward(x_, w_)
+            return gate_logits(x_, w_, bf16)
+
+        @staticmethod
+        def backward(ctx, g):
+            from moe_dist.routing.kernels import gate_backward
+
+            return gate_backward(*ctx.saved_tensors, g, True, True, bf16)
+
+    ridx, rwt, rprobs, rcounts = route_topk_fused(Gate.apply(xb, wb), *args)
+    assert torch.equal(idx, ridx) and torch.equal(counts, rcounts)
+    torch.testing.assert_close(wt, rwt, rtol=0, atol=0)
+    assert (finite is None) != check and (finite is None or bool(finite))
+    loss = (wt * dw).sum() + ((probs * dp).sum() if probs is not None else 0)
+    rloss = (rwt * dw).sum() + ((rprobs * dp).sum() if rprobs is not None else 0)
+    loss.backward()
+    rloss.backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wa.grad, wb.grad, rtol=1e-5, atol=1e-6)

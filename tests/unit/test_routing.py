@@ -174,9 +174,15 @@ def test_router_with_its_gate_folded_in_holds_no_logits_and_routes_as_the_logits
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        plan = r(x)
+        plan = r(x, check_finite=True)
     assert ((T, E), torch.float32) not in saved, saved
+    assert plan.logits_finite.item() is True
     want = r(x2, r.logits(x2))
+    assert want.logits_finite is None  # not asked for
+    with torch.no_grad():
+        poisoned = x.detach().clone()
+        poisoned[T // 2, 0] = float("nan")
+        assert r(poisoned, check_finite=True).logits_finite.item() is False
     assert torch.equal(plan.expert_idx_TK, want.expert_idx_TK)
     assert torch.equal(plan.tokens_per_expert_E, want.tokens_per_expert_E)
     torch.testing.assert_close(plan.weights_TK, want.weights_TK)

@@ -464,9 +464,9 @@ def row_chunks(H: int) -> int:
     return triton.cdiv(H, ROW_BLOCK)
 
 
-# No bound by default: on the H200 a 24-program grid made a 4096 x 7168 top-8 round trip 4.7x
-# slower (benchmarks/results/transport_1pe_h200.json); a bound pays only once the kernels keep
-# enough bytes in flight per program.
+# No bound by default: on the H200 a 24-program grid made a 4096 x 7168 top-8 round trip 4x
+# slower, 8 programs 11x (benchmarks/results/transport_1pe_h200.json); a bound pays only once the
+# kernels keep enough bytes in flight per program.
 DEFAULT_COMM_SMS = None
 
 
