@@ -394,10 +394,15 @@ class _RouteTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _, dw_TK, dprobs_TE, __):
         logits_TE, idx = ctx.saved_tensors
-        if dw_TK is None:
-            dw_TK = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
-        dl = call(route_topk_backward, logits_TE, idx, dw_TK, dprobs_TE, *ctx.args)
-        return dl, None, None, None, None, None, None, None
+        return logits_grad(logits_TE, idx, dw_TK, dprobs_TE, ctx.args), *(None,) * 7
+
+
+def logits_grad(logits_TE, idx_TK, dw_TK, dprobs_TE, args) -> torch.Tensor:
+    """d(logits) from d(weights) (None: zero) and d(probs) (None: zero); args = (mode, norm,
+    top_p, scale)."""
+    if dw_TK is None:
+        dw_TK = torch.zeros(idx_TK.shape, dtype=torch.float32, device=idx_TK.device)
+    return call(route_topk_backward, logits_TE, idx_TK, dw_TK, dprobs_TE, *args)
 
 
 def route_topk_fused(
@@ -443,10 +448,8 @@ class _GateRouteTopK(torch.autograd.Function):
         x_TH, w_EH, idx = ctx.saved_tensors
         if dw_TK is None and dprobs_TE is None:
             return (None,) * 11
-        if dw_TK is None:
-            dw_TK = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
         logits_TE = gate_logits(x_TH, w_EH, ctx.bf16)  # recomputed, as the forward computed it
-        dl_TE = call(route_topk_backward, logits_TE, idx, dw_TK, dprobs_TE, *ctx.args)
+        dl_TE = logits_grad(logits_TE, idx, dw_TK, dprobs_TE, ctx.args)
         del logits_TE
         need_x, need_w = ctx.needs_input_grad[:2]
         dx, dw = gate_backward(x_TH, w_EH, dl_TE, need_x, need_w, ctx.bf16)
