@@ -263,8 +263,8 @@ def kernels_per_step(fn, device) -> dict:
         d[1] += getattr(e, "device_time", getattr(e, "duration", 0.0)) / 1e3
     top = sorted(([n, c, round(t, 4)] for n, (c, t) in by_name.items()), key=lambda r: -r[2])
     out = {"kernels_per_step": len(kern), "top_kernels": top[:25]}
-    spans = sorted(
-        (e.time_range.start, e.time_range.end, e.name[:60]) for e in kern if e.time_range
+    spans = sorted(  # (the older profilers' kernel records have no time range)
+        (r.start, r.end, e.name[:60]) for e in kern if (r := getattr(e, "time_range", None))
     )
     if spans:
         busy, gaps, end, last = 0.0, [], spans[0][0], spans[0][2]
@@ -281,10 +281,8 @@ def kernels_per_step(fn, device) -> dict:
         out["gpu_gaps"] = len(gaps)
         out["largest_gaps"] = [[round(g / 1e3, 4), a, b] for g, a, b in gaps[:8]]
     syncs: dict[str, int] = {}
-    for e in events:  # host calls that wait for the GPU
-        if e.device_type != cuda and (
-            "Synchronize" in e.name or "_local_scalar_dense" in e.name or e.name == "cudaMemcpy"
-        ):
+    for e in events:  # CUDA runtime calls that wait for the GPU (an .item() is one of these)
+        if e.device_type != cuda and ("Synchronize" in e.name or e.name == "cudaMemcpy"):
             syncs[e.name] = syncs.get(e.name, 0) + 1
     out["host_syncs"] = syncs  # the trailing torch.cuda.synchronize() is one of them
     return out

@@ -136,7 +136,10 @@ def plot_layer_cost(d: dict, out: Path) -> Path:
         series = [
             (label, [(r.get(key) or {}).get(field) for r in results.values()], colour, hatch)
             for key, label, colour, hatch in PATHS
-            + tuple((k, f"moe_dist fused, {v}", "C9", "xx") for k, v in VARIANT.items())
+            + tuple(
+                (k, f"moe_dist fused, {v}", c, "xx")
+                for (k, v), c in zip(VARIANT.items(), ("C9", "C8"))
+            )
             if any(isinstance(r.get(key), dict) and field in r[key] for r in results.values())
         ]
         bars(ax, groups, series, fmt)

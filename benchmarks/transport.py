@@ -352,14 +352,25 @@ def sm_interference(tr, device, args) -> list[dict]:
                     ev[1].record()
                 with torch.cuda.stream(gemm_stream):
                     set_carveout(carveout)
-                    ev[2].record()
-                    for _ in range(reps):
-                        gemm()
-                    ev[3].record()
-                    set_carveout(None)
+                    try:
+                        # as many GEMMs as last as long as the transport loop, alone
+                        n_gemm = reps if carveout is None else reps_carved
+                        ev[2].record()
+                        for _ in range(n_gemm):
+                            gemm()
+                        ev[3].record()
+                    finally:
+                        set_carveout(None)
                 torch.cuda.synchronize()
-                return ev[2].elapsed_time(ev[3]) / reps, ev[0].elapsed_time(ev[1]) / 20
+                return ev[2].elapsed_time(ev[3]) / n_gemm, ev[0].elapsed_time(ev[1]) / 20
 
+            reps_carved, carved_alone = reps, None
+            if n < all_sms and set_carveout(n):
+                try:
+                    carved_alone = time_ms(gemm, warmup=3, iters=args.iters)["median_ms"]
+                finally:
+                    set_carveout(None)
+                reps_carved = max(1, int(round(comm_alone * 20 / max(carved_alone, 1e-3))))
             gemm_beside, comm_beside = beside(None)
             # whether a GEMM that leaves the comm SMs alone escapes the slowdown (a persistent
             # GEMM waits for its slowest SM; the ones it shares with the transport are slowest)
@@ -372,6 +383,7 @@ def sm_interference(tr, device, args) -> list[dict]:
                 "gemm_slowdown": gemm_beside / gemm_alone,
                 "transport_alone_ms": comm_alone,
                 "transport_beside_gemm_ms": comm_beside,
+                "gemm_alone_carveout_ms": carved_alone,
                 "gemm_beside_transport_carveout_ms": carved[0],
                 "gemm_slowdown_carveout": carved[0] / gemm_alone if carved[0] else None,
                 "transport_beside_carved_gemm_ms": carved[1],

@@ -36,6 +36,9 @@ def _scores(l_ptr, b_ptr, t, cols, T, E, MODE: tl.constexpr):
         ex = tl.where(m, tl.exp(lg - mx[:, None]), 0.0)
         s = ex / tl.sum(ex, axis=1)[:, None]
         sel = tl.where(m, s, float("-inf"))
+    # A NaN score (NaN/Inf logits or bias) ranks below every real one but above the padding, so
+    # such a row still picks K distinct experts in range; the layer's finiteness check reports it.
+    sel = tl.where(sel == sel, sel, -3.0e38)
     return s, sel
 
 
@@ -207,8 +210,10 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def gate_logits(x_TH: torch.Tensor, w_EH: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """fp32 logits = x @ w^T: one bf16 GEMM with fp32 output (bf16), else fp32 copies."""
-    return _mm_f32(x_TH, w_EH.t()) if bf16 else torch.mm(x_TH.float(), w_EH.float().t())
+    """fp32 logits = x @ w^T: one bf16 GEMM with fp32 output (bf16), else fp32 copies. Autocast
+    off: the gate stays fp32 under it, and the backward's recompute equals the forward's."""
+    with torch.autocast(x_TH.device.type, enabled=False):
+        return _mm_f32(x_TH, w_EH.t()) if bf16 else torch.mm(x_TH.float(), w_EH.float().t())
 
 
 def gate_backward(x_TH, w_EH, grad_TE, need_x: bool, need_w: bool, bf16: bool):

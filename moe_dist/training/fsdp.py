@@ -81,8 +81,8 @@ def attach_router_bias(model: nn.Module, groups, optimizer) -> RouterBiasUpdater
 def default_units(model: nn.Module) -> list[nn.Module]:
     """The entries of the model's outermost nn.ModuleLists (the transformer blocks). ModuleLists
     nested in those (a Chain-of-Experts layer's extra routers) stay inside their block's unit: a
-    router is called through `router.logits(...)`, not forward, so as a unit of its own FSDP would
-    never unshard it."""
+    router's weight is also read outside its forward (`router.logits(...)`: the Hugging Face
+    interop, expert merging), where FSDP would not unshard a unit of its own."""
     units: list[nn.Module] = []
     outer: list[str] = []
     for name, module in model.named_modules():

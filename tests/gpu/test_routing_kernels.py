@@ -138,3 +138,46 @@ def test_gate_folded_into_the_routing_node_matches_gate_then_route(mode, check):
     rloss.backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(wa.grad, wb.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["softmax", "sigmoid", "top_p"])
+def test_non_finite_logits_still_route_to_experts_in_range(mode):
+    """Rows with NaN or Inf logits (and a NaN selection bias) get K distinct ids in [0, E) (or -1
+    for top-p's unused slots), counted: nothing downstream indexes out of range before the
+    layer's finiteness check raises."""
+    from moe_dist.routing.kernels import route_topk_fused
+
+    T, E, K = 6, 5, 3
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(5)).to(DEV)
+    logits[1, 2] = float("nan")
+    logits[2] = float("nan")
+    logits[3, 0] = float("inf")
+    logits[4, 4] = float("-inf")
+    bias = torch.zeros(E, device=DEV)
+    if mode == "sigmoid":
+        bias[3] = float("nan")
+    idx, _, _, counts = route_topk_fused(logits, bias, K, mode, True, 0.6, 1.0, mode != "sigmoid")
+    used = idx >= 0
+    assert bool(((idx < E) & (idx >= -1)).all()), idx
+    assert bool(used[:, 0].all()), idx
+    for row in idx.tolist():
+        picked = [i for i in row if i >= 0]
+        assert len(set(picked)) == len(picked), idx
+    want = torch.bincount(idx[used].cpu(), minlength=E)
+    assert torch.equal(counts.cpu(), want)
+
+
+def test_layer_with_nan_logits_raises_non_finite_through_the_routing_kernel():
+    """The default eager check on the kernel's path: NonFiniteRouterLogits naming the rows, not an
+    index error (or a device-side assert) from the aux loss or the dispatch."""
+    from moe_dist import MoEConfig, MoELayer, NonFiniteRouterLogits
+
+    for router in ("softmax", "top_p", "sigmoid"):
+        extra = {"top_p": 0.7} if router == "top_p" else {}
+        cfg = MoEConfig(hidden_size=16, ffn_hidden_size=32, num_experts=4, top_k=2, router=router)
+        layer = MoELayer(cfg.replace(**extra), device=DEV)
+        layer.router.fused_routing = True
+        x = torch.randn(6, 16, device=DEV)
+        x[1, 0] = float("nan")
+        with pytest.raises(NonFiniteRouterLogits, match="1 of 6 tokens"):
+            layer(x)

@@ -193,3 +193,24 @@ def test_router_with_its_gate_folded_in_holds_no_logits_and_routes_as_the_logits
     want_grads = torch.autograd.grad((want.weights_TK * dw).sum() + want.aux_loss, [x2, r.weight])
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_folded_gate_stays_fp32_under_autocast():
+    """Under bf16 autocast the folded gate computes (and recomputes in backward) fp32 logits: the
+    same plan and gradients as without autocast."""
+    cfg = MoEConfig(hidden_size=32, ffn_hidden_size=16, num_experts=8, top_k=2)
+    torch.manual_seed(4)
+    r = Router(cfg)
+    r.fused_routing = True
+    x = torch.randn(30, 32, requires_grad=True)
+    dw = torch.randn(30, 2)
+    want = r(x)
+    want_g = torch.autograd.grad((want.weights_TK * dw).sum() + want.aux_loss, [x, r.weight])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = r(x)
+        loss = (got.weights_TK * dw).sum() + got.aux_loss
+    got_g = torch.autograd.grad(loss, [x, r.weight])
+    assert torch.equal(got.expert_idx_TK, want.expert_idx_TK)
+    torch.testing.assert_close(got.weights_TK, want.weights_TK)
+    for g, w in zip(got_g, want_g):
+        torch.testing.assert_close(g, w)
