@@ -6,7 +6,13 @@ rank holds only its own experts (torch.nn.utils.clip_grad_norm_ would see only t
 
 import torch
 
-from moe_dist import ParallelGroups, clip_grad_norm_, init_distributed, is_expert_param
+from moe_dist import (
+    ParallelGroups,
+    clip_grad_norm_,
+    exit_distributed,
+    init_distributed,
+    is_expert_param,
+)
 from moe_dist.lm import MoETransformer
 from moe_dist.training.ddp import allreduce_gradients
 from toy_data import MODEL, MOE, batch
@@ -29,5 +35,4 @@ print(
     f" {after:.4f}",
     flush=True,
 )
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+exit_distributed()  # barrier, destroy the process groups, exit (see its docstring)

@@ -7,7 +7,7 @@ group and the rest over the data-parallel group.
 
 import torch
 
-from moe_dist import ParallelGroups, init_distributed
+from moe_dist import ParallelGroups, exit_distributed, init_distributed
 from moe_dist.lm import MoETransformer
 from moe_dist.training import deepspeed as moe_ds
 from toy_data import MODEL, MOE, batch
@@ -37,5 +37,4 @@ for step in range(30):
             f"step {step:2d}: loss {out.ce_loss.item():.3f} nats/byte,"
             f" grad norm {engine.get_global_grad_norm():.3f}"
         )
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+exit_distributed()  # barrier, destroy the process groups, exit (see its docstring)

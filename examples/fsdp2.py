@@ -6,7 +6,7 @@ everything else over the data-parallel mesh (torchtitan's layout), with the glob
 
 import torch
 
-from moe_dist import ParallelGroups, clip_grad_norm_, init_distributed
+from moe_dist import ParallelGroups, clip_grad_norm_, exit_distributed, init_distributed
 from moe_dist.lm import MoETransformer
 from moe_dist.training.fsdp import shard
 from toy_data import MODEL, MOE, batch
@@ -27,5 +27,4 @@ for step in range(30):
     optimizer.zero_grad()
     if rank == 0 and step % 10 in (0, 9):
         print(f"step {step:2d}: loss {out.ce_loss.item():.3f} nats/byte, grad norm {norm:.3f}")
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+exit_distributed()  # barrier, destroy the process groups, exit (see its docstring)

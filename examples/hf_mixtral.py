@@ -10,7 +10,7 @@ with a real checkpoint call from_pretrained instead and pass the same `groups`.
 import torch
 import transformers
 
-from moe_dist import ParallelGroups, init_distributed
+from moe_dist import ParallelGroups, exit_distributed, init_distributed
 from moe_dist.extensions.interop import replace_moe_blocks
 
 rank, world, device = init_distributed()
@@ -42,5 +42,4 @@ print(
     flush=True,
 )
 assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+exit_distributed()  # barrier, destroy the process groups, exit (see its docstring)

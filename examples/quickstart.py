@@ -10,7 +10,7 @@ Legend: B batch, S sequence, H hidden.
 import torch
 import torch.nn.functional as F
 
-from moe_dist import MoEConfig, MoELayer, ParallelGroups, init_distributed
+from moe_dist import MoEConfig, MoELayer, ParallelGroups, exit_distributed, init_distributed
 from moe_dist.training.ddp import allreduce_gradients
 
 rank, world, device = init_distributed()  # reads torchrun's (or mpirun's) environment
@@ -54,5 +54,4 @@ print(
     f" transport {layer.transport.name}, device {device.type}",
     flush=True,
 )
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+exit_distributed()  # barrier, destroy the process groups, exit (see its docstring)

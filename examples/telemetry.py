@@ -6,7 +6,7 @@ local routing consistency), accumulated on the device and summed over the ranks.
 
 import torch
 
-from moe_dist import ParallelGroups, RoutingTelemetry, init_distributed
+from moe_dist import ParallelGroups, RoutingTelemetry, exit_distributed, init_distributed
 from moe_dist.lm import MoETransformer
 from moe_dist.training.ddp import allreduce_gradients
 from toy_data import MODEL, MOE, batch
@@ -30,5 +30,4 @@ if rank == 0:
     print(report.summary())
     for name, m in report.metrics().items():
         print(f"{name}: tokens per expert {m['tokens_per_expert']}")
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+exit_distributed()  # barrier, destroy the process groups, exit (see its docstring)

@@ -7,7 +7,7 @@
 import torch
 from torch import nn
 
-from moe_dist import ParallelGroups, init_distributed
+from moe_dist import ParallelGroups, exit_distributed, init_distributed
 from moe_dist.extensions.interop import all_experts_output, upcycle
 from moe_dist.training.ddp import allreduce_gradients
 
@@ -33,5 +33,4 @@ print(
     f" all experts vs dense FFN max diff {exact:.1e}; top-2 training loss {loss.item():.4f}",
     flush=True,
 )
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+exit_distributed()  # barrier, destroy the process groups, exit (see its docstring)

@@ -10,7 +10,7 @@ from .errors import (
     RankMismatch,
 )
 from .layer import MoELayer, MoEOutput, MoEPending, is_expert_param
-from .parallel import ParallelGroups, init_distributed
+from .parallel import ParallelGroups, exit_distributed, init_distributed
 
 __version__ = "0.2.0.dev0"  # the only place; pyproject.toml reads it (CHANGELOG.md)
 
@@ -44,6 +44,7 @@ __all__ = [
     "RankMismatch",
     "RoutingTelemetry",
     "clip_grad_norm_",
+    "exit_distributed",
     "init_distributed",
     "is_expert_param",
 ]

@@ -14,15 +14,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from moe_dist import MoELayer, ParallelGroups, init_distributed
+from moe_dist import MoELayer, ParallelGroups, exit_distributed, init_distributed
 
 from .cli import SIZES, TRAINER_FILE, model_configs, parse_args, preset  # noqa: F401 (re-exported)
 from moe_dist.training.router_bias import RouterBiasUpdater
@@ -486,11 +484,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # Leave without interpreter finalization: with torch 2.13 over gloo, a worker thread that drops
-    # the last collective's tensors while Python finalizes aborts the process ("terminate called
-    # without an active exception", ~AsyncBarrierWork taking the GIL) in a few percent of runs.
-    # Output is flushed, the process group destroyed; nothing is left to finalize.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_distributed(main())  # without interpreter finalisation, where gloo may abort

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -78,6 +80,20 @@ def init_distributed(
             device_id=device if backend == "nccl" else None,
         )
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def exit_distributed(code: int = 0) -> NoReturn:
+    """Ends a distributed script: every rank waits for the others, the process groups are
+    destroyed, output is flushed, and the process exits with `code` without the interpreter's
+    finalisation. With torch 2.13 over gloo, a gloo worker thread torn down during finalisation
+    aborts the process now and then ("terminate called without an active exception") after the
+    script has finished: about 1 run in 36 of examples/upcycle.py on 2 CPU processes."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _free_port() -> int:
