@@ -338,9 +338,12 @@ def sm_interference(tr, device, args) -> list[dict]:
         )  # fmt: skip
         with torch.no_grad():
             comm_alone = time_ms(lambda: _round_trip(bounded, x, plan), 3, args.iters)["median_ms"]
-            reps = max(1, int(round(comm_alone * 20 / max(gemm_alone, 1e-3))))
 
-            def beside(carveout):
+            def loops(gemm_ms):
+                """GEMMs that, alone, last as long as the 20 round trips."""
+                return max(1, int(round(comm_alone * 20 / max(gemm_ms, 1e-3))))
+
+            def beside(carveout, n_gemm):
                 """(GEMM ms, transport ms) with both loops in flight; carveout: SMs the GEMM is
                 told to leave free (torch's experimental SM carveout), None: all SMs."""
                 torch.cuda.synchronize()
@@ -353,8 +356,6 @@ def sm_interference(tr, device, args) -> list[dict]:
                 with torch.cuda.stream(gemm_stream):
                     set_carveout(carveout)
                     try:
-                        # as many GEMMs as last as long as the transport loop, alone
-                        n_gemm = reps if carveout is None else reps_carved
                         ev[2].record()
                         for _ in range(n_gemm):
                             gemm()
@@ -364,17 +365,18 @@ def sm_interference(tr, device, args) -> list[dict]:
                 torch.cuda.synchronize()
                 return ev[2].elapsed_time(ev[3]) / n_gemm, ev[0].elapsed_time(ev[1]) / 20
 
-            reps_carved, carved_alone = reps, None
+            carved_alone = None
             if n < all_sms and set_carveout(n):
                 try:
                     carved_alone = time_ms(gemm, warmup=3, iters=args.iters)["median_ms"]
                 finally:
                     set_carveout(None)
-                reps_carved = max(1, int(round(comm_alone * 20 / max(carved_alone, 1e-3))))
-            gemm_beside, comm_beside = beside(None)
+            gemm_beside, comm_beside = beside(None, loops(gemm_alone))
             # whether a GEMM that leaves the comm SMs alone escapes the slowdown (a persistent
             # GEMM waits for its slowest SM; the ones it shares with the transport are slowest)
-            carved = beside(n) if n < all_sms and set_carveout(None) else (None, None)
+            carved = (None, None)
+            if carved_alone is not None:
+                carved = beside(n, loops(carved_alone))
         out.append(
             {
                 "num_comm_sms": n,
