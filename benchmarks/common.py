@@ -3,6 +3,7 @@ result files that say where and when they were measured."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -96,6 +97,27 @@ def environment() -> dict:
     if torch.cuda.is_available():
         env["cuda"] = torch.version.cuda
     return env
+
+
+def kernel_bench_cli(doc: str, argv, iters: int, warmup: int, reps: int):
+    """The command line of a kernel benchmark: --smoke (tiny shapes in Triton's interpreter on
+    CPU), --shapes, --iters, --out. Call it before importing any Triton kernel (the interpreter is
+    chosen when a kernel is defined). Returns (args, cuda, device, dtype, timed): timed(fn) is
+    time_ms over `reps` back-to-back calls per sample on a GPU, one call on CPU."""
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's interpreter")
+    p.add_argument("--shapes", default=None, help="comma-separated names (default: all)")
+    p.add_argument("--iters", type=int, default=iters)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    cuda = torch.cuda.is_available() and not args.smoke
+    dev, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    n, w, r = (args.iters, warmup, reps) if cuda else (1, 0, 1)
+    return args, cuda, dev, dt, lambda fn: time_ms(fn, warmup=w, iters=n, calls=r)
 
 
 def save_results(name: str, payload: dict, out_dir: str | os.PathLike | None) -> Path | None:

@@ -20,8 +20,6 @@ autotuned ops' Python path, overlaps the kernels instead of adding to them).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 SHAPES = {  # tokens, hidden, top-k, experts
@@ -38,27 +36,15 @@ REPS = 10  # calls per timed sample on a GPU
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's interpreter")
-    p.add_argument("--shapes", default=None, help="comma-separated names (default: all)")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    if args.smoke:  # before the fused ops are imported: they read it once
-        os.environ["TRITON_INTERPRET"] = "1"
+    from benchmarks.common import kernel_bench_cli, save_results
+
+    args, cuda, dev, dt, per_call = kernel_bench_cli(__doc__, argv, iters=20, warmup=5, reps=REPS)
+    reps = REPS if cuda else 1
     import torch
 
-    from benchmarks.common import save_results, time_ms
     from moe_dist.experts.fused import ops
     from moe_dist.experts.fused import reference as ref
     from moe_dist.experts.fused.kernels import reduce_rows_kernel
-
-    cuda = torch.cuda.is_available() and not args.smoke
-    dev, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    iters, warmup, reps = (args.iters, 5, REPS) if cuda else (1, 0, 1)
-    per_call = lambda fn: time_ms(fn, warmup=warmup, iters=iters, calls=reps)  # noqa: E731
 
     table = SMOKE_SHAPES if args.smoke else SHAPES
     sonic = _sonic_gather_sum() if cuda else None

@@ -18,6 +18,7 @@ BENCHMARKS = [
     "compression_report",
     "sweep",
     "row_kernels",
+    "gather_gemm",
     "host_profile",
 ]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
