@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from .model import ModelConfig, check_microbatch_overlap
 
 PROG = "python -m moe_dist.lm.train"
 TENSORBOARD_PIN = "tensorboard==2.21.0"
+SILENT_RANK_EXIT_DELAY_S = 10.0  # bounds the wait of a rank that fails without printing
 
 # rows_per_rank: sequences per data-parallel rank (the global batch scales with the world).
 SIZES = {
@@ -114,6 +116,10 @@ class TrainerArgumentParser(argparse.ArgumentParser):
         local_rank = os.environ.get("LOCAL_RANK") or os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK")
         if local_rank in (None, "0"):
             print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+        else:
+            # The launcher kills the others as soon as one rank exits: a silent rank that exited
+            # first would take local rank 0 down before it printed. Rank 0's exit ends the wait.
+            time.sleep(SILENT_RANK_EXIT_DELAY_S)
         sys.exit(2)
 
 

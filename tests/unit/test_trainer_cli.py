@@ -106,17 +106,25 @@ def test_bad_flag_in_a_real_process(flags, world, message):
     assert message in lines[0], lines
 
 
-def test_other_local_ranks_stay_silent():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "moe_dist.lm.train", "--steps", "0"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2 and proc.stdout + proc.stderr == "", proc
+def test_other_local_ranks_stay_silent_and_let_rank_0_exit_first(monkeypatch, capsys):
+    """A rank that does not print waits before it exits: torchrun kills every rank once one
+    exits, and a silent rank that went first took local rank 0 down before it printed (seen in
+    test_deepspeed_trainer_loss_falls_and_resume_repeats_the_curve: no error line at all)."""
+    from moe_dist.lm import cli
+
+    waits = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["--steps", "0"])
+    out = capsys.readouterr()
+    assert exit_info.value.code == 2 and out.out + out.err == "", out
+    assert waits == [cli.SILENT_RANK_EXIT_DELAY_S]
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--steps", "0"])
+    assert waits == [cli.SILENT_RANK_EXIT_DELAY_S], "local rank 0 prints and exits at once"
 
 
 def test_tensorboard_missing_names_the_pip_line(monkeypatch, tmp_path):
