@@ -103,7 +103,7 @@ def kernel_bench_cli(doc: str, argv, iters: int, warmup: int, reps: int):
     """The command line of a kernel benchmark: --smoke (tiny shapes in Triton's interpreter on
     CPU), --shapes, --iters, --out. Call it before importing any Triton kernel (the interpreter is
     chosen when a kernel is defined). Returns (args, cuda, device, dtype, timed): timed(fn) is
-    time_ms over `reps` back-to-back calls per sample on a GPU, one call on CPU."""
+    time_ms over args.reps back-to-back calls per sample (`reps` on a GPU, one call on CPU)."""
     p = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -116,8 +116,8 @@ def kernel_bench_cli(doc: str, argv, iters: int, warmup: int, reps: int):
         os.environ["TRITON_INTERPRET"] = "1"
     cuda = torch.cuda.is_available() and not args.smoke
     dev, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    n, w, r = (args.iters, warmup, reps) if cuda else (1, 0, 1)
-    return args, cuda, dev, dt, lambda fn: time_ms(fn, warmup=w, iters=n, calls=r)
+    n, w, args.reps = (args.iters, warmup, reps) if cuda else (1, 0, 1)
+    return args, cuda, dev, dt, lambda fn: time_ms(fn, warmup=w, iters=n, calls=args.reps)
 
 
 def save_results(name: str, payload: dict, out_dir: str | os.PathLike | None) -> Path | None:

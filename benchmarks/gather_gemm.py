@@ -133,7 +133,7 @@ def main(argv=None):
             flush=True,
         )
         out_name = "gather_gemm_smoke" if args.smoke else "gather_gemm_h200"
-        save_results(out_name, {"reps_per_sample": REPS if cuda else 1, "results": results}, args.out)
+        save_results(out_name, {"reps_per_sample": args.reps, "results": results}, args.out)
     return results
 
 

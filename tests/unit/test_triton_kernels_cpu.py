@@ -34,7 +34,7 @@ def interpreter_works() -> str | None:
     return None
 
 
-# longest first: the runs share the machine's cores (test_interpreter_runs)
+# longest first: the runs share the machine's cores (the interpreter_runs fixture)
 INTERPRETED_FILES = [
     "test_nvshmem_headers_emulated.py",
     "test_nvshmem_transport_emulated.py",
