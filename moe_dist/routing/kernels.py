@@ -1,7 +1,9 @@
 """Routing in one kernel each way: fp32 gate logits -> scores (softmax | sigmoid + bias | top-p) ->
-top-k ids and combine weights (normalised, scaled) [-> probabilities for the load-balancing loss];
-the backward turns d(weights) [+ d(probs)] into d(logits) in one pass. Same semantics as
-select.py (ties: the lower expert id wins); group-limited routing stays on select.py.
+top-k ids and combine weights (normalised, scaled) [-> probabilities for the load-balancing loss]
+-> per-expert counts and the counting sort's histogram rows (so the fused path's sort is one rank
+kernel: routing metadata in two kernels); the backward turns d(weights) [+ d(probs)] into
+d(logits) in one pass. Same semantics as select.py (ties: the lower expert id wins);
+group-limited routing stays on select.py.
 
 Legend: T tokens, E experts, EP a power of two >= E, K slots per token, BT tokens per program.
 """
@@ -50,6 +52,7 @@ def route_topk_kernel(
     w_ptr,
     probs_ptr,
     counts_ptr,
+    hist_ptr,
     T,
     E,
     top_p,
@@ -61,10 +64,13 @@ def route_topk_kernel(
     MODE: tl.constexpr,
     NORM: tl.constexpr,
     WRITE_PROBS: tl.constexpr,
+    HIST_BINS: tl.constexpr,
 ):
     """Top-k by K rounds of (max, lowest index attaining it); the chosen ids and weights build up
     in [BT, KP] register tiles, are normalised there and stored once; counts[e] += the block's
-    slots of expert e (one atomic per expert per program)."""
+    slots of expert e (one atomic per expert per program). With HIST_BINS > 0 also the counting
+    sort's histogram row of this program's BT * K slots (bin E: unused slots), so the sort
+    (experts/fused/ops.sort_slots) needs no histogram pass of its own."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.arange(0, EP)
     kc = tl.arange(0, KP)
@@ -102,6 +108,10 @@ def route_topk_kernel(
     hist = tl.histogram(tl.reshape(tl.where(routed, idx_tile, 0), [BT * KP]), EP,
                         mask=tl.reshape(routed, [BT * KP]))  # fmt: skip
     tl.atomic_add(counts_ptr + cols, hist.to(tl.int64), mask=cols < E)
+    if HIST_BINS > 0:
+        bins = tl.reshape(tl.where(idx_tile >= 0, idx_tile, E), [BT * KP])
+        row = tl.histogram(bins, HIST_BINS, mask=tl.reshape(om, [BT * KP]))
+        tl.store(hist_ptr + tl.program_id(0) * HIST_BINS + tl.arange(0, HIST_BINS), row)
 
 
 @triton.jit
@@ -308,6 +318,34 @@ def _reference_backward(logits_TE, idx_TK, dw_TK, dprobs_TE, mode, norm, scale):
     return s_TE * (ds_TE - (ds_TE * s_TE).sum(-1, keepdim=True))
 
 
+def slot_hist_block(num_tokens: int, num_experts: int, k: int) -> int:
+    """Slots per block of the counting-sort histogram the routing kernel writes (its BT tokens'
+    slots), or 0 where that histogram would be too long for the sort's rank programs to scan:
+    then the routing kernel writes none and the sort counts for itself."""
+    from ..experts.fused.ops import hist_fits_scan
+
+    BT = _meta(num_experts, k)[1]
+    return BT * k if hist_fits_scan(triton.cdiv(num_tokens, BT), num_experts) else 0
+
+
+def _hist_shape(T: int, E: int, k: int, write_hist: bool) -> tuple[int, ...]:
+    from ..experts.fused.ops import slot_bins
+
+    block = slot_hist_block(T, E, k) if write_hist else 0
+    return (triton.cdiv(T * k, block), slot_bins(E)) if block else (0,)
+
+
+def _reference_hist(idx_TK: torch.Tensor, E: int, block: int, shape) -> torch.Tensor:
+    """The kernel's histogram in plain torch: slots of each block of `block` slots per expert
+    (bin E: unused slots); `shape` (0,) for none."""
+    hist = torch.zeros(shape, dtype=torch.int32, device=idx_TK.device)
+    if len(shape) == 2 and idx_TK.numel():
+        bins = torch.where(idx_TK >= 0, idx_TK, E).reshape(-1)
+        blocks = torch.arange(bins.numel(), device=bins.device) // block
+        hist.index_put_((blocks, bins), torch.ones_like(bins, dtype=torch.int32), accumulate=True)
+    return hist
+
+
 @custom_op("route_topk")
 def route_topk(
     logits_TE: torch.Tensor,
@@ -318,30 +356,36 @@ def route_topk(
     top_p: float,
     scale: float,
     write_probs: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    write_hist: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(idx_TK int64, weights_TK fp32, probs_TE fp32 (empty unless write_probs), counts_E int64:
-    routed slots per expert)."""
+    routed slots per expert, slot_hist int32: with write_hist, the counting sort's histogram of
+    blocks of slot_hist_block(T, E, k) slots (empty where that is 0))."""
     T, E = logits_TE.shape
     counts = torch.zeros(E, dtype=torch.int64, device=logits_TE.device)
+    hist_shape = _hist_shape(T, E, k, write_hist)
     if not _use_triton(logits_TE):
         idx, w, probs = _reference(logits_TE, bias_E, k, mode, norm, top_p, scale)
         counts.scatter_add_(0, idx.clamp(min=0).reshape(-1), (idx >= 0).long().reshape(-1))
-        return idx, w, probs if write_probs else probs.new_empty(0), counts
+        hist = _reference_hist(idx, E, slot_hist_block(T, E, k) if write_hist else 0, hist_shape)
+        return idx, w, probs if write_probs else probs.new_empty(0), counts, hist
     logits_TE = logits_TE.contiguous()
     idx = torch.empty(T, k, dtype=torch.int64, device=logits_TE.device)
     w = torch.empty(T, k, dtype=torch.float32, device=logits_TE.device)
     probs = logits_TE.new_empty((T, E) if write_probs else (0,))
+    hist = torch.empty(hist_shape, dtype=torch.int32, device=logits_TE.device)
     EP, BT = _meta(E, k)
     if T:
         route_topk_kernel[(triton.cdiv(T, BT),)](
-            logits_TE, bias_E, idx, w, probs, counts, T, E, top_p, scale,
+            logits_TE, bias_E, idx, w, probs, counts, hist, T, E, top_p, scale,
             K=k, KP=_kp(k), EP=EP, BT=BT, MODE=MODES[mode], NORM=norm, WRITE_PROBS=write_probs,
+            HIST_BINS=hist_shape[1] if len(hist_shape) == 2 else 0,
         )  # fmt: skip
-    return idx, w, probs, counts
+    return idx, w, probs, counts, hist
 
 
 @route_topk.register_fake
-def _(logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs):
+def _(logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs, write_hist):
     T, E = logits_TE.shape
     new = logits_TE.new_empty
     return (
@@ -349,6 +393,7 @@ def _(logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs):
         new(T, k, dtype=torch.float32),
         new((T, E) if write_probs else (0,)),
         new(E, dtype=torch.int64),
+        new(_hist_shape(T, E, k, write_hist), dtype=torch.int32),
     )
 
 
@@ -386,20 +431,20 @@ def _(logits_TE, idx_TK, dw_TK, dprobs_TE, mode, norm, top_p, scale):
 
 class _RouteTopK(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs):
-        idx, w, probs, counts = call(
-            route_topk, logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs
+    def forward(ctx, logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs, write_hist):
+        idx, w, probs, counts, hist = call(
+            route_topk, logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs, write_hist
         )
         ctx.save_for_backward(logits_TE, idx)  # not the bias: it only steers selection
         ctx.args = (mode, norm, top_p, scale)
-        ctx.mark_non_differentiable(idx, counts)
+        ctx.mark_non_differentiable(idx, counts, hist)
         ctx.set_materialize_grads(False)
-        return idx, w, probs, counts
+        return idx, w, probs, counts, hist
 
     @staticmethod
-    def backward(ctx, _, dw_TK, dprobs_TE, __):
+    def backward(ctx, _, dw_TK, dprobs_TE, __, ___):
         logits_TE, idx = ctx.saved_tensors
-        return logits_grad(logits_TE, idx, dw_TK, dprobs_TE, ctx.args), *(None,) * 7
+        return logits_grad(logits_TE, idx, dw_TK, dprobs_TE, ctx.args), *(None,) * 8
 
 
 def logits_grad(logits_TE, idx_TK, dw_TK, dprobs_TE, args) -> torch.Tensor:
@@ -419,14 +464,16 @@ def route_topk_fused(
     top_p: float = 1.0,
     scale: float = 1.0,
     write_probs: bool = False,
+    write_hist: bool = False,
 ):
-    """(idx_TK, weights_TK, probs_TE or None, counts_E) as select.py computes them, weights already
-    scaled, counts = routed slots per expert; differentiable in logits through weights and
-    probs."""
-    idx, w, probs, counts = _RouteTopK.apply(
-        logits_TE, bias_E, k, mode, norm, float(top_p), float(scale), write_probs
+    """(idx_TK, weights_TK, probs_TE or None, counts_E, slot_hist or None) as select.py computes
+    them, weights already scaled, counts = routed slots per expert, slot_hist the counting sort's
+    histogram (write_hist; None where slot_hist_block is 0); differentiable in logits through
+    weights and probs."""
+    idx, w, probs, counts, hist = _RouteTopK.apply(
+        logits_TE, bias_E, k, mode, norm, float(top_p), float(scale), write_probs, write_hist
     )
-    return idx, w, probs if write_probs else None, counts
+    return idx, w, probs if write_probs else None, counts, hist if hist.dim() == 2 else None
 
 
 class _GateRouteTopK(torch.autograd.Function):
@@ -435,30 +482,32 @@ class _GateRouteTopK(torch.autograd.Function):
     backward. The logits are the only [T, E] tensor a routed layer would hold until backward."""
 
     @staticmethod
-    def forward(ctx, x_TH, w_EH, bias_E, bf16, k, mode, norm, top_p, scale, write_probs, check):
+    def forward(
+        ctx, x_TH, w_EH, bias_E, bf16, k, mode, norm, top_p, scale, write_probs, check, hist
+    ):
         logits_TE = gate_logits(x_TH, w_EH, bf16)
-        idx, w, probs, counts = call(
-            route_topk, logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs
+        idx, w, probs, counts, hist = call(
+            route_topk, logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs, hist
         )
         # the finiteness check reads the logits here, while they exist
         finite = torch.isfinite(logits_TE).all() if check else counts.new_empty(0, dtype=bool)
         ctx.save_for_backward(x_TH, w_EH, idx)
         ctx.bf16, ctx.args = bf16, (mode, norm, top_p, scale)
-        ctx.mark_non_differentiable(idx, counts, finite)
+        ctx.mark_non_differentiable(idx, counts, finite, hist)
         ctx.set_materialize_grads(False)
-        return idx, w, probs, counts, finite
+        return idx, w, probs, counts, finite, hist
 
     @staticmethod
-    def backward(ctx, _, dw_TK, dprobs_TE, __, ___):
+    def backward(ctx, _, dw_TK, dprobs_TE, __, ___, ____):
         x_TH, w_EH, idx = ctx.saved_tensors
         if dw_TK is None and dprobs_TE is None:
-            return (None,) * 11
+            return (None,) * 12
         logits_TE = gate_logits(x_TH, w_EH, ctx.bf16)  # recomputed, as the forward computed it
         dl_TE = logits_grad(logits_TE, idx, dw_TK, dprobs_TE, ctx.args)
         del logits_TE
         need_x, need_w = ctx.needs_input_grad[:2]
         dx, dw = gate_backward(x_TH, w_EH, dl_TE, need_x, need_w, ctx.bf16)
-        return dx, dw, None, None, None, None, None, None, None, None, None
+        return dx, dw, *(None,) * 10
 
 
 def gate_route_topk_fused(
@@ -472,12 +521,21 @@ def gate_route_topk_fused(
     scale: float = 1.0,
     write_probs: bool = False,
     check_finite: bool = False,
+    write_hist: bool = False,
 ):
-    """route_topk_fused(x @ w^T in fp32, ...) without holding the logits until backward; a fifth
-    result, with check_finite, says on the device whether every logit was finite (else None)."""
+    """route_topk_fused(x @ w^T in fp32, ...) without holding the logits until backward: (idx_TK,
+    weights_TK, probs_TE or None, counts_E, finite or None, slot_hist or None); finite, with
+    check_finite, says on the device whether every logit was finite."""
     bf16 = bf16_gate_supported(x_TH, w_EH)
-    idx, w, probs, counts, finite = _GateRouteTopK.apply(
+    idx, w, probs, counts, finite, hist = _GateRouteTopK.apply(
         x_TH, w_EH, bias_E, bf16, k, mode, norm, float(top_p), float(scale), write_probs,
-        check_finite,
+        check_finite, write_hist,
     )  # fmt: skip
-    return idx, w, probs if write_probs else None, counts, finite if check_finite else None
+    return (
+        idx,
+        w,
+        probs if write_probs else None,
+        counts,
+        finite if check_finite else None,
+        hist if hist.dim() == 2 else None,
+    )

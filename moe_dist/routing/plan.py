@@ -13,6 +13,21 @@ from .losses import AuxTerms
 
 
 @dataclass(frozen=True)
+class SlotHistogram:
+    """The counting sort's histogram of a plan's slots, as the routing kernel counted them: the
+    fused expert path's sort then runs no histogram pass (experts/fused/ops.sort_slots). It
+    counts `expert_idx_TK` only: `for_ids` gives it back for that very tensor, else None, so a
+    plan whose ids were replaced (capacity drops, chunks, Llama 4's rows) sorts from scratch."""
+
+    counts: torch.Tensor  # int32 [blocks, bins]: slots of each block per expert (bin E: unused)
+    block: int  # slots per block (the routing kernel's tokens per program times K)
+    expert_idx_TK: torch.Tensor  # the ids it counts
+
+    def for_ids(self, expert_idx_TK: torch.Tensor) -> "SlotHistogram | None":
+        return self if expert_idx_TK is self.expert_idx_TK else None
+
+
+@dataclass(frozen=True)
 class RoutingPlan:
     expert_idx_TK: (
         torch.Tensor
@@ -30,6 +45,8 @@ class RoutingPlan:
     # bool scalar on the device, True when every router logit was finite; None unless the caller
     # asked the router for it (Router(..., check_finite=True)). No host sync to compute.
     logits_finite: torch.Tensor | None = None
+    # The routing kernel's histogram of expert_idx_TK for the counting sort (None: not counted).
+    slot_hist: SlotHistogram | None = None
 
     @property
     def num_tokens(self) -> int:

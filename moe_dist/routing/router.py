@@ -14,7 +14,7 @@ from torch import nn
 from ..config import MoEConfig
 from .capacity import drop_over_capacity, expert_capacity
 from .losses import aux_terms
-from .plan import RoutingPlan
+from .plan import RoutingPlan, SlotHistogram
 from .select import group_limited_topk, sigmoid_topk, softmax_topk, top_p_select
 
 
@@ -99,13 +99,16 @@ class Router(nn.Module):
             cfg.routed_scaling_factor,
             bool(cfg.aux_loss_coef),
         )
+        # the kernel also counts the slots for the fused path's sort, unless capacity drops some
+        hist = None
+        write_hist = cfg.capacity_factor is None
         if kernel and logits_TE is None and self.bias is None and not cfg.z_loss_coef:
             # gate + kernel as one node: no [T, E] logits held for backward (the z-loss and a
             # gate bias need the logits themselves)
             from .kernels import gate_route_topk_fused
 
-            idx_TK, weights_TK, probs_TE, kernel_counts_E, finite = gate_route_topk_fused(
-                x_TH, self.weight, *kernel_args, check_finite=check_finite
+            idx_TK, weights_TK, probs_TE, kernel_counts_E, finite, hist = gate_route_topk_fused(
+                x_TH, self.weight, *kernel_args, check_finite=check_finite, write_hist=write_hist
             )
         else:
             if logits_TE is None:
@@ -115,8 +118,8 @@ class Router(nn.Module):
             if kernel:
                 from .kernels import route_topk_fused
 
-                idx_TK, weights_TK, probs_TE, kernel_counts_E = route_topk_fused(
-                    logits_TE, *kernel_args
+                idx_TK, weights_TK, probs_TE, kernel_counts_E, hist = route_topk_fused(
+                    logits_TE, *kernel_args, write_hist=write_hist
                 )
             else:
                 idx_TK, weights_TK, probs_TE = self._select(logits_TE)
@@ -125,7 +128,15 @@ class Router(nn.Module):
 
         # The losses as sums over tokens (losses.py): several calls' plans give the loss of their
         # tokens together (joint_aux_loss), as two overlapped micro-batches need.
-        terms = aux_terms(probs_TE, idx_TK, logits_TE, cfg.aux_loss_coef, cfg.z_loss_coef, E)
+        terms = aux_terms(
+            probs_TE,
+            idx_TK,
+            logits_TE,
+            cfg.aux_loss_coef,
+            cfg.z_loss_coef,
+            E,
+            routed_E=kernel_counts_E if kernel else None,
+        )
         aux = terms.loss()
         if aux is None:
             aux = torch.zeros((), dtype=torch.float32, device=idx_TK.device)
@@ -144,6 +155,11 @@ class Router(nn.Module):
                 torch.where(idx_TK >= 0, idx_TK, E).reshape(-1),
                 torch.ones(idx_TK.numel(), dtype=torch.int64, device=idx_TK.device),
             )
+        slot_hist = None
+        if hist is not None:
+            from .kernels import slot_hist_block
+
+            slot_hist = SlotHistogram(hist, slot_hist_block(idx_TK.shape[0], E, k), idx_TK)
         return RoutingPlan(
             expert_idx_TK=idx_TK,
             weights_TK=weights_TK,
@@ -153,6 +169,7 @@ class Router(nn.Module):
             may_have_unused_slots=cfg.router == "top_p" or cfg.capacity_factor is not None,
             aux_terms=terms,
             logits_finite=finite,
+            slot_hist=slot_hist,
         )
 
     @property

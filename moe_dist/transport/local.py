@@ -72,4 +72,5 @@ class LocalTransport(Transport):
             plan.expert_idx_TK,
             save_rows=self.fused_save_rows,
             save_act=self.fused_save_act,
+            slot_hist=plan.slot_hist,
         )

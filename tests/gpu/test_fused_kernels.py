@@ -63,6 +63,29 @@ def test_sort_slots_is_a_stable_counting_sort(T, E, K, kind):
 
 
 @pytest.mark.parametrize("T,E,K,kind", CASES)
+@pytest.mark.parametrize("block", [5, 48, 512])
+def test_sort_slots_from_a_given_histogram(T, E, K, kind, block):
+    """The rank kernel alone, from a histogram counted elsewhere (the routing kernel's), in
+    blocks that are not powers of two, smaller than a rank chunk, or several chunks long."""
+    from moe_dist.experts.fused import ops
+    from moe_dist.experts.fused import reference as ref
+    from moe_dist.routing.kernels import _reference_hist
+
+    idx = make_ids(T, E, K, kind, torch.Generator().manual_seed(T * 17 + E + block))
+    shape = (-(-T * K // block), ops.slot_bins(E))
+    hist = _reference_hist(idx.cpu(), E, block, shape).to(DEV)
+    got = ops.sort_slots(idx, E, hist, block)
+    want = ref.sort_slots(idx, E)
+    n = int(want[3][-1]) if E else 0
+    for a, b, name in zip(got, want, ("pos", "row_slot", "counts", "ends")):
+        if name == "row_slot":
+            a, b = a[:n], b[:n]
+        assert torch.equal(a.cpu(), b.cpu()), (name, block)
+    with pytest.raises(ValueError, match="histogram"):
+        ops.sort_slots(idx, E, hist[:, :-1].contiguous(), block)
+
+
+@pytest.mark.parametrize("T,E,K,kind", CASES)
 def test_row_kernels_match_the_oracle(T, E, K, kind):
     from moe_dist.experts.fused import ops
     from moe_dist.experts.fused import reference as ref

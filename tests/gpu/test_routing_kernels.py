@@ -56,7 +56,7 @@ def test_route_topk_matches_select(T, E, K, mode, norm, scale):
     dp = torch.randn(T, E, generator=gen).to(DEV)
     lk = logits.clone().requires_grad_()
     lr = logits.clone().requires_grad_()
-    idx, w, probs, counts = route_topk_fused(lk, bias, K, mode, norm, 0.6, scale, True)
+    idx, w, probs, counts, _ = route_topk_fused(lk, bias, K, mode, norm, 0.6, scale, True)
     ridx, rw, rprobs = reference(lr, bias, K, mode, norm, 0.6, scale)
     # decisions: compare rows whose top-k margins are not near-ties
     sel = (logits.sigmoid() + bias) if mode == "sigmoid" else logits
@@ -114,7 +114,7 @@ def test_gate_folded_into_the_routing_node_matches_gate_then_route(mode, check):
     xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
     bf16 = bf16_gate_supported(x, w)
     args = (bias, K, mode, True, 0.6, 1.5, mode != "sigmoid")
-    idx, wt, probs, counts, finite = gate_route_topk_fused(xa, wa, *args, check_finite=check)
+    idx, wt, probs, counts, finite, _ = gate_route_topk_fused(xa, wa, *args, check_finite=check)
 
     class Gate(torch.autograd.Function):  # the unfolded gate, with the same math
         @staticmethod
@@ -128,7 +128,7 @@ def test_gate_folded_into_the_routing_node_matches_gate_then_route(mode, check):
 
             return gate_backward(*ctx.saved_tensors, g, True, True, bf16)
 
-    ridx, rwt, rprobs, rcounts = route_topk_fused(Gate.apply(xb, wb), *args)
+    ridx, rwt, rprobs, rcounts, _ = route_topk_fused(Gate.apply(xb, wb), *args)
     assert torch.equal(idx, ridx) and torch.equal(counts, rcounts)
     torch.testing.assert_close(wt, rwt, rtol=0, atol=0)
     assert (finite is None) != check and (finite is None or bool(finite))
@@ -156,7 +156,9 @@ def test_non_finite_logits_still_route_to_experts_in_range(mode):
     bias = torch.zeros(E, device=DEV)
     if mode == "sigmoid":
         bias[3] = float("nan")
-    idx, _, _, counts = route_topk_fused(logits, bias, K, mode, True, 0.6, 1.0, mode != "sigmoid")
+    idx, _, _, counts, _ = route_topk_fused(
+        logits, bias, K, mode, True, 0.6, 1.0, mode != "sigmoid"
+    )
     used = idx >= 0
     assert bool(((idx < E) & (idx >= -1)).all()), idx
     assert bool(used[:, 0].all()), idx
@@ -181,3 +183,72 @@ def test_layer_with_nan_logits_raises_non_finite_through_the_routing_kernel():
         x[1, 0] = float("nan")
         with pytest.raises(NonFiniteRouterLogits, match="1 of 6 tokens"):
             layer(x)
+
+
+@pytest.mark.parametrize(
+    "T,E,K,mode",
+    [
+        (0, 8, 2, "softmax"),
+        (1, 8, 2, "softmax"),
+        (150, 8, 3, "softmax"),  # 3 blocks of 64 tokens: 192 slots a block, not a power of two
+        (130, 13, 6, "top_p"),  # unused slots (bin E) and 384-slot blocks
+        (70, 200, 4, "sigmoid"),  # 16 tokens a block: 5 blocks, 256 bins
+    ],
+)
+def test_routing_kernel_histogram_drives_the_counting_sort(T, E, K, mode):
+    """The histogram the routing kernel writes for the sort counts its own ids block by block,
+    and the sort from it (the rank kernel alone) equals a stable argsort of those ids."""
+    from moe_dist.experts.fused import ops
+    from moe_dist.experts.fused import reference as ref
+    from moe_dist.routing.kernels import _reference_hist, route_topk_fused, slot_hist_block
+
+    gen = torch.Generator().manual_seed(T + 3 * E + K)
+    logits = (torch.randn(T, E, generator=gen) * 2).to(DEV)
+    bias = (torch.randn(E, generator=gen) * 0.1).to(DEV)
+    idx, _, _, counts, hist = route_topk_fused(
+        logits, bias, K, mode, True, 0.6, 1.0, write_hist=True
+    )
+    block = slot_hist_block(T, E, K)
+    assert hist is not None and block > 0
+    want = _reference_hist(idx.cpu(), E, block, tuple(hist.shape))
+    assert hist.shape[0] == -(-T * K // block)
+    assert torch.equal(hist.cpu(), want)
+    assert torch.equal(hist[:, :E].sum(0).long().cpu(), counts.cpu())
+    got = ops.sort_slots(idx, E, hist, block)
+    expect = ref.sort_slots(idx.cpu(), E)
+    n = int(expect[3][-1]) if E else 0
+    for a, b, name in zip(got, expect, ("pos", "row_slot", "counts", "ends")):
+        if name == "row_slot":  # rows past the used ones are unspecified
+            a, b = a[:n], b[:n]
+        assert torch.equal(a.cpu(), b.cpu()), name
+
+
+def test_a_routed_plan_carries_the_histogram_of_its_own_ids_only():
+    """The router's plan holds the kernel's histogram for its ids; the fused path takes it for
+    those ids and sorts from scratch for any other (capacity drops, chunks, Llama 4's rows), and
+    the layer's output is the same either way."""
+    from moe_dist import MoEConfig, MoELayer
+
+    cfg = MoEConfig(hidden_size=24, ffn_hidden_size=40, num_experts=6, top_k=3)
+    layer = MoELayer(cfg, device=DEV)
+    layer.router.fused_routing = True
+    x = torch.randn(45, 24, generator=torch.Generator().manual_seed(2)).to(DEV)
+    plan = layer.router(x)
+    assert plan.slot_hist is not None
+    assert plan.slot_hist.for_ids(plan.expert_idx_TK) is plan.slot_hist
+    assert plan.slot_hist.for_ids(plan.expert_idx_TK.clone()) is None
+    capped = layer.router.__class__(cfg.replace(capacity_factor=1.0), device=DEV)
+    capped.fused_routing = True
+    assert capped(x).slot_hist is None  # capacity may drop slots after the kernel counted them
+
+    def run(fused: bool):
+        layer.transport.fused = layer.router.fused_routing = fused
+        xg = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        out = layer(xg).output
+        out.backward(torch.ones_like(out))
+        return [out, xg.grad, *(p.grad for p in layer.parameters())]
+
+    tol = dict(rtol=2e-2, atol=2e-2) if DEV == "cuda" else dict(rtol=1e-5, atol=1e-5)
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, **tol)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-SLOT_BLOCK = 512  # slots per program of the counting sort
+SLOT_BLOCK = 512  # slots per program of the counting sort (at least: see slot_block)
 SLOT_CHUNK = 128  # slots ranked at once inside a block ([CHUNK, CHUNK] comparison)
-SCAN_ROWS = 64  # hist rows per step of the scan
+SCAN_ROWS = 64  # hist rows per step of a rank program's scan
+SCAN_LIMIT = 1 << 16  # hist entries (blocks x bins) each rank program scans, at most
 
 
 @triton.jit
@@ -30,63 +31,52 @@ def slot_hist_kernel(idx_ptr, S, E, hist_ptr, EP: tl.constexpr, BLOCK: tl.conste
 
 
 @triton.jit
-def slot_scan_kernel(
-    hist_ptr,
-    NB,
-    E,
-    base_ptr,
-    counts_ptr,
-    ends_ptr,
-    EP: tl.constexpr,
-    ROWS: tl.constexpr,
-):
-    """One program: per-expert totals, then base[b, e] = first row of block b's slots of expert e
-    (expert e's start plus the slots of e in blocks before b). Unused slots sort after every
-    expert."""
-    ev = tl.arange(0, EP)
-    tot = tl.zeros([EP], dtype=tl.int32)
-    for b0 in range(0, NB, ROWS):
-        rows = b0 + tl.arange(0, ROWS)
-        h = tl.load(hist_ptr + rows[:, None] * EP + ev[None, :], mask=rows[:, None] < NB, other=0)
-        tot += tl.sum(h, axis=0)
-    ends = tl.cumsum(tot, 0)
-    tl.store(counts_ptr + ev, tot.to(tl.int64), mask=ev < E)
-    tl.store(ends_ptr + ev, ends, mask=ev < E)
-    run = ends - tot
-    for b0 in range(0, NB, ROWS):
-        rows = b0 + tl.arange(0, ROWS)
-        mb = rows[:, None] < NB
-        h = tl.load(hist_ptr + rows[:, None] * EP + ev[None, :], mask=mb, other=0)
-        pre = tl.cumsum(h, axis=0) - h + run[None, :]
-        tl.store(base_ptr + rows[:, None] * EP + ev[None, :], pre, mask=mb)
-        run += tl.sum(h, axis=0)
-
-
-@triton.jit
 def slot_rank_kernel(
     idx_ptr,
     S,
     E,
+    hist_ptr,
+    NB,
     base_ptr,
+    counts_ptr,
+    ends_ptr,
     pos_ptr,
     row_slot_ptr,
     EP: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    """pos[s] = base[b, e] + (earlier slots of the block with the same expert): a stable counting
-    sort (slot order within an expert, as a stable argsort gives), no sort. Also the inverse,
-    row_slot[pos[s]] = s. The block's base row is a per-program scratch, advanced chunk by chunk."""
+    """pos[s] = first row of expert e + slots of e in earlier blocks + earlier slots of e in this
+    block: a stable counting sort (slot order within an expert, as a stable argsort gives), no
+    sort. Also the inverse, row_slot[pos[s]] = s, and (program 0) counts and ends.
+    Each program scans the whole [NB, EP] histogram itself (NB * EP <= SCAN_LIMIT), so no scan
+    kernel runs between the histogram and the ranks. BLOCK need not be a power of two (the
+    routing kernel's blocks are its tokens' slots). The block's base row is a per-program
+    scratch, advanced chunk by chunk."""
     b = tl.program_id(0)
-    ii = tl.arange(0, CHUNK)
     ev = tl.arange(0, EP)
+    tot = tl.zeros([EP], dtype=tl.int32)
+    before = tl.zeros([EP], dtype=tl.int32)  # slots of each expert in blocks before b
+    for b0 in range(0, NB, ROWS):
+        rows = b0 + tl.arange(0, ROWS)
+        h = tl.load(hist_ptr + rows[:, None] * EP + ev[None, :], mask=rows[:, None] < NB, other=0)
+        tot += tl.sum(h, axis=0)
+        before += tl.sum(tl.where(rows[:, None] < b, h, 0), axis=0)
+    ends = tl.cumsum(tot, 0)  # unused slots (bin E) sort after every expert
+    if b == 0:
+        tl.store(counts_ptr + ev, tot.to(tl.int64), mask=ev < E)
+        tl.store(ends_ptr + ev, ends, mask=ev < E)
     base_row = base_ptr + b * EP
+    tl.store(base_row + ev, ends - tot + before)
+    tl.debug_barrier()  # the base row is in memory before any thread reads it
+    ii = tl.arange(0, CHUNK)
     for c in range(0, BLOCK, CHUNK):
         s = b * BLOCK + c + ii
-        m = s < S
+        m = (s < S) & (c + ii < BLOCK)
         e = tl.load(idx_ptr + s, mask=m, other=-1).to(tl.int32)
         e = tl.where(e >= 0, e, E)
-        same = (e[:, None] == e[None, :]) & (ii[None, :] < ii[:, None])
+        same = (e[:, None] == e[None, :]) & (ii[None, :] < ii[:, None]) & m[None, :]
         r = tl.sum(same.to(tl.int32), axis=1)
         p = tl.load(base_row + e, mask=m, other=0, cache_modifier=".cg") + r
         used = m & (e < E)

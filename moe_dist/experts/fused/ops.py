@@ -107,39 +107,71 @@ def _pow2(n: int) -> int:
 
 
 # -- counting sort: expert ids -> row of each slot ------------------------------------------------
+def slot_bins(num_experts: int) -> int:
+    """Bins of the counting sort's histogram: a power of two > E (bin E: unused slots)."""
+    return _pow2(num_experts + 1)
+
+
+def slot_block(num_slots: int, num_experts: int) -> int:
+    """Slots per histogram block: SLOT_BLOCK, or more where that many blocks would make each rank
+    program's scan of the histogram longer than SCAN_LIMIT entries."""
+    from .kernels import SCAN_LIMIT, SLOT_BLOCK
+
+    blocks = max(SCAN_LIMIT // slot_bins(num_experts), 1)
+    return max(SLOT_BLOCK, _pow2(triton.cdiv(num_slots, blocks)))
+
+
+def hist_fits_scan(num_blocks: int, num_experts: int) -> bool:
+    """Whether a histogram of num_blocks blocks is short enough for the rank programs' scan."""
+    from .kernels import SCAN_LIMIT
+
+    return num_blocks * slot_bins(num_experts) <= SCAN_LIMIT
+
+
 @custom_op("sort_slots")
 def sort_slots(
-    idx_TK: torch.Tensor, num_experts: int
+    idx_TK: torch.Tensor, num_experts: int, hist: Optional[torch.Tensor] = None, block: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pos_TK int32, row_slot_R int32, counts_E int64, ends_E int32): the stable order of the
-    slots by expert that argsort would give, by a counting sort (three small kernels)."""
+    slots by expert that argsort would give, by a counting sort: a histogram kernel, then one
+    kernel that scans it and ranks the slots. `hist` [NB, slot_bins(E)] int32: the histogram of
+    blocks of `block` slots, already counted (the routing kernel writes it): only the rank kernel
+    runs."""
     if not _triton(idx_TK):
         return ref.sort_slots(idx_TK, num_experts)
-    from .kernels import SCAN_ROWS, SLOT_BLOCK, SLOT_CHUNK, slot_hist_kernel
-    from .kernels import slot_rank_kernel, slot_scan_kernel
+    from .kernels import SCAN_LIMIT, SCAN_ROWS, SLOT_CHUNK, slot_hist_kernel, slot_rank_kernel
 
     idx_S = idx_TK.reshape(-1).contiguous()
     S, E, dev = idx_S.numel(), num_experts, idx_TK.device
-    EP = _pow2(E + 1)
+    EP = slot_bins(E)
+    if hist is None:
+        block = slot_block(S, E)
+        NB = triton.cdiv(S, block)
+        hist = torch.empty(max(NB, 1), EP, dtype=torch.int32, device=dev)
+        if NB:
+            slot_hist_kernel[(NB,)](idx_S, S, E, hist, EP=EP, BLOCK=block)
+    else:
+        NB = triton.cdiv(S, block) if block > 0 else -1
+        if tuple(hist.shape) != (NB, EP) or hist.dtype != torch.int32 or NB * EP > SCAN_LIMIT:
+            raise ValueError(
+                f"sort_slots: an int32 histogram of {NB} blocks x {EP} bins (at most "
+                f"{SCAN_LIMIT} entries) counts {S} slots in blocks of {block}; got "
+                f"{hist.dtype} {tuple(hist.shape)}"
+            )
     pos = torch.empty(S, dtype=torch.int32, device=dev)
     row_slot = torch.empty(S, dtype=torch.int32, device=dev)
     counts = torch.empty(E, dtype=torch.int64, device=dev)
     ends = torch.empty(E, dtype=torch.int32, device=dev)
-    NB = triton.cdiv(S, SLOT_BLOCK)
-    hist = torch.empty(max(NB, 1), EP, dtype=torch.int32, device=dev)
-    base = torch.empty_like(hist)
-    if NB:
-        slot_hist_kernel[(NB,)](idx_S, S, E, hist, EP=EP, BLOCK=SLOT_BLOCK)
-    slot_scan_kernel[(1,)](hist, NB, E, base, counts, ends, EP=EP, ROWS=SCAN_ROWS)
-    if NB:
-        slot_rank_kernel[(NB,)](
-            idx_S, S, E, base, pos, row_slot, EP=EP, BLOCK=SLOT_BLOCK, CHUNK=SLOT_CHUNK
-        )
+    base = torch.empty(max(NB, 1), EP, dtype=torch.int32, device=dev)
+    slot_rank_kernel[(max(NB, 1),)](
+        idx_S, S, E, hist, NB, base, counts, ends, pos, row_slot,
+        EP=EP, BLOCK=block, CHUNK=SLOT_CHUNK, ROWS=SCAN_ROWS,
+    )  # fmt: skip
     return pos.view(idx_TK.shape), row_slot, counts, ends
 
 
 @sort_slots.register_fake
-def _(idx_TK, num_experts):
+def _(idx_TK, num_experts, hist=None, block=0):
     S = idx_TK.numel()
     new = idx_TK.new_empty
     return (

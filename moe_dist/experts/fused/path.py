@@ -105,10 +105,17 @@ def fused_experts(
     expert_idx_TK: torch.Tensor,
     save_rows: bool = True,
     save_act: bool = True,
+    slot_hist=None,
 ) -> torch.Tensor:
     """out[t] = sum_k weights[t, k] * expert_{idx[t, k]}(x[t]) for SwiGLU experts stored like
-    GroupedExperts (w_in [E, 2F, H] = [gate | up], w_out [E, H, F]); slots with expert -1 add 0."""
-    pos_TK, row_slot_R, _, ends_E = ops.call(ops.sort_slots, expert_idx_TK, w_in.shape[0])
+    GroupedExperts (w_in [E, 2F, H] = [gate | up], w_out [E, H, F]); slots with expert -1 add 0.
+    slot_hist: the routing kernel's SlotHistogram (routing/plan.py), used only if it counts
+    expert_idx_TK itself: the sort then skips its histogram pass."""
+    hist = slot_hist.for_ids(expert_idx_TK) if slot_hist is not None else None
+    sort_args = (hist.counts, hist.block) if hist is not None else ()
+    pos_TK, row_slot_R, _, ends_E = ops.call(
+        ops.sort_slots, expert_idx_TK, w_in.shape[0], *sort_args
+    )
     return _FusedExperts.apply(
         x_TH, weights_TK, w_in, w_out, pos_TK, row_slot_R, ends_E, save_rows, save_act
     )
