@@ -1,11 +1,12 @@
 """Routing in one kernel each way: fp32 gate logits -> scores (softmax | sigmoid + bias | top-p) ->
-top-k ids and combine weights (normalised, scaled) [-> probabilities for the load-balancing loss]
--> per-expert counts and the counting sort's histogram rows (so the fused path's sort is one rank
-kernel: routing metadata in two kernels); the backward turns d(weights) [+ d(probs)] into
-d(logits) in one pass. Same semantics as select.py (ties: the lower expert id wins);
+top-k ids and combine weights (normalised, scaled) [-> each block's sum of probabilities, the
+load-balancing loss's partial sums] -> per-expert counts and the counting sort's histogram rows (so
+the fused path's sort is one rank kernel: routing metadata in two kernels); the backward turns
+d(weights) [+ d(block sums)] into d(logits) in one pass. Same semantics as select.py (ties: the lower expert id wins);
 group-limited routing stays on select.py.
 
-Legend: T tokens, E experts, EP a power of two >= E, K slots per token, BT tokens per program.
+Legend: T tokens, E experts, EP a power of two >= E, K slots per token, BT tokens per program,
+B blocks of BT tokens (one program each).
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ def route_topk_kernel(
     kc = tl.arange(0, KP)
     tm = t < T
     s, sel = _scores(l_ptr, b_ptr, t, cols, T, E, MODE)
-    if WRITE_PROBS:
-        pm = tm[:, None] & (cols[None, :] < E)
-        tl.store(probs_ptr + t[:, None].to(tl.int64) * E + cols[None, :], s, mask=pm)
+    if WRITE_PROBS:  # the load-balancing loss needs sum_t probs[t, e]: this block's share
+        part = tl.sum(tl.where(tm[:, None], s, 0.0), axis=0)
+        tl.store(probs_ptr + tl.program_id(0) * E + cols, part, mask=cols < E)
     idx_tile = tl.full([BT, KP], -1, dtype=tl.int32)
     w_tile = tl.zeros([BT, KP], dtype=tl.float32)
     mass = tl.zeros([BT], dtype=tl.float32)
@@ -160,7 +161,8 @@ def route_topk_bwd_kernel(
             dq = scale * dw
         ds += tl.where(cols[None, :] == i[:, None], dq[:, None], 0.0)  # i = -1 matches nothing
     if HAS_DPROBS:
-        ds += tl.load(dprobs_ptr + t[:, None].to(tl.int64) * E + cols[None, :], mask=m, other=0.0)
+        # d(probs[t, e]) = d(this block's sum of probs)[e] for every token t of the block
+        ds += tl.load(dprobs_ptr + tl.program_id(0) * E + cols, mask=cols < E, other=0.0)[None, :]
     if MODE == 1:
         dl = ds * s * (1.0 - s)
     else:
@@ -297,7 +299,14 @@ def _reference(logits_TE, bias_E, k, mode, norm, top_p, scale):
     return idx, w * scale if scale != 1.0 else w, probs
 
 
-def _reference_backward(logits_TE, idx_TK, dw_TK, dprobs_TE, mode, norm, scale):
+def _block_sums(probs_TE: torch.Tensor, BT: int) -> torch.Tensor:
+    """[B, E]: the probabilities summed over each block of BT tokens (the kernel's partial sums)."""
+    T, E = probs_TE.shape
+    pad = probs_TE.new_zeros(triton.cdiv(T, BT) * BT - T, E)
+    return torch.cat([probs_TE, pad]).view(-1, BT, E).sum(1)
+
+
+def _reference_backward(logits_TE, idx_TK, dw_TK, dprobs_BE, mode, norm, scale):
     """The kernel's backward in plain torch (custom ops run below autograd: no autograd.grad)."""
     s_TE = logits_TE.sigmoid() if mode == "sigmoid" else logits_TE.softmax(dim=-1)
     used_TK = idx_TK >= 0
@@ -311,8 +320,9 @@ def _reference_backward(logits_TE, idx_TK, dw_TK, dprobs_TE, mode, norm, scale):
     else:
         dq_TK = scale * dw_TK
     ds_TE = torch.zeros_like(s_TE).scatter_add_(1, safe_TK, torch.where(used_TK, dq_TK, 0.0))
-    if dprobs_TE is not None:
-        ds_TE = ds_TE + dprobs_TE
+    if dprobs_BE is not None:  # each block's sum of probs: every token of the block gets its grad
+        BT = _meta(s_TE.shape[1])[1]
+        ds_TE = ds_TE + dprobs_BE.repeat_interleave(BT, 0)[: s_TE.shape[0]]
     if mode == "sigmoid":
         return ds_TE * s_TE * (1 - s_TE)
     return s_TE * (ds_TE - (ds_TE * s_TE).sum(-1, keepdim=True))
@@ -358,23 +368,25 @@ def route_topk(
     write_probs: bool,
     write_hist: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(idx_TK int64, weights_TK fp32, probs_TE fp32 (empty unless write_probs), counts_E int64:
-    routed slots per expert, slot_hist int32: with write_hist, the counting sort's histogram of
-    blocks of slot_hist_block(T, E, k) slots (empty where that is 0))."""
+    """(idx_TK int64, weights_TK fp32, probs_BE fp32: with write_probs, each block's sum of the
+    probabilities over its BT tokens (else empty), counts_E int64: routed slots per expert,
+    slot_hist int32: with write_hist, the counting sort's histogram of blocks of
+    slot_hist_block(T, E, k) slots (empty where that is 0))."""
     T, E = logits_TE.shape
+    EP, BT = _meta(E, k)
     counts = torch.zeros(E, dtype=torch.int64, device=logits_TE.device)
     hist_shape = _hist_shape(T, E, k, write_hist)
     if not _use_triton(logits_TE):
         idx, w, probs = _reference(logits_TE, bias_E, k, mode, norm, top_p, scale)
         counts.scatter_add_(0, idx.clamp(min=0).reshape(-1), (idx >= 0).long().reshape(-1))
         hist = _reference_hist(idx, E, slot_hist_block(T, E, k) if write_hist else 0, hist_shape)
-        return idx, w, probs if write_probs else probs.new_empty(0), counts, hist
+        probs = _block_sums(probs, BT) if write_probs else probs.new_empty(0)
+        return idx, w, probs, counts, hist
     logits_TE = logits_TE.contiguous()
     idx = torch.empty(T, k, dtype=torch.int64, device=logits_TE.device)
     w = torch.empty(T, k, dtype=torch.float32, device=logits_TE.device)
-    probs = logits_TE.new_empty((T, E) if write_probs else (0,))
+    probs = logits_TE.new_empty((triton.cdiv(T, BT), E) if write_probs else (0,))
     hist = torch.empty(hist_shape, dtype=torch.int32, device=logits_TE.device)
-    EP, BT = _meta(E, k)
     if T:
         route_topk_kernel[(triton.cdiv(T, BT),)](
             logits_TE, bias_E, idx, w, probs, counts, hist, T, E, top_p, scale,
@@ -391,7 +403,7 @@ def _(logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs, write_hist):
     return (
         new(T, k, dtype=torch.int64),
         new(T, k, dtype=torch.float32),
-        new((T, E) if write_probs else (0,)),
+        new((triton.cdiv(T, _meta(E, k)[1]), E) if write_probs else (0,)),
         new(E, dtype=torch.int64),
         new(_hist_shape(T, E, k, write_hist), dtype=torch.int32),
     )
@@ -402,30 +414,31 @@ def route_topk_backward(
     logits_TE: torch.Tensor,
     idx_TK: torch.Tensor,
     dw_TK: torch.Tensor,
-    dprobs_TE: Optional[torch.Tensor],
+    dprobs_BE: Optional[torch.Tensor],
     mode: str,
     norm: bool,
     top_p: float,
     scale: float,
 ) -> torch.Tensor:
+    """d(logits) from d(weights) and d(probs_BE), the gradient of route_topk's block sums."""
     T, E = logits_TE.shape
     K = idx_TK.shape[1]
     if not _use_triton(logits_TE):
-        return _reference_backward(logits_TE, idx_TK, dw_TK, dprobs_TE, mode, norm, scale)
+        return _reference_backward(logits_TE, idx_TK, dw_TK, dprobs_BE, mode, norm, scale)
     dl = torch.empty_like(logits_TE)
     EP, BT = _meta(E, K)
     if T:
-        has = dprobs_TE is not None
+        has = dprobs_BE is not None
         route_topk_bwd_kernel[(triton.cdiv(T, BT),)](
             logits_TE.contiguous(), logits_TE, idx_TK.contiguous(), dw_TK.float().contiguous(),
-            dprobs_TE.contiguous() if has else dl, dl, T, E, scale,
+            dprobs_BE.contiguous() if has else dl, dl, T, E, scale,
             K=K, EP=EP, BT=BT, MODE=MODES[mode], NORM=norm, HAS_DPROBS=has,
         )  # fmt: skip
     return dl
 
 
 @route_topk_backward.register_fake
-def _(logits_TE, idx_TK, dw_TK, dprobs_TE, mode, norm, top_p, scale):
+def _(logits_TE, idx_TK, dw_TK, dprobs_BE, mode, norm, top_p, scale):
     return torch.empty_like(logits_TE)
 
 
@@ -442,17 +455,17 @@ class _RouteTopK(torch.autograd.Function):
         return idx, w, probs, counts, hist
 
     @staticmethod
-    def backward(ctx, _, dw_TK, dprobs_TE, __, ___):
+    def backward(ctx, _, dw_TK, dprobs_BE, __, ___):
         logits_TE, idx = ctx.saved_tensors
-        return logits_grad(logits_TE, idx, dw_TK, dprobs_TE, ctx.args), *(None,) * 8
+        return logits_grad(logits_TE, idx, dw_TK, dprobs_BE, ctx.args), *(None,) * 8
 
 
-def logits_grad(logits_TE, idx_TK, dw_TK, dprobs_TE, args) -> torch.Tensor:
+def logits_grad(logits_TE, idx_TK, dw_TK, dprobs_BE, args) -> torch.Tensor:
     """d(logits) from d(weights) (None: zero) and d(probs) (None: zero); args = (mode, norm,
     top_p, scale)."""
     if dw_TK is None:
         dw_TK = torch.zeros(idx_TK.shape, dtype=torch.float32, device=idx_TK.device)
-    return call(route_topk_backward, logits_TE, idx_TK, dw_TK, dprobs_TE, *args)
+    return call(route_topk_backward, logits_TE, idx_TK, dw_TK, dprobs_BE, *args)
 
 
 def route_topk_fused(
@@ -466,10 +479,11 @@ def route_topk_fused(
     write_probs: bool = False,
     write_hist: bool = False,
 ):
-    """(idx_TK, weights_TK, probs_TE or None, counts_E, slot_hist or None) as select.py computes
-    them, weights already scaled, counts = routed slots per expert, slot_hist the counting sort's
-    histogram (write_hist; None where slot_hist_block is 0); differentiable in logits through
-    weights and probs."""
+    """(idx_TK, weights_TK, probs_BE or None, counts_E, slot_hist or None) as select.py computes
+    them, weights already scaled; probs_BE (write_probs): the probabilities summed over each block
+    of tokens (probs_BE.sum(0) is the load-balancing loss's sum over tokens); counts = routed slots
+    per expert; slot_hist the counting sort's histogram (write_hist; None where slot_hist_block is
+    0). Differentiable in logits through weights and probs_BE."""
     idx, w, probs, counts, hist = _RouteTopK.apply(
         logits_TE, bias_E, k, mode, norm, float(top_p), float(scale), write_probs, write_hist
     )
@@ -498,12 +512,12 @@ class _GateRouteTopK(torch.autograd.Function):
         return idx, w, probs, counts, finite, hist
 
     @staticmethod
-    def backward(ctx, _, dw_TK, dprobs_TE, __, ___, ____):
+    def backward(ctx, _, dw_TK, dprobs_BE, __, ___, ____):
         x_TH, w_EH, idx = ctx.saved_tensors
-        if dw_TK is None and dprobs_TE is None:
+        if dw_TK is None and dprobs_BE is None:
             return (None,) * 12
         logits_TE = gate_logits(x_TH, w_EH, ctx.bf16)  # recomputed, as the forward computed it
-        dl_TE = logits_grad(logits_TE, idx, dw_TK, dprobs_TE, ctx.args)
+        dl_TE = logits_grad(logits_TE, idx, dw_TK, dprobs_BE, ctx.args)
         del logits_TE
         need_x, need_w = ctx.needs_input_grad[:2]
         dx, dw = gate_backward(x_TH, w_EH, dl_TE, need_x, need_w, ctx.bf16)
@@ -524,7 +538,7 @@ def gate_route_topk_fused(
     write_hist: bool = False,
 ):
     """route_topk_fused(x @ w^T in fp32, ...) without holding the logits until backward: (idx_TK,
-    weights_TK, probs_TE or None, counts_E, finite or None, slot_hist or None); finite, with
+    weights_TK, probs_BE or None, counts_E, finite or None, slot_hist or None); finite, with
     check_finite, says on the device whether every logit was finite."""
     bf16 = bf16_gate_supported(x_TH, w_EH)
     idx, w, probs, counts, finite, hist = _GateRouteTopK.apply(

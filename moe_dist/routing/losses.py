@@ -67,22 +67,27 @@ def aux_terms(
     z_loss_coef: float,
     num_experts: int | None = None,
     routed_E: torch.Tensor | None = None,
+    probs_sum_E: torch.Tensor | None = None,
 ) -> AuxTerms:
     """The terms of one call's tokens (probs_TE may be None when aux_loss_coef is 0, logits_TE
     when z_loss_coef is 0: then num_experts gives E). routed_E: the routed slots per expert of
-    idx_TK where already counted (the routing kernel counts them), else counted here."""
+    idx_TK, and probs_sum_E: probs_TE summed over tokens, where already computed (the routing
+    kernel gives both); else computed here."""
     T, E = logits_TE.shape if logits_TE is not None else (idx_TK.shape[0], num_experts)
-    slots_E = probs_sum_E = z_sum = None
+    slots_E = z_sum = None
     if aux_loss_coef:
+        if probs_sum_E is None:
+            probs_sum_E = probs_TE.sum(dim=0)
         if routed_E is not None:
-            slots_E = routed_E.to(probs_TE.dtype)
+            slots_E = routed_E.to(probs_sum_E.dtype)
         else:
-            routed_TK = (idx_TK >= 0).to(probs_TE.dtype)
-            slots_E = torch.zeros(E, device=idx_TK.device, dtype=probs_TE.dtype)
+            routed_TK = (idx_TK >= 0).to(probs_sum_E.dtype)
+            slots_E = torch.zeros(E, device=idx_TK.device, dtype=probs_sum_E.dtype)
             # Unused slots (-1) add 0 to expert 0: masking by weight, not by boolean indexing,
             # avoids a host sync.
             slots_E.scatter_add_(0, idx_TK.clamp(min=0).reshape(-1), routed_TK.reshape(-1))
-        probs_sum_E = probs_TE.sum(dim=0)
+    else:
+        probs_sum_E = None
     if z_loss_coef:
         z_sum = torch.logsumexp(logits_TE, dim=-1).square().sum()
     return AuxTerms(T, E, aux_loss_coef, z_loss_coef, slots_E, probs_sum_E, z_sum)

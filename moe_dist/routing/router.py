@@ -107,7 +107,7 @@ class Router(nn.Module):
             # gate bias need the logits themselves)
             from .kernels import gate_route_topk_fused
 
-            idx_TK, weights_TK, probs_TE, kernel_counts_E, finite, hist = gate_route_topk_fused(
+            idx_TK, weights_TK, probs_BE, kernel_counts_E, finite, hist = gate_route_topk_fused(
                 x_TH, self.weight, *kernel_args, check_finite=check_finite, write_hist=write_hist
             )
         else:
@@ -118,7 +118,7 @@ class Router(nn.Module):
             if kernel:
                 from .kernels import route_topk_fused
 
-                idx_TK, weights_TK, probs_TE, kernel_counts_E, hist = route_topk_fused(
+                idx_TK, weights_TK, probs_BE, kernel_counts_E, hist = route_topk_fused(
                     logits_TE, *kernel_args, write_hist=write_hist
                 )
             else:
@@ -128,15 +128,19 @@ class Router(nn.Module):
 
         # The losses as sums over tokens (losses.py): several calls' plans give the loss of their
         # tokens together (joint_aux_loss), as two overlapped micro-batches need.
-        terms = aux_terms(
-            probs_TE,
-            idx_TK,
-            logits_TE,
-            cfg.aux_loss_coef,
-            cfg.z_loss_coef,
-            E,
-            routed_E=kernel_counts_E if kernel else None,
-        )
+        if kernel:  # the kernel's counts and block sums of probabilities (None without aux loss)
+            terms = aux_terms(
+                None,
+                idx_TK,
+                logits_TE,
+                cfg.aux_loss_coef,
+                cfg.z_loss_coef,
+                E,
+                routed_E=kernel_counts_E,
+                probs_sum_E=None if probs_BE is None else probs_BE.sum(0),
+            )
+        else:
+            terms = aux_terms(probs_TE, idx_TK, logits_TE, cfg.aux_loss_coef, cfg.z_loss_coef, E)
         aux = terms.loss()
         if aux is None:
             aux = torch.zeros((), dtype=torch.float32, device=idx_TK.device)

@@ -40,24 +40,29 @@ def reference(logits, bias, k, mode, norm, top_p, scale):
         (1, 8, 2, "softmax", True, 1.0),
         (37, 13, 3, "softmax", False, 2.5),
         (50, 64, 8, "softmax", True, 1.0),
+        (150, 8, 2, "softmax", True, 1.0),  # 3 blocks of 64 tokens: 3 rows of block sums
+        (70, 200, 4, "softmax", False, 1.0),  # 16 tokens a block
         (33, 20, 4, "sigmoid", True, 1.0),
         (33, 20, 4, "sigmoid", False, 1.5),
         (45, 16, 6, "top_p", True, 1.0),
         (45, 16, 6, "top_p", False, 1.0),
+        (130, 16, 6, "top_p", True, 1.0),
     ],
 )
 def test_route_topk_matches_select(T, E, K, mode, norm, scale):
-    from moe_dist.routing.kernels import route_topk_fused
+    from moe_dist.routing.kernels import _block_sums, _meta, route_topk_fused
 
     gen = torch.Generator().manual_seed(T * 7 + E + K)
     logits = (torch.randn(T, E, generator=gen) * 2).to(DEV)
     bias = (torch.randn(E, generator=gen) * 0.1).to(DEV)
     dw = torch.randn(T, K, generator=gen).to(DEV)
-    dp = torch.randn(T, E, generator=gen).to(DEV)
+    BT = _meta(E)[1]  # the kernel's probabilities come summed over blocks of BT tokens
+    dp = torch.randn(-(-T // BT), E, generator=gen).to(DEV)
     lk = logits.clone().requires_grad_()
     lr = logits.clone().requires_grad_()
     idx, w, probs, counts, _ = route_topk_fused(lk, bias, K, mode, norm, 0.6, scale, True)
     ridx, rw, rprobs = reference(lr, bias, K, mode, norm, 0.6, scale)
+    rprobs = _block_sums(rprobs, BT)
     # decisions: compare rows whose top-k margins are not near-ties
     sel = (logits.sigmoid() + bias) if mode == "sigmoid" else logits
     top = sel.topk(min(K + 1, E), dim=-1).values
@@ -96,6 +101,7 @@ def test_gate_folded_into_the_routing_node_matches_gate_then_route(mode, check):
     then route_topk_fused: the same ids, weights, probabilities, counts, finiteness flag and
     gradients of x and w (bf16 tensor-core gate on a GPU, fp32 in the interpreter)."""
     from moe_dist.routing.kernels import (
+        _meta,
         bf16_gate_supported,
         gate_logits,
         gate_route_topk_fused,
@@ -109,7 +115,7 @@ def test_gate_folded_into_the_routing_node_matches_gate_then_route(mode, check):
     w = (torch.randn(E, H, generator=gen) * 0.2).to(DEV, dtype)
     bias = (torch.randn(E, generator=gen) * 0.1).to(DEV)
     dw = torch.randn(T, K, generator=gen).to(DEV)
-    dp = torch.randn(T, E, generator=gen).to(DEV)
+    dp = torch.randn(-(-T // _meta(E)[1]), E, generator=gen).to(DEV)  # block sums' gradient
     xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
     xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
     bf16 = bf16_gate_supported(x, w)
