@@ -2,8 +2,8 @@
 top-k ids and combine weights (normalised, scaled) [-> each block's sum of probabilities, the
 load-balancing loss's partial sums] -> per-expert counts and the counting sort's histogram rows (so
 the fused path's sort is one rank kernel: routing metadata in two kernels); the backward turns
-d(weights) [+ d(block sums)] into d(logits) in one pass. Same semantics as select.py (ties: the lower expert id wins);
-group-limited routing stays on select.py.
+d(weights) [+ d(block sums)] into d(logits) in one pass. Same semantics as select.py (ties: the
+lower expert id wins); group-limited routing stays on select.py.
 
 Legend: T tokens, E experts, EP a power of two >= E, K slots per token, BT tokens per program,
 B blocks of BT tokens (one program each).
