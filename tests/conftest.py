@@ -6,7 +6,8 @@ Import the helpers by name (`from tests.conftest import fwd_bwd, run_distributed
 - `run_distributed(fn, world_size, *args)`: fn on N CPU processes over gloo (real process groups).
 - `run_command(cmd)`, `run_python(*args)`, `torchrun(nproc, *args)`: a fresh process started from
   the repository root with this tree first on PYTHONPATH, output captured; `assert_ran(proc)` fails
-  with the command and the tail of its output (from the first traceback) unless it exited 0.
+  with the command and the tail of its output (from the first traceback) unless it exited 0;
+  `concurrent_runs(jobs)`: such runs as many at a time as there are cores.
 - `config_builder(**defaults)`: a function that makes a tiny `MoEConfig` from defaults + overrides.
 - `fwd_bwd(layer, x, g)`, `assert_fwd_bwd_close(a, b, label)`: one forward + backward and
   everything a comparison needs (output, aux loss, counts, input and parameter gradients).
@@ -24,6 +25,7 @@ Legend: T tokens, H hidden, F expert FFN width.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
@@ -31,6 +33,7 @@ import socket
 import subprocess
 import sys
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -150,6 +153,17 @@ def torchrun(
     arguments)."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     return run_python(*launcher, *args, timeout=timeout, env=env)
+
+
+@contextlib.contextmanager
+def concurrent_runs(jobs: dict):
+    """{name: Future} of jobs (callables that each run one process and wait for it), as many at
+    once as there are cores (two at least), started in the order given: put the longest first. A
+    module of single-process runs then takes about half their sum on two cores instead of the
+    sum (pytest itself runs one test at a time, leaving a core idle)."""
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures: dict[str, Future] = {name: pool.submit(job) for name, job in jobs.items()}
+        yield futures
 
 
 def assert_ran(proc: subprocess.CompletedProcess, marker: str | None = None) -> str:

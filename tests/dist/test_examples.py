@@ -1,6 +1,8 @@
 """The README's example commands, run as written: every ```bash block line that launches a script
 under examples/ (torchrun or python), and the API example's ```python block itself, saved to a file
-and launched with torchrun over 2 gloo processes. Each must exit 0 within its time limit."""
+and launched with torchrun over 2 gloo processes. Each must exit 0 within its time limit. All start
+at the module's first test, two at a time (concurrent_runs): a launch spends much of its time
+starting processes and meeting its peers, which leaves cores idle."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import concurrent_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -47,9 +51,16 @@ def test_the_readme_shows_every_example():
     assert shown == scripts, f"examples without a README command: {scripts - shown}"
 
 
+@pytest.fixture(scope="module")
+def example_runs():
+    """command -> future of its process (README order; the longest ones are early)."""
+    with concurrent_runs({c: (lambda c=c: run(c)) for c in COMMANDS}) as runs:
+        yield runs
+
+
 @pytest.mark.parametrize("command", COMMANDS, ids=[c.split("examples/")[1] for c in COMMANDS])
-def test_readme_example_command_runs(command):
-    proc = run(command)
+def test_readme_example_command_runs(command, example_runs):
+    proc = example_runs[command].result()
     assert proc.returncode == 0, (
         f"{command} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n" f"{proc.stderr[-3000:]}"
     )

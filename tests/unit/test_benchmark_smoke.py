@@ -7,18 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_ran, run_python, torchrun
+from tests.conftest import assert_ran, concurrent_runs, run_python, torchrun
 
 pytestmark = pytest.mark.slow
+# longest first: the runs share the machine's cores (the smoke fixture)
 BENCHMARKS = [
-    "layer",
-    "transport",
-    "train_throughput",
-    "coe_compare",
-    "compression_report",
-    "sweep",
     "row_kernels",
     "gather_gemm",
+    "compression_report",
+    "coe_compare",
+    "sweep",
+    "train_throughput",
+    "layer",
+    "transport",
     "host_profile",
 ]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,18 +27,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """Runs `python -m benchmarks.<name> --smoke --out DIR` once per module; returns (process,
-    DIR)."""
-    done = {}
+    """name -> (process, DIR) of `python -m benchmarks.<name> --smoke --out DIR`: every benchmark
+    starts at the module's first test, as many at once as there are cores (concurrent_runs)."""
+    outs = {name: tmp_path_factory.mktemp(name) for name in BENCHMARKS}
 
-    def run(name):
-        if name not in done:
-            out = tmp_path_factory.mktemp(name)
-            proc = run_python("-m", f"benchmarks.{name}", "--smoke", "--out", out, timeout=300)
-            done[name] = (proc, out)
-        return done[name]
+    def job(name):
+        return lambda: run_python("-m", f"benchmarks.{name}", "--smoke", "--out", outs[name])
 
-    return run
+    with concurrent_runs({name: job(name) for name in BENCHMARKS}) as runs:
+        yield lambda name: (runs[name].result(), outs[name])
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

@@ -9,12 +9,10 @@ Both need triton (docker/install.sh --dev installs it); without it they skip, sa
 Compiling and interpreting takes a minute and more on two cores: the module is in the slow tier."""
 
 import itertools
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import ROOT, assert_ran, run_python
+from tests.conftest import ROOT, assert_ran, concurrent_runs, run_python
 
 pytestmark = pytest.mark.slow
 triton = pytest.importorskip(
@@ -49,8 +47,7 @@ INTERPRETED_FILES = [
 @pytest.fixture(scope="module")
 def interpreter_runs():
     """file -> future of its interpreter run: all start at the first test, as many at once as
-    there are cores (each is one busy Python thread), so the module takes about half the sum of
-    its runs on two cores instead of the sum."""
+    there are cores (concurrent_runs; each is one busy Python thread)."""
     reason = interpreter_works()
     if reason:
         pytest.skip(reason)
@@ -58,10 +55,10 @@ def interpreter_runs():
     def run(test_file):
         args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore"]
         path = ROOT / "tests/gpu" / test_file
-        return run_python(*args, path, timeout=600, env={"TRITON_INTERPRET": "1"})
+        return lambda: run_python(*args, path, timeout=600, env={"TRITON_INTERPRET": "1"})
 
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        yield {f: pool.submit(run, f) for f in INTERPRETED_FILES}
+    with concurrent_runs({f: run(f) for f in INTERPRETED_FILES}) as runs:
+        yield runs
 
 
 @pytest.mark.parametrize("test_file", INTERPRETED_FILES)
