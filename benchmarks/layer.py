@@ -9,6 +9,9 @@ fused_save_all  the same keeping x's expert-major rows, h and a: less work in ba
 previous    the same layer and weights through the unfused path (argsort, K-fold gathers, weighted
             sum): transport.fused = False
 sonicmoe    SonicMoE (sonic-moe, quack / CUTLASS DSL) with the same expert weights, when installed
+fused_graph the fused step captured once in a CUDA graph and replayed (CUDA, opt-in: --only): no
+            host launches, so its time is the GPU's alone; the layer issues no host sync, so it
+            captures (tests/gpu/test_layer_gpu.py checks replays against eager steps)
 gemm_only   only the four grouped GEMMs of the layer's own routed layout (its counts, its weight
             layout) forward and backward: what the fused path is measured against
 floor       the same GEMMs on a perfectly balanced layout
@@ -18,9 +21,10 @@ deepspeed   deepspeed.moe.layer.MoE, dropless top-k, same expert shape (opt-in: 
 Each variant is checked against an oracle before it is timed (moe_dist: the HF loop forward and
 the previous path's gradients; SonicMoE: its own torch backend). Gradients are set to None between
 steps, as a training loop does. `peak_mb`: the step's peak above what was allocated before it;
-`held_for_backward_mb`: what a forward leaves allocated until its backward (grows with depth). `median_ms` times each step alone (events around it, then a wait);
-`back_to_back_ms` times 5 steps issued without a wait, per step, so host overhead overlaps queued GPU
-work as in training; `host_ms`: how long the host takes to issue one step.
+`held_for_backward_mb`: what a forward leaves allocated until its backward (grows with depth).
+`median_ms` times each step alone (events around it, then a wait); `back_to_back_ms` times 5 steps
+issued without a wait, per step, so host overhead overlaps queued GPU work as in training;
+`host_ms`: how long the host takes to issue one step.
 
   python -m benchmarks.layer --out benchmarks/results          # GPU, bf16
   python -m benchmarks.layer --smoke --out DIR                 # tiny CPU run (CI)
@@ -118,6 +122,28 @@ class Step:
     def __call__(self) -> None:
         self.clear()
         self.forward().backward(self.grad)
+
+
+class GraphedStep:
+    """A Step captured in a CUDA graph at its first call (after warm-up on a side stream, where
+    Triton compiles and autotunes), then replayed: the gradients land in the captured buffers."""
+
+    def __init__(self, step: Step):
+        self.step, self.graph = step, None
+
+    def __call__(self) -> None:
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.step.clear()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.step.forward().backward(self.step.grad)
+        self.graph.replay()
 
 
 def held_for_backward_mb(step) -> float | None:
@@ -328,6 +354,8 @@ def main(argv=None):
             "floor": routed_gemm_only(layer, x, device, dtype, balanced=True),
             "hf_loop": lambda: hf_loop_forward(layer, x).backward(grad),
         }
+        if device.type == "cuda" and only is not None and "fused_graph" in only:
+            variants["fused_graph"] = GraphedStep(moe_dist_step(layer, x, grad, True, *keep))
         if "deepspeed" not in skip and (only is None or "deepspeed" in only):
             try:
                 variants["deepspeed"] = deepspeed_variant(layer, x, grad)
@@ -371,7 +399,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
             log(f"{name}: {vname} {r['median_ms']:.3f} ms, {r.get('kernels_per_step')} kernels")
         base = row["fused"]["median_ms"] if "fused" in row else None
-        for other in ("previous", "sonicmoe", "gemm_only", "floor"):
+        for other in ("previous", "sonicmoe", "gemm_only", "floor", "fused_graph"):
             if other in row and base is not None:
                 row[f"fused_over_{other}"] = base / row[other]["median_ms"]
                 b2b = row["fused"].get("back_to_back_ms"), row[other].get("back_to_back_ms")
