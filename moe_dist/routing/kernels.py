@@ -105,14 +105,17 @@ def route_topk_kernel(
     om = tm[:, None] & (kc[None, :] < K)
     tl.store(idx_ptr + t[:, None] * K + kc[None, :], idx_tile.to(tl.int64), mask=om)
     tl.store(w_ptr + t[:, None] * K + kc[None, :], w_tile, mask=om)
-    routed = om & (idx_tile >= 0)
-    hist = tl.histogram(tl.reshape(tl.where(routed, idx_tile, 0), [BT * KP]), EP,
-                        mask=tl.reshape(routed, [BT * KP]))  # fmt: skip
-    tl.atomic_add(counts_ptr + cols, hist.to(tl.int64), mask=cols < E)
-    if HIST_BINS > 0:
-        bins = tl.reshape(tl.where(idx_tile >= 0, idx_tile, E), [BT * KP])
-        row = tl.histogram(bins, HIST_BINS, mask=tl.reshape(om, [BT * KP]))
-        tl.store(hist_ptr + tl.program_id(0) * HIST_BINS + tl.arange(0, HIST_BINS), row)
+    if HIST_BINS > 0:  # the sort's row (bin E: unused slots); the counts are its first E bins
+        bins = tl.arange(0, HIST_BINS)
+        flat = tl.reshape(tl.where(idx_tile >= 0, idx_tile, E), [BT * KP])
+        row = tl.histogram(flat, HIST_BINS, mask=tl.reshape(om, [BT * KP]))
+        tl.store(hist_ptr + tl.program_id(0) * HIST_BINS + bins, row)
+        tl.atomic_add(counts_ptr + bins, row.to(tl.int64), mask=bins < E)
+    else:
+        routed = om & (idx_tile >= 0)
+        hist = tl.histogram(tl.reshape(tl.where(routed, idx_tile, 0), [BT * KP]), EP,
+                            mask=tl.reshape(routed, [BT * KP]))  # fmt: skip
+        tl.atomic_add(counts_ptr + cols, hist.to(tl.int64), mask=cols < E)
 
 
 @triton.jit
@@ -338,11 +341,12 @@ def slot_hist_block(num_tokens: int, num_experts: int, k: int) -> int:
     return BT * k if hist_fits_scan(triton.cdiv(num_tokens, BT), num_experts) else 0
 
 
-def _hist_shape(T: int, E: int, k: int, write_hist: bool) -> tuple[int, ...]:
+def _hist_layout(T: int, E: int, k: int, write_hist: bool) -> tuple[int, tuple[int, ...]]:
+    """(slots per block, shape) of the histogram route_topk writes; (0, (0,)) for none."""
     from ..experts.fused.ops import slot_bins
 
     block = slot_hist_block(T, E, k) if write_hist else 0
-    return (triton.cdiv(T * k, block), slot_bins(E)) if block else (0,)
+    return block, ((triton.cdiv(T * k, block), slot_bins(E)) if block else (0,))
 
 
 def _reference_hist(idx_TK: torch.Tensor, E: int, block: int, shape) -> torch.Tensor:
@@ -375,11 +379,11 @@ def route_topk(
     T, E = logits_TE.shape
     EP, BT = _meta(E, k)
     counts = torch.zeros(E, dtype=torch.int64, device=logits_TE.device)
-    hist_shape = _hist_shape(T, E, k, write_hist)
+    block, hist_shape = _hist_layout(T, E, k, write_hist)
     if not _use_triton(logits_TE):
         idx, w, probs = _reference(logits_TE, bias_E, k, mode, norm, top_p, scale)
         counts.scatter_add_(0, idx.clamp(min=0).reshape(-1), (idx >= 0).long().reshape(-1))
-        hist = _reference_hist(idx, E, slot_hist_block(T, E, k) if write_hist else 0, hist_shape)
+        hist = _reference_hist(idx, E, block, hist_shape)
         probs = _block_sums(probs, BT) if write_probs else probs.new_empty(0)
         return idx, w, probs, counts, hist
     logits_TE = logits_TE.contiguous()
@@ -405,7 +409,7 @@ def _(logits_TE, bias_E, k, mode, norm, top_p, scale, write_probs, write_hist):
         new(T, k, dtype=torch.float32),
         new((triton.cdiv(T, _meta(E, k)[1]), E) if write_probs else (0,)),
         new(E, dtype=torch.int64),
-        new(_hist_shape(T, E, k, write_hist), dtype=torch.int32),
+        new(_hist_layout(T, E, k, write_hist)[1], dtype=torch.int32),
     )
 
 

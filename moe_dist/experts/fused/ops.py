@@ -152,7 +152,7 @@ def sort_slots(
             slot_hist_kernel[(NB,)](idx_S, S, E, hist, EP=EP, BLOCK=block)
     else:
         NB = triton.cdiv(S, block) if block > 0 else -1
-        if tuple(hist.shape) != (NB, EP) or hist.dtype != torch.int32 or NB * EP > SCAN_LIMIT:
+        if tuple(hist.shape) != (NB, EP) or hist.dtype != torch.int32 or not hist_fits_scan(NB, E):
             raise ValueError(
                 f"sort_slots: an int32 histogram of {NB} blocks x {EP} bins (at most "
                 f"{SCAN_LIMIT} entries) counts {S} slots in blocks of {block}; got "
